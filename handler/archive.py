@@ -1,0 +1,105 @@
+"""Packs the service into ``resnet50.mar``: weights, labels, model-config.yaml and the runtime package.
+
+Build-time only: this module is not shipped inside the archive.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from handler.model import (
+    file_weights_label,
+    imagenet_labels,
+    imagenet_state_dict,
+    load_state_dict_file,
+    random_state_dict,
+)
+
+__all__ = ["ServingConfig", "build_archive", "resolve_weights"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RUNTIME_MODULES = ("__init__.py", "cam.py", "contract.py", "errors.py", "imaging.py", "model.py", "pipeline.py")
+HANDLER_FILE = PACKAGE_DIR / "gradcam_handler.py"
+STATE_DICT_NAME = "resnet50_state_dict.pt"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What goes into the archive's model-config.yaml.
+
+    The defaults suit one CPU machine: one worker, because a single worker already spreads each batch over every
+    core with torch's intra-op threads and a second would only contend with it; batches of up to 8, so that
+    concurrent requests share one forward pass; and a 10 ms batch delay, small next to a forward pass (about
+    70 ms per image on two cores), so that a lone request barely waits. On a GPU raise the batch size.
+    """
+
+    batch_size: int = 8
+    max_batch_delay_ms: int = 10
+    workers: int = 1
+    response_timeout_s: int = 120
+    layer: str = "layer4"
+
+    def model_config(self, weights_label: str) -> dict[str, object]:
+        return {
+            "minWorkers": self.workers,
+            "maxWorkers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+            "handler": {"weights": weights_label, "layer": self.layer},
+        }
+
+
+def resolve_weights(choice: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """``imagenet``, ``random`` or a state_dict path to (state_dict, the label responses report)."""
+    if choice == "imagenet":
+        return imagenet_state_dict(progress=True), "imagenet"
+    if choice == "random":
+        return random_state_dict(seed), "random"
+    return load_state_dict_file(choice), file_weights_label(choice)
+
+
+def build_archive(
+    state_dict: dict[str, torch.Tensor],
+    weights_label: str,
+    export_dir: str | Path,
+    config: ServingConfig = ServingConfig(),
+    version: str = "1.0",
+    model_name: str = "resnet50",
+) -> Path:
+    """Write ``<export_dir>/<model_name>.mar`` and return its path."""
+    from model_archiver import ModelArchiver, ModelArchiverConfig  # build-time dependency only
+
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mar-staging-") as staging_name:
+        staging = Path(staging_name)
+        extra = staging / "extra"
+        (extra / "handler").mkdir(parents=True)
+        for module in RUNTIME_MODULES:
+            shutil.copy2(PACKAGE_DIR / module, extra / "handler" / module)
+        labels = imagenet_labels()
+        (extra / "index_to_name.json").write_text(json.dumps({str(i): name for i, name in enumerate(labels)}))
+        torch.save(state_dict, staging / STATE_DICT_NAME)
+        config_file = staging / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(config.model_config(weights_label), sort_keys=False))
+        ModelArchiver.generate_model_archive(
+            ModelArchiverConfig(
+                model_name=model_name,
+                handler=str(HANDLER_FILE),
+                version=version,
+                serialized_file=str(staging / STATE_DICT_NAME),
+                extra_files=str(extra),
+                export_path=str(export_dir),
+                config_file=str(config_file),
+                force=True,
+            )
+        )
+    return export_dir / f"{model_name}.mar"

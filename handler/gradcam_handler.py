@@ -1,0 +1,67 @@
+"""TorchServe entry point: the model lifecycle, the device, batching and per-request status. No math, no pixels.
+
+TorchServe loads a handler module only if it defines exactly one class: helpers live in the ``handler`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.cam import GradCAM
+from handler.contract import ModelInfo
+from handler.imaging import DecodeLimits
+from handler.model import build_resnet50, load_state_dict_file, read_labels, select_device
+from handler.pipeline import ExplanationService
+
+logger = logging.getLogger(__name__)
+
+
+class GradCamHandler(BaseHandler):
+    """ResNet-50 predictions with a Grad-CAM overlay in the same response.
+
+    ``/predictions`` and ``/explanations`` give the same answer. Settings come from the ``handler:`` section of
+    the archive's model-config.yaml: ``weights`` (the name responses report), ``layer``, ``torch_threads`` and
+    ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``).
+    """
+
+    def initialize(self, context) -> None:
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        settings = (context.model_yaml_config or {}).get("handler", {}) or {}
+        if settings.get("torch_threads"):
+            torch.set_num_threads(int(settings["torch_threads"]))
+        self.device = select_device(properties.get("gpu_id"))
+        manifest_model = context.manifest["model"]
+        model = build_resnet50(load_state_dict_file(model_dir / manifest_model["serializedFile"])).to(self.device)
+        self.service = ExplanationService(
+            explainer=GradCAM(model, settings.get("layer", "layer4")),
+            labels=read_labels(model_dir / "index_to_name.json"),
+            model_info=ModelInfo(
+                name=context.model_name,
+                version=str(manifest_model.get("modelVersion", "")),
+                weights=str(settings.get("weights", "unknown")),
+            ),
+            device=self.device,
+            limits=DecodeLimits(**settings.get("limits", {})),
+        )
+        self.model = model
+        self.context = context
+        self.manifest = context.manifest
+        self.initialized = True
+        logger.info("resnet50 Grad-CAM ready on %s with %s weights", self.device, self.service.model_info.weights)
+
+    def handle(self, data: list[dict], context) -> list[dict]:
+        started = time.perf_counter()
+        results = self.service.answer(data)
+        for index, result in enumerate(results):
+            context.set_response_content_type(index, "application/json")
+            if result.status != HTTPStatus.OK:
+                context.set_response_status(result.status, HTTPStatus(result.status).phrase, index)
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return [result.body for result in results]

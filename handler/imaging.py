@@ -1,0 +1,147 @@
+"""Everything that touches pixels as images: decoding under limits, resizing, the heatmap overlay and encoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from handler.errors import ClientError
+
+__all__ = [
+    "COLORMAPS",
+    "DecodeLimits",
+    "OUTPUT_FORMATS",
+    "decode_image",
+    "encode_heatmap_png16",
+    "encode_image",
+    "render_overlay",
+    "resize_for_model",
+    "to_base64",
+]
+
+COLORMAPS: dict[str, int] = {
+    name.removeprefix("COLORMAP_").lower(): getattr(cv2, name) for name in dir(cv2) if name.startswith("COLORMAP_")
+}
+"""OpenCV colormaps by lower-case name: ``jet``, ``turbo``, ``viridis``, ``inferno``, ..."""
+
+OUTPUT_FORMATS: dict[str, tuple[str, list[int]]] = {
+    "jpeg": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90]),
+    "png": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 3]),
+    "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 90]),
+}
+"""Overlay encodings: the OpenCV extension and its quality settings."""
+
+ACCEPTED_INPUTS = "JPEG, PNG, WebP, GIF (first frame), TIFF (first page) or BMP"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an upload may be. Checked on the byte count and the header, before any pixel is decoded."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 16
+
+
+def decode_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decode an upload to an upright (EXIF orientation applied) RGB uint8 array of shape (H, W, 3).
+
+    Grayscale, palette, CMYK and 16-bit images are converted to RGB; transparency is composited over white;
+    animations and multi-page files give their first frame.
+    """
+    if not data:
+        raise ClientError("EmptyImage", f"the image is empty (0 bytes); send the bytes of a {ACCEPTED_INPUTS} file")
+    if len(data) > limits.max_bytes:
+        raise ClientError(
+            "ImageTooLarge",
+            f"the image is {len(data)} bytes; at most {limits.max_bytes} bytes are accepted",
+            status=413,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        except Image.DecompressionBombError as error:
+            raise _too_many_pixels(str(error)) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise ClientError(
+                "InvalidImage", f"the body is not a decodable image; accepted: {ACCEPTED_INPUTS}"
+            ) from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise _too_many_pixels(f"the image declares {width}x{height} = {width * height} pixels", limits)
+    if min(width, height) < limits.min_side:
+        raise ClientError(
+            "ImageTooSmall",
+            f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels",
+        )
+    try:
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # Pillow raises many types for corrupt data; each means the same to the client.
+        raise ClientError("InvalidImage", "the image data is truncated or corrupt") from None
+    return _to_rgb(image)
+
+
+def _too_many_pixels(detail: str, limits: DecodeLimits | None = None) -> ClientError:
+    limit = f"; at most {limits.max_pixels} pixels are accepted" if limits else ""
+    return ClientError("ImageTooLarge", f"{detail}{limit}", status=413)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit and float grayscale: scale to 8 bits rather than let convert() clip everything above 255.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" or values.max() > 1.0 else 1.0
+        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The whole image squashed to ``size`` x ``size``, area-averaged when shrinking, bilinear when growing."""
+    shrinking = rgb.shape[0] * rgb.shape[1] > size * size
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def render_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float, colormap: str) -> np.ndarray:
+    """Blend the coloured map over the image: (1 − alpha)·image + alpha·colormap(heat).
+
+    ``heat`` is an (H, W) float map in [0, 1] at the image's resolution.
+    """
+    heat_u8 = np.round(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
+    coloured = cv2.cvtColor(cv2.applyColorMap(heat_u8, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(rgb, 1.0 - alpha, coloured, alpha, 0.0)
+
+
+def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
+    """Encode an RGB uint8 image as ``jpeg``, ``png`` or ``webp``."""
+    extension, params = OUTPUT_FORMATS[fmt]
+    ok, encoded = cv2.imencode(extension, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {rgb.shape} image as {fmt}")
+    return encoded.tobytes()
+
+
+def encode_heatmap_png16(heat: np.ndarray) -> bytes:
+    """The map as a 16-bit grayscale PNG: value = round(map × 65535)."""
+    levels = np.round(np.clip(heat, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    ok, encoded = cv2.imencode(".png", levels)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the heatmap as a 16-bit PNG")
+    return encoded.tobytes()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

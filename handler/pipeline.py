@@ -1,0 +1,131 @@
+"""From request rows to response bodies: parse, decode, one batched CAM pass, render. No TorchServe in here.
+
+One bad row fails only itself: it comes back as its own 4xx result while the rest of the batch is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from handler.cam import GradCAM, normalize_map
+from handler.contract import (
+    ExplainOptions,
+    ExplainResponse,
+    Explanation,
+    ModelInfo,
+    Prediction,
+    parse_request,
+)
+from handler.errors import ClientError
+from handler.imaging import (
+    DecodeLimits,
+    decode_image,
+    encode_heatmap_png16,
+    encode_image,
+    render_overlay,
+    resize_for_model,
+    to_base64,
+)
+from handler.model import INPUT_SIZE, images_to_batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExplanationService", "RowResult"]
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """The HTTP status and JSON body for one request row."""
+
+    status: int
+    body: dict[str, object]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    options: ExplainOptions
+    rgb: np.ndarray
+    model_input: np.ndarray
+
+
+@dataclass
+class ExplanationService:
+    """Serves explanations of one model: ``answer(rows)`` gives one :class:`RowResult` per row, in order."""
+
+    explainer: GradCAM
+    labels: Sequence[str]
+    model_info: ModelInfo
+    device: torch.device
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """How long each stage of the last call took: decode, cam, encode."""
+
+    def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
+        results: list[RowResult | None] = [None] * len(rows)
+        started = time.perf_counter()
+        prepared: dict[int, _Prepared] = {}
+        for index, row in enumerate(rows):
+            try:
+                prepared[index] = self._prepare(row)
+            except ClientError as error:
+                results[index] = RowResult(error.status, error.to_dict())
+        self.stage_seconds = {"decode": time.perf_counter() - started}
+        if prepared:
+            for index, result in zip(prepared, self._explain(list(prepared.values())), strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    def _prepare(self, row: Mapping[str, object]) -> _Prepared:
+        request = parse_request(row)
+        rgb = decode_image(request.image, self.limits)
+        return _Prepared(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
+
+    def _explain(self, prepared: list[_Prepared]) -> list[RowResult]:
+        started = time.perf_counter()
+        batch = images_to_batch([item.model_input for item in prepared], self.device)
+        output = self.explainer(batch, [item.options.target for item in prepared])
+        probabilities = output.logits.float().softmax(dim=1)
+        top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
+        top_probabilities, top_indices = top_probabilities.cpu().tolist(), top_indices.cpu().tolist()
+        heatmaps = [normalize_map(maps, item.rgb.shape[:2]).cpu().numpy() for item, maps in zip(prepared, output.maps)]
+        self.stage_seconds["cam"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results = []
+        for n, item in enumerate(prepared):
+            k = item.options.topk
+            predictions = [
+                Prediction(index=i, label=self.labels[i], probability=round(p, 6))
+                for i, p in zip(top_indices[n][:k], top_probabilities[n][:k])
+            ]
+            try:
+                explanations = [
+                    self._render(item, target, heatmap) for target, heatmap in zip(output.targets[n], heatmaps[n])
+                ]
+            except Exception:  # one request's rendering must not fail its batch neighbours
+                logger.exception("rendering the explanation failed")
+                results.append(RowResult(500, {"code": 500, "type": "InternalError", "message": "rendering failed"}))
+                continue
+            height, width = item.rgb.shape[:2]
+            response = ExplainResponse(self.model_info, width, height, predictions, explanations)
+            results.append(RowResult(200, response.to_dict()))
+        self.stage_seconds["encode"] = time.perf_counter() - started
+        return results
+
+    def _render(self, item: _Prepared, target: int, heatmap: np.ndarray) -> Explanation:
+        options = item.options
+        overlay = render_overlay(item.rgb, heatmap, options.alpha, options.colormap)
+        return Explanation(
+            index=target,
+            label=self.labels[target],
+            method=self.explainer.method,
+            layer=self.explainer.layer,
+            format=options.format,
+            overlay=to_base64(encode_image(overlay, options.format)),
+            heatmap=to_base64(encode_heatmap_png16(heatmap)) if options.heatmap else None,
+        )

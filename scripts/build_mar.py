@@ -1,0 +1,63 @@
+"""Build model_store/resnet50.mar: python scripts/build_mar.py --weights imagenet|random|PATH."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from handler.archive import ServingConfig, build_archive, resolve_weights  # noqa: E402
+from handler.model import WeightsUnavailableError  # noqa: E402
+
+RANDOM_WARNING = """
+################################################################################
+#  WARNING: --weights random. The model is seeded random noise. Its predictions #
+#  and heatmaps mean NOTHING; every response says "weights": "random".         #
+#  Use --weights imagenet (download) or --weights PATH (a state_dict file).    #
+################################################################################
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = ServingConfig()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (torchvision IMAGENET1K_V2, downloaded and cached), random (seeded, tests only) "
+        "or the path of a resnet50 state_dict file (default: imagenet)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: 0)")
+    parser.add_argument("--export-path", default=str(ROOT / "model_store"), help="where the .mar goes")
+    parser.add_argument("--version", default="1.0", help="the model version responses report")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds")
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--layer", default=defaults.layer, help="the layer Grad-CAM explains (default: layer4)")
+    args = parser.parse_args(argv)
+
+    if args.weights == "random":
+        print(RANDOM_WARNING, file=sys.stderr)
+    try:
+        state_dict, label = resolve_weights(args.weights, seed=args.seed)
+    except WeightsUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = ServingConfig(
+        batch_size=args.batch_size,
+        max_batch_delay_ms=args.max_batch_delay,
+        workers=args.workers,
+        layer=args.layer,
+    )
+    archive = build_archive(state_dict, label, args.export_path, config=config, version=args.version)
+    print(
+        f"wrote {archive} (weights: {label}, batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

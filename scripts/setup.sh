@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install the pinned requirements. Re-installs only when a requirements file changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python_bin=${PYTHON:-}
+if [ -z "$python_bin" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python_bin=$candidate
+      break
+    fi
+  done
+fi
+if [ -z "$python_bin" ]; then
+  echo "error: Python 3.11 is required (torch 2.14.1 and torchvision 0.29.1 are pinned for it); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+[ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+stamp=.venv/.requirements.sha256
+wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "Installing requirements into .venv (first run: a few minutes) ..."
+  .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
+  echo "$wanted" >"$stamp"
+fi

@@ -1,0 +1,179 @@
+"""Imaging: decoding every kind of upload under limits, overlays and encodings, with round trips."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from handler.errors import ClientError
+from handler.imaging import (
+    COLORMAPS,
+    DecodeLimits,
+    decode_image,
+    encode_heatmap_png16,
+    encode_image,
+    render_overlay,
+    resize_for_model,
+)
+from tests.conftest import encode
+
+
+def gradient_image(width: int = 64, height: int = 48) -> np.ndarray:
+    """A deterministic RGB image whose every pixel differs from its neighbours."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) % 256], axis=2).astype(np.uint8)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header that declares width x height, followed by a tiny compressed stream: a dimension bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_png_round_trip_is_exact():
+    image = gradient_image()
+    np.testing.assert_array_equal(decode_image(encode(image, "PNG")), image)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_common_formats_decode_to_rgb(fmt):
+    decoded = decode_image(encode(gradient_image(), fmt))
+    assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+
+
+def test_grayscale_palette_cmyk_become_rgb():
+    image = gradient_image()
+    gray = decode_image(encode(Image.fromarray(image).convert("L"), "PNG"))
+    np.testing.assert_array_equal(gray[:, :, 0], gray[:, :, 2])
+    palette = decode_image(encode(Image.fromarray(image).convert("P"), "PNG"))
+    cmyk = decode_image(encode(Image.fromarray(image).convert("CMYK"), "JPEG", quality=95))
+    for decoded in (gray, palette, cmyk):
+        assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+    assert np.abs(cmyk.astype(int) - image).mean() < 12
+
+
+def test_transparency_is_composited_over_white():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (255, 0, 0, 255)  # opaque red left half, fully transparent right half
+    decoded = decode_image(encode(rgba, "PNG"))
+    np.testing.assert_array_equal(decoded[0, 0], (255, 0, 0))
+    np.testing.assert_array_equal(decoded[0, 31], (255, 255, 255))
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    levels = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 32).astype(np.uint16)
+    ok, png16 = cv2.imencode(".png", levels)
+    decoded = decode_image(png16.tobytes())
+    np.testing.assert_array_equal(decoded[:, :, 0], np.round(levels / 257.0).astype(np.uint8))
+
+
+def test_exif_orientation_is_applied():
+    image = gradient_image(64, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(Image.fromarray(image), "JPEG", quality=95, exif=exif.tobytes())
+    decoded = decode_image(data)
+    assert decoded.shape == (64, 32, 3)
+    expected = np.rot90(image, k=-1)
+    assert np.abs(decoded.astype(int) - expected).mean() < 6
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.fromarray(np.full((20, 20, 3), value, np.uint8)) for value in (10, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(buffer.getvalue())
+    assert abs(int(decoded[0, 0, 0]) - 10) < 4
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"", "EmptyImage"),
+        (b"hello, this is text", "InvalidImage"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "InvalidImage"),
+    ],
+)
+def test_non_images_are_refused(data, kind):
+    with pytest.raises(ClientError) as error:
+        decode_image(data)
+    assert error.value.kind == kind and error.value.status == 400
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_images_are_refused(fmt):
+    data = encode(gradient_image(256, 256), fmt)
+    with pytest.raises(ClientError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_tiny_images_are_refused():
+    with pytest.raises(ClientError, match="at least 16 pixels") as error:
+        decode_image(encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
+    assert error.value.kind == "ImageTooSmall"
+
+
+def test_byte_limit_is_checked_first():
+    with pytest.raises(ClientError, match="at most 100 bytes") as error:
+        decode_image(encode(gradient_image(), "PNG"), DecodeLimits(max_bytes=100))
+    assert error.value.status == 413
+
+
+@pytest.mark.parametrize("side", [20_000, 50_000])
+def test_dimension_bombs_are_refused_from_the_header(side):
+    bomb = png_declaring(side, side)
+    assert len(bomb) < 2000
+    with pytest.raises(ClientError) as error:
+        decode_image(bomb)
+    assert error.value.kind == "ImageTooLarge" and error.value.status == 413
+
+
+def test_resize_for_model_squashes_the_whole_image():
+    resized = resize_for_model(gradient_image(640, 100), 224)
+    assert resized.shape == (224, 224, 3)
+
+
+def test_overlay_is_the_alpha_blend_of_the_colormap():
+    image = gradient_image()
+    heat = np.linspace(0, 1, 48 * 64, dtype=np.float32).reshape(48, 64)
+    coloured = cv2.cvtColor(
+        cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB
+    )
+    expected = 0.7 * image + 0.3 * coloured
+    overlay = render_overlay(image, heat, alpha=0.3, colormap="jet")
+    assert np.abs(overlay.astype(float) - expected).max() <= 1.0
+    np.testing.assert_array_equal(render_overlay(image, heat, alpha=0.0, colormap="jet"), image)
+    np.testing.assert_array_equal(render_overlay(image, heat, alpha=1.0, colormap="turbo")[..., 0] >= 0, True)
+
+
+def test_colormaps_include_the_common_ones():
+    assert {"jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot"} <= set(COLORMAPS)
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("png", 0), ("jpeg", 8), ("webp", 8)])
+def test_encode_round_trip(fmt, tolerance):
+    image = gradient_image()
+    decoded = decode_image(encode_image(image, fmt))
+    assert np.abs(decoded.astype(int) - image).mean() <= tolerance
+
+
+def test_heatmap_png16_round_trip():
+    heat = np.random.default_rng(1).random((30, 40)).astype(np.float32)
+    levels = cv2.imdecode(np.frombuffer(encode_heatmap_png16(heat), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert levels.dtype == np.uint16 and levels.shape == (30, 40)
+    np.testing.assert_array_equal(levels, np.round(heat * 65535).astype(np.uint16))
