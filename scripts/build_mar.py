@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         layer=args.layer,
     )
     archive = build_archive(state_dict, label, args.export_path, config=config, version=args.version)
-    print(
-        f"wrote {archive} (weights: {label}, batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms)"
-    )
+    batching = f"batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms"
+    print(f"wrote {archive} (weights: {label}, {batching})")
     return 0
 
 
