@@ -93,8 +93,11 @@ def _parse_json(raw: bytes | bytearray) -> object:
 def _parse_fields(fields_: Mapping[str, object], image_is_base64: bool) -> ExplainRequest:
     image_keys = [key for key in IMAGE_FIELDS if key in fields_]
     if not image_keys:
-        where = "a JSON key" if image_is_base64 else "a multipart field"
-        raise ClientError("MissingImage", f"no image in the request: send it as {where} named 'image' or 'data'")
+        raise ClientError(
+            "MissingImage",
+            "no image in the request: send the image file as the raw body (curl -T cat.jpg), as a multipart field "
+            "named 'data' (curl -F data=@cat.jpg) or base64 under 'image' in a JSON object",
+        )
     image = fields_[image_keys[0]]
     options = {key: value for key, value in fields_.items() if key not in IMAGE_FIELDS}
     if image_is_base64:

@@ -54,3 +54,27 @@ def encode(array: np.ndarray, fmt: str = "PNG", **save_args) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def built_mar(tmp_path_factory) -> Path:
+    """resnet50.mar built once per session with seeded random weights, a batch size of 8 and a 100 ms delay.
+
+    The delay is longer than the shipped default so that concurrent test requests reliably share a batch.
+    """
+    from handler.archive import ServingConfig, build_archive
+
+    store = tmp_path_factory.mktemp("model_store")
+    config = ServingConfig(batch_size=8, max_batch_delay_ms=100)
+    return build_archive(random_state_dict(seed=0), "random", store, config=config)
+
+
+@pytest.fixture(scope="session")
+def unpacked_mar(built_mar, tmp_path_factory) -> Path:
+    """The built archive, unpacked as TorchServe unpacks it into its model directory."""
+    import zipfile
+
+    model_dir = tmp_path_factory.mktemp("model_dir")
+    with zipfile.ZipFile(built_mar) as archive:
+        archive.extractall(model_dir)
+    return model_dir

@@ -1,0 +1,182 @@
+"""The request contract: the three input forms, every option's validation and message, and the response schema."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handler.contract import (
+    MAX_TOPK,
+    OPTION_NAMES,
+    ExplainOptions,
+    ExplainResponse,
+    Explanation,
+    ModelInfo,
+    Prediction,
+    parse_options,
+    parse_request,
+)
+from handler.errors import ClientError
+
+IMAGE = b"\x89PNG-not-really-but-bytes"
+
+
+def test_raw_body_uses_default_options():
+    request = parse_request({"body": bytearray(IMAGE)})
+    assert request.image == IMAGE and request.options == ExplainOptions()
+
+
+def test_multipart_fields_arrive_as_bytes():
+    row = {"data": bytearray(IMAGE), "target": bytearray(b"281"), "topk": bytearray(b"3"), "heatmap": b"true"}
+    request = parse_request(row)
+    assert request.image == IMAGE
+    assert request.options == ExplainOptions(topk=3, target=(281,), heatmap=True)
+
+
+def test_json_body_carries_base64_and_typed_options():
+    body = {"image": base64.b64encode(IMAGE).decode(), "target": [281, 282], "alpha": 0.25, "format": "png"}
+    request = parse_request({"body": body})
+    assert request.image == IMAGE
+    assert request.options == ExplainOptions(target=(281, 282), alpha=0.25, format="png")
+
+
+def test_json_sent_without_json_content_type_is_still_parsed():
+    body = json.dumps({"image": base64.b64encode(IMAGE).decode(), "topk": 2}).encode()
+    assert parse_request({"body": bytearray(body)}).options.topk == 2
+
+
+def test_data_url_is_accepted():
+    body = {"image": "data:image/png;base64," + base64.b64encode(IMAGE).decode()}
+    assert parse_request({"body": body}).image == IMAGE
+
+
+@pytest.mark.parametrize(
+    ("row", "kind", "fragment"),
+    [
+        ({"body": bytearray(b'{"image": "abc"')}, "InvalidJSON", "not valid JSON"),
+        ({"body": {"image": "@@not base64@@"}}, "InvalidImage", "not valid base64"),
+        ({"body": {"image": 12}}, "InvalidImage", "must be a base64 string"),
+        ({"body": {"topk": 3}}, "MissingImage", "no image"),
+        ({"body": [1, 2]}, "InvalidRequest", "must be an object"),
+        ({"body": "plain text"}, "InvalidRequest", "the body is text"),
+        ({"target": bytearray(b"281")}, "MissingImage", "no image"),
+    ],
+)
+def test_malformed_requests_name_the_problem(row, kind, fragment):
+    with pytest.raises(ClientError, match=fragment) as error:
+        parse_request(row)
+    assert error.value.kind == kind and error.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"topk": 0}, "topk must be an integer from 1 to 20, got 0"),
+        ({"topk": 50}, "topk must be an integer from 1 to 20, got 50"),
+        ({"topk": "three"}, "topk must be an integer from 1 to 20, got 'three'"),
+        ({"topk": True}, "topk must be an integer from 1 to 20, got True"),
+        ({"topk": 2.5}, "topk must be an integer from 1 to 20, got 2.5"),
+        ({"target": 1000}, "target must be a class index from 0 to 999 or a list of at most 10 of them, got 1000"),
+        ({"target": -1}, "target must be a class index from 0 to 999"),
+        ({"target": []}, "target must be a class index from 0 to 999"),
+        ({"target": list(range(11))}, "a list of at most 10"),
+        ({"target": "tabby"}, "got 'tabby'"),
+        ({"alpha": 2}, "alpha must be a number from 0 to 1, got 2"),
+        ({"alpha": "nan"}, "alpha must be a number from 0 to 1, got 'nan'"),
+        ({"colormap": "nope"}, "colormap must be one of "),
+        ({"format": "bmp"}, "format must be one of jpeg, png, webp, got 'bmp'"),
+        ({"heatmap": "maybe"}, "heatmap must be true or false, got 'maybe'"),
+    ],
+)
+def test_every_bad_value_gets_its_message(options, message):
+    with pytest.raises(ClientError) as error:
+        parse_options(options)
+    assert message in error.value.message
+    assert error.value.to_dict() == {"code": 400, "type": "InvalidOption", "message": error.value.message}
+
+
+def test_unknown_options_list_the_known_ones():
+    with pytest.raises(ClientError) as error:
+        parse_options({"top_k": 3})
+    assert error.value.kind == "UnknownOption"
+    assert "top_k" in error.value.message
+    assert all(name in error.value.message for name in OPTION_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("281", (281,)), ("281, 282", (281, 282)), ("[281,282]", (281, 282)), (281, (281,)), ([0, 999], (0, 999))],
+)
+def test_target_forms(raw, expected):
+    assert parse_options({"target": raw}).target == expected
+
+
+@given(st.integers(min_value=-(10**6), max_value=10**6))
+def test_topk_accepts_exactly_1_to_20(value):
+    for raw in (value, str(value), str(value).encode()):
+        if 1 <= value <= MAX_TOPK:
+            assert parse_options({"topk": raw}).topk == value
+        else:
+            with pytest.raises(ClientError, match="topk must be an integer from 1 to 20"):
+                parse_options({"topk": raw})
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_alpha_accepts_exactly_0_to_1(value):
+    if 0.0 <= value <= 1.0:
+        assert parse_options({"alpha": value}).alpha == value
+    else:
+        with pytest.raises(ClientError, match="alpha must be a number from 0 to 1"):
+            parse_options({"alpha": value})
+
+
+@given(st.dictionaries(st.text(max_size=12), st.one_of(st.integers(), st.text(max_size=8), st.binary(max_size=8))))
+def test_any_option_mapping_parses_or_fails_with_a_client_error(raw):
+    try:
+        options = parse_options(raw)
+    except ClientError as error:
+        assert error.status == 400 and error.message
+    else:
+        assert isinstance(options, ExplainOptions)
+        assert set(raw) <= set(OPTION_NAMES)
+
+
+def test_response_schema():
+    response = ExplainResponse(
+        model=ModelInfo("resnet50", "1.0", "random"),
+        width=451,
+        height=300,
+        predictions=[Prediction(281, "tabby", 0.5)],
+        explanations=[
+            Explanation(281, "tabby", "gradcam", "layer4", "jpeg", "b64"),
+            Explanation(282, "tiger cat", "gradcam", "layer4", "png", "b64", heatmap="png16"),
+        ],
+    ).to_dict()
+    assert response == {
+        "model": {"name": "resnet50", "version": "1.0", "weights": "random"},
+        "image": {"width": 451, "height": 300},
+        "predictions": [{"index": 281, "label": "tabby", "probability": 0.5}],
+        "explanations": [
+            {
+                "index": 281,
+                "label": "tabby",
+                "method": "gradcam",
+                "layer": "layer4",
+                "format": "jpeg",
+                "overlay": "b64",
+            },
+            {
+                "index": 282,
+                "label": "tiger cat",
+                "method": "gradcam",
+                "layer": "layer4",
+                "format": "png",
+                "overlay": "b64",
+                "heatmap": "png16",
+            },
+        ],
+    }

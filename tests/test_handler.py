@@ -1,0 +1,105 @@
+"""The TorchServe handler through TorchServe's MockContext, on the archive the build script makes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
+
+from tests.conftest import encode
+
+
+class RecordingContext(MockContext):
+    """MockContext plus the per-request response calls the handler makes."""
+
+    def __init__(self, model_dir) -> None:
+        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        super().__init__(
+            model_pt_file=manifest["model"]["serializedFile"],
+            model_dir=str(model_dir),
+            model_file=None,
+            gpu_id=None,
+            model_name="resnet50",
+            model_yaml_config_file=manifest["model"]["configFile"],
+        )
+        self.manifest = manifest
+        self.model_name = "resnet50"
+        self.statuses: dict[int, tuple[int, str]] = {}
+        self.content_types: dict[int, str] = {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value
+
+
+@pytest.fixture(scope="module")
+def served(unpacked_mar):
+    sys.path.insert(0, str(unpacked_mar))  # as TorchServe does: the archive's root is importable
+    try:
+        from gradcam_handler import GradCamHandler
+
+        handler = GradCamHandler()
+        handler.initialize(RecordingContext(unpacked_mar))
+        yield handler, unpacked_mar
+    finally:
+        sys.path.remove(str(unpacked_mar))
+
+
+def test_archive_holds_labels_config_and_the_runtime_package(unpacked_mar):
+    labels = json.loads((unpacked_mar / "index_to_name.json").read_text())
+    assert len(labels) == 1000 and labels["281"] == "tabby"
+    assert (unpacked_mar / "handler" / "cam.py").is_file()
+    assert not (unpacked_mar / "handler" / "archive.py").exists()
+    config = (unpacked_mar / "model-config.yaml").read_text()
+    assert "batchSize: 8" in config and "weights: random" in config
+
+
+def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
+    handler, model_dir = served
+    context = RecordingContext(model_dir)
+    rows = [
+        {"body": bytearray(encode(chelsea, "JPEG"))},
+        {"body": bytearray(b"definitely not an image")},
+        {"data": bytearray(encode(chelsea, "PNG")), "target": bytearray(b"281,282"), "heatmap": bytearray(b"1")},
+        {"body": {"image": base64.b64encode(encode(chelsea, "PNG")).decode(), "topk": 99}},
+    ]
+    with torch.inference_mode():  # as BaseHandler would run inference: the gradient path must survive it
+        responses = handler.handle(rows, context)
+    assert len(responses) == 4
+    assert context.statuses == {1: (400, "Bad Request"), 3: (400, "Bad Request")}
+    assert set(context.content_types.values()) == {"application/json"}
+    assert responses[1]["type"] == "InvalidImage"
+    assert "topk must be an integer from 1 to 20, got 99" in responses[3]["message"]
+
+    first, third = responses[0], responses[2]
+    assert first["model"] == {"name": "resnet50", "version": "1.0", "weights": "random"}
+    assert first["image"] == {"width": 451, "height": 300}
+    assert len(first["predictions"]) == 5
+    probabilities = [p["probability"] for p in first["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert [e["index"] for e in first["explanations"]] == [first["predictions"][0]["index"]]
+    assert [(e["index"], e["label"]) for e in third["explanations"]] == [(281, "tabby"), (282, "tiger cat")]
+    heatmap = np.frombuffer(base64.b64decode(third["explanations"][0]["heatmap"]), np.uint8)
+    import cv2
+
+    levels = cv2.imdecode(heatmap, cv2.IMREAD_UNCHANGED)
+    assert levels.dtype == np.uint16 and levels.shape == (300, 451) and levels.max() == 65535
+
+
+def test_handler_defines_exactly_one_class(unpacked_mar):
+    from ts.utils.util import list_classes_from_module
+
+    sys.path.insert(0, str(unpacked_mar))
+    try:
+        import gradcam_handler
+
+        assert [cls.__name__ for cls in list_classes_from_module(gradcam_handler)] == ["GradCamHandler"]
+    finally:
+        sys.path.remove(str(unpacked_mar))
