@@ -45,6 +45,8 @@ class ServingConfig:
     workers: int = 1
     response_timeout_s: int = 120
     layer: str = "layer4"
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def model_config(self, weights_label: str) -> dict[str, object]:
         return {
@@ -53,7 +55,12 @@ class ServingConfig:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
-            "handler": {"weights": weights_label, "layer": self.layer},
+            "handler": {
+                "weights": weights_label,
+                "layer": self.layer,
+                "precision": self.precision,
+                "channels_last": self.channels_last,
+            },
         }
 
 

@@ -78,10 +78,13 @@ class _CAM:
 
     method = ""
 
-    def __init__(self, model: nn.Module, layer: str = "layer4") -> None:
+    def __init__(self, model: nn.Module, layer: str = "layer4", autocast_dtype: torch.dtype | None = None) -> None:
+        """``autocast_dtype`` (``torch.bfloat16`` or ``torch.float16``) runs the network under ``torch.autocast``;
+        the maps are still combined in float32."""
         self.model = model
         self.layer = layer
         self.module = find_layer(model, layer)
+        self.autocast_dtype = autocast_dtype
 
     @staticmethod
     def combine(activations: Tensor, gradients: Tensor) -> Tensor:
@@ -93,22 +96,24 @@ class _CAM:
         targets = [None] * len(images) if targets is None else list(targets)
         if len(targets) != len(images):
             raise ValueError(f"got {len(targets)} target lists for {len(images)} images")
+        autocast = torch.autocast(
+            images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
         with torch.inference_mode(False):
             if images.is_inference():
                 images = images.clone()
-            logits, activations = self._split_forward(images)
-            chosen = [
-                [int(logits[n].argmax())] if wanted is None else [int(c) for c in wanted]
-                for n, wanted in enumerate(targets)
-            ]
-            gradients = self._target_gradients(logits, activations, chosen)
+            with autocast:
+                logits, activations = self._split_forward(images)
+                top1 = logits.argmax(dim=1).tolist()
+                chosen = [[top1[n]] if wanted is None else [int(c) for c in wanted] for n, wanted in enumerate(targets)]
+                gradients = self._target_gradients(logits, activations, chosen).float()
             with torch.no_grad():
-                activations = activations.detach()
+                activations = activations.detach().float()
                 maps = [
                     F.relu(self.combine(activations[n].expand(len(classes), -1, -1, -1), gradients[: len(classes), n]))
                     for n, classes in enumerate(chosen)
                 ]
-        return CamOutput(logits=logits.detach(), targets=chosen, maps=maps)
+        return CamOutput(logits=logits.detach().float(), targets=chosen, maps=maps)
 
     def _split_forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []

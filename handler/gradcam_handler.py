@@ -16,7 +16,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.cam import GradCAM
 from handler.contract import ModelInfo
 from handler.imaging import DecodeLimits
-from handler.model import build_resnet50, load_state_dict_file, read_labels, select_device
+from handler.model import autocast_dtype, build_resnet50, load_state_dict_file, read_labels, select_device
 from handler.pipeline import ExplanationService
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,8 @@ class GradCamHandler(BaseHandler):
     """ResNet-50 predictions with a Grad-CAM overlay in the same response.
 
     ``/predictions`` and ``/explanations`` give the same answer. Settings come from the ``handler:`` section of
-    the archive's model-config.yaml: ``weights`` (the name responses report), ``layer``, ``torch_threads`` and
-    ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``).
+    the archive's model-config.yaml: ``weights`` (the name responses report), ``layer``, ``precision`` (fp32, bf16,
+    fp16 on CUDA), ``channels_last``, ``torch_threads`` and ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``).
     """
 
     def initialize(self, context) -> None:
@@ -37,10 +37,13 @@ class GradCamHandler(BaseHandler):
         if settings.get("torch_threads"):
             torch.set_num_threads(int(settings["torch_threads"]))
         self.device = select_device(properties.get("gpu_id"))
+        channels_last = bool(settings.get("channels_last", False))
         manifest_model = context.manifest["model"]
-        model = build_resnet50(load_state_dict_file(model_dir / manifest_model["serializedFile"])).to(self.device)
+        state_dict = load_state_dict_file(model_dir / manifest_model["serializedFile"])
+        model = build_resnet50(state_dict, channels_last=channels_last).to(self.device)
+        precision = autocast_dtype(str(settings.get("precision", "fp32")), self.device)
         self.service = ExplanationService(
-            explainer=GradCAM(model, settings.get("layer", "layer4")),
+            explainer=GradCAM(model, settings.get("layer", "layer4"), autocast_dtype=precision),
             labels=read_labels(model_dir / "index_to_name.json"),
             model_info=ModelInfo(
                 name=context.model_name,
@@ -49,6 +52,7 @@ class GradCamHandler(BaseHandler):
             ),
             device=self.device,
             limits=DecodeLimits(**settings.get("limits", {})),
+            channels_last=channels_last,
         )
         self.model = model
         self.context = context

@@ -35,11 +35,13 @@ class WeightsUnavailableError(RuntimeError):
     """The requested weights could not be obtained."""
 
 
-def build_resnet50(state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def build_resnet50(state_dict: dict[str, torch.Tensor] | None = None, channels_last: bool = False) -> nn.Module:
     """torchvision's ResNet-50 in eval mode with frozen parameters, loaded from ``state_dict`` when given."""
     model = resnet50(weights=None)
     if state_dict is not None:
         model.load_state_dict(state_dict)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
 
 
@@ -94,12 +96,28 @@ def read_labels(path: str | Path) -> list[str]:
     return [mapping[str(index)] for index in range(len(mapping))]
 
 
-def images_to_batch(images: Sequence[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+def images_to_batch(
+    images: Sequence[np.ndarray], device: torch.device | str = "cpu", channels_last: bool = False
+) -> torch.Tensor:
     """(H, W, 3) uint8 RGB arrays of the model's input size to a normalised (N, 3, H, W) float batch on ``device``."""
     batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(_MEAN, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(_STD, device=batch.device).view(1, 3, 1, 1)
-    return batch.sub_(mean).div_(std)
+    batch = batch.sub_(mean).div_(std)
+    return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Serving precisions: fp32 as is, or the network under ``torch.autocast`` with that dtype."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name, refusing what the device cannot do well."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return PRECISIONS[precision]
 
 
 def select_device(gpu_id: int | str | None) -> torch.device:

@@ -36,7 +36,7 @@ from handler.model import INPUT_SIZE, images_to_batch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExplanationService", "RowResult"]
+__all__ = ["ExplanationService", "PreparedRequest", "RowResult"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class RowResult:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class PreparedRequest:
+    """A decoded request: its options, the upright RGB image and the model-sized copy."""
+
     options: ExplainOptions
     rgb: np.ndarray
     model_input: np.ndarray
@@ -63,32 +65,35 @@ class ExplanationService:
     model_info: ModelInfo
     device: torch.device
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    channels_last: bool = False
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """How long each stage of the last call took: decode, cam, encode."""
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
         results: list[RowResult | None] = [None] * len(rows)
         started = time.perf_counter()
-        prepared: dict[int, _Prepared] = {}
+        prepared: dict[int, PreparedRequest] = {}
         for index, row in enumerate(rows):
             try:
-                prepared[index] = self._prepare(row)
+                prepared[index] = self.prepare(row)
             except ClientError as error:
                 results[index] = RowResult(error.status, error.to_dict())
         self.stage_seconds = {"decode": time.perf_counter() - started}
         if prepared:
-            for index, result in zip(prepared, self._explain(list(prepared.values())), strict=True):
+            for index, result in zip(prepared, self.explain(list(prepared.values())), strict=True):
                 results[index] = result
         return [result for result in results if result is not None]
 
-    def _prepare(self, row: Mapping[str, object]) -> _Prepared:
+    def prepare(self, row: Mapping[str, object]) -> PreparedRequest:
+        """Parse and decode one row; a :class:`ClientError` says why it cannot be served."""
         request = parse_request(row)
         rgb = decode_image(request.image, self.limits)
-        return _Prepared(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
+        return PreparedRequest(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
 
-    def _explain(self, prepared: list[_Prepared]) -> list[RowResult]:
+    def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
+        """One forward pass and one gradient call for the whole batch, then each request's overlays."""
         started = time.perf_counter()
-        batch = images_to_batch([item.model_input for item in prepared], self.device)
+        batch = images_to_batch([item.model_input for item in prepared], self.device, self.channels_last)
         output = self.explainer(batch, [item.options.target for item in prepared])
         probabilities = output.logits.float().softmax(dim=1)
         top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
@@ -117,7 +122,7 @@ class ExplanationService:
         self.stage_seconds["encode"] = time.perf_counter() - started
         return results
 
-    def _render(self, item: _Prepared, target: int, heatmap: np.ndarray) -> Explanation:
+    def _render(self, item: PreparedRequest, target: int, heatmap: np.ndarray) -> Explanation:
         options = item.options
         overlay = render_overlay(item.rgb, heatmap, options.alpha, options.colormap)
         return Explanation(

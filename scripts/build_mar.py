@@ -37,6 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds")
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--layer", default=defaults.layer, help="the layer Grad-CAM explains (default: layer4)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=defaults.precision,
+        help="fp32, or autocast to bf16 (CPU with bf16 support, CUDA) or fp16 (CUDA only)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.channels_last,
+        help="run the network in the channels_last memory format",
+    )
     args = parser.parse_args(argv)
 
     if args.weights == "random":
@@ -51,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_delay_ms=args.max_batch_delay,
         workers=args.workers,
         layer=args.layer,
+        precision=args.precision,
+        channels_last=args.channels_last,
     )
     archive = build_archive(state_dict, label, args.export_path, config=config, version=args.version)
     batching = f"batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms"

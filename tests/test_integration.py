@@ -7,129 +7,29 @@ stopped in a finalizer, even when tests fail.
 from __future__ import annotations
 
 import base64
-import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ROOT, encode, sample_photos
+from handler.local_server import run_torchserve
+from tests.conftest import encode, sample_photos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 if shutil.which("java") is None:
     pytest.skip("TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)", allow_module_level=True)
 
-TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Server:
-    inference: str
-    management: str
-    keys: dict[str, str]
-    workdir: Path
-
-    def headers(self, api: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[api]}"}
-
-    def predict(self, path: str = "predictions", **kwargs) -> requests.Response:
-        return requests.post(f"{self.inference}/{path}/resnet50", headers=self.headers(), timeout=120, **kwargs)
-
-    def describe(self) -> dict:
-        response = requests.get(f"{self.management}/models/resnet50", headers=self.headers("management"), timeout=30)
-        response.raise_for_status()
-        return response.json()[0]
-
-
-def shipped_config_for_test(store: Path, ports: dict[str, int]) -> str:
-    """The shipped config.properties with its ports moved to free ones; everything else, auth included, as shipped."""
-    text = (ROOT / "config.properties").read_text()
-    for key, port in ports.items():
-        text = re.sub(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
-    text = re.sub(r"^model_store=.*$", f"model_store={store}", text, flags=re.M)
-    return text + f"\ninitial_worker_port={free_port()}\n"
-
 
 @pytest.fixture(scope="module")
 def server(built_mar, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("torchserve")
-    ports = {name: free_port() for name in ("inference_address", "management_address", "metrics_address")}
-    config = workdir / "config.properties"
-    config.write_text(shipped_config_for_test(built_mar.parent, ports))
-    assert "disable_token_authorization=false" in config.read_text()
-    tmp = workdir / "tmp"
-    tmp.mkdir()
-    env = {
-        **os.environ,
-        "TMPDIR": str(tmp),
-        "TEMP": str(tmp),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    log = open(workdir / "torchserve.out", "w")  # noqa: SIM115 - closed in the finalizer
-    command = [TORCHSERVE, "--start", "--foreground", "--ncs", "--model-store", str(built_mar.parent), "--ts-config"]
-    process = subprocess.Popen(
-        [*command, str(config)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        running = Server(
-            inference=f"http://127.0.0.1:{ports['inference_address']}",
-            management=f"http://127.0.0.1:{ports['management_address']}",
-            keys={},
-            workdir=workdir,
-        )
-        wait_until_ready(running, process, workdir)
+    with run_torchserve(built_mar, tmp_path_factory.mktemp("torchserve")) as running:
+        assert "disable_token_authorization=false" in (running.workdir / "config.properties").read_text()
         yield running
-    finally:
-        subprocess.run([TORCHSERVE, "--stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        log.close()
-
-
-def wait_until_ready(server: Server, process: subprocess.Popen, workdir: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(
-                f"torchserve exited with {process.returncode}:\n{(workdir / 'torchserve.out').read_text()[-4000:]}"
-            )
-        key_file = workdir / "key_file.json"
-        if key_file.exists():
-            try:
-                keys = json.loads(key_file.read_text())
-                server.keys = {api: keys[api]["key"] for api in ("inference", "management")}
-                if any(worker["status"] == "READY" for worker in server.describe()["workers"]):
-                    return
-            except (requests.RequestException, json.JSONDecodeError, KeyError):
-                pass
-        time.sleep(0.5)
-    pytest.fail(f"resnet50 was not ready in {timeout_s} s:\n{(workdir / 'torchserve.out').read_text()[-4000:]}")
-
-
-def model_log(server: Server) -> str:
-    return (server.workdir / "logs" / "model_log.log").read_text()
 
 
 def heatmap_of(explanation: dict) -> np.ndarray:
@@ -199,7 +99,7 @@ def test_concurrent_distinct_images_each_get_their_own_answer(server):
     alone = [ask(body) for body in bodies]
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
         together = list(pool.map(ask, bodies))
-    batch_sizes = [int(n) for n in re.findall(r"answered a batch of (\d+) requests", model_log(server))]
+    batch_sizes = [int(n) for n in re.findall(r"answered a batch of (\d+) requests", server.model_log())]
     assert max(batch_sizes) > 1, "the concurrent requests were never batched"
     for photo, single, batched in zip(photos, alone, together, strict=True):
         height, width = photo.shape[:2]
@@ -213,7 +113,7 @@ def test_concurrent_distinct_images_each_get_their_own_answer(server):
 
 
 def test_bad_body_gets_a_4xx_and_the_server_stays_healthy(server, chelsea):
-    pid_before = [w["pid"] for w in server.describe()["workers"]]
+    pid_before = server.worker_pids()
     for body in (b"this is not an image", b"", encode(chelsea, "PNG")[:500]):
         response = requests.put(
             f"{server.inference}/predictions/resnet50", data=body, headers=server.headers(), timeout=60
@@ -222,7 +122,7 @@ def test_bad_body_gets_a_4xx_and_the_server_stays_healthy(server, chelsea):
         error = response.json()
         assert error["code"] == response.status_code and error["type"] and error["message"]
     assert requests.get(f"{server.inference}/ping", headers=server.headers(), timeout=10).json()["status"] == "Healthy"
-    assert [w["pid"] for w in server.describe()["workers"]] == pid_before
+    assert server.worker_pids() == pid_before
     assert server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))}).status_code == 200
 
 
@@ -243,16 +143,12 @@ def test_request_without_the_token_is_refused(server, chelsea):
 
 
 def test_worker_scaling_through_the_management_api(server, chelsea):
-    url = f"{server.management}/models/resnet50"
-    headers = server.headers("management")
     try:
-        response = requests.put(url, params={"min_worker": 2, "synchronous": "true"}, headers=headers, timeout=180)
+        response = server.scale(2)
         assert response.status_code == 200, response.text
         workers = server.describe()["workers"]
         assert len(workers) == 2 and all(w["status"] == "READY" for w in workers)
         assert server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))}).status_code == 200
     finally:
-        requests.put(
-            url, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, headers=headers, timeout=180
-        )
+        server.scale(1)
     assert len(server.describe()["workers"]) == 1

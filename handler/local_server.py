@@ -1,0 +1,134 @@
+"""Run a real torchserve on free loopback ports with the shipped config.properties, for tests and benchmarks.
+
+Everything but the ports and the model store is as shipped, token authorization included. Not shipped in the .mar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+__all__ = ["LocalTorchServe", "free_port", "run_torchserve"]
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))
+ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class LocalTorchServe:
+    """A running torchserve: its URLs, its tokens and its working directory (logs/, key_file.json)."""
+
+    inference: str
+    management: str
+    metrics: str
+    workdir: Path
+    keys: dict[str, str] = field(default_factory=dict)
+    model: str = "resnet50"
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[api]}"}
+
+    def predict(self, path: str = "predictions", session: requests.Session | None = None, **kwargs):
+        sender = session or requests
+        url = f"{self.inference}/{path}/{self.model}"
+        return sender.post(url, headers=self.headers(), timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def describe(self) -> dict:
+        url = f"{self.management}/models/{self.model}"
+        response = requests.get(url, headers=self.headers("management"), timeout=30)
+        response.raise_for_status()
+        return response.json()[0]
+
+    def scale(self, workers: int, timeout_s: float = 180) -> requests.Response:
+        params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+        url = f"{self.management}/models/{self.model}"
+        return requests.put(url, params=params, headers=self.headers("management"), timeout=timeout_s)
+
+    def worker_pids(self) -> list[int]:
+        return [int(worker["pid"]) for worker in self.describe()["workers"]]
+
+    def model_log(self) -> str:
+        return (self.workdir / "logs" / "model_log.log").read_text()
+
+
+def config_for(store: Path, ports: dict[str, int], extra: str = "") -> str:
+    """The shipped config.properties with free ports and the given model store; ``extra`` lines are appended."""
+    text = (ROOT / "config.properties").read_text()
+    for key, port in ports.items():
+        text = re.sub(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
+    text = re.sub(r"^model_store=.*$", f"model_store={store}", text, flags=re.M)
+    return f"{text}\ninitial_worker_port={free_port()}\n{extra}"
+
+
+@contextmanager
+def run_torchserve(
+    mar: Path, workdir: Path, extra_config: str = "", timeout_s: float = 180
+) -> Iterator[LocalTorchServe]:
+    """Start torchserve serving ``mar`` and wait until a worker is READY; always stop it on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {key: free_port() for key in ADDRESS_KEYS}
+    config = workdir / "config.properties"
+    config.write_text(config_for(mar.parent, ports, extra_config))
+    tmp = workdir / "tmp"  # TorchServe's pid file and worker sockets: private to this server
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [TORCHSERVE, "--start", "--foreground", "--ncs", "--model-store", str(mar.parent)]
+    with open(workdir / "torchserve.out", "w") as log:
+        process = subprocess.Popen(
+            [*command, "--ts-config", str(config)],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        server = LocalTorchServe(*(f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS), workdir=workdir)
+        try:
+            _wait_until_ready(server, process, timeout_s)
+            yield server
+        finally:
+            subprocess.run([TORCHSERVE, "--stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def _wait_until_ready(server: LocalTorchServe, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    output = server.workdir / "torchserve.out"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"torchserve exited with {process.returncode}:\n{output.read_text()[-4000:]}")
+        key_file = server.workdir / "key_file.json"
+        if key_file.exists():
+            try:
+                keys = json.loads(key_file.read_text())
+                server.keys = {api: keys[api]["key"] for api in ("inference", "management")}
+                if any(worker["status"] == "READY" for worker in server.describe()["workers"]):
+                    return
+            except (requests.RequestException, json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{server.model} was not ready in {timeout_s} s:\n{output.read_text()[-4000:]}")
