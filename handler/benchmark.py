@@ -1,0 +1,474 @@
+"""The benchmark: every contender in one run, on the same inputs, as ratios to the plain torchvision forward pass.
+
+Contenders: (1) the floor, torchvision ResNet-50 under ``inference_mode``; (2) this engine in-process, Grad-CAM alone
+and with overlay encoding; (3) pytorch-grad-cam's ``GradCAM``, the peer; (4) the running TorchServe service end to
+end over HTTP. Also the fast paths (precision, channels_last) with their agreement, the share of decode and encode,
+and the worker's memory. Not shipped in the .mar.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from handler.cam import GradCAM, normalize_map
+from handler.contract import ModelInfo
+from handler.imaging import encode_image, resize_for_model
+from handler.model import INPUT_SIZE, PRECISIONS, build_resnet50, imagenet_labels, images_to_batch, random_state_dict
+from handler.pipeline import ExplanationService
+
+__all__ = ["BenchConfig", "run_benchmark", "sample_images", "write_reports"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 10
+    warmup: int = 2
+    layer: str = "layer4"
+    agreement_images: int = 32
+    server: bool = True
+    concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    requests_per_level: int = 48
+    soak_requests: int = 1000
+    server_precision: str = "fp32"
+    server_channels_last: bool = False
+
+
+def sample_images(count: int) -> list[np.ndarray]:
+    """``count`` distinct RGB photos: scikit-image's samples, then their mirror images and crops."""
+    import skimage.data as data
+
+    def rgb(image: np.ndarray) -> np.ndarray:
+        return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+
+    base = [rgb(getattr(data, name)()) for name in ("chelsea", "astronaut", "coffee", "rocket", "camera", "coins")]
+    variants = [*base, *(image[:, ::-1] for image in base)]
+    variants += [image[image.shape[0] // 4 :, : image.shape[1] * 3 // 4] for image in base]
+    variants += [image[: image.shape[0] * 3 // 4, image.shape[1] // 4 :] for image in base]
+    while len(variants) < count:
+        variants += [np.rot90(image).copy() for image in variants[: count - len(variants)]]
+    return [np.ascontiguousarray(image) for image in variants[:count]]
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], list[float]]:
+    def run(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
+        return times
+
+    return run
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "device": str(device),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, object]
+    config: dict[str, object]
+    in_process: list[dict[str, object]] = field(default_factory=list)
+    fast_paths: list[dict[str, object]] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    service: list[dict[str, object]] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=dict)
+    targets: list[dict[str, object]] = field(default_factory=list)
+
+
+def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchReport:
+    device = torch.device(config.device)
+    timed = _timer(device)
+    images = sample_images(max(config.agreement_images, max(config.batch_sizes)))
+    state_dict = random_state_dict(seed=0)  # speed does not depend on the weights' values
+    model = build_resnet50(state_dict).to(device)
+    report = BenchReport(machine=machine_info(device), config=asdict(config))
+    steps = ["in-process"] + ["fast paths", "decode/encode share"] + (["service"] if config.server else [])
+    progress = tqdm(steps, desc="benchmark", unit="step")
+    for step in progress:
+        progress.set_postfix_str(step)
+        if step == "in-process":
+            report.in_process = _in_process(model, images, config, device, timed)
+        elif step == "fast paths":
+            report.fast_paths = _fast_paths(state_dict, images, config, device, timed)
+        elif step == "decode/encode share":
+            report.stages = _stage_shares(model, images, config, device)
+        else:
+            report.service, report.memory = _service(state_dict, images, config, workdir)
+    report.targets = _targets(report)
+    return report
+
+
+def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
+    from pytorch_grad_cam import GradCAM as PeerGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    peer_model = copy.deepcopy(model).requires_grad_(True)  # the peer backpropagates into every parameter
+    peer = PeerGradCAM(model=peer_model, target_layers=[peer_model.get_submodule(config.layer)])
+    engine = GradCAM(model, config.layer)
+    service = _service_for(model, engine, device)
+    rows = []
+    for batch_size in config.batch_sizes:
+        chosen = images[:batch_size]
+        batch = images_to_batch([resize_for_model(image, INPUT_SIZE) for image in chosen], device)
+        prepared = [service.prepare({"body": encode_image(image, "png")}) for image in chosen]
+        with torch.inference_mode():
+            top1 = model(batch).argmax(dim=1).tolist()
+
+        def floor(batch: torch.Tensor = batch) -> None:
+            with torch.inference_mode():
+                model(batch)
+
+        def cam_only(batch: torch.Tensor = batch) -> None:
+            for maps in engine(batch).maps:
+                normalize_map(maps, (INPUT_SIZE, INPUT_SIZE))
+
+        def cam_and_overlays(prepared: list = prepared) -> None:
+            service.explain(prepared)
+
+        def peer_gradcam(batch: torch.Tensor = batch, targets: list = top1) -> None:
+            peer(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in targets])
+
+        contenders = {
+            "floor: torchvision forward": floor,
+            "engine: Grad-CAM": cam_only,
+            "engine: Grad-CAM + overlay encoding": cam_and_overlays,
+            "pytorch-grad-cam GradCAM": peer_gradcam,
+        }
+        floor_s = None
+        for name, fn in contenders.items():
+            median = statistics.median(timed(fn, config.repeats, config.warmup))
+            floor_s = floor_s or median
+            rows.append(
+                {
+                    "contender": name,
+                    "batch": batch_size,
+                    "seconds": median,
+                    "ms_per_image": 1000 * median / batch_size,
+                    "images_per_s": batch_size / median,
+                    "ratio_to_floor": median / floor_s,
+                }
+            )
+    peer.activations_and_grads.release()
+    return rows
+
+
+def _service_for(model, engine: GradCAM, device, channels_last: bool = False) -> ExplanationService:
+    return ExplanationService(
+        explainer=engine,
+        labels=imagenet_labels(),
+        model_info=ModelInfo("resnet50", "bench", "random"),
+        device=device,
+        channels_last=channels_last,
+    )
+
+
+def _fast_paths(state_dict, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    inputs = [resize_for_model(image, INPUT_SIZE) for image in images[: config.agreement_images]]
+    batch_size = max(config.batch_sizes)
+    reference_top1, reference_maps = None, None
+    rows = []
+    for channels_last in (False, True):
+        model = build_resnet50(state_dict, channels_last=channels_last).to(device)
+        for precision in precisions:
+            engine = GradCAM(model, config.layer, autocast_dtype=PRECISIONS[precision])
+            batches = [
+                images_to_batch(inputs[i : i + batch_size], device, channels_last)
+                for i in range(0, len(inputs), batch_size)
+            ]
+            targets = None if reference_top1 is None else [[c] for c in reference_top1]
+            top1, maps = [], []
+            for index, batch in enumerate(batches):
+                wanted = None if targets is None else targets[index * batch_size : (index + 1) * batch_size]
+                output = engine(batch, wanted)
+                top1 += output.logits.argmax(dim=1).tolist()
+                maps += [normalize_map(m, (INPUT_SIZE, INPUT_SIZE))[0].cpu().numpy().ravel() for m in output.maps]
+            if reference_top1 is None:
+                reference_top1, reference_maps = top1, maps
+            seconds = statistics.median(timed(partial(engine, batches[0]), config.repeats, config.warmup))
+            rows.append(
+                {
+                    "precision": precision,
+                    "channels_last": channels_last,
+                    "batch": batches[0].shape[0],
+                    "seconds": seconds,
+                    "top1_agreement": float(np.mean([a == b for a, b in zip(top1, reference_top1)])),
+                    "heatmap_correlation": float(np.mean([_correlation(a, b) for a, b in zip(maps, reference_maps)])),
+                }
+            )
+    for row in rows:
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+        row["ships"] = row["top1_agreement"] >= 0.99 and row["heatmap_correlation"] >= 0.98
+    return rows
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return 1.0 if np.allclose(a, b, atol=1e-3) else 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _stage_shares(model, images, config: BenchConfig, device) -> dict[str, float]:
+    """Where a batch's time goes when it arrives as JPEG files: decode, CAM (forward + gradient), encode."""
+    service = _service_for(model, GradCAM(model, config.layer), device)
+    rows = [{"body": encode_image(image, "jpeg")} for image in images[: max(config.batch_sizes)]]
+    totals = dict.fromkeys(("decode", "cam", "encode"), 0.0)
+    for repeat in range(config.warmup + config.repeats):
+        service.answer(rows)
+        if repeat >= config.warmup:
+            for stage in totals:
+                totals[stage] += service.stage_seconds[stage]
+    whole = sum(totals.values())
+    return {f"{stage}_share": seconds / whole for stage, seconds in totals.items()} | {
+        f"{stage}_ms_per_image": 1000 * seconds / config.repeats / len(rows) for stage, seconds in totals.items()
+    }
+
+
+def _service(state_dict, images, config: BenchConfig, workdir: Path | None):
+    from handler.archive import ServingConfig, build_archive
+    from handler.local_server import run_torchserve
+
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=workdir) as scratch:
+        serving = ServingConfig(precision=config.server_precision, channels_last=config.server_channels_last)
+        mar = build_archive(state_dict, "random", Path(scratch) / "store", config=serving)
+        bodies = [encode_image(image, "jpeg") for image in images[:16]]
+        with run_torchserve(mar, Path(scratch) / "server") as server:
+            levels = [
+                _load(server, bodies, concurrency, config.requests_per_level) for concurrency in config.concurrency
+            ]
+            memory = _memory(server, bodies, config.soak_requests)
+    return levels, memory
+
+
+def _load(server, bodies: Sequence[bytes], concurrency: int, count: int) -> dict[str, object]:
+    import requests
+
+    sessions = [requests.Session() for _ in range(concurrency)]
+
+    def one(index: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        response = server.predict(session=sessions[index % concurrency], data=bodies[index % len(bodies)])
+        return time.perf_counter() - started, response.status_code
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(concurrency * 2)))  # warm-up
+        started = time.perf_counter()
+        results = list(pool.map(one, range(count)))
+        wall = time.perf_counter() - started
+    latencies = np.array([seconds for seconds, _ in results]) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": count,
+        "errors": sum(status != 200 for _, status in results),
+        "images_per_s": count / wall,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+    }
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def _memory(server, bodies: Sequence[bytes], count: int) -> dict[str, float]:
+    """The worker's RSS after warm-up and after ``count`` more requests at concurrency 8, and its peak."""
+    if count <= 0:
+        return {}
+    (pid,) = server.worker_pids()
+    before = _rss_mb(pid)
+    result = _load(server, bodies, 8, count)
+    after = _rss_mb(pid)
+    return {
+        "requests": count,
+        "errors": result["errors"],
+        "rss_after_warmup_mb": before["VmRSS"],
+        "rss_after_mb": after["VmRSS"],
+        "rss_growth_mb": after["VmRSS"] - before["VmRSS"],
+        "peak_rss_mb": after["VmHWM"],
+    }
+
+
+def _targets(report: BenchReport) -> list[dict[str, object]]:
+    def pick(contender: str, batch: int) -> dict[str, object] | None:
+        return next((r for r in report.in_process if r["contender"] == contender and r["batch"] == batch), None)
+
+    targets = []
+    for batch in sorted({row["batch"] for row in report.in_process}):
+        floor = pick("floor: torchvision forward", batch)
+        cam = pick("engine: Grad-CAM", batch)
+        full = pick("engine: Grad-CAM + overlay encoding", batch)
+        peer = pick("pytorch-grad-cam GradCAM", batch)
+        targets.append(_target(f"(2)/(1) Grad-CAM alone, batch {batch}", cam["seconds"] / floor["seconds"], "<=", 1.05))
+        targets.append(
+            _target(f"(2)/(1) with overlay encoding, batch {batch}", full["seconds"] / floor["seconds"], "<=", 1.05)
+        )
+        targets.append(
+            _target(f"(3)/(2) peer vs Grad-CAM alone, batch {batch}", peer["seconds"] / cam["seconds"], ">=", 2.5)
+        )
+    if report.service:
+        best_floor = max(r["images_per_s"] for r in report.in_process if r["contender"].startswith("floor"))
+        best_service = max(level["images_per_s"] for level in report.service)
+        targets.append(_target("service throughput / best in-process floor", best_service / best_floor, ">=", 0.8))
+        single = next((level for level in report.service if level["concurrency"] == 1), None)
+        floor1 = pick("floor: torchvision forward", 1)
+        if single and floor1:
+            excess = single["p50_ms"] - 1000 * floor1["seconds"]
+            targets.append(_target("p50 at concurrency 1 minus forward(batch 1), ms", excess, "<=", 25.0))
+    return targets
+
+
+def _target(name: str, value: float, relation: str, bound: float) -> dict[str, object]:
+    met = value <= bound if relation == "<=" else value >= bound
+    return {"measure": name, "value": value, "target": f"{relation} {bound:g}", "met": met}
+
+
+def write_reports(report: BenchReport, out_dir: Path, stem: str = "bench") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(asdict(report), indent=2))
+    paths["md"].write_text(markdown(report))
+    _plot(report, paths["png"])
+    return paths
+
+
+def markdown(report: BenchReport) -> str:
+    m = report.machine
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; "
+        f"torch {m['torch']}, device {m['device']}.",
+        "",
+        "| contender | batch | ms / image | images / s | × floor |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['contender']} | {r['batch']} | {r['ms_per_image']:.1f} | {r['images_per_s']:.1f} | "
+        f"{r['ratio_to_floor']:.2f} |"
+        for r in report.in_process
+    ]
+    if report.fast_paths:
+        lines += ["", "| precision | channels_last | speed-up | top-1 agreement | heatmap correlation | ships |"]
+        lines += ["|---|---|---:|---:|---:|---|"]
+        lines += [
+            f"| {r['precision']} | {r['channels_last']} | {r['speedup']:.2f}× | {100 * r['top1_agreement']:.1f}% | "
+            f"{r['heatmap_correlation']:.4f} | {'yes' if r['ships'] else 'no'} |"
+            for r in report.fast_paths
+        ]
+    if report.stages:
+        s = report.stages
+        lines += [
+            "",
+            f"Stage shares for JPEG requests: decode {100 * s['decode_share']:.1f}% "
+            f"({s['decode_ms_per_image']:.1f} ms/image), CAM {100 * s['cam_share']:.1f}% "
+            f"({s['cam_ms_per_image']:.1f} ms/image), encode {100 * s['encode_share']:.1f}% "
+            f"({s['encode_ms_per_image']:.1f} ms/image).",
+        ]
+    if report.service:
+        lines += ["", "| concurrency | requests | errors | images / s | p50 ms | p95 ms | p99 ms |"]
+        lines += ["|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"| {s['concurrency']} | {s['requests']} | {s['errors']} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | "
+            f"{s['p95_ms']:.0f} | {s['p99_ms']:.0f} |"
+            for s in report.service
+        ]
+    if report.memory:
+        mem = report.memory
+        lines += [
+            "",
+            f"Worker memory: RSS {mem['rss_after_warmup_mb']:.0f} MB after warm-up, {mem['rss_after_mb']:.0f} MB after "
+            f"{mem['requests']} more requests ({mem['rss_growth_mb']:+.1f} MB, {mem['errors']} errors); "
+            f"peak {mem['peak_rss_mb']:.0f} MB.",
+        ]
+    lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
+    lines += [
+        f"| {t['measure']} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'NO'} |" for t in report.targets
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if report.service else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    contenders = list(dict.fromkeys(r["contender"] for r in report.in_process))
+    batches = sorted({r["batch"] for r in report.in_process})
+    width = 0.8 / len(contenders)
+    for i, contender in enumerate(contenders):
+        values = [
+            next(r["ms_per_image"] for r in report.in_process if r["contender"] == contender and r["batch"] == b)
+            for b in batches
+        ]
+        ax.bar(np.arange(len(batches)) + i * width, values, width, label=contender)
+    ax.set_xticks(np.arange(len(batches)) + width * (len(contenders) - 1) / 2, [f"batch {b}" for b in batches])
+    ax.set_ylabel("ms per image")
+    ax.set_title(f"In-process, {report.machine['device']}")
+    ax.legend(fontsize=7)
+    if report.service:
+        ax = axes[0][1]
+        levels = [s["concurrency"] for s in report.service]
+        ax.plot(levels, [s["images_per_s"] for s in report.service], "o-", label="throughput (images/s)")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("images / s")
+        twin = ax.twinx()
+        for key, style in (("p50_ms", "s--"), ("p99_ms", "^:")):
+            twin.plot(levels, [s[key] for s in report.service], style, color="tab:red", label=key)
+        twin.set_ylabel("latency, ms")
+        ax.set_title("TorchServe end to end over HTTP")
+        ax.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,62 @@
+"""Benchmark every contender in one run and write a markdown table, a JSON file and a PNG plot.
+
+python scripts/bench.py                     # CPU, the full run (a few minutes on two cores)
+python scripts/bench.py --device cuda:0     # on a GPU: fp16 joins the fast paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from handler.benchmark import BenchConfig, markdown, run_benchmark, write_reports  # noqa: E402
+
+
+def integers(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--batch-sizes", type=integers, default=defaults.batch_sizes, help="e.g. 1,8")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs per contender")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--agreement-images", type=int, default=defaults.agreement_images)
+    parser.add_argument("--no-server", action="store_true", help="skip the TorchServe end-to-end part")
+    parser.add_argument("--concurrency", type=integers, default=defaults.concurrency, help="e.g. 1,4,8,16")
+    parser.add_argument("--requests", type=int, default=defaults.requests_per_level, help="requests per level")
+    parser.add_argument("--soak", type=int, default=defaults.soak_requests, help="requests for the memory check")
+    parser.add_argument("--server-precision", default=defaults.server_precision, choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--server-channels-last", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
+    parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
+    args = parser.parse_args(argv)
+
+    config = BenchConfig(
+        device=args.device,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        agreement_images=args.agreement_images,
+        server=not args.no_server,
+        concurrency=args.concurrency,
+        requests_per_level=args.requests,
+        soak_requests=args.soak,
+        server_precision=args.server_precision,
+        server_channels_last=args.server_channels_last,
+    )
+    report = run_benchmark(config)
+    paths = write_reports(report, args.out, args.stem)
+    print(markdown(report))
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

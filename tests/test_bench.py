@@ -1,0 +1,38 @@
+"""The benchmark CLI runs end to end on a tiny configuration. It checks that it runs, not how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-sizes", "1,2", "--repeats", "1"]
+    command += ["--warmup", "0", "--agreement-images", "2", "--out", str(tmp_path)]
+    if shutil.which("java"):
+        command += ["--concurrency", "1,2", "--requests", "2", "--soak", "2"]
+    else:
+        command += ["--no-server"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    contenders = {row["contender"] for row in report["in_process"]}
+    assert contenders == {
+        "floor: torchvision forward",
+        "engine: Grad-CAM",
+        "engine: Grad-CAM + overlay encoding",
+        "pytorch-grad-cam GradCAM",
+    }
+    assert {row["precision"] for row in report["fast_paths"]} >= {"fp32", "bf16"}
+    assert report["machine"]["torch"] and report["targets"]
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "| target |" in (tmp_path / "bench.md").read_text()
+    if shutil.which("java"):
+        assert [level["errors"] for level in report["service"]] == [0, 0]
