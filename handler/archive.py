@@ -41,12 +41,12 @@ class ServingConfig:
     """
 
     batch_size: int = 8
-    max_batch_delay_ms: int = 10
+    max_batch_delay_ms: int = 5
     workers: int = 1
     response_timeout_s: int = 120
     layer: str = "layer4"
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True
 
     def model_config(self, weights_label: str) -> dict[str, object]:
         return {

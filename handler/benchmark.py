@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from handler.archive import resolve_weights
 from handler.cam import GradCAM, normalize_map
 from handler.contract import ModelInfo
 from handler.imaging import encode_image, resize_for_model
-from handler.model import INPUT_SIZE, PRECISIONS, build_resnet50, imagenet_labels, images_to_batch, random_state_dict
+from handler.model import INPUT_SIZE, PRECISIONS, build_resnet50, imagenet_labels, images_to_batch
 from handler.pipeline import ExplanationService
 
 __all__ = ["BenchConfig", "run_benchmark", "sample_images", "write_reports"]
@@ -47,7 +48,9 @@ class BenchConfig:
     requests_per_level: int = 48
     soak_requests: int = 1000
     server_precision: str = "fp32"
-    server_channels_last: bool = False
+    server_channels_last: bool = True
+    weights: str = "random"
+    """imagenet, random or a state_dict path: speed does not depend on the weights, agreement does."""
 
 
 def sample_images(count: int) -> list[np.ndarray]:
@@ -66,20 +69,24 @@ def sample_images(count: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(image) for image in variants[:count]]
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], list[float]]:
-    def run(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        times = []
+def _timer(device: torch.device) -> Callable[[dict[str, Callable[[], object]], int, int], dict[str, float]]:
+    """Median seconds of each contender, timed round-robin so that drift in the machine's speed hits all alike."""
+
+    def run(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+        for fn in contenders.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
-        return times
+            for name, fn in contenders.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - started)
+        return {name: statistics.median(values) for name, values in times.items()}
 
     return run
 
@@ -120,9 +127,9 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
     device = torch.device(config.device)
     timed = _timer(device)
     images = sample_images(max(config.agreement_images, max(config.batch_sizes)))
-    state_dict = random_state_dict(seed=0)  # speed does not depend on the weights' values
+    state_dict, weights_label = resolve_weights(config.weights)
     model = build_resnet50(state_dict).to(device)
-    report = BenchReport(machine=machine_info(device), config=asdict(config))
+    report = BenchReport(machine=machine_info(device) | {"weights": weights_label}, config=asdict(config))
     steps = ["in-process"] + ["fast paths", "decode/encode share"] + (["service"] if config.server else [])
     progress = tqdm(steps, desc="benchmark", unit="step")
     for step in progress:
@@ -134,7 +141,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         elif step == "decode/encode share":
             report.stages = _stage_shares(model, images, config, device)
         else:
-            report.service, report.memory = _service(state_dict, images, config, workdir)
+            report.service, report.memory = _service(state_dict, weights_label, images, config, workdir)
     report.targets = _targets(report)
     return report
 
@@ -175,10 +182,9 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
             "engine: Grad-CAM + overlay encoding": cam_and_overlays,
             "pytorch-grad-cam GradCAM": peer_gradcam,
         }
-        floor_s = None
-        for name, fn in contenders.items():
-            median = statistics.median(timed(fn, config.repeats, config.warmup))
-            floor_s = floor_s or median
+        medians = timed(contenders, config.repeats, config.warmup)
+        floor_s = medians["floor: torchvision forward"]
+        for name, median in medians.items():
             rows.append(
                 {
                     "contender": name,
@@ -208,7 +214,7 @@ def _fast_paths(state_dict, images, config: BenchConfig, device, timed) -> list[
     inputs = [resize_for_model(image, INPUT_SIZE) for image in images[: config.agreement_images]]
     batch_size = max(config.batch_sizes)
     reference_top1, reference_maps = None, None
-    rows = []
+    rows, runs = [], {}
     for channels_last in (False, True):
         model = build_resnet50(state_dict, channels_last=channels_last).to(device)
         for precision in precisions:
@@ -226,18 +232,19 @@ def _fast_paths(state_dict, images, config: BenchConfig, device, timed) -> list[
                 maps += [normalize_map(m, (INPUT_SIZE, INPUT_SIZE))[0].cpu().numpy().ravel() for m in output.maps]
             if reference_top1 is None:
                 reference_top1, reference_maps = top1, maps
-            seconds = statistics.median(timed(partial(engine, batches[0]), config.repeats, config.warmup))
+            runs[(precision, channels_last)] = partial(engine, batches[0])
             rows.append(
                 {
                     "precision": precision,
                     "channels_last": channels_last,
                     "batch": batches[0].shape[0],
-                    "seconds": seconds,
                     "top1_agreement": float(np.mean([a == b for a, b in zip(top1, reference_top1)])),
                     "heatmap_correlation": float(np.mean([_correlation(a, b) for a, b in zip(maps, reference_maps)])),
                 }
             )
+    medians = timed(runs, config.repeats, config.warmup)
     for row in rows:
+        row["seconds"] = medians[(row["precision"], row["channels_last"])]
         row["speedup"] = rows[0]["seconds"] / row["seconds"]
         row["ships"] = row["top1_agreement"] >= 0.99 and row["heatmap_correlation"] >= 0.98
     return rows
@@ -265,13 +272,13 @@ def _stage_shares(model, images, config: BenchConfig, device) -> dict[str, float
     }
 
 
-def _service(state_dict, images, config: BenchConfig, workdir: Path | None):
+def _service(state_dict, weights_label: str, images, config: BenchConfig, workdir: Path | None):
     from handler.archive import ServingConfig, build_archive
     from handler.local_server import run_torchserve
 
     with tempfile.TemporaryDirectory(prefix="bench-", dir=workdir) as scratch:
         serving = ServingConfig(precision=config.server_precision, channels_last=config.server_channels_last)
-        mar = build_archive(state_dict, "random", Path(scratch) / "store", config=serving)
+        mar = build_archive(state_dict, weights_label, Path(scratch) / "store", config=serving)
         bodies = [encode_image(image, "jpeg") for image in images[:16]]
         with run_torchserve(mar, Path(scratch) / "server") as server:
             levels = [
@@ -384,7 +391,7 @@ def markdown(report: BenchReport) -> str:
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; "
-        f"torch {m['torch']}, device {m['device']}.",
+        f"torch {m['torch']}, device {m['device']}, {m['weights']} weights.",
         "",
         "| contender | batch | ms / image | images / s | × floor |",
         "|---|---:|---:|---:|---:|",

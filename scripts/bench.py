@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=defaults.requests_per_level, help="requests per level")
     parser.add_argument("--soak", type=int, default=defaults.soak_requests, help="requests for the memory check")
     parser.add_argument("--server-precision", default=defaults.server_precision, choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--server-channels-last", action="store_true")
+    parser.add_argument(
+        "--server-channels-last", action=argparse.BooleanOptionalAction, default=defaults.server_channels_last
+    )
+    parser.add_argument("--weights", default=defaults.weights, help="imagenet, random or a state_dict path")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
     parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
     args = parser.parse_args(argv)
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         soak_requests=args.soak,
         server_precision=args.server_precision,
         server_channels_last=args.server_channels_last,
+        weights=args.weights,
     )
     report = run_benchmark(config)
     paths = write_reports(report, args.out, args.stem)
