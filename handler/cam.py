@@ -99,21 +99,30 @@ class _CAM:
         autocast = torch.autocast(
             images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         )
+        # One row per (image, target) pair; a class of -1 stands for the image's top-1 prediction.
+        counts = [1 if wanted is None else len(wanted) for wanted in targets]
+        if not counts or min(counts) == 0:
+            raise ValueError("every image needs at least one target (or None for its top-1 class)")
+        pair_image = torch.repeat_interleave(torch.arange(len(targets)), torch.tensor(counts)).to(images.device)
+        pair_slot = torch.cat([torch.arange(count) for count in counts]).to(images.device)
+        asked = [int(c) for wanted in targets for c in (wanted if wanted is not None else [-1])]
+        pair_class = torch.tensor(asked, dtype=torch.long).to(images.device)
         with torch.inference_mode(False):
             if images.is_inference():
                 images = images.clone()
             with autocast:
                 logits, activations = self._split_forward(images)
-                top1 = logits.argmax(dim=1).tolist()
-                chosen = [[top1[n]] if wanted is None else [int(c) for c in wanted] for n, wanted in enumerate(targets)]
-                gradients = self._target_gradients(logits, activations, chosen).float()
+                if max(asked) >= logits.shape[1] or min(asked) < -1:
+                    raise ValueError(f"target classes must be in [0, {logits.shape[1]}), got {asked}")
+                pair_class = torch.where(pair_class < 0, logits.argmax(dim=1)[pair_image], pair_class)
+                gradients = self._target_gradients(logits, activations, max(counts), pair_slot, pair_image, pair_class)
             with torch.no_grad():
-                activations = activations.detach().float()
-                maps = [
-                    F.relu(self.combine(activations[n].expand(len(classes), -1, -1, -1), gradients[: len(classes), n]))
-                    for n, classes in enumerate(chosen)
-                ]
-        return CamOutput(logits=logits.detach().float(), targets=chosen, maps=maps)
+                pair_activations = activations.detach()[pair_image].float()
+                pair_gradients = gradients[pair_slot, pair_image].float()
+                maps = F.relu(self.combine(pair_activations, pair_gradients)).split(counts)
+        classes = iter(pair_class.tolist())
+        chosen = [[next(classes) for _ in range(count)] for count in counts]
+        return CamOutput(logits=logits.detach().float(), targets=chosen, maps=list(maps))
 
     def _split_forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []
@@ -136,13 +145,15 @@ class _CAM:
         return logits, captured[0]
 
     @staticmethod
-    def _target_gradients(logits: Tensor, activations: Tensor, chosen: list[list[int]]) -> Tensor:
-        """∂y_c/∂A for every (target slot t, image n), as a (T, N, K, h, w) tensor; T is the longest target list."""
-        slots = max(len(classes) for classes in chosen)
+    def _target_gradients(
+        logits: Tensor, activations: Tensor, slots: int, pair_slot: Tensor, pair_image: Tensor, pair_class: Tensor
+    ) -> Tensor:
+        """∂y_c/∂A for every (target slot t, image n), as a (T, N, K, h, w) tensor; T is the longest target list.
+
+        Row t of the seed selects, for each image, the logit of its t-th target; slots an image does not use stay 0.
+        """
         selectors = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
-        for n, classes in enumerate(chosen):
-            for t, c in enumerate(classes):
-                selectors[t, n, c] = 1.0
+        selectors[pair_slot, pair_image, pair_class] = 1.0
         if slots == 1:
             (gradients,) = torch.autograd.grad(logits, activations, grad_outputs=selectors[0])
             return gradients.unsqueeze(0)

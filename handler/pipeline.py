@@ -6,8 +6,10 @@ One bad row fails only itself: it comes back as its own 4xx result while the res
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,21 +70,21 @@ class ExplanationService:
     channels_last: bool = False
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """How long each stage of the last call took: decode, cam, encode."""
+    _pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)), repr=False
+    )
+    """Decoding and encoding run one request per thread: OpenCV and Pillow release the GIL while they work."""
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
-        results: list[RowResult | None] = [None] * len(rows)
         started = time.perf_counter()
-        prepared: dict[int, PreparedRequest] = {}
-        for index, row in enumerate(rows):
-            try:
-                prepared[index] = self.prepare(row)
-            except ClientError as error:
-                results[index] = RowResult(error.status, error.to_dict())
+        prepared = list(self._pool.map(self._prepare_or_refuse, rows))
         self.stage_seconds = {"decode": time.perf_counter() - started}
-        if prepared:
-            for index, result in zip(prepared, self.explain(list(prepared.values())), strict=True):
+        valid = [index for index, item in enumerate(prepared) if isinstance(item, PreparedRequest)]
+        results = list(prepared)  # refusals stay in place; each valid request is replaced by its answer
+        if valid:
+            for index, result in zip(valid, self.explain([prepared[i] for i in valid]), strict=True):
                 results[index] = result
-        return [result for result in results if result is not None]
+        return results
 
     def prepare(self, row: Mapping[str, object]) -> PreparedRequest:
         """Parse and decode one row; a :class:`ClientError` says why it cannot be served."""
@@ -90,8 +92,14 @@ class ExplanationService:
         rgb = decode_image(request.image, self.limits)
         return PreparedRequest(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
 
+    def _prepare_or_refuse(self, row: Mapping[str, object]) -> PreparedRequest | RowResult:
+        try:
+            return self.prepare(row)
+        except ClientError as error:
+            return RowResult(error.status, error.to_dict())
+
     def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
-        """One forward pass and one gradient call for the whole batch, then each request's overlays."""
+        """One forward pass and one gradient call for the whole batch, then each request's overlays in parallel."""
         started = time.perf_counter()
         batch = images_to_batch([item.model_input for item in prepared], self.device, self.channels_last)
         output = self.explainer(batch, [item.options.target for item in prepared])
@@ -101,26 +109,27 @@ class ExplanationService:
         heatmaps = [normalize_map(maps, item.rgb.shape[:2]).cpu().numpy() for item, maps in zip(prepared, output.maps)]
         self.stage_seconds["cam"] = time.perf_counter() - started
         started = time.perf_counter()
-        results = []
-        for n, item in enumerate(prepared):
-            k = item.options.topk
-            predictions = [
+        predictions = [
+            [
                 Prediction(index=i, label=self.labels[i], probability=round(p, 6))
-                for i, p in zip(top_indices[n][:k], top_probabilities[n][:k])
+                for i, p in zip(indices[: item.options.topk], probabilities[: item.options.topk])
             ]
-            try:
-                explanations = [
-                    self._render(item, target, heatmap) for target, heatmap in zip(output.targets[n], heatmaps[n])
-                ]
-            except Exception:  # one request's rendering must not fail its batch neighbours
-                logger.exception("rendering the explanation failed")
-                results.append(RowResult(500, {"code": 500, "type": "InternalError", "message": "rendering failed"}))
-                continue
-            height, width = item.rgb.shape[:2]
-            response = ExplainResponse(self.model_info, width, height, predictions, explanations)
-            results.append(RowResult(200, response.to_dict()))
+            for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
+        ]
+        results = list(self._pool.map(self._respond, prepared, predictions, output.targets, heatmaps))
         self.stage_seconds["encode"] = time.perf_counter() - started
         return results
+
+    def _respond(
+        self, item: PreparedRequest, predictions: list[Prediction], targets: list[int], heatmaps: np.ndarray
+    ) -> RowResult:
+        try:
+            explanations = [self._render(item, target, heatmap) for target, heatmap in zip(targets, heatmaps)]
+        except Exception:  # one request's rendering must not fail its batch neighbours
+            logger.exception("rendering the explanation failed")
+            return RowResult(500, {"code": 500, "type": "InternalError", "message": "rendering failed"})
+        height, width = item.rgb.shape[:2]
+        return RowResult(200, ExplainResponse(self.model_info, width, height, predictions, explanations).to_dict())
 
     def _render(self, item: PreparedRequest, target: int, heatmap: np.ndarray) -> Explanation:
         options = item.options
