@@ -167,8 +167,7 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
                 model(batch)
 
         def cam_only(batch: torch.Tensor = batch) -> None:
-            for maps in engine(batch).maps:
-                normalize_map(maps, (INPUT_SIZE, INPUT_SIZE))
+            normalize_map(torch.cat(engine(batch).maps), (INPUT_SIZE, INPUT_SIZE))
 
         def cam_and_overlays(prepared: list = prepared) -> None:
             service.explain(prepared)

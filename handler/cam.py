@@ -192,7 +192,7 @@ def normalize_map(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
     maps = maps.float()
     if size is not None and tuple(maps.shape[-2:]) != tuple(size):
         maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1)
-    span = flat.max(dim=1).values.view(-1, 1, 1) - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    span = high - low
+    # A constant map has span 0: dividing by +inf instead turns it into zeros rather than NaN.
+    return (maps - low) / torch.where(span > 0, span, torch.inf)

@@ -106,7 +106,6 @@ class ExplanationService:
         probabilities = output.logits.float().softmax(dim=1)
         top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
         top_probabilities, top_indices = top_probabilities.cpu().tolist(), top_indices.cpu().tolist()
-        heatmaps = [normalize_map(maps, item.rgb.shape[:2]).cpu().numpy() for item, maps in zip(prepared, output.maps)]
         self.stage_seconds["cam"] = time.perf_counter() - started
         started = time.perf_counter()
         predictions = [
@@ -116,14 +115,15 @@ class ExplanationService:
             ]
             for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
         ]
-        results = list(self._pool.map(self._respond, prepared, predictions, output.targets, heatmaps))
+        results = list(self._pool.map(self._respond, prepared, predictions, output.targets, output.maps))
         self.stage_seconds["encode"] = time.perf_counter() - started
         return results
 
     def _respond(
-        self, item: PreparedRequest, predictions: list[Prediction], targets: list[int], heatmaps: np.ndarray
+        self, item: PreparedRequest, predictions: list[Prediction], targets: list[int], maps: torch.Tensor
     ) -> RowResult:
         try:
+            heatmaps = normalize_map(maps, item.rgb.shape[:2]).cpu().numpy()
             explanations = [self._render(item, target, heatmap) for target, heatmap in zip(targets, heatmaps)]
         except Exception:  # one request's rendering must not fail its batch neighbours
             logger.exception("rendering the explanation failed")
