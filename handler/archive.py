@@ -34,17 +34,18 @@ STATE_DICT_NAME = "resnet50_state_dict.pt"
 class ServingConfig:
     """What goes into the archive's model-config.yaml.
 
-    The defaults suit one CPU machine: one worker, because a single worker already spreads each batch over every
-    core with torch's intra-op threads and a second would only contend with it; batches of up to 8, so that
-    concurrent requests share one forward pass; and a 10 ms batch delay, small next to a forward pass (about
-    70 ms per image on two cores), so that a lone request barely waits. On a GPU raise the batch size.
+    The defaults come from ``scripts/bench.py`` on a two-core CPU (README, "Performance"): one worker, because a
+    single worker already spreads each batch over every core with torch's intra-op threads; batches of up to 8, so
+    that concurrent requests share one forward pass; a 5 ms batch delay, small next to a forward pass (about 55 ms
+    per image), so that a lone request barely waits; channels_last, 1.1x faster with identical results. On a GPU
+    raise the batch size.
     """
 
     batch_size: int = 8
     max_batch_delay_ms: int = 5
     workers: int = 1
     response_timeout_s: int = 120
-    layer: str = "layer4"
+    scorecam_channels: int = 64
     precision: str = "fp32"
     channels_last: bool = True
 
@@ -57,7 +58,7 @@ class ServingConfig:
             "responseTimeout": self.response_timeout_s,
             "handler": {
                 "weights": weights_label,
-                "layer": self.layer,
+                "scorecam_channels": self.scorecam_channels,
                 "precision": self.precision,
                 "channels_last": self.channels_last,
             },

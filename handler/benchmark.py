@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from handler.archive import resolve_weights
-from handler.cam import GradCAM, normalize_map
+from handler.cam import CamEngine, GradCAM, normalize_map
 from handler.contract import ModelInfo
 from handler.imaging import encode_image, resize_for_model
 from handler.model import INPUT_SIZE, PRECISIONS, build_resnet50, imagenet_labels, images_to_batch
@@ -153,7 +153,7 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
     peer_model = copy.deepcopy(model).requires_grad_(True)  # the peer backpropagates into every parameter
     peer = PeerGradCAM(model=peer_model, target_layers=[peer_model.get_submodule(config.layer)])
     engine = GradCAM(model, config.layer)
-    service = _service_for(model, engine, device)
+    service = _service_for(model, device)
     rows = []
     for batch_size in config.batch_sizes:
         chosen = images[:batch_size]
@@ -198,9 +198,9 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
     return rows
 
 
-def _service_for(model, engine: GradCAM, device, channels_last: bool = False) -> ExplanationService:
+def _service_for(model, device, channels_last: bool = False) -> ExplanationService:
     return ExplanationService(
-        explainer=engine,
+        engine=CamEngine(model),
         labels=imagenet_labels(),
         model_info=ModelInfo("resnet50", "bench", "random"),
         device=device,
@@ -257,7 +257,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def _stage_shares(model, images, config: BenchConfig, device) -> dict[str, float]:
     """Where a batch's time goes when it arrives as JPEG files: decode, CAM (forward + gradient), encode."""
-    service = _service_for(model, GradCAM(model, config.layer), device)
+    service = _service_for(model, device)
     rows = [{"body": encode_image(image, "jpeg")} for image in images[: max(config.batch_sizes)]]
     totals = dict.fromkeys(("decode", "cam", "encode"), 0.0)
     for repeat in range(config.warmup + config.repeats):

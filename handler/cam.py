@@ -1,12 +1,12 @@
 """Class activation maps for torch image classifiers, at the price of about one forward pass.
 
-Pure torch: no TorchServe, no image library. Give it a model, a layer name, a batch and the targets;
-it gives back the logits and one map per target.
+Pure torch: no TorchServe, no image library. Give it a model, a batch and, per image, what to explain (classes,
+layer, method); it gives back the logits and one map per target, from one forward pass and one gradient call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,31 +14,108 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "CamEngine",
     "CamOutput",
+    "CamRequest",
+    "GRADIENT_METHODS",
     "GradCAM",
     "LayerNotFoundError",
+    "METHODS",
+    "eigen_cam",
     "find_layer",
-    "layer_names",
+    "grad_cam",
+    "grad_cam_plus_plus",
+    "hires_cam",
+    "layer_cam",
     "normalize_map",
+    "spatial_layers",
+    "x_grad_cam",
 ]
 
-Targets = Sequence[Sequence[int] | None]
-"""Per image: the class indices to explain, or None for the top-1 predicted class."""
+
+# --- The methods: (activations A, gradients G), both (P, K, h, w), to maps (P, h, w) before the final ReLU. ---
+
+
+def grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM (Selvaraju et al., ICCV 2017): α_k = (1/Z) Σ_ij ∂y_c/∂A_k,ij, map = Σ_k α_k A_k."""
+    return (gradients.mean(dim=(-2, -1), keepdim=True) * activations).sum(dim=1)
+
+
+def grad_cam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018), eq. 19 with the exponential's derivatives:
+
+    α_k,ij = g² / (2·g² + Σ_ab A_k,ab · g³)  (0 where g = 0),   w_k = Σ_ij relu(g_k,ij) · α_k,ij,   map = Σ_k w_k A_k
+
+    with g = ∂y_c/∂A_k,ij. Not torchcam's Σ relu(g)³, which departs from the paper.
+    """
+    g2 = gradients.pow(2)
+    g3 = g2 * gradients
+    activation_sums = activations.sum(dim=(-2, -1), keepdim=True)
+    alpha = g2 / (2 * g2 + activation_sums * g3 + 1e-6)
+    alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
+    weights = (F.relu(gradients) * alpha).sum(dim=(-2, -1), keepdim=True)
+    return (weights * activations).sum(dim=1)
+
+
+def x_grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al., BMVC 2020): w_k = Σ_ij (g_k,ij · A_k,ij) / Σ_ij A_k,ij, map = Σ_k w_k A_k."""
+    activation_sums = activations.sum(dim=(-2, -1), keepdim=True)
+    weights = (gradients * activations / (activation_sums + 1e-7)).sum(dim=(-2, -1), keepdim=True)
+    return (weights * activations).sum(dim=1)
+
+
+def hires_cam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """HiResCAM (Draelos & Carin, 2020): map = Σ_k g_k ⊙ A_k, the element-wise product, no spatial averaging."""
+    return (gradients * activations).sum(dim=1)
+
+
+def layer_cam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """LayerCAM (Jiang et al., TIP 2021): map = Σ_k relu(g_k) ⊙ A_k."""
+    return (F.relu(gradients) * activations).sum(dim=1)
+
+
+def eigen_cam(activations: Tensor) -> Tensor:
+    """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations' first principal component, no gradients.
+
+    With X the (h·w, K) activations of one image, centred over positions, and v₁ its first right singular vector:
+    map = s · X v₁. The map does not depend on the class. An SVD fixes v₁ only up to its sign, so s = ±1 is chosen
+    to make the map correlate positively with the mean activation Σ_k A_k / K: the component points where the
+    layer fires. (pytorch-grad-cam leaves the sign to the SVD routine; the maps agree up to that sign.)
+    """
+    flat = activations.double().flatten(2).transpose(1, 2)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = (centred @ vh[:, 0, :, None]).squeeze(-1)
+    mean_activation = centred.mean(dim=2)
+    sign = torch.where((projection * mean_activation).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+    return (sign * projection).view(activations.shape[0], *activations.shape[2:]).float()
+
+
+GRADIENT_METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradcam": grad_cam,
+    "gradcam++": grad_cam_plus_plus,
+    "xgradcam": x_grad_cam,
+    "hirescam": hires_cam,
+    "layercam": layer_cam,
+}
+METHODS = (*GRADIENT_METHODS, "eigencam", "scorecam")
+"""Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is in :meth:`CamEngine._score_cam`."""
+
+
+# --- Layers ---
 
 
 class LayerNotFoundError(ValueError):
-    """The requested layer name does not name a submodule of the model."""
+    """The requested layer name does not name a usable layer of the model."""
 
     def __init__(self, name: str, valid: Sequence[str]) -> None:
         self.name = name
         self.valid = list(valid)
-        shown = ", ".join(self.valid[:12]) + (", ..." if len(self.valid) > 12 else "")
-        super().__init__(f"layer {name!r} is not a submodule of the model; valid layers include: {shown}")
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    """Every named submodule of ``model``, in definition order (``conv1``, ``layer4``, ``layer4.2.conv3``, ...)."""
-    return [name for name, _ in model.named_modules() if name]
+        top_level = [layer for layer in self.valid if "." not in layer]
+        super().__init__(
+            f"layer must be one of {', '.join(top_level)} or a dotted submodule such as "
+            f"{self.valid[-1] if self.valid else 'layer4.2'}, got {name!r}"
+        )
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -48,15 +125,50 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
             return model.get_submodule(name)
     except AttributeError:
         pass
-    raise LayerNotFoundError(name, layer_names(model))
+    raise LayerNotFoundError(name, [layer for layer, _ in model.named_modules() if layer])
+
+
+def spatial_layers(model: nn.Module, image_size: int = 64) -> list[str]:
+    """The submodules that a CAM can explain: those that run once per forward pass and give a (N, K, h, w) map.
+
+    Found by one forward pass of a small input. Modules called several times (ResNet's shared ``relu``) and those
+    with flat outputs (``fc``) or 1×1 outputs (``avgpool``) are left out.
+    """
+    calls: dict[str, list[tuple[int, ...]]] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: calls.setdefault(name, []).append(tuple(o.shape)))
+        for name, module in model.named_modules()
+        if name
+    ]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [name for name, shapes in calls.items() if len(shapes) == 1 and len(shapes[0]) == 4 and shapes[0][-1] > 1]
+
+
+# --- The engine ---
+
+
+@dataclass(frozen=True)
+class CamRequest:
+    """What to explain for one image: ``classes`` in that order, or else its ``top`` predicted classes."""
+
+    classes: Sequence[int] | None = None
+    top: int = 1
+    layer: str = "layer4"
+    method: str = "gradcam"
 
 
 @dataclass(frozen=True)
 class CamOutput:
-    """What one call of a CAM explainer returns for a batch of N images.
+    """What the engine returns for a batch of N images.
 
-    ``logits`` is (N, classes). For image ``n``, ``targets[n]`` lists the explained classes in the order asked,
-    and ``maps[n]`` is a (len(targets[n]), h, w) tensor at the layer's resolution, after ReLU, not yet normalised.
+    ``logits`` is (N, classes). For image ``n``, ``targets[n]`` lists the explained classes in order, and
+    ``maps[n]`` is a (len(targets[n]), h, w) tensor at its layer's resolution, after ReLU, not yet normalised.
     """
 
     logits: Tensor
@@ -64,110 +176,210 @@ class CamOutput:
     maps: list[Tensor]
 
 
-class _CAM:
-    """A gradient-based CAM over one layer, with a split forward pass.
+class CamEngine:
+    """CAMs for a batch of images, each with its own classes, layer and method, from one forward pass.
 
-    The part of the network before ``layer`` runs without autograd. The layer's output becomes the only leaf that
-    requires a gradient, the rest of the network runs with autograd, and ``torch.autograd.grad`` differentiates the
-    raw logits y_c with respect to that activation alone: no parameter gradient is computed and nothing is written
-    to ``.grad``. The hook that does the split lives only for the duration of the call.
+    The split: the network before the earliest requested layer runs without autograd. That layer's output becomes
+    the only leaf that requires a gradient, the rest runs with autograd, and one ``torch.autograd.grad`` call
+    differentiates the raw logits y_c with respect to the requested activations alone: no parameter gradient is
+    computed and nothing is written to ``.grad``. Several targets per image share that call through
+    ``is_grads_batched``. The hooks live only for the duration of the call and are removed even on error; each
+    captured activation is a clone, so in-place ops downstream (``out += identity``) cannot corrupt it.
 
-    Several targets per image share the one forward pass: their gradients come from one batched gradient call
-    (``is_grads_batched``). Subclasses supply :meth:`combine`, which turns (activations, gradients) into a map.
+    ``autocast_dtype`` (``torch.bfloat16``, ``torch.float16``) runs the network under ``torch.autocast``; maps are
+    combined in float32. ScoreCAM scores at most ``scorecam_channels`` channels per map (those with the highest mean
+    activation), ``scorecam_batch`` masked images per forward pass.
     """
 
-    method = ""
-
-    def __init__(self, model: nn.Module, layer: str = "layer4", autocast_dtype: torch.dtype | None = None) -> None:
-        """``autocast_dtype`` (``torch.bfloat16`` or ``torch.float16``) runs the network under ``torch.autocast``;
-        the maps are still combined in float32."""
+    def __init__(
+        self,
+        model: nn.Module,
+        autocast_dtype: torch.dtype | None = None,
+        scorecam_channels: int | None = 64,
+        scorecam_batch: int = 32,
+    ) -> None:
         self.model = model
-        self.layer = layer
-        self.module = find_layer(model, layer)
         self.autocast_dtype = autocast_dtype
+        self.scorecam_channels = scorecam_channels
+        self.scorecam_batch = scorecam_batch
 
-    @staticmethod
-    def combine(activations: Tensor, gradients: Tensor) -> Tensor:
-        """(B, K, h, w) activations and gradients to (B, h, w) maps, before ReLU."""
-        raise NotImplementedError
+    def __call__(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        if len(requests) != len(images):
+            raise ValueError(f"got {len(requests)} requests for {len(images)} images")
+        for request in requests:
+            if request.method not in METHODS:
+                raise ValueError(f"method must be one of {', '.join(METHODS)}, got {request.method!r}")
+        counts = [request.top if request.classes is None else len(request.classes) for request in requests]
+        if min(counts, default=0) < 1:
+            raise ValueError("every image needs at least one class to explain")
+        layers = list(dict.fromkeys(request.layer for request in requests))
+        modules = {layer: find_layer(self.model, layer) for layer in layers}
+        gradient_layers = {r.layer for r in requests if r.method in GRADIENT_METHODS}
 
-    def __call__(self, images: Tensor, targets: Targets | None = None) -> CamOutput:
-        """Explain ``images`` (N, 3, H, W); ``targets`` defaults to the top-1 predicted class of each image."""
-        targets = [None] * len(images) if targets is None else list(targets)
-        if len(targets) != len(images):
-            raise ValueError(f"got {len(targets)} target lists for {len(images)} images")
-        autocast = torch.autocast(
-            images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        )
-        # One row per (image, target) pair; a class of -1 stands for the image's top-1 prediction.
-        counts = [1 if wanted is None else len(wanted) for wanted in targets]
-        if not counts or min(counts) == 0:
-            raise ValueError("every image needs at least one target (or None for its top-1 class)")
-        pair_image = torch.repeat_interleave(torch.arange(len(targets)), torch.tensor(counts)).to(images.device)
-        pair_slot = torch.cat([torch.arange(count) for count in counts]).to(images.device)
-        asked = [int(c) for wanted in targets for c in (wanted if wanted is not None else [-1])]
-        pair_class = torch.tensor(asked, dtype=torch.long).to(images.device)
+        # One row per (image, target) pair; class -1 - r stands for the image's (r+1)-th predicted class.
+        device = images.device
+        pair_image = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(device)
+        pair_slot = torch.cat([torch.arange(count) for count in counts]).to(device)
+        asked = [
+            int(c)
+            for r, n in zip(requests, counts)
+            for c in (r.classes if r.classes is not None else range(-1, -n - 1, -1))
+        ]
+        pair_class = torch.tensor(asked, dtype=torch.long).to(device)
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         with torch.inference_mode(False):
             if images.is_inference():
                 images = images.clone()
             with autocast:
-                logits, activations = self._split_forward(images)
-                if max(asked) >= logits.shape[1] or min(asked) < -1:
-                    raise ValueError(f"target classes must be in [0, {logits.shape[1]}), got {asked}")
-                pair_class = torch.where(pair_class < 0, logits.argmax(dim=1)[pair_image], pair_class)
-                gradients = self._target_gradients(logits, activations, max(counts), pair_slot, pair_image, pair_class)
-            with torch.no_grad():
-                pair_activations = activations.detach()[pair_image].float()
-                pair_gradients = gradients[pair_slot, pair_image].float()
-                maps = F.relu(self.combine(pair_activations, pair_gradients)).split(counts)
+                logits, activations = self._split_forward(images, modules, gradient_layers)
+                if max(asked) >= logits.shape[1]:
+                    raise ValueError(f"classes must be below {logits.shape[1]}, got {max(asked)}")
+                ranked = logits.topk(max(counts), dim=1).indices
+                predicted = ranked[pair_image, (-pair_class - 1).clamp(0, max(counts) - 1)]
+                pair_class = torch.where(pair_class < 0, predicted, pair_class)
+                gradients = self._gradients(
+                    logits, activations, gradient_layers, max(counts), pair_slot, pair_image, pair_class
+                )
+            pair_maps = self._pair_maps(
+                images, requests, counts, activations, gradients, pair_slot, pair_image, pair_class
+            )
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
-        return CamOutput(logits=logits.detach().float(), targets=chosen, maps=list(maps))
+        return CamOutput(logits=logits.detach().float(), targets=chosen, maps=list(pair_maps))
 
-    def _split_forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        captured: list[Tensor] = []
+    def _split_forward(
+        self, images: Tensor, modules: dict[str, nn.Module], gradient_layers: set[str]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        captured: dict[str, list[Tensor]] = {layer: [] for layer in modules}
 
-        def start_graph_here(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
-            activation = output.detach().requires_grad_(True)
-            captured.append(activation)
-            torch.set_grad_enabled(True)  # from here on; the enclosing no_grad() restores the mode on exit
-            # A clone, so that in-place ops downstream (``out += identity``) cannot touch the leaf.
-            return activation.clone()
+        def capture(layer: str) -> Callable[[nn.Module, object, Tensor], Tensor]:
+            def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor | None:
+                if torch.is_grad_enabled():  # inside the graph: keep this tensor, pass a clone downstream
+                    captured[layer].append(output)
+                    return output.clone()
+                if layer in gradient_layers:  # the first gradient layer to run starts the graph
+                    leaf = output.detach().requires_grad_(True)
+                    captured[layer].append(leaf)
+                    torch.set_grad_enabled(True)  # the enclosing no_grad() restores the mode on exit
+                    return leaf.clone()
+                captured[layer].append(output.detach().clone())  # eigencam/scorecam: no gradient needed
+                return None
 
-        handle = self.module.register_forward_hook(start_graph_here)
+            return hook
+
+        handles = [module.register_forward_hook(capture(layer)) for layer, module in modules.items()]
         try:
             with torch.no_grad():
                 logits = self.model(images)
         finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"layer {self.layer!r} ran {len(captured)} times in one forward pass; expected once")
-        return logits, captured[0]
+            for handle in handles:
+                handle.remove()
+        for layer, outputs in captured.items():
+            if len(outputs) != 1:
+                raise RuntimeError(f"layer {layer!r} ran {len(outputs)} times in one forward pass; expected once")
+        return logits, {layer: outputs[0] for layer, outputs in captured.items()}
 
     @staticmethod
-    def _target_gradients(
-        logits: Tensor, activations: Tensor, slots: int, pair_slot: Tensor, pair_image: Tensor, pair_class: Tensor
-    ) -> Tensor:
-        """∂y_c/∂A for every (target slot t, image n), as a (T, N, K, h, w) tensor; T is the longest target list.
+    def _gradients(
+        logits: Tensor,
+        activations: dict[str, Tensor],
+        gradient_layers: set[str],
+        slots: int,
+        pair_slot: Tensor,
+        pair_image: Tensor,
+        pair_class: Tensor,
+    ) -> dict[str, Tensor]:
+        """∂y_c/∂A for every (target slot t, image n) and gradient layer, each a (T, N, K, h, w) tensor.
 
         Row t of the seed selects, for each image, the logit of its t-th target; slots an image does not use stay 0.
         """
+        if not gradient_layers:
+            return {}
+        layers = [layer for layer in activations if layer in gradient_layers]
         selectors = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
         selectors[pair_slot, pair_image, pair_class] = 1.0
+        inputs = [activations[layer] for layer in layers]
         if slots == 1:
-            (gradients,) = torch.autograd.grad(logits, activations, grad_outputs=selectors[0])
-            return gradients.unsqueeze(0)
-        (gradients,) = torch.autograd.grad(logits, activations, grad_outputs=selectors, is_grads_batched=True)
-        return gradients
+            gradients = torch.autograd.grad(logits, inputs, grad_outputs=selectors[0])
+            return {layer: g.unsqueeze(0).float() for layer, g in zip(layers, gradients)}
+        gradients = torch.autograd.grad(logits, inputs, grad_outputs=selectors, is_grads_batched=True)
+        return {layer: g.float() for layer, g in zip(layers, gradients)}
+
+    def _pair_maps(
+        self,
+        images: Tensor,
+        requests: Sequence[CamRequest],
+        counts: list[int],
+        activations: dict[str, Tensor],
+        gradients: dict[str, Tensor],
+        pair_slot: Tensor,
+        pair_image: Tensor,
+        pair_class: Tensor,
+    ) -> list[Tensor]:
+        """Each image's (T, h, w) maps; pairs that share a layer and a method are computed together."""
+        pair_request = [n for n, count in enumerate(counts) for _ in range(count)]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for pair, n in enumerate(pair_request):
+            groups.setdefault((requests[n].layer, requests[n].method), []).append(pair)
+        maps: list[Tensor | None] = [None] * len(pair_request)
+        with torch.no_grad():
+            for (layer, method), pairs in groups.items():
+                index = torch.tensor(pairs, device=pair_image.device)
+                images_of_pairs = pair_image[index]
+                pair_activations = activations[layer].detach()[images_of_pairs].float()
+                if method in GRADIENT_METHODS:
+                    pair_gradients = gradients[layer][pair_slot[index], images_of_pairs]
+                    group_maps = GRADIENT_METHODS[method](pair_activations, pair_gradients)
+                elif method == "eigencam":
+                    group_maps = eigen_cam(pair_activations)
+                else:
+                    group_maps = self._score_cam(images[images_of_pairs], pair_activations, pair_class[index])
+                for pair, pair_map in zip(pairs, F.relu(group_maps)):
+                    maps[pair] = pair_map
+        per_image, start = [], 0
+        for count in counts:
+            per_image.append(torch.stack(maps[start : start + count]))
+            start += count
+        return per_image
+
+    def _score_cam(self, images: Tensor, activations: Tensor, classes: Tensor) -> Tensor:
+        """Score-CAM (Wang et al., CVPRW 2020): each channel, upsampled and min–max normalised, masks the input;
+        the class's logit on the masked input scores the channel, and w = softmax over channels of the scores:
+
+            M_k = norm(up(A_k)),   s_k = y_c(x ⊙ M_k),   w = softmax(s),   map = Σ_k w_k A_k
+
+        As in pytorch-grad-cam, the masks are upsampled with ``align_corners=True``. Cost: one forward pass per
+        scored channel and target, batched ``scorecam_batch`` at a time; at most ``scorecam_channels`` channels per
+        target are scored (those with the highest mean activation), the rest get weight 0.
+        """
+        maps = []
+        for image, activation, target in zip(images, activations, classes.tolist()):
+            channels = activation.shape[0]
+            if self.scorecam_channels and channels > self.scorecam_channels:
+                chosen = activation.mean(dim=(1, 2)).topk(self.scorecam_channels).indices.sort().values
+            else:
+                chosen = torch.arange(channels, device=activation.device)
+            selected = activation[chosen]
+            masks = F.interpolate(selected[None], size=image.shape[-2:], mode="bilinear", align_corners=True)[0]
+            low = masks.amin(dim=(1, 2), keepdim=True)
+            high = masks.amax(dim=(1, 2), keepdim=True)
+            masks = (masks - low) / (high - low + 1e-8)
+            scores = []
+            for start in range(0, len(masks), self.scorecam_batch):
+                masked = image[None] * masks[start : start + self.scorecam_batch, None]
+                with torch.autocast(
+                    image.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                ):
+                    scores.append(self.model(masked)[:, target].float())
+            weights = torch.softmax(torch.cat(scores), dim=0)
+            maps.append((weights[:, None, None] * selected).sum(dim=0))
+        return torch.stack(maps)
 
 
-class GradCAM(_CAM):
-    """Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
-    Localization", ICCV 2017).
+class GradCAM:
+    """Grad-CAM on one layer, for every image alike: ``GradCAM(model, "layer4")(images, targets)``.
 
-    With A^k the layer's activation maps and y^c the raw logit of class c:
-
-        α_k^c = (1/Z) Σ_i Σ_j ∂y^c/∂A^k_ij        L^c = ReLU(Σ_k α_k^c A^k)
+    ``targets`` gives, per image, the classes to explain, or None for its top-1 predicted class.
 
     Example:
         >>> model = torchvision.models.resnet50().eval()
@@ -178,10 +390,15 @@ class GradCAM(_CAM):
 
     method = "gradcam"
 
-    @staticmethod
-    def combine(activations: Tensor, gradients: Tensor) -> Tensor:
-        channel_weights = gradients.mean(dim=(-2, -1), keepdim=True)
-        return (channel_weights * activations).sum(dim=1)
+    def __init__(self, model: nn.Module, layer: str = "layer4", autocast_dtype: torch.dtype | None = None) -> None:
+        find_layer(model, layer)
+        self.layer = layer
+        self.engine = CamEngine(model, autocast_dtype=autocast_dtype)
+
+    def __call__(self, images: Tensor, targets: Sequence[Sequence[int] | None] | None = None) -> CamOutput:
+        targets = [None] * len(images) if targets is None else targets
+        requests = [CamRequest(classes=classes, layer=self.layer, method=self.method) for classes in targets]
+        return self.engine(images, requests)
 
 
 def normalize_map(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:

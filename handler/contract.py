@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
+from handler.cam import METHODS
 from handler.errors import ClientError
 from handler.imaging import COLORMAPS, OUTPUT_FORMATS
 
@@ -28,6 +29,7 @@ __all__ = [
 NUM_CLASSES = 1000
 MAX_TOPK = 20
 MAX_TARGETS = 10
+MAX_EXPLAIN = 5
 IMAGE_FIELDS = ("data", "image")
 """Where the image may travel: a multipart field, or a key of a JSON body (base64)."""
 _TRUE = ("true", "1", "yes", "on")
@@ -50,6 +52,12 @@ class ExplainOptions:
     """The overlay's encoding: jpeg, png or webp."""
     heatmap: bool = False
     """Also return the raw map as a 16-bit grayscale PNG."""
+    method: str = "gradcam"
+    """The CAM method: gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam or scorecam."""
+    layer: str = "layer4"
+    """The layer to explain: conv1, layer1 … layer4, or a dotted submodule such as layer4.2 or layer3.5.conv2."""
+    explain: int = 1
+    """Without ``target``: explain the N top predicted classes, 1–5."""
 
 
 OPTION_NAMES = tuple(f.name for f in fields(ExplainOptions))
@@ -141,7 +149,27 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
         parsed["format"] = _choice("format", "jpeg" if given in ("jpg", "JPG") else given, tuple(OUTPUT_FORMATS))
     if "heatmap" in values:
         parsed["heatmap"] = _boolean("heatmap", values["heatmap"])
+    if "method" in values:
+        parsed["method"] = _choice("method", values["method"], METHODS)
+    if "layer" in values:
+        parsed["layer"] = _layer_name(values["layer"])
+    if "explain" in values:
+        if "target" in values:
+            raise ClientError("InvalidOption", "give either target (classes to explain) or explain (top N), not both")
+        parsed["explain"] = _integer("explain", values["explain"], 1, MAX_EXPLAIN)
     return ExplainOptions(**parsed)
+
+
+def _layer_name(value: object) -> str:
+    """A dotted module path; whether the model has that layer is checked where the model is known."""
+    parts = value.split(".") if isinstance(value, str) else []
+    if not parts or not all(part.isidentifier() or part.isdigit() for part in parts):
+        raise ClientError(
+            "InvalidOption",
+            f"layer must be conv1, layer1, layer2, layer3, layer4 or a dotted submodule such as layer4.2 or "
+            f"layer3.5.conv2, got {value!r}",
+        )
+    return value
 
 
 def _text(value: object) -> object:

@@ -6,6 +6,7 @@ TorchServe loads a handler module only if it defines exactly one class: helpers 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.cam import GradCAM
+from handler.cam import CamEngine
 from handler.contract import ModelInfo
 from handler.imaging import DecodeLimits
 from handler.model import autocast_dtype, build_resnet50, load_state_dict_file, read_labels, select_device
@@ -26,24 +27,30 @@ class GradCamHandler(BaseHandler):
     """ResNet-50 predictions with a Grad-CAM overlay in the same response.
 
     ``/predictions`` and ``/explanations`` give the same answer. Settings come from the ``handler:`` section of
-    the archive's model-config.yaml: ``weights`` (the name responses report), ``layer``, ``precision`` (fp32, bf16,
-    fp16 on CUDA), ``channels_last``, ``torch_threads`` and ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``).
+    the archive's model-config.yaml: ``weights`` (the name responses report), ``scorecam_channels``,
+    ``precision`` (fp32, bf16, fp16 on CUDA), ``channels_last``, ``torch_threads`` (default: cores ÷ maxWorkers)
+    and ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``).
     """
 
     def initialize(self, context) -> None:
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
-        settings = (context.model_yaml_config or {}).get("handler", {}) or {}
-        if settings.get("torch_threads"):
-            torch.set_num_threads(int(settings["torch_threads"]))
+        model_config = context.model_yaml_config or {}
+        settings = model_config.get("handler", {}) or {}
         self.device = select_device(properties.get("gpu_id"))
+        if self.device.type == "cpu":
+            # workers × threads ≤ cores: each of maxWorkers workers takes its share of the cores unless told.
+            share = max(1, (os.cpu_count() or 1) // max(1, int(model_config.get("maxWorkers", 1))))
+            torch.set_num_threads(int(settings.get("torch_threads") or share))
         channels_last = bool(settings.get("channels_last", False))
         manifest_model = context.manifest["model"]
         state_dict = load_state_dict_file(model_dir / manifest_model["serializedFile"])
         model = build_resnet50(state_dict, channels_last=channels_last).to(self.device)
         precision = autocast_dtype(str(settings.get("precision", "fp32")), self.device)
         self.service = ExplanationService(
-            explainer=GradCAM(model, settings.get("layer", "layer4"), autocast_dtype=precision),
+            engine=CamEngine(
+                model, autocast_dtype=precision, scorecam_channels=int(settings.get("scorecam_channels", 64))
+            ),
             labels=read_labels(model_dir / "index_to_name.json"),
             model_info=ModelInfo(
                 name=context.model_name,

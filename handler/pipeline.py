@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from handler.cam import GradCAM, normalize_map
+from handler.cam import CamEngine, CamRequest, normalize_map, spatial_layers
 from handler.contract import (
     ExplainOptions,
     ExplainResponse,
@@ -49,6 +49,11 @@ class RowResult:
     body: dict[str, object]
 
 
+def cam_request(options: ExplainOptions) -> CamRequest:
+    """What the engine needs of a request's options."""
+    return CamRequest(classes=options.target, top=options.explain, layer=options.layer, method=options.method)
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
     """A decoded request: its options, the upright RGB image and the model-sized copy."""
@@ -62,7 +67,7 @@ class PreparedRequest:
 class ExplanationService:
     """Serves explanations of one model: ``answer(rows)`` gives one :class:`RowResult` per row, in order."""
 
-    explainer: GradCAM
+    engine: CamEngine
     labels: Sequence[str]
     model_info: ModelInfo
     device: torch.device
@@ -74,6 +79,12 @@ class ExplanationService:
         default_factory=lambda: ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)), repr=False
     )
     """Decoding and encoding run one request per thread: OpenCV and Pillow release the GIL while they work."""
+    layers: Sequence[str] = ()
+    """The layers requests may name; by default every layer of the model that gives a spatial map."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            self.layers = spatial_layers(self.engine.model)
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
         started = time.perf_counter()
@@ -89,6 +100,13 @@ class ExplanationService:
     def prepare(self, row: Mapping[str, object]) -> PreparedRequest:
         """Parse and decode one row; a :class:`ClientError` says why it cannot be served."""
         request = parse_request(row)
+        if request.options.layer not in self.layers:
+            top_level = ", ".join(layer for layer in self.layers if "." not in layer)
+            raise ClientError(
+                "InvalidOption",
+                f"layer must be one of {top_level} or a dotted submodule such as layer4.2 or layer3.5.conv2 "
+                f"(any of {len(self.layers)} layers with a spatial output), got {request.options.layer!r}",
+            )
         rgb = decode_image(request.image, self.limits)
         return PreparedRequest(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
 
@@ -102,7 +120,7 @@ class ExplanationService:
         """One forward pass and one gradient call for the whole batch, then each request's overlays in parallel."""
         started = time.perf_counter()
         batch = images_to_batch([item.model_input for item in prepared], self.device, self.channels_last)
-        output = self.explainer(batch, [item.options.target for item in prepared])
+        output = self.engine(batch, [cam_request(item.options) for item in prepared])
         probabilities = output.logits.float().softmax(dim=1)
         top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
         top_probabilities, top_indices = top_probabilities.cpu().tolist(), top_indices.cpu().tolist()
@@ -137,8 +155,8 @@ class ExplanationService:
         return Explanation(
             index=target,
             label=self.labels[target],
-            method=self.explainer.method,
-            layer=self.explainer.layer,
+            method=options.method,
+            layer=options.layer,
             format=options.format,
             overlay=to_base64(encode_image(overlay, options.format)),
             heatmap=to_base64(encode_heatmap_png16(heatmap)) if options.heatmap else None,

@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds")
     parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--layer", default=defaults.layer, help="the layer Grad-CAM explains (default: layer4)")
+    parser.add_argument(
+        "--scorecam-channels",
+        type=int,
+        default=defaults.scorecam_channels,
+        help="channels ScoreCAM scores per map, one forward pass each (default: 64)",
+    )
     parser.add_argument(
         "--precision",
         choices=("fp32", "bf16", "fp16"),
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay,
         workers=args.workers,
-        layer=args.layer,
+        scorecam_channels=args.scorecam_channels,
         precision=args.precision,
         channels_last=args.channels_last,
     )

@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from handler.cam import GradCAM, LayerNotFoundError, normalize_map
+from handler.cam import (
+    GRADIENT_METHODS,
+    CamEngine,
+    CamRequest,
+    GradCAM,
+    LayerNotFoundError,
+    normalize_map,
+    spatial_layers,
+)
 
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
 
@@ -191,3 +199,188 @@ def test_batch_equals_images_one_by_one(resnet50):
         alone = GradCAM(resnet50, "layer4")(images[n : n + 1], targets=[out.targets[n]])
         torch.testing.assert_close(out.maps[n], alone.maps[0], atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(out.logits[n], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+# --- The method family: hand-computed values, the reference implementation, invariants ---
+
+SQUARE_CLASS0 = 2.5 * X[0, 0]  # Grad-CAM of TinySquareHead, class 0 (above)
+
+
+def explain_one(model, method: str, cls: int, layer: str = "features", **engine_args) -> torch.Tensor:
+    return CamEngine(model, **engine_args)(X, [CamRequest(classes=[cls], layer=layer, method=method)]).maps[0][0]
+
+
+def test_hand_computed_every_gradient_method():
+    x = X[0, 0]
+    # TinySquareHead, class 0: G^1 = A^1 = x, G^2 = 0.
+    square = TinySquareHead()
+    w1 = sum(v / (2 + 10 * v) for v in (1.0, 2.0, 3.0, 4.0))  # Σ relu(g)·g²/(2g² + ΣA·g³) with g = x, ΣA = 10
+    torch.testing.assert_close(explain_one(square, "gradcam++", 0), w1 * x)
+    torch.testing.assert_close(explain_one(square, "xgradcam", 0), 3.0 * x)  # w_1 = Σx²/Σx = 30/10
+    torch.testing.assert_close(explain_one(square, "hirescam", 0), x * x)  # Σ_k g⊙A = x⊙x
+    # TinyLinearHead, class 1: G^1 = 3/4, G^2 = -1/4 everywhere; A^1 = x, A^2 = -x.
+    linear = TinyLinearHead()
+    torch.testing.assert_close(explain_one(linear, "hirescam", 1), x)  # 3/4·x + (-1/4)(-x)
+    torch.testing.assert_close(explain_one(linear, "layercam", 1), 0.75 * x)  # relu(3/4)·x + relu(-1/4)·(-x)
+    torch.testing.assert_close(explain_one(linear, "gradcam", 1), x)
+
+
+class TinyTwoScaleFeatures(TinyLinearHead):
+    """features: A^1 = x, A^2 = 2x (for EigenCAM, whose answer needs channels that do not cancel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+
+
+def test_hand_computed_eigencam():
+    # X rows (v, 2v) centred: (v - 2.5)(1, 2); v₁ = (1, 2)/√5; projection = √5 (v - 2.5), pointing where A is high.
+    expected = torch.relu(5**0.5 * (X[0, 0] - 2.5))
+    torch.testing.assert_close(explain_one(TinyTwoScaleFeatures(), "eigencam", 0), expected)
+
+
+def test_hand_computed_scorecam():
+    # Linear head, class 1: y_1(z) = 4·mean(z). Masks: norm(x) = (x-1)/3 and norm(-x) = (4-x)/3.
+    x = X[0, 0]
+    scores = torch.tensor([4 * (x * (x - 1) / 3).mean(), 4 * (x * (4 - x) / 3).mean()])
+    w = torch.softmax(scores, dim=0)
+    torch.testing.assert_close(explain_one(TinyLinearHead(), "scorecam", 1), torch.relu(w[0] * x - w[1] * x))
+
+
+def test_scorecam_channel_cap_scores_the_most_active_channels():
+    model = TinyTwoScaleFeatures()
+    capped = explain_one(model, "scorecam", 1, scorecam_channels=1)  # keeps A^2 = 2x alone: weight 1
+    torch.testing.assert_close(capped, 2 * X[0, 0])
+
+
+@pytest.mark.parametrize("method", sorted(GRADIENT_METHODS))
+def test_all_zero_gradients_give_zero_maps_for_every_method(method):
+    model = TinyLinearHead()
+    with torch.no_grad():
+        model.head.weight.zero_()
+    maps = explain_one(model, method, 0)
+    assert (maps == 0).all() and torch.isfinite(normalize_map(maps[None], (8, 8))).all()
+
+
+def test_gradcam_equals_cam_at_resnet50_layer4(resnet50):
+    # y_c = w_c · avgpool(A) + b_c, so ∂y_c/∂A_k,ij = w_ck / 49, and Grad-CAM = ReLU(Σ_k w_ck A_k) / 49:
+    # the original CAM.
+    torch.manual_seed(5)
+    image = torch.randn(1, 3, 224, 224)
+    captured = []
+    hook = resnet50.layer4.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    try:
+        with torch.no_grad():
+            resnet50(image)
+    finally:
+        hook.remove()
+    cam = torch.relu(torch.einsum("k,khw->hw", resnet50.fc.weight[281], captured[0][0])) / 49
+    torch.testing.assert_close(GradCAM(resnet50, "layer4")(image, [[281]]).maps[0][0], cam, atol=1e-6, rtol=1e-4)
+
+
+def reference_maps(peer_model, method: str, layer: str, images, classes) -> np.ndarray:
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    kind = {
+        "gradcam": pgc.GradCAM,
+        "gradcam++": pgc.GradCAMPlusPlus,
+        "xgradcam": pgc.XGradCAM,
+        "hirescam": pgc.HiResCAM,
+        "layercam": pgc.LayerCAM,
+        "eigencam": pgc.EigenCAM,
+        "scorecam": pgc.ScoreCAM,
+    }[method]
+    targets = [ClassifierOutputTarget(c) for c in classes]
+    return kind(model=peer_model, target_layers=[peer_model.get_submodule(layer)])(input_tensor=images, targets=targets)
+
+
+@pytest.fixture(scope="module")
+def peer_resnet50(resnet50):
+    return copy.deepcopy(resnet50).requires_grad_(True)  # the peer backpropagates through every parameter
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3", "layer2.1.conv2"])
+@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"])
+def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer):
+    torch.manual_seed(6)
+    images = torch.randn(2, 3, 224, 224)
+    classes = [281, 7]
+    out = CamEngine(resnet50)(images, [CamRequest(classes=[c], layer=layer, method=method) for c in classes])
+    ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
+    if method == "eigencam":
+        # The SVD leaves the component's sign open; ours points it where the layer fires (see eigen_cam). Compare
+        # with the reference computed with that same sign.
+        from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+        activations = []
+        hook = resnet50.get_submodule(layer).register_forward_hook(lambda m, i, o: activations.append(o.detach()))
+        try:
+            with torch.no_grad():
+                resnet50(images)
+        finally:
+            hook.remove()
+        projection = torch.from_numpy(get_2d_projection(activations[0].numpy().copy()))
+        mean = activations[0].mean(dim=1)
+        sign = torch.sign(((projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))).sum((1, 2)))
+        reference = normalize_map(torch.relu(sign[:, None, None] * projection), (224, 224)).numpy()
+    else:
+        reference = reference_maps(peer_resnet50, method, layer, images, classes)
+    assert np.abs(ours - reference).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_scorecam_matches_pytorch_grad_cam_with_every_channel(resnet50, peer_resnet50):
+    torch.manual_seed(7)
+    image = torch.randn(1, 3, 224, 224)
+    layer = "layer1.0.conv1"  # 64 channels: 64 forward passes on each side
+    engine = CamEngine(resnet50, scorecam_channels=None)
+    out = engine(image, [CamRequest(classes=[281], layer=layer, method="scorecam")])
+    ours = normalize_map(out.maps[0], (224, 224)).numpy()
+    assert np.abs(ours - reference_maps(peer_resnet50, "scorecam", layer, image, [281])).max() < 1e-3
+
+
+def test_mixed_methods_layers_and_targets_in_one_batch(resnet50):
+    torch.manual_seed(8)
+    images = torch.randn(4, 3, 96, 96)
+    requests = [
+        CamRequest(classes=[281, 3], layer="layer4", method="gradcam"),
+        CamRequest(top=3, layer="layer3", method="layercam"),
+        CamRequest(classes=[5], layer="layer2.1.conv2", method="gradcam++"),
+        CamRequest(layer="layer4", method="eigencam"),
+    ]
+    calls = []
+    hook = resnet50.register_forward_hook(lambda m, i, o: calls.append(1))
+    grad_enabled: dict[str, bool] = {}
+    probes = [
+        resnet50.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: grad_enabled.__setitem__(name, torch.is_grad_enabled())
+        )
+        for name in ("layer1", "layer2.0", "layer3", "fc")
+    ]
+    try:
+        out = CamEngine(resnet50)(images, requests)
+    finally:
+        hook.remove()
+        for probe in probes:
+            probe.remove()
+    assert len(calls) == 1  # one forward pass for the whole batch
+    # The graph starts at the earliest requested layer (layer2.1.conv2): nothing before it records gradients.
+    assert grad_enabled == {"layer1": False, "layer2.0": False, "layer3": True, "fc": True}
+    ranked = out.logits[1].topk(3).indices.tolist()
+    assert out.targets == [[281, 3], ranked, [5], [int(out.logits[3].argmax())]]
+    assert [tuple(m.shape) for m in out.maps] == [(2, 3, 3), (3, 6, 6), (1, 12, 12), (1, 3, 3)]
+    for n, request in enumerate(requests):
+        alone = CamEngine(resnet50)(images[n : n + 1], [request])
+        assert alone.targets[0] == out.targets[n]
+        # float32 convolutions differ slightly between batch sizes; Grad-CAM++'s g³ terms amplify that a little.
+        difference = (normalize_map(out.maps[n]) - normalize_map(alone.maps[0])).abs().max()
+        assert difference < 1e-3, (request, float(difference))
+    assert all(p.grad is None for p in resnet50.parameters())
+
+
+def test_spatial_layers_leave_out_shared_and_flat_modules(resnet50):
+    layers = spatial_layers(resnet50)
+    assert {"conv1", "layer1", "layer2", "layer3", "layer4", "layer4.2", "layer3.5.conv2"} <= set(layers)
+    assert not {"fc", "avgpool", "layer4.2.relu"} & set(layers)
