@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from handler.archive import resolve_weights
-from handler.cam import CamEngine, GradCAM, normalize_map
+from handler.cam import METHODS, CamEngine, CamRequest, GradCAM, normalize_map
 from handler.contract import ModelInfo
 from handler.imaging import encode_image, resize_for_model
 from handler.model import INPUT_SIZE, PRECISIONS, build_resnet50, imagenet_labels, images_to_batch
@@ -116,6 +116,7 @@ class BenchReport:
     machine: dict[str, object]
     config: dict[str, object]
     in_process: list[dict[str, object]] = field(default_factory=list)
+    methods: list[dict[str, object]] = field(default_factory=list)
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     service: list[dict[str, object]] = field(default_factory=list)
@@ -130,12 +131,14 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
     state_dict, weights_label = resolve_weights(config.weights)
     model = build_resnet50(state_dict).to(device)
     report = BenchReport(machine=machine_info(device) | {"weights": weights_label}, config=asdict(config))
-    steps = ["in-process"] + ["fast paths", "decode/encode share"] + (["service"] if config.server else [])
+    steps = ["in-process", "methods", "fast paths", "decode/encode share"] + (["service"] if config.server else [])
     progress = tqdm(steps, desc="benchmark", unit="step")
     for step in progress:
         progress.set_postfix_str(step)
         if step == "in-process":
             report.in_process = _in_process(model, images, config, device, timed)
+        elif step == "methods":
+            report.methods = _method_costs(model, images, config, device, timed)
         elif step == "fast paths":
             report.fast_paths = _fast_paths(state_dict, images, config, device, timed)
         elif step == "decode/encode share":
@@ -195,6 +198,36 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
                 }
             )
     peer.activations_and_grads.release()
+    return rows
+
+
+def _method_costs(model, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
+    """Each method's cost per image at ``config.layer`` relative to the plain forward pass, timed round-robin.
+
+    ScoreCAM runs one forward pass per scored channel, so it is timed on one image with at most two repeats.
+    """
+    engine = CamEngine(model)
+    rows = []
+    for method in METHODS:
+        batch_size = 1 if method == "scorecam" else max(config.batch_sizes)
+        repeats = min(config.repeats, 2) if method == "scorecam" else config.repeats
+        batch = images_to_batch([resize_for_model(image, INPUT_SIZE) for image in images[:batch_size]], device)
+        requests = [CamRequest(layer=config.layer, method=method)] * batch_size
+
+        def floor(batch: torch.Tensor = batch) -> None:
+            with torch.inference_mode():
+                model(batch)
+
+        medians = timed({"floor": floor, method: partial(engine, batch, requests)}, repeats, min(config.warmup, 1))
+        rows.append(
+            {
+                "method": method,
+                "layer": config.layer,
+                "batch": batch_size,
+                "ms_per_image": 1000 * medians[method] / batch_size,
+                "ratio_to_floor": medians[method] / medians["floor"],
+            }
+        )
     return rows
 
 
@@ -400,6 +433,16 @@ def markdown(report: BenchReport) -> str:
         f"{r['ratio_to_floor']:.2f} |"
         for r in report.in_process
     ]
+    if report.methods:
+        lines += [
+            "",
+            f"| method (at {report.methods[0]['layer']}) | batch | ms / image | × floor |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['batch']} | {r['ms_per_image']:.1f} | {r['ratio_to_floor']:.2f} |"
+            for r in report.methods
+        ]
     if report.fast_paths:
         lines += ["", "| precision | channels_last | speed-up | top-1 agreement | heatmap correlation | ships |"]
         lines += ["|---|---|---:|---:|---:|---|"]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from handler.cam import METHODS
 from tests.conftest import ROOT
 
 
@@ -31,6 +32,7 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         "pytorch-grad-cam GradCAM",
     }
     assert {row["precision"] for row in report["fast_paths"]} >= {"fp32", "bf16"}
+    assert [row["method"] for row in report["methods"]] == list(METHODS)
     assert report["machine"]["torch"] and report["targets"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "| target |" in (tmp_path / "bench.md").read_text()

@@ -90,6 +90,13 @@ def test_malformed_requests_name_the_problem(row, kind, fragment):
         ({"colormap": "nope"}, "colormap must be one of "),
         ({"format": "bmp"}, "format must be one of jpeg, png, webp, got 'bmp'"),
         ({"heatmap": "maybe"}, "heatmap must be true or false, got 'maybe'"),
+        ({"method": "gradcam+++"}, "method must be one of gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam"),
+        ({"layer": "layer4; rm -rf /"}, "layer must be conv1, layer1, layer2, layer3, layer4 or a dotted submodule"),
+        ({"layer": "../etc"}, "layer must be conv1"),
+        ({"layer": 4}, "layer must be conv1"),
+        ({"explain": 6}, "explain must be an integer from 1 to 5, got 6"),
+        ({"explain": 0}, "explain must be an integer from 1 to 5, got 0"),
+        ({"explain": 2, "target": 281}, "give either target (classes to explain) or explain (top N), not both"),
     ],
 )
 def test_every_bad_value_gets_its_message(options, message):
@@ -97,6 +104,12 @@ def test_every_bad_value_gets_its_message(options, message):
         parse_options(options)
     assert message in error.value.message
     assert error.value.to_dict() == {"code": 400, "type": "InvalidOption", "message": error.value.message}
+
+
+def test_method_layer_and_explain_options():
+    options = parse_options({"method": b"GradCAM++", "layer": b"layer3.5.conv2", "explain": b"3"})
+    assert (options.method, options.layer, options.explain) == ("gradcam++", "layer3.5.conv2", 3)
+    assert ExplainOptions().method == "gradcam" and ExplainOptions().layer == "layer4"
 
 
 def test_unknown_options_list_the_known_ones():

@@ -69,14 +69,20 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
         {"body": bytearray(b"definitely not an image")},
         {"data": bytearray(encode(chelsea, "PNG")), "target": bytearray(b"281,282"), "heatmap": bytearray(b"1")},
         {"body": {"image": base64.b64encode(encode(chelsea, "PNG")).decode(), "topk": 99}},
+        {"data": bytearray(encode(chelsea, "PNG")), "layer": b"layer9"},
+        {"data": bytearray(encode(chelsea, "PNG")), "method": b"layercam", "layer": b"layer3", "explain": b"2"},
     ]
     with torch.inference_mode():  # as BaseHandler would run inference: the gradient path must survive it
         responses = handler.handle(rows, context)
-    assert len(responses) == 4
-    assert context.statuses == {1: (400, "Bad Request"), 3: (400, "Bad Request")}
+    assert len(responses) == 6
+    assert context.statuses == {1: (400, "Bad Request"), 3: (400, "Bad Request"), 4: (400, "Bad Request")}
     assert set(context.content_types.values()) == {"application/json"}
     assert responses[1]["type"] == "InvalidImage"
     assert "topk must be an integer from 1 to 20, got 99" in responses[3]["message"]
+    assert "layer must be one of conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4" in responses[4]["message"]
+    layercam = responses[5]
+    assert [(e["method"], e["layer"]) for e in layercam["explanations"]] == [("layercam", "layer3")] * 2
+    assert [e["index"] for e in layercam["explanations"]] == [p["index"] for p in layercam["predictions"][:2]]
 
     first, third = responses[0], responses[2]
     assert first["model"] == {"name": "resnet50", "version": "1.0", "weights": "random"}

@@ -152,3 +152,23 @@ def test_worker_scaling_through_the_management_api(server, chelsea):
     finally:
         server.scale(1)
     assert len(server.describe()["workers"]) == 1
+
+
+def test_every_method_layer_and_top_n_through_the_server(server, chelsea):
+    from handler.cam import METHODS
+
+    files = {"data": ("cat.png", encode(chelsea, "PNG"))}
+    for method, layer in zip(METHODS, ["layer4", "layer3", "layer4.2", "layer3.5.conv2", "layer2", "layer4", "layer4"]):
+        response = server.predict(files=files, data={"method": method, "layer": layer, "explain": "2"})
+        assert response.status_code == 200, (method, response.text)
+        answer = response.json()
+        assert [(e["method"], e["layer"]) for e in answer["explanations"]] == [(method, layer)] * 2
+        assert [e["index"] for e in answer["explanations"]] == [p["index"] for p in answer["predictions"][:2]]
+        assert_valid_answer(answer, 451, 300)
+
+
+def test_unknown_layer_is_a_400_listing_the_valid_ones(server, chelsea):
+    response = server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))}, data={"layer": "layer5"})
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert "layer must be one of conv1" in message and "layer4" in message and "'layer5'" in message
