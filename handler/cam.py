@@ -84,8 +84,14 @@ def eigen_cam(activations: Tensor) -> Tensor:
     """
     flat = activations.double().flatten(2).transpose(1, 2)
     centred = flat - flat.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projection = (centred @ vh[:, 0, :, None]).squeeze(-1)
+    positions, channels = centred.shape[1:]
+    # X v₁ = σ₁ u₁: take the top eigenvector of the smaller Gram matrix, X Xᵀ or Xᵀ X, rather than a full SVD.
+    if positions <= channels:
+        values, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
+        projection = vectors[:, :, -1] * values[:, -1:].clamp_min(0).sqrt()
+    else:
+        _, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)
+        projection = (centred @ vectors[:, :, -1:]).squeeze(-1)
     mean_activation = centred.mean(dim=2)
     sign = torch.where((projection * mean_activation).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
     return (sign * projection).view(activations.shape[0], *activations.shape[2:]).float()
