@@ -418,56 +418,75 @@ def write_reports(report: BenchReport, out_dir: Path, stem: str = "bench") -> di
     return paths
 
 
+def _table(header: Sequence[str], alignments: str, rows: Sequence[Sequence[object]]) -> list[str]:
+    """A markdown table; ``alignments`` has one letter per column, l or r."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in alignments) + "|"
+    return ["", "| " + " | ".join(header) + " |", rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def markdown(report: BenchReport) -> str:
     m = report.machine
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; "
-        f"torch {m['torch']}, device {m['device']}, {m['weights']} weights.",
-        "",
-        "| contender | batch | ms / image | images / s | × floor |",
-        "|---|---:|---:|---:|---:|",
+        f"torch {m['torch']}, device {m['device']}, {m['weights']} weights."
     ]
-    lines += [
-        f"| {r['contender']} | {r['batch']} | {r['ms_per_image']:.1f} | {r['images_per_s']:.1f} | "
-        f"{r['ratio_to_floor']:.2f} |"
-        for r in report.in_process
-    ]
+    lines += _table(
+        ["contender", "batch", "ms / image", "images / s", "× floor"],
+        "lrrrr",
+        [
+            [
+                r["contender"],
+                r["batch"],
+                f"{r['ms_per_image']:.1f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['ratio_to_floor']:.2f}",
+            ]
+            for r in report.in_process
+        ],
+    )
     if report.methods:
-        lines += [
-            "",
-            f"| method (at {report.methods[0]['layer']}) | batch | ms / image | × floor |",
-            "|---|---:|---:|---:|",
-        ]
-        lines += [
-            f"| {r['method']} | {r['batch']} | {r['ms_per_image']:.1f} | {r['ratio_to_floor']:.2f} |"
-            for r in report.methods
-        ]
+        lines += _table(
+            [f"method (at {report.methods[0]['layer']})", "batch", "ms / image", "× floor"],
+            "lrrr",
+            [
+                [r["method"], r["batch"], f"{r['ms_per_image']:.1f}", f"{r['ratio_to_floor']:.2f}"]
+                for r in report.methods
+            ],
+        )
     if report.fast_paths:
-        lines += ["", "| precision | channels_last | speed-up | top-1 agreement | heatmap correlation | ships |"]
-        lines += ["|---|---|---:|---:|---:|---|"]
-        lines += [
-            f"| {r['precision']} | {r['channels_last']} | {r['speedup']:.2f}× | {100 * r['top1_agreement']:.1f}% | "
-            f"{r['heatmap_correlation']:.4f} | {'yes' if r['ships'] else 'no'} |"
-            for r in report.fast_paths
-        ]
+        lines += _table(
+            ["precision", "channels_last", "speed-up", "top-1 agreement", "heatmap correlation", "ships"],
+            "llrrrl",
+            [
+                [
+                    r["precision"],
+                    r["channels_last"],
+                    f"{r['speedup']:.2f}×",
+                    f"{100 * r['top1_agreement']:.1f}%",
+                    f"{r['heatmap_correlation']:.4f}",
+                    "yes" if r["ships"] else "no",
+                ]
+                for r in report.fast_paths
+            ],
+        )
     if report.stages:
-        s = report.stages
-        lines += [
-            "",
-            f"Stage shares for JPEG requests: decode {100 * s['decode_share']:.1f}% "
-            f"({s['decode_ms_per_image']:.1f} ms/image), CAM {100 * s['cam_share']:.1f}% "
-            f"({s['cam_ms_per_image']:.1f} ms/image), encode {100 * s['encode_share']:.1f}% "
-            f"({s['encode_ms_per_image']:.1f} ms/image).",
-        ]
+        stages = report.stages
+        shares = ", ".join(
+            f"{stage} {100 * stages[f'{stage}_share']:.1f}% ({stages[f'{stage}_ms_per_image']:.1f} ms/image)"
+            for stage in ("decode", "cam", "encode")
+        )
+        lines += ["", f"Stage shares for JPEG requests: {shares}."]
     if report.service:
-        lines += ["", "| concurrency | requests | errors | images / s | p50 ms | p95 ms | p99 ms |"]
-        lines += ["|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [
-            f"| {s['concurrency']} | {s['requests']} | {s['errors']} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | "
-            f"{s['p95_ms']:.0f} | {s['p99_ms']:.0f} |"
-            for s in report.service
-        ]
+        lines += _table(
+            ["concurrency", "requests", "errors", "images / s", "p50 ms", "p95 ms", "p99 ms"],
+            "rrrrrrr",
+            [
+                [s["concurrency"], s["requests"], s["errors"], f"{s['images_per_s']:.1f}"]
+                + [f"{s[key]:.0f}" for key in ("p50_ms", "p95_ms", "p99_ms")]
+                for s in report.service
+            ],
+        )
     if report.memory:
         mem = report.memory
         lines += [
@@ -476,10 +495,11 @@ def markdown(report: BenchReport) -> str:
             f"{mem['requests']} more requests ({mem['rss_growth_mb']:+.1f} MB, {mem['errors']} errors); "
             f"peak {mem['peak_rss_mb']:.0f} MB.",
         ]
-    lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
-    lines += [
-        f"| {t['measure']} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'NO'} |" for t in report.targets
-    ]
+    lines += _table(
+        ["target", "measured", "wanted", "met"],
+        "lrll",
+        [[t["measure"], f"{t['value']:.3f}", t["target"], "yes" if t["met"] else "NO"] for t in report.targets],
+    )
     return "\n".join(lines) + "\n"
 
 
