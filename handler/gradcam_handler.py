@@ -76,5 +76,6 @@ class GradCamHandler(BaseHandler):
                 context.set_response_status(result.status, HTTPStatus(result.status).phrase, index)
         elapsed_ms = (time.perf_counter() - started) * 1000
         context.metrics.add_time("HandlerTime", round(elapsed_ms, 2), None, "ms")
-        logger.info("answered a batch of %d requests in %.1f ms", len(data), elapsed_ms)
+        refused = sum(result.status != HTTPStatus.OK for result in results)
+        logger.info("answered a batch of %d requests (%d refused) in %.1f ms", len(data), refused, elapsed_ms)
         return [result.body for result in results]

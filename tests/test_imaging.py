@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -22,27 +20,7 @@ from handler.imaging import (
     resize_for_model,
 )
 from tests.conftest import encode
-
-
-def gradient_image(width: int = 64, height: int = 48) -> np.ndarray:
-    """A deterministic RGB image whose every pixel differs from its neighbours."""
-    y, x = np.mgrid[0:height, 0:width]
-    return np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) % 256], axis=2).astype(np.uint8)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid PNG header that declares width x height, followed by a tiny compressed stream: a dimension bomb."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
-        + chunk(b"IEND", b"")
-    )
+from tests.corpus import BAD_BODIES, IMAGE_KINDS, exif_rotated_jpeg, gradient_image, png_declaring
 
 
 def test_png_round_trip_is_exact():
@@ -83,13 +61,9 @@ def test_sixteen_bit_png_is_scaled_not_clipped():
 
 
 def test_exif_orientation_is_applied():
-    image = gradient_image(64, 32)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to display
-    data = encode(Image.fromarray(image), "JPEG", quality=95, exif=exif.tobytes())
-    decoded = decode_image(data)
+    decoded = decode_image(exif_rotated_jpeg(64, 32))
     assert decoded.shape == (64, 32, 3)
-    expected = np.rot90(image, k=-1)
+    expected = np.rot90(gradient_image(64, 32), k=-1)
     assert np.abs(decoded.astype(int) - expected).mean() < 6
 
 
@@ -101,18 +75,19 @@ def test_animated_gif_gives_its_first_frame():
     assert abs(int(decoded[0, 0, 0]) - 10) < 4
 
 
-@pytest.mark.parametrize(
-    ("data", "kind"),
-    [
-        (b"", "EmptyImage"),
-        (b"hello, this is text", "InvalidImage"),
-        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "InvalidImage"),
-    ],
-)
-def test_non_images_are_refused(data, kind):
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_bodies_are_refused_with_their_error_type(case):
+    data, kind = BAD_BODIES[case]
     with pytest.raises(ClientError) as error:
         decode_image(data)
-    assert error.value.kind == kind and error.value.status == 400
+    assert error.value.kind == kind and 400 <= error.value.status < 500
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_KINDS))
+def test_every_image_kind_decodes_upright_to_rgb(case):
+    data, (width, height) = IMAGE_KINDS[case]
+    decoded = decode_image(data)
+    assert decoded.shape == (height, width, 3) and decoded.dtype == np.uint8
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -7,9 +7,14 @@ stopped in a finalizer, even when tests fail.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,6 +23,7 @@ import requests
 
 from handler.local_server import run_torchserve
 from tests.conftest import encode, sample_photos
+from tests.corpus import BAD_BODIES, IMAGE_KINDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -172,3 +178,183 @@ def test_unknown_layer_is_a_400_listing_the_valid_ones(server, chelsea):
     assert response.status_code == 400
     message = response.json()["message"]
     assert "layer must be one of conv1" in message and "layer4" in message and "'layer5'" in message
+
+
+# --- Reliability: bad input, image kinds, batches with a bad request, load, a killed worker ---
+
+
+def worker_rss_mb(server) -> float:
+    (pid,) = server.worker_pids()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def assert_next_request_works(server, chelsea) -> None:
+    response = server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))})
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": 451, "height": 300}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_bodies_get_a_4xx_naming_the_problem_and_the_worker_survives(server, chelsea, case):
+    body, kind = BAD_BODIES[case]
+    pids, rss_before = server.worker_pids(), worker_rss_mb(server)
+    response = requests.put(f"{server.inference}/predictions/resnet50", data=body, headers=server.headers(), timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["type"] == kind and response.json()["code"] == response.status_code
+    assert server.worker_pids() == pids
+    assert worker_rss_mb(server) - rss_before < 50  # bombs are refused from the header: no pixel is decoded
+    assert_next_request_works(server, chelsea)
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_KINDS))
+def test_every_image_kind_is_served_upright(server, case):
+    body, (width, height) = IMAGE_KINDS[case]
+    response = server.predict(files={"data": ("image", body)})
+    assert response.status_code == 200, response.text
+    assert_valid_answer(response.json(), width, height)
+
+
+MALFORMED = {
+    "malformed JSON": ({"data": b'{"image": "abc"', "headers": {"Content-Type": "application/json"}}, "InvalidJSON"),
+    "bad base64": ({"json": {"image": "@@@ not base64 @@@"}}, "InvalidImage"),
+    "JSON without an image": ({"json": {"topk": 3}}, "MissingImage"),
+    "unknown option": ({"json": {"image": "", "top_k": 3}}, "UnknownOption"),
+    "topk=0": ({"form": {"topk": "0"}}, "InvalidOption"),
+    "target=1000": ({"form": {"target": "1000"}}, "InvalidOption"),
+    "alpha=2": ({"form": {"alpha": "2"}}, "InvalidOption"),
+    "colormap=nope": ({"form": {"colormap": "nope"}}, "InvalidOption"),
+    "format=bmp": ({"form": {"format": "bmp"}}, "InvalidOption"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_requests_get_a_400_naming_the_problem(server, chelsea, case):
+    arguments, kind = MALFORMED[case]
+    if "form" in arguments:
+        arguments = {"files": {"data": ("cat.png", encode(chelsea, "PNG"))}, "data": arguments["form"]}
+    headers = {**server.headers(), **arguments.pop("headers", {})}
+    response = requests.post(f"{server.inference}/predictions/resnet50", headers=headers, timeout=60, **arguments)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["type"] == kind and error["message"]
+    if kind == "UnknownOption":
+        assert "top_k" in error["message"] and "topk" in error["message"]
+    assert_next_request_works(server, chelsea)
+
+
+def test_a_body_over_torchserve_size_limit_gets_413(server, chelsea):
+    too_big = b"\0" * (26 * 1024 * 1024)  # config.properties: max_request_size=26214400
+    response = requests.put(
+        f"{server.inference}/predictions/resnet50", data=too_big, headers=server.headers(), timeout=60
+    )
+    assert response.status_code == 413
+    assert_next_request_works(server, chelsea)
+
+
+def test_one_bad_request_in_a_batch_of_eight_fails_alone(server):
+    photos = sample_photos()[:7]
+    bodies = [encode(photo, "PNG") for photo in photos] + [b"not an image at all"]
+    alone = [server.predict(files={"data": ("image.png", body)}).json() for body in bodies[:7]]
+    log_before = server.model_log()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda body: server.predict(files={"data": ("image.png", body)}), bodies))
+    assert [r.status_code for r in responses] == [200] * 7 + [400]
+    assert responses[7].json()["type"] == "InvalidImage"
+    for single, batched in zip(alone, responses[:7], strict=True):
+        assert batched.json()["predictions"][0]["index"] == single["predictions"][0]["index"]
+    new_log = server.model_log()[len(log_before) :]
+    mixed = [(int(n), int(r)) for n, r in re.findall(r"batch of (\d+) requests \((\d+) refused\)", new_log)]
+    assert any(n > 1 and refused == 1 for n, refused in mixed), mixed
+
+
+def test_64_distinct_images_sent_concurrently_each_get_their_own_answer(server):
+    from handler.benchmark import sample_images
+
+    bodies = [encode(image, "JPEG", quality=92) for image in sample_images(64)]
+
+    def ask(body: bytes) -> dict:
+        response = server.predict(files={"data": ("image.jpg", body)}, data={"heatmap": "true"})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    alone = [ask(body) for body in bodies]
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        together = list(pool.map(ask, bodies))
+    for single, batched in zip(alone, together, strict=True):
+        assert batched["image"] == single["image"]
+        assert batched["predictions"][0]["index"] == single["predictions"][0]["index"]
+        a, b = heatmap_of(single["explanations"][0]).ravel(), heatmap_of(batched["explanations"][0]).ravel()
+        assert (a.std() == 0 and b.std() == 0) or np.corrcoef(a, b)[0, 1] > 0.999
+
+
+def test_soak_2000_requests_no_errors_no_growth(server):
+    from handler.benchmark import sample_images
+
+    bodies = [encode(image[::4, ::4], "JPEG") for image in sample_images(16)]
+    sessions = [requests.Session() for _ in range(8)]
+
+    def one(index: int) -> int:
+        return server.predict(session=sessions[index % 8], data=bodies[index % len(bodies)]).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(one, range(200))) == {200}  # warm-up: allocator pools and caches fill
+        rss_after_warmup = worker_rss_mb(server)
+        statuses = list(pool.map(one, range(2000)))
+    growth = worker_rss_mb(server) - rss_after_warmup
+    errors = sum(status != 200 for status in statuses)
+    print(f"soak: 2000 requests, {errors} errors, RSS {rss_after_warmup:.0f} MB after warm-up, {growth:+.1f} MB")
+    assert statuses.count(200) == 2000
+    assert growth < 50
+
+
+def test_a_killed_worker_is_replaced_and_only_in_flight_requests_fail(server, chelsea):
+    """SIGKILL the worker under load: the requests it held fail, TorchServe starts a new worker, service resumes."""
+    body = encode(chelsea[::2, ::2], "JPEG")
+    (old_pid,) = server.worker_pids()
+    outcomes: list[tuple[float, int]] = []
+    failure_bodies: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                response = server.predict(session=session, data=body, timeout=60)
+                status = response.status_code
+                if status != 200:
+                    failure_bodies.append(response.text)
+            except requests.RequestException as error:
+                status = -1
+                failure_bodies.append(repr(error))
+            outcomes.append((time.monotonic(), status))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = killed_at + 30
+        while time.monotonic() < deadline:
+            workers = server.describe()["workers"]
+            if workers and workers[0]["pid"] != old_pid and workers[0]["status"] == "READY":
+                break
+            time.sleep(0.5)
+        recovered_in = time.monotonic() - killed_at
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=90)
+    failures = [(t - killed_at, status) for t, status in outcomes if status != 200]
+    after_recovery = [status for t, status in outcomes if t > killed_at + recovered_in + 1]
+    print(f"recovered in {recovered_in:.1f} s; failed: {failures}; first failure: {failure_bodies[:1]}")
+    assert recovered_in < 30
+    assert server.worker_pids() != [old_pid]
+    assert len(failures) <= 8  # at most the batch the worker held when it died
+    assert after_recovery and set(after_recovery) == {200}
+    assert_next_request_works(server, chelsea)
