@@ -48,6 +48,8 @@ class ServingConfig:
     scorecam_channels: int = 64
     precision: str = "fp32"
     channels_last: bool = True
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
 
     def model_config(self, weights_label: str) -> dict[str, object]:
         return {
@@ -61,6 +63,7 @@ class ServingConfig:
                 "scorecam_channels": self.scorecam_channels,
                 "precision": self.precision,
                 "channels_last": self.channels_last,
+                "limits": {"max_bytes": self.max_image_bytes, "max_pixels": self.max_image_pixels},
             },
         }
 

@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds")
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument(
+        "--max-image-bytes", type=int, default=defaults.max_image_bytes, help="largest upload, checked before decoding"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="largest width x height an image may declare, checked from its header before decoding",
+    )
+    parser.add_argument(
         "--scorecam-channels",
         type=int,
         default=defaults.scorecam_channels,
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_delay_ms=args.max_batch_delay,
         workers=args.workers,
         scorecam_channels=args.scorecam_channels,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
         precision=args.precision,
         channels_last=args.channels_last,
     )
