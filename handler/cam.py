@@ -6,6 +6,7 @@ layer, method); it gives back the logits and one map per target, from one forwar
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -208,6 +209,9 @@ class CamEngine:
         self.autocast_dtype = autocast_dtype
         self.scorecam_channels = scorecam_channels
         self.scorecam_batch = scorecam_batch
+        self.seconds: dict[str, float] = {}
+        """The last call's wall time: ``forward`` (up to the logits) and ``cam`` (gradients and maps). On a GPU
+        these are launch times unless the caller synchronises."""
 
     def __call__(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         if len(requests) != len(images):
@@ -233,11 +237,13 @@ class CamEngine:
         ]
         pair_class = torch.tensor(asked, dtype=torch.long).to(device)
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        started = time.perf_counter()
         with torch.inference_mode(False):
             if images.is_inference():
                 images = images.clone()
             with autocast:
                 logits, activations = self._split_forward(images, modules, gradient_layers)
+                forward_done = time.perf_counter()
                 if max(asked) >= logits.shape[1]:
                     raise ValueError(f"classes must be below {logits.shape[1]}, got {max(asked)}")
                 ranked = logits.topk(max(counts), dim=1).indices
@@ -251,6 +257,7 @@ class CamEngine:
             )
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
+        self.seconds = {"forward": forward_done - started, "cam": time.perf_counter() - forward_done}
         return CamOutput(logits=logits.detach().float(), targets=chosen, maps=list(pair_maps))
 
     def _split_forward(

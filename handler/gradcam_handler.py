@@ -12,6 +12,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.cam import CamEngine
@@ -75,7 +76,18 @@ class GradCamHandler(BaseHandler):
             if result.status != HTTPStatus.OK:
                 context.set_response_status(result.status, HTTPStatus(result.status).phrase, index)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        context.metrics.add_time("HandlerTime", round(elapsed_ms, 2), None, "ms")
         refused = sum(result.status != HTTPStatus.OK for result in results)
+        self._report_metrics(context.metrics, elapsed_ms, results, refused)
         logger.info("answered a batch of %d requests (%d refused) in %.1f ms", len(data), refused, elapsed_ms)
         return [result.body for result in results]
+
+    def _report_metrics(self, metrics, elapsed_ms: float, results: list, refused: int) -> None:
+        """The metrics declared in metrics.yaml: stage times, batch size, explanations served, refusals."""
+        metrics.add_time("HandlerTime", round(elapsed_ms, 2), None, "ms")
+        names = {"decode": "DecodeTime", "forward": "ForwardTime", "cam": "CamTime", "encode": "EncodeTime"}
+        for stage, seconds in self.service.stage_seconds.items():
+            metrics.add_time(names[stage], round(seconds * 1000, 2), None, "ms")
+        metrics.add_metric("BatchSize", len(results), "count", None, metric_type=MetricTypes.GAUGE)
+        served = sum(len(r.body["explanations"]) for r in results if r.status == HTTPStatus.OK)
+        metrics.add_counter("ExplanationsServed", served)
+        metrics.add_counter("RequestsRefused", refused)

@@ -76,6 +76,7 @@ def config_for(store: Path, ports: dict[str, int], extra: str = "") -> str:
     for key, port in ports.items():
         text = re.sub(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
     text = re.sub(r"^model_store=.*$", f"model_store={store}", text, flags=re.M)
+    text = re.sub(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text, flags=re.M)
     return f"{text}\ninitial_worker_port={free_port()}\n{extra}"
 
 

@@ -74,7 +74,7 @@ class ExplanationService:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     channels_last: bool = False
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    """How long each stage of the last call took: decode, cam, encode."""
+    """How long each stage of the last call took: decode, forward, cam, encode."""
     _pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)), repr=False
     )
@@ -124,7 +124,8 @@ class ExplanationService:
         probabilities = output.logits.float().softmax(dim=1)
         top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
         top_probabilities, top_indices = top_probabilities.cpu().tolist(), top_indices.cpu().tolist()
-        self.stage_seconds["cam"] = time.perf_counter() - started
+        self.stage_seconds["forward"] = self.engine.seconds["forward"]
+        self.stage_seconds["cam"] = time.perf_counter() - started - self.engine.seconds["forward"]
         started = time.perf_counter()
         predictions = [
             [

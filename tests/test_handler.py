@@ -9,13 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-from tests.conftest import encode
+from tests.conftest import ROOT, encode
 
 
 class RecordingContext(MockContext):
-    """MockContext plus the per-request response calls the handler makes."""
+    """MockContext plus the per-request response calls the handler makes, with TorchServe's own metrics cache
+    reading the shipped metrics.yaml (MockContext's older MetricsStore lacks metric types)."""
 
     def __init__(self, model_dir) -> None:
         manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
@@ -29,6 +32,10 @@ class RecordingContext(MockContext):
         )
         self.manifest = manifest
         self.model_name = "resnet50"
+        self.metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
+        self.metrics.initialize_cache()
+        self.metrics.model_name = "resnet50"
+        self.metrics.set_request_ids({0: "request-0"})
         self.statuses: dict[int, tuple[int, str]] = {}
         self.content_types: dict[int, str] = {}
 
@@ -92,6 +99,8 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
     assert probabilities == sorted(probabilities, reverse=True)
     assert [e["index"] for e in first["explanations"]] == [first["predictions"][0]["index"]]
     assert [(e["index"], e["label"]) for e in third["explanations"]] == [(281, "tabby"), (282, "tiger cat")]
+    explanations = context.metrics.get_metric("ExplanationsServed", MetricTypes.COUNTER)
+    assert explanations is not None and context.metrics.get_metric("BatchSize", MetricTypes.GAUGE) is not None
     heatmap = np.frombuffer(base64.b64decode(third["explanations"][0]["heatmap"]), np.uint8)
     import cv2
 

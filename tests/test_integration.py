@@ -358,3 +358,27 @@ def test_a_killed_worker_is_replaced_and_only_in_flight_requests_fail(server, ch
     assert len(failures) <= 8  # at most the batch the worker held when it died
     assert after_recovery and set(after_recovery) == {200}
     assert_next_request_works(server, chelsea)
+
+
+def test_prometheus_metrics_include_the_handler_stages(server, chelsea):
+    assert server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))}).status_code == 200
+    deadline = time.monotonic() + 30
+    wanted = [
+        "DecodeTime",
+        "ForwardTime",
+        "CamTime",
+        "EncodeTime",
+        "BatchSize",
+        "ExplanationsServed",
+        "RequestsRefused",
+    ]
+    while time.monotonic() < deadline:
+        text = requests.get(f"{server.metrics}/metrics", timeout=10).text
+        found = {
+            name for name in wanted if re.search(rf'^{name}\{{.*ModelName="resnet50".*\}} [0-9.e+-]+$', text, re.M)
+        }
+        if found == set(wanted):
+            break
+        time.sleep(1)
+    assert found == set(wanted), text[-3000:]
+    assert re.search(r'^ts_inference_requests_total\{.*model_name="resnet50"', text, re.M)
