@@ -271,6 +271,8 @@ class Prediction:
 class Explanation:
     index: int
     label: str
+    probability: float
+    """The model's probability for the explained class."""
     method: str
     layer: str
     format: str

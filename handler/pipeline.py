@@ -134,28 +134,40 @@ class ExplanationService:
             ]
             for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
         ]
-        results = list(self._pool.map(self._respond, prepared, predictions, output.targets, output.maps))
+        target_probabilities = [probabilities[n, targets].cpu().tolist() for n, targets in enumerate(output.targets)]
+        results = list(
+            self._pool.map(self._respond, prepared, predictions, output.targets, target_probabilities, output.maps)
+        )
         self.stage_seconds["encode"] = time.perf_counter() - started
         return results
 
     def _respond(
-        self, item: PreparedRequest, predictions: list[Prediction], targets: list[int], maps: torch.Tensor
+        self,
+        item: PreparedRequest,
+        predictions: list[Prediction],
+        targets: list[int],
+        target_probabilities: list[float],
+        maps: torch.Tensor,
     ) -> RowResult:
         try:
             heatmaps = normalize_map(maps, item.rgb.shape[:2]).cpu().numpy()
-            explanations = [self._render(item, target, heatmap) for target, heatmap in zip(targets, heatmaps)]
+            explanations = [
+                self._render(item, target, probability, heatmap)
+                for target, probability, heatmap in zip(targets, target_probabilities, heatmaps)
+            ]
         except Exception:  # one request's rendering must not fail its batch neighbours
             logger.exception("rendering the explanation failed")
             return RowResult(500, {"code": 500, "type": "InternalError", "message": "rendering failed"})
         height, width = item.rgb.shape[:2]
         return RowResult(200, ExplainResponse(self.model_info, width, height, predictions, explanations).to_dict())
 
-    def _render(self, item: PreparedRequest, target: int, heatmap: np.ndarray) -> Explanation:
+    def _render(self, item: PreparedRequest, target: int, probability: float, heatmap: np.ndarray) -> Explanation:
         options = item.options
         overlay = render_overlay(item.rgb, heatmap, options.alpha, options.colormap)
         return Explanation(
             index=target,
             label=self.labels[target],
+            probability=round(probability, 6),
             method=options.method,
             layer=options.layer,
             format=options.format,

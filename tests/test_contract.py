@@ -165,8 +165,8 @@ def test_response_schema():
         height=300,
         predictions=[Prediction(281, "tabby", 0.5)],
         explanations=[
-            Explanation(281, "tabby", "gradcam", "layer4", "jpeg", "b64"),
-            Explanation(282, "tiger cat", "gradcam", "layer4", "png", "b64", heatmap="png16"),
+            Explanation(281, "tabby", 0.5, "gradcam", "layer4", "jpeg", "b64"),
+            Explanation(282, "tiger cat", 0.25, "gradcam", "layer4", "png", "b64", heatmap="png16"),
         ],
     ).to_dict()
     assert response == {
@@ -177,6 +177,7 @@ def test_response_schema():
             {
                 "index": 281,
                 "label": "tabby",
+                "probability": 0.5,
                 "method": "gradcam",
                 "layer": "layer4",
                 "format": "jpeg",
@@ -185,6 +186,7 @@ def test_response_schema():
             {
                 "index": 282,
                 "label": "tiger cat",
+                "probability": 0.25,
                 "method": "gradcam",
                 "layer": "layer4",
                 "format": "png",
