@@ -1,0 +1,39 @@
+"""The offline CLI: overlays and a contact sheet from the same engine and imaging as the service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+
+from tests.conftest import ROOT, encode
+
+
+def test_cli_writes_overlays_and_a_labelled_contact_sheet(tmp_path, chelsea):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "cat.png").write_bytes(encode(chelsea, "PNG"))
+    (inputs / "notes.txt").write_text("not an image: skipped by suffix")
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(inputs), "--target", "281,282"]
+    command += ["--weights", "random", "--method", "layercam", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "random weights" in completed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cat_281_tabby.png", "cat_282_tiger_cat.png", "cat_sheet.png"]
+    overlay = cv2.imread(str(out / "cat_281_tabby.png"))
+    assert overlay.shape == (300, 451, 3)
+    sheet = cv2.imread(str(out / "cat_sheet.png"))
+    assert sheet.shape[0] == 320 + 44 and sheet.shape[1] > 3 * 451 * 320 / 300  # three tiles and their captions
+    assert not np.array_equal(sheet[:320, :100], sheet[:320, -100:])  # original and overlay differ
+
+
+def test_cli_reports_a_bad_file_and_fails(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(bad), "--weights", "random"]
+    completed = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1
+    assert "broken.jpg: the body is not a decodable image" in completed.stderr
