@@ -31,7 +31,8 @@ MAX_TOPK = 20
 MAX_TARGETS = 10
 MAX_EXPLAIN = 5
 IMAGE_FIELDS = ("data", "image")
-"""Where the image may travel: a multipart field, or a key of a JSON body (base64)."""
+"""Where the image may travel: a multipart field, or a key of a JSON body or KServe instance (base64)."""
+KSERVE_V2_KEYS = {"name", "datatype", "data"}
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "")
 
@@ -73,8 +74,17 @@ def parse_request(row: Mapping[str, object]) -> ExplainRequest:
     """One TorchServe request row to the image bytes and options.
 
     TorchServe gives a raw body as bytes under ``body``, a JSON body as a dict under ``body`` and multipart fields as
-    bytes under their own names.
+    bytes under their own names. Behind TorchServe's KServe envelopes a row is one v1 instance,
+    ``{"data": "<base64>", ...options}``, or one v2 input, ``{"name", "shape", "datatype": "BYTES",
+    "data": "<base64>", "parameters": {...options}}``.
     """
+    if KSERVE_V2_KEYS <= set(row):
+        if row["datatype"] != "BYTES":
+            raise ClientError("InvalidRequest", f"a v2 input must have datatype BYTES, got {row['datatype']!r}")
+        parameters = row.get("parameters") or {}
+        if not isinstance(parameters, Mapping):
+            raise ClientError("InvalidRequest", "a v2 input's parameters must be an object")
+        return _parse_fields({"data": row["data"], **parameters}, image_is_base64=True)
     body = row.get("body")
     if isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] in (b"{", b"["):
         body = _parse_json(body)
@@ -108,7 +118,7 @@ def _parse_fields(fields_: Mapping[str, object], image_is_base64: bool) -> Expla
         )
     image = fields_[image_keys[0]]
     options = {key: value for key, value in fields_.items() if key not in IMAGE_FIELDS}
-    if image_is_base64:
+    if image_is_base64 or isinstance(image, str):  # a KServe v1 instance carries its image as base64 text
         image = _decode_base64(image)
     elif not isinstance(image, (bytes, bytearray)):
         raise ClientError("MissingImage", "the image field must carry the image file's bytes")

@@ -71,7 +71,11 @@ class GradCamHandler(BaseHandler):
     def handle(self, data: list[dict], context) -> list[dict]:
         started = time.perf_counter()
         results = self.service.answer(data)
-        for index, result in enumerate(results):
+        request_ids = getattr(context, "request_ids", None)
+        # Behind a KServe envelope the rows are one request's instances: a refused instance answers with its error
+        # object inside the envelope's list, and the HTTP status stays the request's.
+        one_row_per_request = not request_ids or len(request_ids) == len(results)
+        for index, result in enumerate(results if one_row_per_request else []):
             context.set_response_content_type(index, "application/json")
             if result.status != HTTPStatus.OK:
                 context.set_response_status(result.status, HTTPStatus(result.status).phrase, index)

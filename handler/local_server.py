@@ -1,6 +1,6 @@
 """Run a real torchserve on free loopback ports with the shipped config.properties, for tests and benchmarks.
 
-Everything but the ports and the model store is as shipped, token authorization included. Not shipped in the .mar.
+Everything but the ports and the model store is as configured, token authorization included. Not shipped in the .mar.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LocalTorchServe:
     model: str = "resnet50"
 
     def headers(self, api: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[api]}"}
+        return {"Authorization": f"Bearer {self.keys[api]}"} if self.keys else {}
 
     def predict(self, path: str = "predictions", session: requests.Session | None = None, **kwargs):
         sender = session or requests
@@ -70,11 +70,12 @@ class LocalTorchServe:
         return (self.workdir / "logs" / "model_log.log").read_text()
 
 
-def config_for(store: Path, ports: dict[str, int], extra: str = "") -> str:
-    """The shipped config.properties with free ports and the given model store; ``extra`` lines are appended."""
-    text = (ROOT / "config.properties").read_text()
+def config_for(store: Path, ports: dict[str, int], extra: str = "", source: Path = ROOT / "config.properties") -> str:
+    """``source`` (the shipped config.properties by default) on loopback with free ports and the given model store;
+    ``extra`` lines are appended."""
+    text = source.read_text()
     for key, port in ports.items():
-        text = re.sub(rf"^{key}=http://127\.0\.0\.1:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
+        text = re.sub(rf"^{key}=http://[^:/]+:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
     text = re.sub(r"^model_store=.*$", f"model_store={store}", text, flags=re.M)
     text = re.sub(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text, flags=re.M)
     return f"{text}\ninitial_worker_port={free_port()}\n{extra}"
@@ -82,13 +83,14 @@ def config_for(store: Path, ports: dict[str, int], extra: str = "") -> str:
 
 @contextmanager
 def run_torchserve(
-    mar: Path, workdir: Path, extra_config: str = "", timeout_s: float = 180
+    mar: Path, workdir: Path, extra_config: str = "", timeout_s: float = 180, config_source: Path | None = None
 ) -> Iterator[LocalTorchServe]:
     """Start torchserve serving ``mar`` and wait until a worker is READY; always stop it on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports = {key: free_port() for key in ADDRESS_KEYS}
     config = workdir / "config.properties"
-    config.write_text(config_for(mar.parent, ports, extra_config))
+    config.write_text(config_for(mar.parent, ports, extra_config, config_source or ROOT / "config.properties"))
+    auth = "disable_token_authorization=true" not in config.read_text()
     tmp = workdir / "tmp"  # TorchServe's pid file and worker sockets: private to this server
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp)}
@@ -105,7 +107,7 @@ def run_torchserve(
         )
         server = LocalTorchServe(*(f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS), workdir=workdir)
         try:
-            _wait_until_ready(server, process, timeout_s)
+            _wait_until_ready(server, process, timeout_s, auth)
             yield server
         finally:
             subprocess.run([TORCHSERVE, "--stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
@@ -116,17 +118,18 @@ def run_torchserve(
                 process.wait(timeout=10)
 
 
-def _wait_until_ready(server: LocalTorchServe, process: subprocess.Popen, timeout_s: float) -> None:
+def _wait_until_ready(server: LocalTorchServe, process: subprocess.Popen, timeout_s: float, auth: bool) -> None:
     deadline = time.monotonic() + timeout_s
     output = server.workdir / "torchserve.out"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"torchserve exited with {process.returncode}:\n{output.read_text()[-4000:]}")
         key_file = server.workdir / "key_file.json"
-        if key_file.exists():
+        if key_file.exists() or not auth:
             try:
-                keys = json.loads(key_file.read_text())
-                server.keys = {api: keys[api]["key"] for api in ("inference", "management")}
+                if auth:
+                    keys = json.loads(key_file.read_text())
+                    server.keys = {api: keys[api]["key"] for api in ("inference", "management")}
                 if any(worker["status"] == "READY" for worker in server.describe()["workers"]):
                     return
             except (requests.RequestException, json.JSONDecodeError, KeyError):

@@ -49,6 +49,16 @@ def test_json_sent_without_json_content_type_is_still_parsed():
     assert parse_request({"body": bytearray(body)}).options.topk == 2
 
 
+def test_kserve_v1_instance_and_v2_input_rows():
+    encoded = base64.b64encode(IMAGE).decode()
+    v1 = parse_request({"data": encoded, "target": 281, "topk": 2})
+    assert v1.image == IMAGE and v1.options == ExplainOptions(target=(281,), topk=2)
+    v2 = parse_request({"name": "image", "shape": [1], "datatype": "BYTES", "data": encoded, "parameters": {"topk": 3}})
+    assert v2.image == IMAGE and v2.options == ExplainOptions(topk=3)
+    with pytest.raises(ClientError, match="datatype BYTES"):
+        parse_request({"name": "image", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]})
+
+
 def test_data_url_is_accepted():
     body = {"image": "data:image/png;base64," + base64.b64encode(IMAGE).decode()}
     assert parse_request({"body": body}).image == IMAGE

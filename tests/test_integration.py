@@ -7,6 +7,7 @@ stopped in a finalizer, even when tests fail.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import pytest
 import requests
 
 from handler.local_server import run_torchserve
-from tests.conftest import encode, sample_photos
+from tests.conftest import ROOT, encode, sample_photos
 from tests.corpus import BAD_BODIES, IMAGE_KINDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -382,3 +383,75 @@ def test_prometheus_metrics_include_the_handler_stages(server, chelsea):
         time.sleep(1)
     assert found == set(wanted), text[-3000:]
     assert re.search(r'^ts_inference_requests_total\{.*model_name="resnet50"', text, re.M)
+
+
+# --- KServe: TorchServe's v1 and v2 envelopes with the config that scripts/kserve_storage.py writes ---
+
+
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def kserve_server(request, built_mar, tmp_path_factory):
+    from handler.kserve import write_kserve_storage
+
+    storage = write_kserve_storage(built_mar, tmp_path_factory.mktemp(f"kserve_{request.param}"), request.param)
+    config = storage / "config" / "config.properties"
+    mar = storage / "model-store" / built_mar.name
+    with run_torchserve(mar, tmp_path_factory.mktemp("ts_kserve"), config_source=config) as running:
+        yield request.param, running
+
+
+def test_kserve_protocols(kserve_server, chelsea):
+    protocol, server = kserve_server
+    image = base64.b64encode(encode(chelsea, "JPEG")).decode()
+    if protocol == "v1":
+        instances = [{"data": image, "target": 281, "topk": 2}, {"data": "@@@"}]
+        for verb, key in (("predict", "predictions"), ("explain", "explanations")):
+            response = requests.post(
+                f"{server.inference}/v1/models/resnet50:{verb}", json={"instances": instances}, timeout=120
+            )
+            assert response.status_code == 200, response.text
+            good, bad = response.json()[key]
+            assert_valid_answer(good, 451, 300)
+            assert [e["index"] for e in good["explanations"]] == [281] and len(good["predictions"]) == 2
+            assert bad["code"] == 400 and bad["type"] == "InvalidImage"
+    else:
+        body = {"id": "r1", "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}
+        body["inputs"][0]["parameters"] = {"target": 281, "method": "layercam"}
+        response = requests.post(f"{server.inference}/v2/models/resnet50/infer", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["id"] == "r1" and answer["model_name"] == "resnet50"
+        (output,) = answer["outputs"]
+        assert output["name"] == "image" and output["datatype"] == "BYTES"
+        assert_valid_answer(output["data"][0], 451, 300)
+        assert [(e["index"], e["method"]) for e in output["data"][0]["explanations"]] == [(281, "layercam")]
+
+
+def test_kserve_manifest_has_what_the_torchserve_runtime_needs():
+    import yaml
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
+    predictor = manifest["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "pytorch"
+    assert model["protocolVersion"] in ("v1", "v2")
+    assert re.match(r"^(pvc|gs|s3|https?)://", model["storageUri"])
+    assert model["resources"]["requests"]["cpu"] and model["resources"]["limits"]["memory"]
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    assert predictor["scaleMetric"] in ("concurrency", "rps", "cpu", "memory") and predictor["scaleTarget"] > 0
+
+
+def test_kserve_storage_script_lays_out_config_and_model_store(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "storage"
+    command = [sys.executable, str(ROOT / "scripts" / "kserve_storage.py"), "--weights", "random", "--protocol", "v2"]
+    completed = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert (out / "model-store" / "resnet50.mar").stat().st_size > 50_000_000
+    config = (out / "config" / "config.properties").read_text()
+    assert "service_envelope=kservev2" in config and "model_store=/mnt/models/model-store" in config
+    snapshot = json.loads(re.search(r"^model_snapshot=(.*)$", config, re.M).group(1))
+    assert snapshot["models"]["resnet50"]["1.0"]["marName"] == "resnet50.mar"
+    assert snapshot["models"]["resnet50"]["1.0"]["batchSize"] == 1
