@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from handler.local_server import run_torchserve
+from handler.local_server import free_port, run_torchserve
 from tests.conftest import ROOT, encode, sample_photos
 from tests.corpus import BAD_BODIES, IMAGE_KINDS
 
@@ -30,6 +30,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 if shutil.which("java") is None:
     pytest.skip("TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)", allow_module_level=True)
+
+
+PAGE_PORT = free_port()
+"""Where the explorer page is served during these tests."""
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +145,15 @@ def test_bad_option_names_what_was_wrong(server, chelsea):
         "type": "InvalidOption",
         "message": "topk must be an integer from 1 to 20, got '50'",
     }
+
+
+def test_cors_headers_for_the_explorer_page_origin(server, chelsea):
+    headers = {**server.headers(), "Origin": "http://127.0.0.1:8000"}
+    files = {"data": ("cat.png", encode(chelsea, "PNG"))}
+    response = requests.post(f"{server.inference}/predictions/resnet50", headers=headers, files=files, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://127.0.0.1:8000"
+    assert "Authorization" in response.headers["access-control-allow-headers"]
 
 
 def test_request_without_the_token_is_refused(server, chelsea):
@@ -455,3 +468,71 @@ def test_kserve_storage_script_lays_out_config_and_model_store(tmp_path):
     snapshot = json.loads(re.search(r"^model_snapshot=(.*)$", config, re.M).group(1))
     assert snapshot["models"]["resnet50"]["1.0"]["marName"] == "resnet50.mar"
     assert snapshot["models"]["resnet50"]["1.0"]["batchSize"] == 1
+
+
+# --- The explorer page in headless Chromium ---
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def page_server(server):
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "scripts" / "serve_page.py"), "--port", str(PAGE_PORT)]
+    command += ["--upstream", server.inference]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{PAGE_PORT}/index.html", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{PAGE_PORT}/index.html"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is missing: apt-get install chromium (.ci/run installs it)")
+def test_page_explains_an_uploaded_image_in_headless_chromium(server, page_server, chelsea, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
+    flags += ["--disable-component-update", "--disable-sync"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(page_server)
+            page.fill("#token", server.keys["inference"])
+            page.set_input_files(
+                "#image", files=[{"name": "cat.png", "mimeType": "image/png", "buffer": encode(chelsea, "PNG")}]
+            )
+            page.fill("#target", "281")
+            page.click("button[type=submit]")
+            page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=90_000)
+            assert page.get_attribute("body", "data-state") == "done", page.inner_text("#status")
+            pixels = """() => {
+                const c = document.getElementById('overlay');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let sum = 0; for (let i = 0; i < d.length; i += 4) sum += d[i] + 2 * d[i + 1] + 3 * d[i + 2];
+                return [c.width, c.height, sum];
+            }"""
+            width, height, blended = page.evaluate(pixels)
+            assert (width, height) == (451, 300) and blended > 0
+            page.eval_on_selector("#alpha", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+            _, _, alpha0 = page.evaluate(pixels)
+            original = page.evaluate(pixels.replace("'overlay'", "'original'"))[2]
+            assert alpha0 == original and blended != original  # the slider re-blends: alpha 0 is the photo alone
+            assert page.locator("#bars .bar").count() == 5
+            assert "tabby" in page.inner_text("#overlay-caption")
+            assert "random weights" in page.inner_text("#status")
+            page.eval_on_selector("#alpha", "e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
+            assert page.evaluate(pixels)[2] == blended
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
