@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import requests
 __all__ = ["LocalTorchServe", "free_port", "run_torchserve"]
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCHSERVE = str(Path(sys.executable).with_name("torchserve"))
+TORCHSERVE = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
 ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
 
 
