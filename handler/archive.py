@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from handler.model import (
+    WeightsUnavailableError,
     file_weights_label,
     imagenet_labels,
     imagenet_state_dict,
@@ -22,7 +24,7 @@ from handler.model import (
     random_state_dict,
 )
 
-__all__ = ["ServingConfig", "build_archive", "resolve_weights"]
+__all__ = ["ServingConfig", "build_archive", "resolve_weights", "weights_for_cli"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNTIME_MODULES = ("__init__.py", "cam.py", "contract.py", "errors.py", "imaging.py", "model.py", "pipeline.py")
@@ -66,6 +68,27 @@ class ServingConfig:
                 "limits": {"max_bytes": self.max_image_bytes, "max_pixels": self.max_image_pixels},
             },
         }
+
+
+RANDOM_WARNING = """
+################################################################################
+#  WARNING: --weights random. The model is seeded random noise. Its predictions #
+#  and heatmaps mean NOTHING; every response says "weights": "random".         #
+#  Use --weights imagenet (download) or --weights PATH (a state_dict file).    #
+################################################################################
+"""
+
+
+def weights_for_cli(choice: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`resolve_weights` for the command-line tools: a loud warning for random weights, and a clear message
+    with exit status 2 when the weights cannot be had."""
+    if choice == "random":
+        print(RANDOM_WARNING, file=sys.stderr)
+    try:
+        return resolve_weights(choice, seed)
+    except WeightsUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def resolve_weights(choice: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:

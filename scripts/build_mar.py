@@ -9,16 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handler.archive import ServingConfig, build_archive, resolve_weights  # noqa: E402
-from handler.model import WeightsUnavailableError  # noqa: E402
-
-RANDOM_WARNING = """
-################################################################################
-#  WARNING: --weights random. The model is seeded random noise. Its predictions #
-#  and heatmaps mean NOTHING; every response says "weights": "random".         #
-#  Use --weights imagenet (download) or --weights PATH (a state_dict file).    #
-################################################################################
-"""
+from handler.archive import ServingConfig, build_archive, weights_for_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,13 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    if args.weights == "random":
-        print(RANDOM_WARNING, file=sys.stderr)
-    try:
-        state_dict, label = resolve_weights(args.weights, seed=args.seed)
-    except WeightsUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    state_dict, label = weights_for_cli(args.weights, seed=args.seed)
     config = ServingConfig(
         batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay,

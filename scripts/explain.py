@@ -19,11 +19,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from handler.archive import resolve_weights  # noqa: E402
+from handler.archive import weights_for_cli  # noqa: E402
 from handler.cam import METHODS, CamEngine  # noqa: E402
 from handler.contract import ModelInfo  # noqa: E402
 from handler.imaging import decode_image, encode_image, render_contact_sheet  # noqa: E402
-from handler.model import WeightsUnavailableError, build_resnet50, imagenet_labels, select_device  # noqa: E402
+from handler.model import build_resnet50, imagenet_labels, select_device  # noqa: E402
 from handler.pipeline import ExplanationService  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -55,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="open each contact sheet in a matplotlib window")
     args = parser.parse_args(argv)
 
-    try:
-        state_dict, weights = resolve_weights(args.weights)
-    except WeightsUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if weights == "random":
-        print("WARNING: random weights: the predictions and heatmaps mean nothing.", file=sys.stderr)
+    state_dict, weights = weights_for_cli(args.weights)
     device = select_device(0) if args.device.startswith("cuda") else torch.device("cpu")
     model = build_resnet50(state_dict, channels_last=True).to(device)
     service = ExplanationService(

@@ -16,9 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handler.archive import ServingConfig, build_archive, resolve_weights  # noqa: E402
+from handler.archive import ServingConfig, build_archive, weights_for_cli  # noqa: E402
 from handler.kserve import write_kserve_storage  # noqa: E402
-from handler.model import WeightsUnavailableError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="TorchServe workers per pod")
     parser.add_argument("--out", type=Path, default=ROOT / "kserve_storage")
     args = parser.parse_args(argv)
-    try:
-        state_dict, label = resolve_weights(args.weights)
-    except WeightsUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    state_dict, label = weights_for_cli(args.weights)
     with tempfile.TemporaryDirectory() as scratch:
         # batchSize 1: TorchServe's KServe envelopes read only the first request of a batch.
         mar = build_archive(state_dict, label, scratch, config=ServingConfig(batch_size=1, workers=args.workers))

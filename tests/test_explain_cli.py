@@ -21,7 +21,7 @@ def test_cli_writes_overlays_and_a_labelled_contact_sheet(tmp_path, chelsea):
     command += ["--weights", "random", "--method", "layercam", "--out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "random weights" in completed.stderr
+    assert "WARNING: --weights random" in completed.stderr
     assert sorted(p.name for p in out.iterdir()) == ["cat_281_tabby.png", "cat_282_tiger_cat.png", "cat_sheet.png"]
     overlay = cv2.imread(str(out / "cat_281_tabby.png"))
     assert overlay.shape == (300, 451, 3)
