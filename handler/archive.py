@@ -124,16 +124,22 @@ def build_archive(
         torch.save(state_dict, staging / STATE_DICT_NAME)
         config_file = staging / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config.model_config(weights_label), sort_keys=False))
-        ModelArchiver.generate_model_archive(
-            ModelArchiverConfig(
-                model_name=model_name,
-                handler=str(HANDLER_FILE),
-                version=version,
-                serialized_file=str(staging / STATE_DICT_NAME),
-                extra_files=str(extra),
-                export_path=str(export_dir),
-                config_file=str(config_file),
-                force=True,
+        # The archiver stages files in <tempdir>/<model name>: give it this build's own tempdir, so that two builds
+        # on one machine cannot collide.
+        system_tempdir, tempfile.tempdir = tempfile.tempdir, str(staging)
+        try:
+            ModelArchiver.generate_model_archive(
+                ModelArchiverConfig(
+                    model_name=model_name,
+                    handler=str(HANDLER_FILE),
+                    version=version,
+                    serialized_file=str(staging / STATE_DICT_NAME),
+                    extra_files=str(extra),
+                    export_path=str(export_dir),
+                    config_file=str(config_file),
+                    force=True,
+                )
             )
-        )
+        finally:
+            tempfile.tempdir = system_tempdir
     return export_dir / f"{model_name}.mar"

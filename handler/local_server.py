@@ -79,7 +79,8 @@ def config_for(store: Path, ports: dict[str, int], extra: str = "", source: Path
         text = re.sub(rf"^{key}=http://[^:/]+:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
     text = re.sub(r"^model_store=.*$", f"model_store={store}", text, flags=re.M)
     text = re.sub(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text, flags=re.M)
-    return f"{text}\ninitial_worker_port={free_port()}\n{extra}"
+    grpc = f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
+    return f"{text}\ninitial_worker_port={free_port()}\n{grpc}{extra}"
 
 
 @contextmanager

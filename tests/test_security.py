@@ -50,6 +50,7 @@ def test_shipped_config_keeps_auth_on_binds_loopback_and_limits_sizes():
     assert config["enable_model_api"] == "false"
     for key in ("inference_address", "management_address", "metrics_address"):
         assert config[key].startswith("http://127.0.0.1:"), key
+    assert config["grpc_inference_address"] == config["grpc_management_address"] == "127.0.0.1"
     assert 20 * 1024 * 1024 <= int(config["max_request_size"]) <= 64 * 1024 * 1024
     assert int(config["max_response_size"]) >= 50 * 1024 * 1024
 
