@@ -236,6 +236,12 @@ class CamEngine:
             for c in (r.classes if r.classes is not None else range(-1, -n - 1, -1))
         ]
         pair_class = torch.tensor(asked, dtype=torch.long).to(device)
+        # Pairs that share a layer and a method are computed together. Their indices go to the device now: a copy
+        # from host memory after the forward pass is queued would wait for it and leave the GPU idle.
+        groups: dict[tuple[str, str], list[int]] = {}
+        for pair, n in enumerate(n for n, count in enumerate(counts) for _ in range(count)):
+            groups.setdefault((requests[n].layer, requests[n].method), []).append(pair)
+        group_index = {key: torch.tensor(pairs).to(device) for key, pairs in groups.items()}
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         started = time.perf_counter()
         with torch.inference_mode(False):
@@ -253,7 +259,7 @@ class CamEngine:
                     logits, activations, gradient_layers, max(counts), pair_slot, pair_image, pair_class
                 )
             pair_maps = self._pair_maps(
-                images, requests, counts, activations, gradients, pair_slot, pair_image, pair_class
+                images, counts, activations, gradients, pair_slot, pair_image, pair_class, groups, group_index
             )
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
@@ -321,23 +327,20 @@ class CamEngine:
     def _pair_maps(
         self,
         images: Tensor,
-        requests: Sequence[CamRequest],
         counts: list[int],
         activations: dict[str, Tensor],
         gradients: dict[str, Tensor],
         pair_slot: Tensor,
         pair_image: Tensor,
         pair_class: Tensor,
+        groups: dict[tuple[str, str], list[int]],
+        group_index: dict[tuple[str, str], Tensor],
     ) -> list[Tensor]:
-        """Each image's (T, h, w) maps; pairs that share a layer and a method are computed together."""
-        pair_request = [n for n, count in enumerate(counts) for _ in range(count)]
-        groups: dict[tuple[str, str], list[int]] = {}
-        for pair, n in enumerate(pair_request):
-            groups.setdefault((requests[n].layer, requests[n].method), []).append(pair)
-        maps: list[Tensor | None] = [None] * len(pair_request)
+        """Each image's (T, h, w) maps, computed one (layer, method) group at a time."""
+        maps: list[Tensor | None] = [None] * len(pair_image)
         with torch.no_grad():
             for (layer, method), pairs in groups.items():
-                index = torch.tensor(pairs, device=pair_image.device)
+                index = group_index[(layer, method)]
                 images_of_pairs = pair_image[index]
                 pair_activations = activations[layer].detach()[images_of_pairs].float()
                 if method in GRADIENT_METHODS:
@@ -347,6 +350,8 @@ class CamEngine:
                     group_maps = eigen_cam(pair_activations)
                 else:
                     group_maps = self._score_cam(images[images_of_pairs], pair_activations, pair_class[index])
+                if len(groups) == 1:  # the common case: every pair, in order; split into views, no copies
+                    return list(F.relu(group_maps).split(counts))
                 for pair, pair_map in zip(pairs, F.relu(group_maps)):
                     maps[pair] = pair_map
         per_image, start = [], 0
