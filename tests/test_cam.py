@@ -159,9 +159,11 @@ def test_in_place_ops_after_the_layer_do_not_corrupt_the_activation(resnet50):
     captured = []
     hook = resnet50.layer4[2].bn3.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
     try:
-        out = GradCAM(resnet50, "layer4.2.bn3")(image, targets=[[5]])
+        with torch.no_grad():
+            resnet50(image)
     finally:
         hook.remove()
+    out = GradCAM(resnet50, "layer4.2.bn3")(image, targets=[[5]])
     activation = captured[0]
     suffix = lambda a: resnet50.fc(torch.relu(a + identity).mean(dim=(2, 3)))  # noqa: E731
     with torch.no_grad():
