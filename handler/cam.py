@@ -270,11 +270,6 @@ class CamEngine:
         self, images: Tensor, modules: dict[str, nn.Module], gradient_layers: set[str]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         captured: dict[str, list[Tensor]] = {layer: [] for layer in modules}
-        # With frozen parameters the prefix can run under inference_mode, which dispatches faster than no_grad (it
-        # matters where the CPU issuing kernels is the bottleneck, as on a GPU). Trainable parameters would make the
-        # suffix save prefix tensors for backward, which inference tensors do not allow: then no_grad it is.
-        fast_prefix = not any(parameter.requires_grad for parameter in self.model.parameters())
-        leave_inference_mode: list[torch.inference_mode] = []
 
         def capture(layer: str) -> Callable[[nn.Module, object, Tensor], Tensor]:
             def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor | None:
@@ -282,10 +277,7 @@ class CamEngine:
                     captured[layer].append(output)
                     return output.clone()
                 if layer in gradient_layers:  # the first gradient layer to run starts the graph
-                    if torch.is_inference_mode_enabled():
-                        leave_inference_mode.append(torch.inference_mode(False))
-                        leave_inference_mode[0].__enter__()  # left again right after the forward pass
-                    leaf = output.clone().requires_grad_(True)  # a normal tensor, even from an inference one
+                    leaf = output.detach().requires_grad_(True)
                     captured[layer].append(leaf)
                     torch.set_grad_enabled(True)  # the enclosing no_grad() restores the mode on exit
                     return leaf.clone()
@@ -296,12 +288,8 @@ class CamEngine:
 
         handles = [module.register_forward_hook(capture(layer)) for layer, module in modules.items()]
         try:
-            with torch.no_grad(), torch.inference_mode(fast_prefix):
-                try:
-                    logits = self.model(images)
-                finally:
-                    for context in leave_inference_mode:
-                        context.__exit__(None, None, None)
+            with torch.no_grad():
+                logits = self.model(images)
         finally:
             for handle in handles:
                 handle.remove()
