@@ -325,25 +325,26 @@ def test_soak_2000_requests_no_errors_no_growth(server):
 
 
 def test_a_killed_worker_is_replaced_and_only_in_flight_requests_fail(server, chelsea):
-    """SIGKILL the worker under load: the requests it held fail, TorchServe starts a new worker, service resumes."""
+    """SIGKILL the worker under load: only the requests it held fail, TorchServe starts a new worker, and the
+    service answers again within 30 s.
+
+    What the held requests see varies: a 507 "Worker died." at once, or no answer at all until the client's timeout
+    (TorchServe would answer after responseTimeout). Clients should use a timeout and retry.
+    """
     body = encode(chelsea[::2, ::2], "JPEG")
     (old_pid,) = server.worker_pids()
-    outcomes: list[tuple[float, int]] = []
-    failure_bodies: list[str] = []
+    outcomes: list[tuple[float, int, str]] = []  # (started, status or -1, what a failure said)
     stop = threading.Event()
 
     def client() -> None:
         session = requests.Session()
         while not stop.is_set():
+            started = time.monotonic()
             try:
-                response = server.predict(session=session, data=body, timeout=60)
-                status = response.status_code
-                if status != 200:
-                    failure_bodies.append(response.text)
+                response = server.predict(session=session, data=body, timeout=30)
+                outcomes.append((started, response.status_code, "" if response.ok else response.text))
             except requests.RequestException as error:
-                status = -1
-                failure_bodies.append(repr(error))
-            outcomes.append((time.monotonic(), status))
+                outcomes.append((started, -1, repr(error)))
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for thread in threads:
@@ -352,25 +353,28 @@ def test_a_killed_worker_is_replaced_and_only_in_flight_requests_fail(server, ch
         time.sleep(2)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        deadline = killed_at + 30
-        while time.monotonic() < deadline:
+        recovered_in = None
+        while time.monotonic() < killed_at + 30:
             workers = server.describe()["workers"]
             if workers and workers[0]["pid"] != old_pid and workers[0]["status"] == "READY":
+                recovered_in = time.monotonic() - killed_at
                 break
             time.sleep(0.5)
-        recovered_in = time.monotonic() - killed_at
-        time.sleep(2)
+        assert recovered_in is not None, "no new worker was READY within 30 s"
+        for _ in range(3):  # the service answers again
+            assert server.predict(data=body, timeout=30).status_code == 200
     finally:
         stop.set()
         for thread in threads:
-            thread.join(timeout=90)
-    failures = [(t - killed_at, status) for t, status in outcomes if status != 200]
-    after_recovery = [status for t, status in outcomes if t > killed_at + recovered_in + 1]
-    print(f"recovered in {recovered_in:.1f} s; failed: {failures}; first failure: {failure_bodies[:1]}")
-    assert recovered_in < 30
+            thread.join(timeout=40)
+    failures = [
+        (round(started - killed_at, 2), status, said[:120]) for started, status, said in outcomes if status != 200
+    ]
+    print(f"recovered in {recovered_in:.1f} s; failures (start relative to the kill, status, text): {failures}")
     assert server.worker_pids() != [old_pid]
-    assert len(failures) <= 8  # at most the batch the worker held when it died
-    assert after_recovery and set(after_recovery) == {200}
+    assert len(failures) <= 8  # at most the batch the worker held
+    assert all(started < 0 for started, _, _ in failures)  # every failed request was in flight at the kill
+    assert all(status in (-1, 503, 507) for _, status, _ in failures)
     assert_next_request_works(server, chelsea)
 
 
