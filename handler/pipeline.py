@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from handler.cam import CamEngine, CamRequest, normalize_map, spatial_layers
+from handler.cam import CamEngine, CamRequest, LayerNotFoundError, normalize_map, spatial_layers
 from handler.contract import (
     ExplainOptions,
     ExplainResponse,
@@ -101,12 +101,7 @@ class ExplanationService:
         """Parse and decode one row; a :class:`ClientError` says why it cannot be served."""
         request = parse_request(row)
         if request.options.layer not in self.layers:
-            top_level = ", ".join(layer for layer in self.layers if "." not in layer)
-            raise ClientError(
-                "InvalidOption",
-                f"layer must be one of {top_level} or a dotted submodule such as layer4.2 or layer3.5.conv2 "
-                f"(any of {len(self.layers)} layers with a spatial output), got {request.options.layer!r}",
-            )
+            raise ClientError("InvalidOption", str(LayerNotFoundError(request.options.layer, self.layers)))
         rgb = decode_image(request.image, self.limits)
         return PreparedRequest(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
 
@@ -121,9 +116,9 @@ class ExplanationService:
         started = time.perf_counter()
         batch = images_to_batch([item.model_input for item in prepared], self.device, self.channels_last)
         output = self.engine(batch, [cam_request(item.options) for item in prepared])
-        probabilities = output.logits.float().softmax(dim=1)
+        probabilities = output.logits.float().softmax(dim=1).cpu()  # one copy off the device for the whole batch
         top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
-        top_probabilities, top_indices = top_probabilities.cpu().tolist(), top_indices.cpu().tolist()
+        top_probabilities, top_indices = top_probabilities.tolist(), top_indices.tolist()
         self.stage_seconds["forward"] = self.engine.seconds["forward"]
         self.stage_seconds["cam"] = time.perf_counter() - started - self.engine.seconds["forward"]
         started = time.perf_counter()
@@ -134,7 +129,7 @@ class ExplanationService:
             ]
             for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
         ]
-        target_probabilities = [probabilities[n, targets].cpu().tolist() for n, targets in enumerate(output.targets)]
+        target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
         results = list(
             self._pool.map(self._respond, prepared, predictions, output.targets, target_probabilities, output.maps)
         )
