@@ -9,12 +9,13 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from handler.contract import WorkBudget
 from handler.model import (
     WeightsUnavailableError,
     file_weights_label,
@@ -52,6 +53,7 @@ class ServingConfig:
     channels_last: bool = True
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    budget: WorkBudget = WorkBudget()
 
     def model_config(self, weights_label: str) -> dict[str, object]:
         return {
@@ -66,6 +68,7 @@ class ServingConfig:
                 "precision": self.precision,
                 "channels_last": self.channels_last,
                 "limits": {"max_bytes": self.max_image_bytes, "max_pixels": self.max_image_pixels},
+                "budget": asdict(self.budget),
             },
         }
 

@@ -28,6 +28,7 @@ __all__ = [
     "grad_cam_plus_plus",
     "hires_cam",
     "layer_cam",
+    "layer_output_shapes",
     "normalize_map",
     "spatial_layers",
     "x_grad_cam",
@@ -135,15 +136,16 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise LayerNotFoundError(name, [layer for layer, _ in model.named_modules() if layer])
 
 
-def spatial_layers(model: nn.Module, image_size: int = 64) -> list[str]:
-    """The submodules that a CAM can explain: those that run once per forward pass and give a (N, K, h, w) map.
-
-    Found by one forward pass of a small input. Modules called several times (ResNet's shared ``relu``) and those
-    with flat outputs (``fc``) or 1×1 outputs (``avgpool``) are left out.
-    """
+def layer_output_shapes(model: nn.Module, image_size: int = 64) -> dict[str, tuple[int, ...]]:
+    """Each submodule's output shape for one ``image_size`` square image, for the modules that run exactly once per
+    forward pass (ResNet's shared ``relu`` runs several times and is left out)."""
     calls: dict[str, list[tuple[int, ...]]] = {}
     hooks = [
-        module.register_forward_hook(lambda m, i, o, name=name: calls.setdefault(name, []).append(tuple(o.shape)))
+        module.register_forward_hook(
+            lambda m, i, o, name=name: calls.setdefault(name, []).append(
+                tuple(o.shape) if isinstance(o, Tensor) else ()
+            )
+        )
         for name, module in model.named_modules()
         if name
     ]
@@ -154,7 +156,17 @@ def spatial_layers(model: nn.Module, image_size: int = 64) -> list[str]:
     finally:
         for hook in hooks:
             hook.remove()
-    return [name for name, shapes in calls.items() if len(shapes) == 1 and len(shapes[0]) == 4 and shapes[0][-1] > 1]
+    return {name: shapes[0] for name, shapes in calls.items() if len(shapes) == 1}
+
+
+def spatial_layers(model: nn.Module, image_size: int = 64) -> list[str]:
+    """The submodules that a CAM can explain: those that run once per forward pass and give a (N, K, h, w) map.
+
+    Found by one forward pass of a small input. Modules called several times (ResNet's shared ``relu``) and those
+    with flat outputs (``fc``) or 1×1 outputs (``avgpool``) are left out.
+    """
+    shapes = layer_output_shapes(model, image_size)
+    return [name for name, shape in shapes.items() if len(shape) == 4 and shape[-1] > 1]
 
 
 # --- The engine ---
@@ -189,13 +201,20 @@ class CamEngine:
     The split: the network before the earliest requested layer runs without autograd. That layer's output becomes
     the only leaf that requires a gradient, the rest runs with autograd, and one ``torch.autograd.grad`` call
     differentiates the raw logits y_c with respect to the requested activations alone: no parameter gradient is
-    computed and nothing is written to ``.grad``. Several targets per image share that call through
-    ``is_grads_batched``. The hooks live only for the duration of the call and are removed even on error; each
-    captured activation is a clone, so in-place ops downstream (``out += identity``) cannot corrupt it.
+    computed and nothing is written to ``.grad``. The hooks live only for the duration of the call and are removed
+    even on error; each captured activation is a clone, so in-place ops downstream (``out += identity``) cannot
+    corrupt it.
+
+    Work is grouped by what each image needs. When some image asks for several classes, the leaf is repeated once
+    per (image, class) pair, so that only the network after the layer runs again for the extra classes, and each
+    pair's gradient comes from its own row: one image's ten targets do not widen every other image's gradient call.
+    This needs a network whose rows do not interact in eval mode, as every classifier's do. EigenCAM is computed
+    once per image, and ScoreCAM's masked forward passes once per image, whatever the number of classes.
 
     ``autocast_dtype`` (``torch.bfloat16``, ``torch.float16``) runs the network under ``torch.autocast``; maps are
     combined in float32. ScoreCAM scores at most ``scorecam_channels`` channels per map (those with the highest mean
-    activation), ``scorecam_batch`` masked images per forward pass.
+    activation), ``scorecam_batch`` masked images per forward pass. ``input_size`` is the side of the square input
+    the engine probes the network with to learn its layers' shapes.
     """
 
     def __init__(
@@ -204,16 +223,38 @@ class CamEngine:
         autocast_dtype: torch.dtype | None = None,
         scorecam_channels: int | None = 64,
         scorecam_batch: int = 32,
+        input_size: int = 224,
     ) -> None:
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.scorecam_channels = scorecam_channels
         self.scorecam_batch = scorecam_batch
+        self.input_size = input_size
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._unexpandable: set[frozenset[str]] = set()
         self.seconds: dict[str, float] = {}
         """The last call's wall time: ``forward`` (up to the logits) and ``cam`` (gradients and maps). On a GPU
         these are launch times unless the caller synchronises."""
 
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each module's output shape for one input image (modules that run once per forward pass), probed once."""
+        if self._shapes is None:
+            self._shapes = layer_output_shapes(self.model, self.input_size)
+        return self._shapes
+
+    def forward_passes(self, request: CamRequest) -> int:
+        """The forward passes one image's request costs: 1, plus ScoreCAM's one per scored channel."""
+        if request.method != "scorecam":
+            return 1
+        channels = self.layer_shapes()[request.layer][1]
+        return 1 + (min(channels, self.scorecam_channels) if self.scorecam_channels else channels)
+
     def __call__(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        # TorchServe runs inference() under inference_mode; gradients need normal tensors, index tensors included.
+        with torch.inference_mode(False):
+            return self._explain(images.clone() if images.is_inference() else images, requests)
+
+    def _explain(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         if len(requests) != len(images):
             raise ValueError(f"got {len(requests)} requests for {len(images)} images")
         for request in requests:
@@ -228,60 +269,91 @@ class CamEngine:
 
         # One row per (image, target) pair; class -1 - r stands for the image's (r+1)-th predicted class.
         device = images.device
-        pair_image = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(device)
-        pair_slot = torch.cat([torch.arange(count) for count in counts]).to(device)
+        pairs_of_image = torch.tensor(counts)
+        pair_image_host = torch.repeat_interleave(torch.arange(len(requests)), pairs_of_image)
+        first_pair_host = torch.cumsum(pairs_of_image, 0) - pairs_of_image
         asked = [
             int(c)
             for r, n in zip(requests, counts)
             for c in (r.classes if r.classes is not None else range(-1, -n - 1, -1))
         ]
-        pair_class = torch.tensor(asked, dtype=torch.long).to(device)
-        # Pairs that share a layer and a method are computed together. Their indices go to the device now: a copy
-        # from host memory after the forward pass is queued would wait for it and leave the GPU idle.
+        # Pairs that share a layer and a method are computed together. Indices go to the device now: a copy from
+        # host memory after the forward pass is queued would wait for it and leave the GPU idle.
         groups: dict[tuple[str, str], list[int]] = {}
-        for pair, n in enumerate(n for n, count in enumerate(counts) for _ in range(count)):
+        for pair, n in enumerate(pair_image_host.tolist()):
             groups.setdefault((requests[n].layer, requests[n].method), []).append(pair)
+        pair_slot_host = torch.arange(len(asked)) - first_pair_host[pair_image_host]
+        pair_image, first_pair, pair_slot, pair_class = (
+            t.to(device)
+            for t in (pair_image_host, first_pair_host, pair_slot_host, torch.tensor(asked, dtype=torch.long))
+        )
         group_index = {key: torch.tensor(pairs).to(device) for key, pairs in groups.items()}
+        wanted_expansion = bool(gradient_layers) and len(asked) > len(requests)
+        expand = pair_image if wanted_expansion and frozenset(layers) not in self._unexpandable else None
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         started = time.perf_counter()
-        with torch.inference_mode(False):
-            if images.is_inference():
-                images = images.clone()
-            with autocast:
-                logits, activations = self._split_forward(images, modules, gradient_layers)
-                forward_done = time.perf_counter()
-                if max(asked) >= logits.shape[1]:
-                    raise ValueError(f"classes must be below {logits.shape[1]}, got {max(asked)}")
-                ranked = logits.topk(max(counts), dim=1).indices
-                predicted = ranked[pair_image, (-pair_class - 1).clamp(0, max(counts) - 1)]
-                pair_class = torch.where(pair_class < 0, predicted, pair_class)
-                gradients = self._gradients(
-                    logits, activations, gradient_layers, max(counts), pair_slot, pair_image, pair_class
-                )
-            pair_maps = self._pair_maps(
-                images, counts, activations, gradients, pair_slot, pair_image, pair_class, groups, group_index
+        with autocast:
+            try:
+                stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, expand)
+                if expand is not None and len(stream_logits) != len(asked):
+                    raise RuntimeError(f"{len(stream_logits)} rows of logits for {len(asked)} pairs")
+            except RuntimeError:
+                if expand is None:
+                    raise
+                # Repeating rows inside a block breaks it (a residual branch meets the unrepeated input):
+                # differentiate per target slot instead, and remember not to try again for these layers.
+                self._unexpandable.add(frozenset(layers))
+                expand = None
+                stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, None)
+            forward_done = time.perf_counter()
+            logits = stream_logits[first_pair] if expand is not None else stream_logits
+            if max(asked) >= logits.shape[1]:
+                raise ValueError(f"classes must be below {logits.shape[1]}, got {max(asked)}")
+            top = max((r.top for r in requests if r.classes is None), default=1)
+            if top > logits.shape[1]:
+                raise ValueError(f"cannot explain the top {top} of {logits.shape[1]} classes")
+            ranked = logits.topk(top, dim=1).indices
+            predicted = ranked[pair_image, (-pair_class - 1).clamp(0, top - 1)]
+            pair_class = torch.where(pair_class < 0, predicted, pair_class)
+            gradients = self._gradients(
+                stream_logits, activations, gradient_layers, pair_class, pair_image, pair_slot, expand is not None
             )
+        rows = {  # for each layer, the row of its activations that belongs to each pair
+            layer: torch.arange(len(asked), device=device) if per_pair[layer] else pair_image for layer in layers
+        }
+        pair_maps = self._pair_maps(
+            images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index
+        )
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
         self.seconds = {"forward": forward_done - started, "cam": time.perf_counter() - forward_done}
         return CamOutput(logits=logits.detach().float(), targets=chosen, maps=list(pair_maps))
 
     def _split_forward(
-        self, images: Tensor, modules: dict[str, nn.Module], gradient_layers: set[str]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+        self, images: Tensor, modules: dict[str, nn.Module], gradient_layers: set[str], expand: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, bool]]:
+        """The logits, each layer's activation, and whether that activation has one row per pair (else per image).
+
+        The logits have one row per pair from the first gradient layer on when ``expand`` (each pair's image) is
+        given, and one per image otherwise.
+        """
         captured: dict[str, list[Tensor]] = {layer: [] for layer in modules}
+        per_pair: dict[str, bool] = {}
 
         def capture(layer: str) -> Callable[[nn.Module, object, Tensor], Tensor]:
             def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor | None:
                 if torch.is_grad_enabled():  # inside the graph: keep this tensor, pass a clone downstream
                     captured[layer].append(output)
+                    per_pair[layer] = expand is not None
                     return output.clone()
                 if layer in gradient_layers:  # the first gradient layer to run starts the graph
-                    leaf = output.detach().requires_grad_(True)
-                    captured[layer].append(leaf)
+                    leaf = output.detach() if expand is None else output.detach()[expand]
+                    captured[layer].append(leaf.requires_grad_(True))
+                    per_pair[layer] = expand is not None
                     torch.set_grad_enabled(True)  # the enclosing no_grad() restores the mode on exit
                     return leaf.clone()
                 captured[layer].append(output.detach().clone())  # eigencam/scorecam: no gradient needed
+                per_pair[layer] = False
                 return None
 
             return hook
@@ -296,33 +368,38 @@ class CamEngine:
         for layer, outputs in captured.items():
             if len(outputs) != 1:
                 raise RuntimeError(f"layer {layer!r} ran {len(outputs)} times in one forward pass; expected once")
-        return logits, {layer: outputs[0] for layer, outputs in captured.items()}
+        return logits, {layer: outputs[0] for layer, outputs in captured.items()}, per_pair
 
     @staticmethod
     def _gradients(
         logits: Tensor,
         activations: dict[str, Tensor],
         gradient_layers: set[str],
-        slots: int,
-        pair_slot: Tensor,
-        pair_image: Tensor,
         pair_class: Tensor,
+        pair_image: Tensor,
+        pair_slot: Tensor,
+        rows_are_pairs: bool,
     ) -> dict[str, Tensor]:
-        """∂y_c/∂A for every (target slot t, image n) and gradient layer, each a (T, N, K, h, w) tensor.
+        """∂y_c/∂A for every pair and gradient layer, each a (pairs, K, h, w) tensor, from one ``autograd.grad``.
 
-        Row t of the seed selects, for each image, the logit of its t-th target; slots an image does not use stay 0.
+        When the logits have one row per pair (see :meth:`_split_forward`), row p's seed selects its class. Else
+        the logits have one row per image, and seed t selects each image's t-th class, differentiated together
+        through ``is_grads_batched``.
         """
         if not gradient_layers:
             return {}
         layers = [layer for layer in activations if layer in gradient_layers]
-        selectors = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
-        selectors[pair_slot, pair_image, pair_class] = 1.0
         inputs = [activations[layer] for layer in layers]
-        if slots == 1:
-            gradients = torch.autograd.grad(logits, inputs, grad_outputs=selectors[0])
-            return {layer: g.unsqueeze(0).float() for layer, g in zip(layers, gradients)}
-        gradients = torch.autograd.grad(logits, inputs, grad_outputs=selectors, is_grads_batched=True)
-        return {layer: g.float() for layer, g in zip(layers, gradients)}
+        if rows_are_pairs or len(pair_class) == len(logits):
+            seeds = torch.zeros_like(logits)
+            seeds[torch.arange(len(pair_class), device=logits.device), pair_class] = 1.0
+            gradients = torch.autograd.grad(logits, inputs, grad_outputs=seeds)
+            return {layer: g.float() for layer, g in zip(layers, gradients)}
+        slots = int(pair_slot.max()) + 1
+        seeds = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
+        seeds[pair_slot, pair_image, pair_class] = 1.0
+        gradients = torch.autograd.grad(logits, inputs, grad_outputs=seeds, is_grads_batched=True)
+        return {layer: g[pair_slot, pair_image].float() for layer, g in zip(layers, gradients)}
 
     def _pair_maps(
         self,
@@ -330,7 +407,7 @@ class CamEngine:
         counts: list[int],
         activations: dict[str, Tensor],
         gradients: dict[str, Tensor],
-        pair_slot: Tensor,
+        rows: dict[str, Tensor],
         pair_image: Tensor,
         pair_class: Tensor,
         groups: dict[tuple[str, str], list[int]],
@@ -341,15 +418,21 @@ class CamEngine:
         with torch.no_grad():
             for (layer, method), pairs in groups.items():
                 index = group_index[(layer, method)]
-                images_of_pairs = pair_image[index]
-                pair_activations = activations[layer].detach()[images_of_pairs].float()
+                pair_rows = rows[layer][index]
                 if method in GRADIENT_METHODS:
-                    pair_gradients = gradients[layer][pair_slot[index], images_of_pairs]
-                    group_maps = GRADIENT_METHODS[method](pair_activations, pair_gradients)
-                elif method == "eigencam":
-                    group_maps = eigen_cam(pair_activations)
-                else:
-                    group_maps = self._score_cam(images[images_of_pairs], pair_activations, pair_class[index])
+                    group_maps = GRADIENT_METHODS[method](
+                        activations[layer].detach()[pair_rows].float(), gradients[layer][index]
+                    )
+                else:  # class-independent work, once per image: unique rows, then back to pairs
+                    unique_rows, pair_to_unique = pair_rows.unique(return_inverse=True)
+                    unique_activations = activations[layer].detach()[unique_rows].float()
+                    if method == "eigencam":
+                        group_maps = eigen_cam(unique_activations)[pair_to_unique]
+                    else:
+                        images_of_rows = pair_image[index].unique()
+                        group_maps = self._score_cam(
+                            images[images_of_rows], unique_activations, pair_to_unique, pair_class[index]
+                        )
                 if len(groups) == 1:  # the common case: every pair, in order; split into views, no copies
                     return list(F.relu(group_maps).split(counts))
                 for pair, pair_map in zip(pairs, F.relu(group_maps)):
@@ -360,18 +443,21 @@ class CamEngine:
             start += count
         return per_image
 
-    def _score_cam(self, images: Tensor, activations: Tensor, classes: Tensor) -> Tensor:
+    def _score_cam(self, images: Tensor, activations: Tensor, pair_to_image: Tensor, classes: Tensor) -> Tensor:
         """Score-CAM (Wang et al., CVPRW 2020): each channel, upsampled and min–max normalised, masks the input;
         the class's logit on the masked input scores the channel, and w = softmax over channels of the scores:
 
             M_k = norm(up(A_k)),   s_k = y_c(x ⊙ M_k),   w = softmax(s),   map = Σ_k w_k A_k
 
-        As in pytorch-grad-cam, the masks are upsampled with ``align_corners=True``. Cost: one forward pass per
-        scored channel and target, batched ``scorecam_batch`` at a time; at most ``scorecam_channels`` channels per
-        target are scored (those with the highest mean activation), the rest get weight 0.
+        As in pytorch-grad-cam, the masks are upsampled with ``align_corners=True``. The masked passes do not depend
+        on the class: they run once per image, and every target of that image is scored from their logits. Cost: one
+        forward pass per scored channel, batched ``scorecam_batch`` at a time; at most ``scorecam_channels``
+        channels are scored (those with the highest mean activation), the rest get weight 0.
+
+        ``images`` and ``activations`` have one row per image; ``pair_to_image`` and ``classes`` one per map.
         """
-        maps = []
-        for image, activation, target in zip(images, activations, classes.tolist()):
+        masked_logits, selections = [], []
+        for image, activation in zip(images, activations):
             channels = activation.shape[0]
             if self.scorecam_channels and channels > self.scorecam_channels:
                 chosen = activation.mean(dim=(1, 2)).topk(self.scorecam_channels).indices.sort().values
@@ -388,9 +474,13 @@ class CamEngine:
                 with torch.autocast(
                     image.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
                 ):
-                    scores.append(self.model(masked)[:, target].float())
-            weights = torch.softmax(torch.cat(scores), dim=0)
-            maps.append((weights[:, None, None] * selected).sum(dim=0))
+                    scores.append(self.model(masked).float())
+            masked_logits.append(torch.cat(scores))
+            selections.append(selected)
+        maps = []
+        for image_row, target in zip(pair_to_image.tolist(), classes.tolist()):
+            weights = torch.softmax(masked_logits[image_row][:, target], dim=0)
+            maps.append((weights[:, None, None] * selections[image_row]).sum(dim=0))
         return torch.stack(maps)
 
 

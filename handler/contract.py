@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -22,6 +24,7 @@ __all__ = [
     "ExplainResponse",
     "ModelInfo",
     "Prediction",
+    "WorkBudget",
     "parse_options",
     "parse_request",
 ]
@@ -30,6 +33,10 @@ NUM_CLASSES = 1000
 MAX_TOPK = 20
 MAX_TARGETS = 10
 MAX_EXPLAIN = 5
+MIN_SIDE, MAX_SIDE = 16, 16384
+MAX_LAYER_NAME = 200
+MAX_OPTION_TEXT = 1000
+"""Option values longer than this (as text) are refused before any parsing."""
 IMAGE_FIELDS = ("data", "image")
 """Where the image may travel: a multipart field, or a key of a JSON body or KServe instance (base64)."""
 KSERVE_V2_KEYS = {"name", "datatype", "data"}
@@ -59,6 +66,9 @@ class ExplainOptions:
     """The layer to explain: conv1, layer1 … layer4, or a dotted submodule such as layer4.2 or layer3.5.conv2."""
     explain: int = 1
     """Without ``target``: explain the N top predicted classes, 1–5."""
+    max_side: int | None = None
+    """The longer side of the returned overlay and heatmap, 16–16384 (never larger than the image); None: the
+    server's default cap."""
 
 
 OPTION_NAMES = tuple(f.name for f in fields(ExplainOptions))
@@ -87,7 +97,7 @@ def parse_request(row: Mapping[str, object]) -> ExplainRequest:
         return _parse_fields({"data": row["data"], **parameters}, image_is_base64=True)
     body = row.get("body")
     if isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] in (b"{", b"["):
-        body = _parse_json(body)
+        body = _load_json(body)
     if isinstance(body, Mapping):
         return _parse_fields(body, image_is_base64=True)
     if isinstance(body, (bytes, bytearray)):
@@ -101,11 +111,38 @@ def parse_request(row: Mapping[str, object]) -> ExplainRequest:
     return _parse_fields(row, image_is_base64=False)
 
 
-def _parse_json(raw: bytes | bytearray) -> object:
+class _HugeNumber:
+    """A JSON integer with too many digits to be any option's value; its repr says how many."""
+
+    def __init__(self, digits: str) -> None:
+        self.digits = len(digits.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<a {self.digits}-digit number>"
+
+
+def _json_integer(text: str) -> int | _HugeNumber:
+    # Python refuses to convert integers of over 4300 digits (a ValueError mid-parse); no option needs 19.
+    return int(text) if len(text) <= 19 else _HugeNumber(text)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ClientError("InvalidJSON", f"the JSON object has the key {_shown(key)} more than once")
+        result[key] = value
+    return result
+
+
+def _load_json(raw: str | bytes | bytearray, what: str = "the body") -> object:
+    """JSON text to Python values, or a 400: duplicate keys, huge integers and deep nesting included."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_int=_json_integer, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ClientError("InvalidJSON", f"the body is not valid JSON: {error}") from None
+        raise ClientError("InvalidJSON", f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ClientError("InvalidJSON", f"{what} is nested too deeply to be a request") from None
 
 
 def _parse_fields(fields_: Mapping[str, object], image_is_base64: bool) -> ExplainRequest:
@@ -142,9 +179,9 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
     if unknown:
         raise ClientError(
             "UnknownOption",
-            f"unknown option(s) {', '.join(unknown)}; known options are {', '.join(OPTION_NAMES)}",
+            f"unknown option(s) {', '.join(map(_shown, unknown[:5]))}; known options are {', '.join(OPTION_NAMES)}",
         )
-    values = {key: _text(value) for key, value in raw.items()}
+    values = {key: _text(key, value) for key, value in raw.items()}
     parsed: dict[str, object] = {}
     if "topk" in values:
         parsed["topk"] = _integer("topk", values["topk"], 1, MAX_TOPK)
@@ -167,47 +204,71 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
         if "target" in values:
             raise ClientError("InvalidOption", "give either target (classes to explain) or explain (top N), not both")
         parsed["explain"] = _integer("explain", values["explain"], 1, MAX_EXPLAIN)
+    if "max_side" in values:
+        parsed["max_side"] = _integer("max_side", values["max_side"], MIN_SIDE, MAX_SIDE)
     return ExplainOptions(**parsed)
 
 
 def _layer_name(value: object) -> str:
     """A dotted module path; whether the model has that layer is checked where the model is known."""
-    parts = value.split(".") if isinstance(value, str) else []
-    if not parts or not all(part.isidentifier() or part.isdigit() for part in parts):
+    valid = isinstance(value, str) and len(value) <= MAX_LAYER_NAME and _LAYER_NAME.fullmatch(value) is not None
+    if not valid:
         raise ClientError(
             "InvalidOption",
-            f"layer must be conv1, layer1, layer2, layer3, layer4 or a dotted submodule such as layer4.2 or "
-            f"layer3.5.conv2, got {value!r}",
+            f"layer must be a dotted module path of at most {MAX_LAYER_NAME} characters, such as layer4 or "
+            f"layer3.5.conv2, got {_shown(value)}",
         )
     return value
 
 
-def _text(value: object) -> object:
+_LAYER_PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)"
+_LAYER_NAME = re.compile(rf"{_LAYER_PART}(?:\.{_LAYER_PART})*")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,4})?")
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 6, 6
+
+
+def _shown(value: object) -> str:
+    """A value as an error message quotes it: short, whatever its size or depth."""
+    return _REPR.repr(value)
+
+
+def _text(name: str, value: object) -> object:
     """Multipart fields arrive as bytes: read them as UTF-8 text; JSON values pass through."""
     if isinstance(value, (bytes, bytearray)):
+        if len(value) > MAX_OPTION_TEXT:
+            raise ClientError(
+                "InvalidOption", f"{name} is {len(value)} bytes long; no option value exceeds {MAX_OPTION_TEXT}"
+            )
         try:
             return value.decode("utf-8").strip()
         except UnicodeDecodeError:
-            return value
+            raise ClientError("InvalidOption", f"{name} is not UTF-8 text, got {_shown(bytes(value))}") from None
+    if isinstance(value, str) and len(value) > MAX_OPTION_TEXT:
+        raise ClientError(
+            "InvalidOption", f"{name} is {len(value)} characters long; no option value exceeds {MAX_OPTION_TEXT}"
+        )
     return value
 
 
 def _integer(name: str, value: object, low: int, high: int) -> int:
     number = _as_int(value)
     if number is None or not low <= number <= high:
-        raise ClientError("InvalidOption", f"{name} must be an integer from {low} to {high}, got {value!r}")
+        raise ClientError("InvalidOption", f"{name} must be an integer from {low} to {high}, got {_shown(value)}")
     return number
 
 
 def _as_int(value: object) -> int | None:
+    """An integer, or an integral float, or ASCII digits with at most one sign; anything else is None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and value.strip().isascii():
-        return int(value)
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value.strip())
     return None
 
 
@@ -217,8 +278,8 @@ def _targets(value: object) -> tuple[int, ...]:
         text = value.strip()
         if text.startswith("["):
             try:
-                items = json.loads(text)
-            except json.JSONDecodeError:
+                items = _load_json(text, "target")
+            except ClientError:
                 items = None
         else:
             items = [part for part in text.split(",")] if "," in text else text
@@ -226,8 +287,10 @@ def _targets(value: object) -> tuple[int, ...]:
         items = [items]
     message = (
         f"target must be a class index from 0 to {NUM_CLASSES - 1} or a list of at most {MAX_TARGETS} of them, "
-        f"got {value!r}"
+        f"got {_shown(value)}"
     )
+    if len(items) > MAX_TARGETS:
+        raise ClientError("InvalidOption", message)
     indices = [_as_int(item) for item in items]
     if not indices or len(indices) > MAX_TARGETS or any(i is None or not 0 <= i < NUM_CLASSES for i in indices):
         raise ClientError("InvalidOption", message)
@@ -238,20 +301,17 @@ def _number(name: str, value: object, low: float, high: float) -> float:
     number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        number = float(value.strip())
     if number is None or not low <= number <= high:  # NaN fails both comparisons
-        raise ClientError("InvalidOption", f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+        raise ClientError("InvalidOption", f"{name} must be a number from {low:g} to {high:g}, got {_shown(value)}")
     return number
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if isinstance(value, str) and value.lower() in choices:
         return value.lower()
-    raise ClientError("InvalidOption", f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    raise ClientError("InvalidOption", f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
 
 
 def _boolean(name: str, value: object) -> bool:
@@ -259,7 +319,59 @@ def _boolean(name: str, value: object) -> bool:
         return value
     if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
         return value.lower() in _TRUE
-    raise ClientError("InvalidOption", f"{name} must be true or false, got {value!r}")
+    raise ClientError("InvalidOption", f"{name} must be true or false, got {_shown(value)}")
+
+
+@dataclass(frozen=True)
+class WorkBudget:
+    """What one request may ask of a worker, checked from the options and the image header before any pixel is
+    decoded. Set at build time (``scripts/build_mar.py --max-side ...``); defaults measured on two CPU cores so that
+    a full batch of the largest allowed requests stays well inside the 120 s response timeout."""
+
+    max_side: int = 2048
+    """The longer side of the overlays and heatmaps when a request gives no ``max_side``."""
+    max_output_pixels: int = 40_000_000
+    """Output pixels × explanations, per request."""
+    max_forward_passes: int = 100
+    """Forward passes per request: 1, plus ScoreCAM's one per scored channel."""
+    max_response_bytes: int = 100 * 1024 * 1024
+    """The largest response body: TorchServe's ``max_response_size`` in the shipped config.properties."""
+
+    def output_size(self, width: int, height: int, max_side: int | None) -> tuple[int, int]:
+        """(width, height) of the overlays: the image scaled so that its longer side is at most ``max_side``."""
+        side = self.max_side if max_side is None else max_side
+        scale = min(1.0, side / max(width, height))
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def check(self, explanations: int, output: tuple[int, int], forward_passes: int) -> None:
+        """Refuse a request whose work is over budget, saying how much it asked for and how to fit."""
+        width, height = output
+        pixels = explanations * width * height
+        if pixels > self.max_output_pixels:
+            fitting = self.max_output_pixels // (width * height)
+            side = int(max(width, height) * (self.max_output_pixels / pixels) ** 0.5)
+            advice = f"ask for at most {fitting} explanations at this size, or " if fitting else ""
+            raise ClientError(
+                "OverBudget",
+                f"this request asks for {explanations} explanation(s) of {width}x{height} pixels = "
+                f"{pixels / 1e6:.1f} megapixels of output; at most {self.max_output_pixels / 1e6:g} megapixels are "
+                f"rendered per request: {advice}set max_side to {max(MIN_SIDE, side)} or less",
+            )
+        if forward_passes > self.max_forward_passes:
+            raise ClientError(
+                "OverBudget",
+                f"this request needs {forward_passes} forward passes; at most {self.max_forward_passes} are run "
+                "per request: choose a method other than scorecam, or a server built with fewer "
+                "--scorecam-channels",
+            )
+
+    def check_response(self, size: int) -> None:
+        if size > self.max_response_bytes:
+            raise ClientError(
+                "ResponseTooLarge",
+                f"the response would be over {size} bytes; at most {self.max_response_bytes} are sent: ask for "
+                "fewer explanations, a smaller max_side, format jpeg, or no heatmap",
+            )
 
 
 @dataclass(frozen=True)
@@ -286,6 +398,9 @@ class Explanation:
     method: str
     layer: str
     format: str
+    width: int
+    """The overlay's and heatmap's size: the image's, or smaller under ``max_side``."""
+    height: int
     overlay: str
     """The overlay image, base64."""
     heatmap: str | None = None

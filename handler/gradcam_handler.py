@@ -11,17 +11,35 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
+import cv2
+import psutil
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.cam import CamEngine
-from handler.contract import ModelInfo
+from handler.contract import ModelInfo, WorkBudget
 from handler.imaging import DecodeLimits
 from handler.model import autocast_dtype, build_resnet50, load_state_dict_file, read_labels, select_device
-from handler.pipeline import ExplanationService
+from handler.pipeline import ExplanationService, RowResult, internal_error
 
 logger = logging.getLogger(__name__)
+
+
+def _sibling_workers() -> int:
+    """TorchServe's worker processes on this server, this one included (0 outside TorchServe)."""
+    try:
+        parent = psutil.Process().parent()
+        children = parent.children() if parent else []
+    except psutil.Error:
+        return 0
+    count = 0
+    for child in children:
+        try:
+            count += any("model_service_worker" in part for part in child.cmdline())
+        except psutil.Error:  # a worker that just exited
+            continue
+    return count
 
 
 class GradCamHandler(BaseHandler):
@@ -29,8 +47,8 @@ class GradCamHandler(BaseHandler):
 
     ``/predictions`` and ``/explanations`` give the same answer. Settings come from the ``handler:`` section of
     the archive's model-config.yaml: ``weights`` (the name responses report), ``scorecam_channels``,
-    ``precision`` (fp32, bf16, fp16 on CUDA), ``channels_last``, ``torch_threads`` (default: cores ÷ maxWorkers)
-    and ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``).
+    ``precision`` (fp32, bf16, fp16 on CUDA), ``channels_last``, ``torch_threads`` (default: cores ÷ the workers
+    running), ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``) and ``budget`` (see ``WorkBudget``).
     """
 
     def initialize(self, context) -> None:
@@ -39,10 +57,14 @@ class GradCamHandler(BaseHandler):
         model_config = context.model_yaml_config or {}
         settings = model_config.get("handler", {}) or {}
         self.device = select_device(properties.get("gpu_id"))
-        if self.device.type == "cpu":
-            # workers × threads ≤ cores: each of maxWorkers workers takes its share of the cores unless told.
-            share = max(1, (os.cpu_count() or 1) // max(1, int(model_config.get("maxWorkers", 1))))
-            torch.set_num_threads(int(settings.get("torch_threads") or share))
+        # OpenCV's own thread pool would compete with torch's threads and with the per-request decode/render
+        # threads: requests run in parallel instead, each single-threaded inside OpenCV.
+        cv2.setNumThreads(1)
+        self.fixed_threads = int(settings.get("torch_threads") or 0)
+        self._threads_checked = 0.0
+        if self.fixed_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.fixed_threads)
+        threads = self._share_cores()
         channels_last = bool(settings.get("channels_last", False))
         manifest_model = context.manifest["model"]
         state_dict = load_state_dict_file(model_dir / manifest_model["serializedFile"])
@@ -60,7 +82,9 @@ class GradCamHandler(BaseHandler):
             ),
             device=self.device,
             limits=DecodeLimits(**settings.get("limits", {})),
+            budget=WorkBudget(**settings.get("budget", {})),
             channels_last=channels_last,
+            threads=threads,
         )
         self.model = model
         self.context = context
@@ -69,23 +93,58 @@ class GradCamHandler(BaseHandler):
         logger.info("resnet50 Grad-CAM ready on %s with %s weights", self.device, self.service.model_info.weights)
 
     def handle(self, data: list[dict], context) -> list[dict]:
+        """One body per row, never an exception: TorchServe would fail the whole batch with a 503 on one."""
         started = time.perf_counter()
-        results = self.service.answer(data)
-        request_ids = getattr(context, "request_ids", None)
+        request_ids = getattr(context, "request_ids", None) or {}
+        try:
+            self._share_cores()
+            results = self.service.answer(data)
+        except Exception:  # the service contains each row's failures; this is the last line of defence
+            logger.exception("answering a batch of %d requests failed", len(data))
+            results = [internal_error("the batch")] * len(data)
         # Behind a KServe envelope the rows are one request's instances: a refused instance answers with its error
-        # object inside the envelope's list, and the HTTP status stays the request's.
+        # object inside the envelope's list, and the HTTP status stays the request's (200).
         one_row_per_request = not request_ids or len(request_ids) == len(results)
-        for index, result in enumerate(results if one_row_per_request else []):
-            context.set_response_content_type(index, "application/json")
-            if result.status != HTTPStatus.OK:
-                context.set_response_status(result.status, HTTPStatus(result.status).phrase, index)
+        bodies = []
+        for index, result in enumerate(results):
+            request_id = request_ids.get(index if one_row_per_request else 0)
+            bodies.append(self._body(result, request_id))
+            if one_row_per_request:
+                context.set_response_content_type(index, "application/json")
+                if result.status != HTTPStatus.OK:
+                    context.set_response_status(result.status, HTTPStatus(result.status).phrase, index)
         elapsed_ms = (time.perf_counter() - started) * 1000
         refused = sum(result.status != HTTPStatus.OK for result in results)
-        self._report_metrics(context.metrics, elapsed_ms, results, refused)
+        try:
+            self._report_metrics(context.metrics, elapsed_ms, results, refused)
+        except Exception:  # metrics must never cost an answer
+            logger.exception("reporting metrics failed")
         logger.info("answered a batch of %d requests (%d refused) in %.1f ms", len(data), refused, elapsed_ms)
-        return [result.body for result in results]
+        return bodies
 
-    def _report_metrics(self, metrics, elapsed_ms: float, results: list, refused: int) -> None:
+    @staticmethod
+    def _body(result: RowResult, request_id: str | None) -> dict:
+        if result.status == HTTPStatus.OK or request_id is None:
+            return result.body
+        return {**result.body, "request_id": request_id}
+
+    def _share_cores(self) -> int:
+        """workers × threads ≤ cores, also after workers are scaled through the management API: every 10 s, count
+        this server's worker processes (this one's siblings) and take this worker's share of the cores."""
+        if self.device.type != "cpu":
+            return min(8, os.cpu_count() or 1)
+        now = time.monotonic()
+        if self.fixed_threads or now - self._threads_checked < 10:
+            return self.fixed_threads or torch.get_num_threads()
+        self._threads_checked = now
+        workers = max(1, _sibling_workers())
+        share = max(1, (os.cpu_count() or 1) // max(1, workers))
+        if share != torch.get_num_threads():
+            torch.set_num_threads(share)
+            logger.info("%d workers on %d cores: %d torch threads each", workers, os.cpu_count() or 1, share)
+        return share
+
+    def _report_metrics(self, metrics, elapsed_ms: float, results: list[RowResult], refused: int) -> None:
         """The metrics declared in metrics.yaml: stage times, batch size, explanations served, refusals."""
         metrics.add_time("HandlerTime", round(elapsed_ms, 2), None, "ms")
         names = {"decode": "DecodeTime", "forward": "ForwardTime", "cam": "CamTime", "encode": "EncodeTime"}

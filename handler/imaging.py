@@ -17,12 +17,16 @@ __all__ = [
     "COLORMAPS",
     "DecodeLimits",
     "OUTPUT_FORMATS",
+    "OpenedImage",
     "decode_image",
+    "load_rgb",
+    "open_image",
     "encode_heatmap_png16",
     "encode_image",
     "render_contact_sheet",
     "render_overlay",
     "resize_for_model",
+    "resize_image",
     "to_base64",
 ]
 
@@ -50,12 +54,22 @@ class DecodeLimits:
     min_side: int = 16
 
 
-def decode_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Decode an upload to an upright (EXIF orientation applied) RGB uint8 array of shape (H, W, 3).
+@dataclass(frozen=True)
+class OpenedImage:
+    """An upload whose header has been read and checked against the limits; no pixel is decoded yet."""
 
-    Grayscale, palette, CMYK and 16-bit images are converted to RGB; transparency is composited over white;
-    animations and multi-page files give their first frame.
-    """
+    image: Image.Image
+    width: int
+    """The upright width, after the EXIF orientation."""
+    height: int
+
+
+_TRANSPOSED = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height."""
+
+
+def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -> OpenedImage:
+    """Read and check an upload's header: its byte count, its declared pixels and its smaller side."""
     if not data:
         raise ClientError("EmptyImage", f"the image is empty (0 bytes); send the bytes of a {ACCEPTED_INPUTS} file")
     if len(data) > limits.max_bytes:
@@ -83,12 +97,37 @@ def decode_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits())
             f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels",
         )
     try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # a corrupt EXIF block: the image is served as stored
+        orientation = None
+    if orientation in _TRANSPOSED:
+        width, height = height, width
+    return OpenedImage(image, width, height)
+
+
+def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode to an upright (EXIF orientation applied) RGB uint8 array of shape (H, W, 3).
+
+    ``at_least`` = (width, height) lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) that still covers that
+    size: less time and memory for large photos. Grayscale, palette, CMYK and 16-bit images are converted to RGB;
+    transparency is composited over white; animations and multi-page files give their first frame.
+    """
+    image = opened.image
+    try:
         image.seek(0)
+        if at_least is not None and image.format == "JPEG":
+            wanted = at_least if (image.size[0] >= image.size[1]) == (opened.width >= opened.height) else at_least[::-1]
+            image.draft("RGB", wanted)
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception:  # Pillow raises many types for corrupt data; each means the same to the client.
         raise ClientError("InvalidImage", "the image data is truncated or corrupt") from None
     return _to_rgb(image)
+
+
+def decode_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """:func:`open_image` then :func:`load_rgb` at full resolution."""
+    return load_rgb(open_image(data, limits))
 
 
 def _too_many_pixels(detail: str, limits: DecodeLimits | None = None) -> ClientError:
@@ -112,8 +151,15 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
 
 def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
     """The whole image squashed to ``size`` x ``size``, area-averaged when shrinking, bilinear when growing."""
-    shrinking = rgb.shape[0] * rgb.shape[1] > size * size
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return resize_image(rgb, (size, size))
+
+
+def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``rgb`` at ``size`` = (width, height), area-averaged when shrinking, bilinear when growing; as is if equal."""
+    if (rgb.shape[1], rgb.shape[0]) == tuple(size):
+        return rgb
+    shrinking = rgb.shape[0] * rgb.shape[1] > size[0] * size[1]
+    return cv2.resize(rgb, tuple(size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def render_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float, colormap: str) -> np.ndarray:

@@ -1,6 +1,9 @@
 """From request rows to response bodies: parse, decode, one batched CAM pass, render. No TorchServe in here.
 
-One bad row fails only itself: it comes back as its own 4xx result while the rest of the batch is answered.
+Every failure stays in its own row, by mechanism: each row's preparation and rendering runs inside
+:func:`contained`, which turns a :class:`ClientError` into its 4xx and any other exception into that row's 500; when
+the batched engine call itself fails, the batch's rows are explained one by one, so that only the row that really
+fails gets the 500.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,23 +25,26 @@ from handler.contract import (
     Explanation,
     ModelInfo,
     Prediction,
+    WorkBudget,
     parse_request,
 )
 from handler.errors import ClientError
 from handler.imaging import (
     DecodeLimits,
-    decode_image,
     encode_heatmap_png16,
     encode_image,
+    load_rgb,
+    open_image,
     render_overlay,
     resize_for_model,
+    resize_image,
     to_base64,
 )
 from handler.model import INPUT_SIZE, images_to_batch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExplanationService", "PreparedRequest", "RowResult"]
+__all__ = ["ExplanationService", "PreparedRequest", "RowResult", "contained"]
 
 
 @dataclass(frozen=True)
@@ -49,18 +55,37 @@ class RowResult:
     body: dict[str, object]
 
 
+def internal_error(what: str) -> RowResult:
+    """A 500 for one row; the traceback is in the log, next to the request id the handler adds."""
+    return RowResult(500, {"code": 500, "type": "InternalError", "message": f"{what} failed on the server"})
+
+
+def contained(step: str, work: Callable[[], object]) -> object | RowResult:
+    """``work()``, or the row's own error result: a ClientError's 4xx, or a 500 for anything else (logged)."""
+    try:
+        return work()
+    except ClientError as error:
+        return RowResult(error.status, error.to_dict())
+    except Exception:
+        logger.exception("%s failed for one request; its batch neighbours are answered", step)
+        return internal_error(step)
+
+
 def cam_request(options: ExplainOptions) -> CamRequest:
     """What the engine needs of a request's options."""
     return CamRequest(classes=options.target, top=options.explain, layer=options.layer, method=options.method)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedRequest:
-    """A decoded request: its options, the upright RGB image and the model-sized copy."""
+    """A decoded request: its options, the image at output size (released once rendered) and the model-sized copy."""
 
     options: ExplainOptions
-    rgb: np.ndarray
+    display: np.ndarray | None
     model_input: np.ndarray
+    width: int
+    """The uploaded image's upright size."""
+    height: int
 
 
 @dataclass
@@ -72,23 +97,23 @@ class ExplanationService:
     model_info: ModelInfo
     device: torch.device
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+    budget: WorkBudget = field(default_factory=WorkBudget)
     channels_last: bool = False
+    threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    """Requests decoded and rendered at once, one per thread: OpenCV and Pillow release the GIL while they work."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """How long each stage of the last call took: decode, forward, cam, encode."""
-    _pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)), repr=False
-    )
-    """Decoding and encoding run one request per thread: OpenCV and Pillow release the GIL while they work."""
     layers: Sequence[str] = ()
     """The layers requests may name; by default every layer of the model that gives a spatial map."""
 
     def __post_init__(self) -> None:
         if not self.layers:
             self.layers = spatial_layers(self.engine.model)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
         started = time.perf_counter()
-        prepared = list(self._pool.map(self._prepare_or_refuse, rows))
+        prepared = list(self._pool.map(lambda row: contained("preparing the request", lambda: self.prepare(row)), rows))
         self.stage_seconds = {"decode": time.perf_counter() - started}
         valid = [index for index, item in enumerate(prepared) if isinstance(item, PreparedRequest)]
         results = list(prepared)  # refusals stay in place; each valid request is replaced by its answer
@@ -98,26 +123,50 @@ class ExplanationService:
         return results
 
     def prepare(self, row: Mapping[str, object]) -> PreparedRequest:
-        """Parse and decode one row; a :class:`ClientError` says why it cannot be served."""
+        """Parse, check the budget from the header, then decode one row; a :class:`ClientError` says why not."""
         request = parse_request(row)
-        if request.options.layer not in self.layers:
-            raise ClientError("InvalidOption", str(LayerNotFoundError(request.options.layer, self.layers)))
-        rgb = decode_image(request.image, self.limits)
-        return PreparedRequest(request.options, rgb, resize_for_model(rgb, INPUT_SIZE))
-
-    def _prepare_or_refuse(self, row: Mapping[str, object]) -> PreparedRequest | RowResult:
-        try:
-            return self.prepare(row)
-        except ClientError as error:
-            return RowResult(error.status, error.to_dict())
+        options = request.options
+        if options.layer not in self.layers:
+            raise ClientError("InvalidOption", str(LayerNotFoundError(options.layer, self.layers)))
+        classes = len(self.labels)
+        if options.target is not None and max(options.target) >= classes:
+            raise ClientError(
+                "InvalidOption",
+                f"target must be a class index from 0 to {classes - 1} (this model has {classes} classes), "
+                f"got {list(options.target)}",
+            )
+        if options.target is None and options.explain > classes:
+            raise ClientError(
+                "InvalidOption",
+                f"explain must be at most {classes} (this model has {classes} classes), got {options.explain}",
+            )
+        opened = open_image(request.image, self.limits)
+        output = self.budget.output_size(opened.width, opened.height, options.max_side)
+        explanations = len(options.target) if options.target is not None else options.explain
+        self.budget.check(explanations, output, self.engine.forward_passes(cam_request(options)))
+        rgb = load_rgb(opened, at_least=(max(output[0], INPUT_SIZE), max(output[1], INPUT_SIZE)))
+        return PreparedRequest(
+            options, resize_image(rgb, output), resize_for_model(rgb, INPUT_SIZE), opened.width, opened.height
+        )
 
     def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
-        """One forward pass and one gradient call for the whole batch, then each request's overlays in parallel."""
+        """One forward pass for the whole batch; if that fails, each request alone, so only the culprit fails."""
+        try:
+            return self._explain_together(prepared)
+        except Exception:
+            if len(prepared) == 1:
+                logger.exception("explaining a request failed")
+                return [internal_error("the explanation")]
+            logger.exception("the batched explanation of %d requests failed; explaining each alone", len(prepared))
+            return [self.explain([item])[0] for item in prepared]
+
+    def _explain_together(self, prepared: list[PreparedRequest]) -> list[RowResult]:
         started = time.perf_counter()
         batch = images_to_batch([item.model_input for item in prepared], self.device, self.channels_last)
         output = self.engine(batch, [cam_request(item.options) for item in prepared])
         probabilities = output.logits.float().softmax(dim=1).cpu()  # one copy off the device for the whole batch
-        top_probabilities, top_indices = probabilities.topk(max(item.options.topk for item in prepared), dim=1)
+        topk = min(max(item.options.topk for item in prepared), probabilities.shape[1])
+        top_probabilities, top_indices = probabilities.topk(topk, dim=1)
         top_probabilities, top_indices = top_probabilities.tolist(), top_indices.tolist()
         self.stage_seconds["forward"] = self.engine.seconds["forward"]
         self.stage_seconds["cam"] = time.perf_counter() - started - self.engine.seconds["forward"]
@@ -130,9 +179,16 @@ class ExplanationService:
             for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
         ]
         target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
-        results = list(
-            self._pool.map(self._respond, prepared, predictions, output.targets, target_probabilities, output.maps)
-        )
+
+        def respond(n: int) -> RowResult:
+            return contained(
+                "rendering the explanation",
+                lambda: self._respond(
+                    prepared[n], predictions[n], output.targets[n], target_probabilities[n], output.maps[n]
+                ),
+            )
+
+        results = list(self._pool.map(respond, range(len(prepared))))
         self.stage_seconds["encode"] = time.perf_counter() - started
         return results
 
@@ -144,21 +200,24 @@ class ExplanationService:
         target_probabilities: list[float],
         maps: torch.Tensor,
     ) -> RowResult:
+        """Render one target at a time at the output size, stopping as soon as the response would be too large."""
         try:
-            heatmaps = normalize_map(maps, item.rgb.shape[:2]).cpu().numpy()
-            explanations = [
-                self._render(item, target, probability, heatmap)
-                for target, probability, heatmap in zip(targets, target_probabilities, heatmaps)
-            ]
-        except Exception:  # one request's rendering must not fail its batch neighbours
-            logger.exception("rendering the explanation failed")
-            return RowResult(500, {"code": 500, "type": "InternalError", "message": "rendering failed"})
-        height, width = item.rgb.shape[:2]
-        return RowResult(200, ExplainResponse(self.model_info, width, height, predictions, explanations).to_dict())
+            size = (item.display.shape[0], item.display.shape[1])
+            explanations, response_bytes = [], 0
+            for target, probability, cam in zip(targets, target_probabilities, maps):
+                heatmap = normalize_map(cam[None], size)[0].cpu().numpy()
+                explanation = self._render(item, target, probability, heatmap)
+                response_bytes += len(explanation.overlay) + len(explanation.heatmap or "") + 512
+                self.budget.check_response(response_bytes)
+                explanations.append(explanation)
+        finally:
+            item.display = None  # the image is rendered (or refused): release it before the batch is done
+        response = ExplainResponse(self.model_info, item.width, item.height, predictions, explanations)
+        return RowResult(200, response.to_dict())
 
     def _render(self, item: PreparedRequest, target: int, probability: float, heatmap: np.ndarray) -> Explanation:
         options = item.options
-        overlay = render_overlay(item.rgb, heatmap, options.alpha, options.colormap)
+        overlay = render_overlay(item.display, heatmap, options.alpha, options.colormap)
         return Explanation(
             index=target,
             label=self.labels[target],
@@ -166,6 +225,8 @@ class ExplanationService:
             method=options.method,
             layer=options.layer,
             format=options.format,
+            width=overlay.shape[1],
+            height=overlay.shape[0],
             overlay=to_base64(encode_image(overlay, options.format)),
             heatmap=to_base64(encode_heatmap_png16(heatmap)) if options.heatmap else None,
         )

@@ -386,3 +386,70 @@ def test_spatial_layers_leave_out_shared_and_flat_modules(resnet50):
     layers = spatial_layers(resnet50)
     assert {"conv1", "layer1", "layer2", "layer3", "layer4", "layer4.2", "layer3.5.conv2"} <= set(layers)
     assert not {"fc", "avgpool", "layer4.2.relu"} & set(layers)
+
+
+def test_many_targets_on_one_image_repeat_only_the_network_after_the_layer(resnet50):
+    """One image's five targets cost four extra rows after layer4 (one per extra target), not a wider gradient call
+    for every image; the maps equal each image explained alone."""
+    torch.manual_seed(3)
+    images = torch.randn(4, 3, 64, 64)
+    requests = [CamRequest(classes=[1, 2, 3, 4, 5], layer="layer4")] + [CamRequest(layer="layer4")] * 3
+    rows: dict[str, list[int]] = {"layer3": [], "fc": []}
+    probes = [
+        resnet50.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: rows[name].append(len(o)))
+        for name in rows
+    ]
+    batched = []
+    original = torch.autograd.grad
+    torch.autograd.grad = lambda *a, **k: batched.append(k.get("is_grads_batched", False)) or original(*a, **k)
+    try:
+        out = CamEngine(resnet50)(images, requests)
+    finally:
+        torch.autograd.grad = original
+        for probe in probes:
+            probe.remove()
+    assert rows == {"layer3": [4], "fc": [8]}  # the prefix runs once per image; the head once per pair
+    assert batched == [False]  # one plain gradient call, no vmap over target slots
+    assert out.logits.shape == (4, 1000) and [len(t) for t in out.targets] == [5, 1, 1, 1]
+    for n, request in enumerate(requests):
+        alone = CamEngine(resnet50)(images[n : n + 1], [request])
+        torch.testing.assert_close(out.logits[n], alone.logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(normalize_map(out.maps[n]), normalize_map(alone.maps[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_layer_inside_a_residual_block_falls_back_to_gradient_slots(resnet50):
+    """Repeating rows inside a bottleneck would meet its unrepeated shortcut: the engine falls back, once."""
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 64, 64)
+    requests = [CamRequest(classes=[1, 2, 3], layer="layer3.1.conv2"), CamRequest(layer="layer3.1.conv2")]
+    engine = CamEngine(resnet50)
+    out = engine(images, requests)
+    assert engine._unexpandable == {frozenset({"layer3.1.conv2"})}
+    for n, request in enumerate(requests):
+        alone = engine(images[n : n + 1], [request])
+        torch.testing.assert_close(normalize_map(out.maps[n]), normalize_map(alone.maps[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_class_independent_methods_run_once_per_image(monkeypatch):
+    """ScoreCAM's masked passes and EigenCAM's decomposition do not depend on the class: three targets cost what
+    one does."""
+    import handler.cam as cam
+
+    model = TinySquareHead()
+    eigen_rows = []
+    original_eigen = cam.eigen_cam
+    monkeypatch.setattr(cam, "eigen_cam", lambda a: eigen_rows.append(len(a)) or original_eigen(a))
+    engine = CamEngine(model, scorecam_channels=None, scorecam_batch=1)
+    images = torch.cat([X, 2 * X])
+    out = engine(images, [CamRequest(classes=[0, 1, 0], method="eigencam", layer="features")] * 2)
+    assert eigen_rows == [2]
+    assert all(torch.equal(maps[0], maps[1]) for maps in out.maps)
+    model.forward_calls = 0
+    out = engine(images, [CamRequest(classes=[0, 1, 1], method="scorecam", layer="features")] * 2)
+    assert model.forward_calls == 1 + 2 * 2  # the batch, then 2 channels per image, once each
+    for n in range(2):
+        for t, c in enumerate([0, 1, 1]):
+            alone = CamEngine(model, scorecam_channels=None)(
+                images[n : n + 1], [CamRequest(classes=[c], method="scorecam", layer="features")]
+            )
+            torch.testing.assert_close(out.maps[n][t], alone.maps[0][0])

@@ -101,9 +101,11 @@ def test_malformed_requests_name_the_problem(row, kind, fragment):
         ({"format": "bmp"}, "format must be one of jpeg, png, webp, got 'bmp'"),
         ({"heatmap": "maybe"}, "heatmap must be true or false, got 'maybe'"),
         ({"method": "gradcam+++"}, "method must be one of gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam"),
-        ({"layer": "layer4; rm -rf /"}, "layer must be conv1, layer1, layer2, layer3, layer4 or a dotted submodule"),
-        ({"layer": "../etc"}, "layer must be conv1"),
-        ({"layer": 4}, "layer must be conv1"),
+        ({"layer": "layer4; rm -rf /"}, "layer must be a dotted module path of at most 200 characters"),
+        ({"layer": "../etc"}, "layer must be a dotted module path"),
+        ({"layer": 4}, "layer must be a dotted module path"),
+        ({"layer": "layer4." * 100}, "layer must be a dotted module path"),
+        ({"max_side": 8}, "max_side must be an integer from 16 to 16384, got 8"),
         ({"explain": 6}, "explain must be an integer from 1 to 5, got 6"),
         ({"explain": 0}, "explain must be an integer from 1 to 5, got 0"),
         ({"explain": 2, "target": 281}, "give either target (classes to explain) or explain (top N), not both"),
@@ -175,8 +177,8 @@ def test_response_schema():
         height=300,
         predictions=[Prediction(281, "tabby", 0.5)],
         explanations=[
-            Explanation(281, "tabby", 0.5, "gradcam", "layer4", "jpeg", "b64"),
-            Explanation(282, "tiger cat", 0.25, "gradcam", "layer4", "png", "b64", heatmap="png16"),
+            Explanation(281, "tabby", 0.5, "gradcam", "layer4", "jpeg", 451, 300, "b64"),
+            Explanation(282, "tiger cat", 0.25, "gradcam", "layer4", "png", 226, 150, "b64", heatmap="png16"),
         ],
     ).to_dict()
     assert response == {
@@ -191,6 +193,8 @@ def test_response_schema():
                 "method": "gradcam",
                 "layer": "layer4",
                 "format": "jpeg",
+                "width": 451,
+                "height": 300,
                 "overlay": "b64",
             },
             {
@@ -200,8 +204,81 @@ def test_response_schema():
                 "method": "gradcam",
                 "layer": "layer4",
                 "format": "png",
+                "width": 226,
+                "height": 150,
                 "overlay": "b64",
                 "heatmap": "png16",
             },
         ],
     }
+
+
+# --- Adversarial values: every one a 400 that names the option, never another exception ---
+
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"topk": b"--5"}, "topk must be an integer from 1 to 20, got '--5'"),
+        ({"topk": b"+-3"}, "topk must be an integer from 1 to 20, got '+-3'"),
+        ({"target": b"--1"}, "target must be a class index"),
+        ({"explain": b"-+2"}, "explain must be an integer from 1 to 5, got '-+2'"),
+        ({"topk": HUGE.encode()}, "topk is 5000 bytes long"),
+        ({"topk": "9" * 900}, "topk must be an integer from 1 to 20"),
+        ({"topk": "\u0663"}, "topk must be an integer"),  # ARABIC-INDIC DIGIT THREE
+        ({"topk": "３"}, "topk must be an integer"),  # FULLWIDTH DIGIT THREE
+        ({"topk": " 3 \t"}, None),
+        ({"topk": "1_0"}, "topk must be an integer"),
+        ({"alpha": "\u0660.5"}, "alpha must be a number from 0 to 1"),
+        ({"alpha": "1_0e-1"}, "alpha must be a number from 0 to 1"),
+        ({"alpha": "inf"}, "alpha must be a number from 0 to 1"),
+        ({"alpha": "-nan"}, "alpha must be a number from 0 to 1"),
+        ({"alpha": float("nan")}, "alpha must be a number from 0 to 1"),
+        ({"alpha": "1e99999"}, "alpha must be a number from 0 to 1"),
+        ({"target": "[" * 900}, "target must be a class index"),
+        ({"target": "[" * 5000}, "target is 5000 characters long"),
+        ({"target": "[[[1]]]"}, "target must be a class index"),
+        ({"target": ",".join(["1"] * 400)}, "a list of at most 10"),
+        ({"layer": "a" * 300}, "layer must be a dotted module path of at most 200 characters"),
+        ({"layer": "a" * 5000}, "layer is 5000 characters long"),
+        ({"heatmap": b"\xff\xfe"}, "heatmap is not UTF-8 text"),
+        ({"max_side": b"1e3"}, "max_side must be an integer"),
+    ],
+)
+def test_adversarial_multipart_values_name_the_option(fields, fragment):
+    row = {"data": bytearray(IMAGE), **{k: bytearray(v) if isinstance(v, bytes) else v for k, v in fields.items()}}
+    if fragment is None:
+        assert parse_request(row).options
+        return
+    with pytest.raises(ClientError) as error:
+        parse_request(row)
+    assert fragment in error.value.message and error.value.status == 400
+    assert len(error.value.message) < 400
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            b'{"image": "aGk=", "topk": ' + HUGE.encode() + b"}",
+            "topk must be an integer from 1 to 20, got <a 5000-digit",
+        ),
+        (b'{"image": "aGk=", "target": [' + HUGE.encode() + b"]}", "target must be a class index"),
+        (b'{"image": "aGk=", "alpha": ' + HUGE.encode() + b".5}", "alpha must be a number from 0 to 1"),
+        (b'{"image": "aGk=", "target": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+        (b'{"image": "aGk=", "target": ' + b"[" * 500 + b"1" + b"]" * 500 + b"}", "target must be a class index"),
+        (b'{"image": "aGk=", "alpha": NaN}', "alpha must be a number from 0 to 1, got nan"),
+        (b'{"image": "aGk=", "alpha": -Infinity}', "alpha must be a number from 0 to 1, got -inf"),
+        (b'{"image": "aGk=", "topk": 2, "topk": 3}', "the key 'topk' more than once"),
+        (b'{"image": "aGk=", "topk": 1e400}', "topk must be an integer"),
+        (b'{"image": "aGk=", "topk": {"a": {"b": {"c": [1]}}}}', "topk must be an integer"),
+        (b'{"image": "aGk=", "' + b"x" * 5000 + b'": 1}', "unknown option"),
+    ],
+)
+def test_adversarial_json_bodies_name_the_problem(body, fragment):
+    with pytest.raises(ClientError) as error:
+        parse_request({"body": bytearray(body)})
+    assert fragment in error.value.message and error.value.status == 400
+    assert len(error.value.message) < 600

@@ -118,3 +118,37 @@ def test_handler_defines_exactly_one_class(unpacked_mar):
         assert [cls.__name__ for cls in list_classes_from_module(gradcam_handler)] == ["GradCamHandler"]
     finally:
         sys.path.remove(str(unpacked_mar))
+
+
+def test_nothing_escapes_handle_and_a_500_carries_its_request_id(served, chelsea, monkeypatch):
+    handler, model_dir = served
+    context = RecordingContext(model_dir)
+    context.request_ids = {0: "id-good", 1: "id-broken", 2: "id-bad"}
+    original = handler.service.prepare
+
+    def prepare(row):
+        if "broken" in row:
+            raise RecursionError("injected")
+        return original(row)
+
+    monkeypatch.setattr(handler.service, "prepare", prepare)
+    rows = [
+        {"data": bytearray(encode(chelsea, "JPEG"))},
+        {"data": bytearray(encode(chelsea, "JPEG")), "broken": b"1"},
+        {"data": bytearray(encode(chelsea, "JPEG")), "topk": b"--5"},
+    ]
+    responses = handler.handle(rows, context)
+    assert context.statuses == {1: (500, "Internal Server Error"), 2: (400, "Bad Request")}
+    assert responses[1] == {
+        "code": 500,
+        "type": "InternalError",
+        "message": "preparing the request failed on the server",
+        "request_id": "id-broken",
+    }
+    assert responses[2]["request_id"] == "id-bad" and "topk must be an integer" in responses[2]["message"]
+    assert "request_id" not in responses[0] and responses[0]["predictions"]
+
+    monkeypatch.setattr(handler.service, "answer", lambda rows: 1 / 0)  # even the service itself failing
+    context = RecordingContext(model_dir)
+    responses = handler.handle(rows[:1], context)
+    assert context.statuses == {0: (500, "Internal Server Error")} and responses[0]["type"] == "InternalError"

@@ -1,0 +1,240 @@
+"""The service on a tiny CNN: failure containment per row, the work budget, max_side, and a fuzz of the real interface.
+
+``ExplanationService.answer`` is what the handler calls with TorchServe's rows; these tests call it the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import handler.pipeline as pipeline
+from handler.cam import CamEngine
+from handler.contract import OPTION_NAMES, ModelInfo, WorkBudget
+from handler.pipeline import ExplanationService
+from tests.conftest import encode
+
+LABELS = ["red", "green", "blue"]
+
+
+class TinyNet(nn.Module):
+    """Three classes; ``layer4`` gives an (8, 7, 7) map for a 224-pixel input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.layer4 = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 8, 3, stride=8, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layer4(self.conv1(x))), 1))
+
+
+def make_service(budget: WorkBudget = WorkBudget(), engine: CamEngine | None = None) -> ExplanationService:
+    torch.manual_seed(0)
+    model = TinyNet().eval().requires_grad_(False)
+    return ExplanationService(
+        engine=engine or CamEngine(model, scorecam_channels=None),
+        labels=LABELS,
+        model_info=ModelInfo("tiny", "1.0", "random"),
+        device=torch.device("cpu"),
+        budget=budget,
+        threads=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def service() -> ExplanationService:
+    return make_service()
+
+
+def picture(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "PNG")
+
+
+def decode_png(data: str) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+# --- Containment ---
+
+
+class FailsOnWhiteImages(CamEngine):
+    """An engine that fails any batch holding an all-white image, as a fault in one row would."""
+
+    calls: int = 0
+
+    def __call__(self, images, requests):
+        self.calls += 1
+        if any(bool((image > 2.0).all()) for image in images):  # white, after ImageNet normalisation
+            raise RuntimeError("injected engine failure")
+        return super().__call__(images, requests)
+
+
+def test_an_engine_failure_in_one_row_fails_only_that_row():
+    model = TinyNet().eval().requires_grad_(False)
+    engine = FailsOnWhiteImages(model)
+    service = make_service(engine=engine)
+    white = encode(np.full((40, 40, 3), 255, np.uint8), "PNG")
+    rows = [{"data": bytearray(picture(seed=n))} for n in range(3)]
+    rows.insert(1, {"data": bytearray(white)})
+    results = service.answer(rows)
+    assert [r.status for r in results] == [200, 500, 200, 200]
+    assert results[1].body == {"code": 500, "type": "InternalError", "message": "the explanation failed on the server"}
+    assert engine.calls == 1 + 4  # the batch, then each request alone
+    for row, result in zip([rows[0], rows[2], rows[3]], [results[0], results[2], results[3]]):
+        alone = service.answer([row])[0]
+        assert alone.body["predictions"] == result.body["predictions"]
+        assert alone.body["explanations"][0]["overlay"] == result.body["explanations"][0]["overlay"]
+
+
+def test_an_unexpected_exception_while_preparing_or_rendering_fails_only_its_row(monkeypatch, service):
+    original_load, original_render = pipeline.load_rgb, pipeline.render_overlay
+
+    def load(opened, at_least=None):
+        if opened.width == 33:
+            raise MemoryError("injected")
+        return original_load(opened, at_least)
+
+    def render(rgb, heat, alpha, colormap):
+        if alpha == 0.125:
+            raise KeyError("injected")
+        return original_render(rgb, heat, alpha, colormap)
+
+    monkeypatch.setattr(pipeline, "load_rgb", load)
+    monkeypatch.setattr(pipeline, "render_overlay", render)
+    rows = [
+        {"data": bytearray(picture(width=33))},
+        {"data": bytearray(picture()), "alpha": b"0.125"},
+        {"data": bytearray(picture())},
+        {"data": bytearray(b"not an image")},
+    ]
+    results = service.answer(rows)
+    assert [r.status for r in results] == [500, 500, 200, 400]
+    assert results[0].body["message"] == "preparing the request failed on the server"
+    assert results[1].body["message"] == "rendering the explanation failed on the server"
+
+
+# --- Fuzz: the real interface, adversarial values, never anything but an answer or a 4xx ---
+
+DIGITS = "0123456789\u0660\u0663\u06f5\u0966\uff13\u00b2"
+numbers_as_text = st.text(alphabet=DIGITS + "+-.eE_ \t\n,[]x", max_size=30)
+values = st.one_of(
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    numbers_as_text,
+    st.text(max_size=40),
+    st.just("9" * 5000),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(-5, 5), max_size=12),
+    st.recursive(st.integers(0, 3), lambda inner: st.lists(inner, max_size=3), max_leaves=6),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.sampled_from(["gradcam", "scorecam", "eigencam", "layer4", "layer4.1", "conv1", "png", "jet", "true"]),
+)
+option_names = st.one_of(st.sampled_from(OPTION_NAMES), st.text(max_size=8))
+
+
+def _multipart(options: dict) -> dict:
+    """As TorchServe hands multipart fields to the handler: bytearrays, by name."""
+    row = {"data": bytearray(picture(40, 32))}
+    for name, value in options.items():
+        row[name] = bytearray(value if isinstance(value, bytes) else json.dumps(value).strip('"').encode())
+    return row
+
+
+def _json(options: dict) -> dict:
+    return {"body": {"image": base64.b64encode(picture(40, 32)).decode(), **options}}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([_multipart, _json]), st.dictionaries(option_names, values, max_size=4)),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_fuzzed_rows_are_answered_or_refused_with_a_4xx_and_never_hurt_a_good_neighbour(service, rows):
+    good = {"data": bytearray(picture())}
+    built = [make(options) for make, options in rows]
+    results = service.answer([*built, good])
+    for result in results[:-1]:
+        assert result.status == 200 or 400 <= result.status < 500, result.body
+        if result.status != 200:
+            assert result.body["message"] and len(result.body["message"]) < 1000
+    assert results[-1].status == 200
+
+
+# --- Budget and output size ---
+
+
+def test_max_side_scales_the_overlay_and_heatmap_and_the_response_says_both_sizes(service):
+    row = {"data": bytearray(picture(400, 200)), "max_side": b"100", "heatmap": b"true", "format": b"png"}
+    (result,) = service.answer([row])
+    assert result.status == 200, result.body
+    assert result.body["image"] == {"width": 400, "height": 200}
+    explanation = result.body["explanations"][0]
+    assert (explanation["width"], explanation["height"]) == (100, 50)
+    assert decode_png(explanation["overlay"]).shape == (50, 100, 3)
+    assert decode_png(explanation["heatmap"]).shape == (50, 100)
+
+
+def test_the_server_cap_applies_when_a_request_gives_no_max_side():
+    service = make_service(budget=WorkBudget(max_side=64))
+    (result,) = service.answer([{"data": bytearray(picture(256, 128))}])
+    assert (result.body["explanations"][0]["width"], result.body["explanations"][0]["height"]) == (64, 32)
+    (small,) = service.answer([{"data": bytearray(picture(40, 30)), "max_side": b"1000"}])
+    assert (small.body["explanations"][0]["width"], small.body["explanations"][0]["height"]) == (40, 30)
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding_with_how_to_fit(monkeypatch):
+    service = make_service(budget=WorkBudget(max_output_pixels=100_000))
+    monkeypatch.setattr(pipeline, "load_rgb", lambda *a, **k: pytest.fail("decoded an over-budget request"))
+    row = {"data": bytearray(picture(400, 300)), "target": b"0,1,2", "max_side": b"1000"}
+    (result,) = service.answer([row])
+    assert result.status == 400 and result.body["type"] == "OverBudget"
+    message = result.body["message"]
+    assert "3 explanation(s) of 400x300 pixels = 0.4 megapixels" in message
+    assert "at most 0.1 megapixels" in message
+    assert "at most 0 explanations" not in message and "set max_side to 210 or less" in message
+    monkeypatch.undo()
+    (fits,) = service.answer([{**row, "max_side": b"210"}])  # the advice works
+    assert fits.status == 200 and len(fits.body["explanations"]) == 3
+
+
+def test_scorecam_over_the_forward_pass_budget_is_refused():
+    service = make_service(budget=WorkBudget(max_forward_passes=5))  # layer4 has 8 channels: 9 passes
+    (result,) = service.answer([{"data": bytearray(picture()), "method": b"scorecam"}])
+    assert result.status == 400 and "needs 9 forward passes; at most 5" in result.body["message"]
+    (fine,) = service.answer([{"data": bytearray(picture()), "method": b"gradcam"}])
+    assert fine.status == 200
+
+
+def test_a_response_over_the_size_limit_is_refused_for_that_request_alone():
+    service = make_service(budget=WorkBudget(max_response_bytes=20_000))
+    big = {"data": bytearray(picture(400, 300)), "format": b"png", "heatmap": b"true", "target": b"0,1"}
+    results = service.answer([big, {"data": bytearray(picture())}])
+    assert results[0].status == 400 and results[0].body["type"] == "ResponseTooLarge"
+    assert "at most 20000 are sent" in results[0].body["message"]
+    assert results[1].status == 200
+
+
+def test_classes_bound_target_and_topk():
+    service = make_service()
+    (result,) = service.answer([{"data": bytearray(picture()), "topk": b"5"}])
+    assert [p["label"] for p in result.body["predictions"]] == sorted(
+        LABELS, key=lambda label: -next(p["probability"] for p in result.body["predictions"] if p["label"] == label)
+    )
+    (refused,) = service.answer([{"data": bytearray(picture()), "target": b"3"}])
+    assert refused.status == 400 and "from 0 to 2 (this model has 3 classes), got [3]" in refused.body["message"]
