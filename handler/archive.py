@@ -28,7 +28,16 @@ from handler.model import (
 __all__ = ["ServingConfig", "build_archive", "resolve_weights", "weights_for_cli"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNTIME_MODULES = ("__init__.py", "cam.py", "contract.py", "errors.py", "imaging.py", "model.py", "pipeline.py")
+RUNTIME_MODULES = (
+    "__init__.py",
+    "cam.py",
+    "contract.py",
+    "errors.py",
+    "gradcam_handler.py",
+    "imaging.py",
+    "model.py",
+    "pipeline.py",
+)
 HANDLER_FILE = PACKAGE_DIR / "gradcam_handler.py"
 STATE_DICT_NAME = "resnet50_state_dict.pt"
 
@@ -110,8 +119,10 @@ def build_archive(
     config: ServingConfig = ServingConfig(),
     version: str = "1.0",
     model_name: str = "resnet50",
+    handler_file: Path = HANDLER_FILE,
 ) -> Path:
-    """Write ``<export_dir>/<model_name>.mar`` and return its path."""
+    """Write ``<export_dir>/<model_name>.mar`` and return its path. ``handler_file`` is TorchServe's entry point;
+    the runtime package, the shipped handler module included, travels beside it either way."""
     from model_archiver import ModelArchiver, ModelArchiverConfig  # build-time dependency only
 
     export_dir = Path(export_dir)
@@ -134,7 +145,7 @@ def build_archive(
             ModelArchiver.generate_model_archive(
                 ModelArchiverConfig(
                     model_name=model_name,
-                    handler=str(HANDLER_FILE),
+                    handler=str(handler_file),
                     version=version,
                     serialized_file=str(staging / STATE_DICT_NAME),
                     extra_files=str(extra),

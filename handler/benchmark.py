@@ -173,7 +173,7 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
             normalize_map(torch.cat(engine(batch).maps), (INPUT_SIZE, INPUT_SIZE))
 
         def cam_and_overlays(prepared: list = prepared) -> None:
-            service.explain(prepared)
+            service.explain([copy.copy(item) for item in prepared])  # explain() releases each image it renders
 
         def peer_gradcam(batch: torch.Tensor = batch, targets: list = top1) -> None:
             peer(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in targets])

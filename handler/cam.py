@@ -208,8 +208,11 @@ class CamEngine:
     Work is grouped by what each image needs. When some image asks for several classes, the leaf is repeated once
     per (image, class) pair, so that only the network after the layer runs again for the extra classes, and each
     pair's gradient comes from its own row: one image's ten targets do not widen every other image's gradient call.
-    This needs a network whose rows do not interact in eval mode, as every classifier's do. EigenCAM is computed
-    once per image, and ScoreCAM's masked forward passes once per image, whatever the number of classes.
+    This needs a network whose rows do not interact in eval mode, as every classifier's do, and a layer whose
+    output is the whole stream: at a layer inside a residual block the repeated rows would meet the block's
+    unrepeated shortcut, so there the engine falls back (once; it remembers) to one ``torch.autograd.grad`` call
+    batched over target slots with ``is_grads_batched``. EigenCAM is computed once per image, and ScoreCAM's masked
+    forward passes once per image, whatever the number of classes.
 
     ``autocast_dtype`` (``torch.bfloat16``, ``torch.float16``) runs the network under ``torch.autocast``; maps are
     combined in float32. ScoreCAM scores at most ``scorecam_channels`` channels per map (those with the highest mean

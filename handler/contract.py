@@ -25,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "Prediction",
     "WorkBudget",
+    "is_envelope_instance",
     "parse_options",
     "parse_request",
 ]
@@ -133,6 +134,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
             raise ClientError("InvalidJSON", f"the JSON object has the key {_shown(key)} more than once")
         result[key] = value
     return result
+
+
+def is_envelope_instance(row: Mapping[str, object]) -> bool:
+    """Whether a row is one instance (v1) or input (v2) of a KServe envelope's request, not a request of its own:
+    TorchServe gives a request's body under ``body`` and multipart fields as bytes, an envelope gives JSON values."""
+    return "body" not in row and not any(isinstance(value, (bytes, bytearray)) for value in row.values())
 
 
 def _load_json(raw: str | bytes | bytearray, what: str = "the body") -> object:

@@ -18,7 +18,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.cam import CamEngine
-from handler.contract import ModelInfo, WorkBudget
+from handler.contract import ModelInfo, WorkBudget, is_envelope_instance
 from handler.imaging import DecodeLimits
 from handler.model import autocast_dtype, build_resnet50, load_state_dict_file, read_labels, select_device
 from handler.pipeline import ExplanationService, RowResult, internal_error
@@ -103,8 +103,8 @@ class GradCamHandler(BaseHandler):
             logger.exception("answering a batch of %d requests failed", len(data))
             results = [internal_error("the batch")] * len(data)
         # Behind a KServe envelope the rows are one request's instances: a refused instance answers with its error
-        # object inside the envelope's list, and the HTTP status stays the request's (200).
-        one_row_per_request = not request_ids or len(request_ids) == len(results)
+        # object inside the envelope's list, and the HTTP status stays 200, alone or beside good instances.
+        one_row_per_request = not any(is_envelope_instance(row) for row in data)
         bodies = []
         for index, result in enumerate(results):
             request_id = request_ids.get(index if one_row_per_request else 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,24 @@ def contained(step: str, work: Callable[[], object]) -> object | RowResult:
     except Exception:
         logger.exception("%s failed for one request; its batch neighbours are answered", step)
         return internal_error(step)
+
+
+class _ByteCount:
+    """The bytes a batch's responses add up to, under a limit; thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self._lock = limit, 0, threading.Lock()
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self.total + size > self.limit:
+                raise ClientError(
+                    "ResponseTooLarge",
+                    f"this response ({size} bytes) and those of the requests served in the same batch would exceed "
+                    f"{self.limit} bytes together, TorchServe's limit for one batch: ask for a smaller max_side, "
+                    "format jpeg or no heatmap, or send it again",
+                )
+            self.total += size
 
 
 def cam_request(options: ExplainOptions) -> CamRequest:
@@ -180,11 +199,15 @@ class ExplanationService:
         ]
         target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
 
+        # TorchServe passes a batch's responses to its frontend as one message, which must fit max_response_size:
+        # the batch's bytes are counted together, and the request that would overflow them is refused alone.
+        sent = _ByteCount(self.budget.max_response_bytes)
+
         def respond(n: int) -> RowResult:
             return contained(
                 "rendering the explanation",
                 lambda: self._respond(
-                    prepared[n], predictions[n], output.targets[n], target_probabilities[n], output.maps[n]
+                    prepared[n], predictions[n], output.targets[n], target_probabilities[n], output.maps[n], sent
                 ),
             )
 
@@ -199,17 +222,20 @@ class ExplanationService:
         targets: list[int],
         target_probabilities: list[float],
         maps: torch.Tensor,
+        sent: _ByteCount,
     ) -> RowResult:
         """Render one target at a time at the output size, stopping as soon as the response would be too large."""
+        response_bytes = 2048  # the predictions and the JSON around the images
         try:
             size = (item.display.shape[0], item.display.shape[1])
-            explanations, response_bytes = [], 0
+            explanations = []
             for target, probability, cam in zip(targets, target_probabilities, maps):
                 heatmap = normalize_map(cam[None], size)[0].cpu().numpy()
                 explanation = self._render(item, target, probability, heatmap)
                 response_bytes += len(explanation.overlay) + len(explanation.heatmap or "") + 512
                 self.budget.check_response(response_bytes)
                 explanations.append(explanation)
+            sent.reserve(response_bytes)
         finally:
             item.display = None  # the image is rendered (or refused): release it before the batch is done
         response = ExplainResponse(self.model_info, item.width, item.height, predictions, explanations)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -11,6 +12,13 @@ sys.path.insert(0, str(ROOT))
 
 from handler.archive import ServingConfig, build_archive, weights_for_cli  # noqa: E402
 from handler.contract import WorkBudget  # noqa: E402
+
+BUDGET_HELP = {
+    "max_side": "longer side of the overlays when a request gives no max_side",
+    "max_output_pixels": "output pixels x explanations per request",
+    "max_forward_passes": "forward passes per request, ScoreCAM's included",
+    "max_response_bytes": "largest response body; keep it at or under TorchServe's max_response_size",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,32 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.max_image_pixels,
         help="largest width x height an image may declare, checked from its header before decoding",
     )
-    budget = defaults.budget
-    parser.add_argument(
-        "--max-side",
-        type=int,
-        default=budget.max_side,
-        help=f"longer side of the overlays when a request gives no max_side (default: {budget.max_side})",
-    )
-    parser.add_argument(
-        "--max-output-pixels",
-        type=int,
-        default=budget.max_output_pixels,
-        help=f"output pixels x explanations per request (default: {budget.max_output_pixels})",
-    )
-    parser.add_argument(
-        "--max-forward-passes",
-        type=int,
-        default=budget.max_forward_passes,
-        help=f"forward passes per request, ScoreCAM's included (default: {budget.max_forward_passes})",
-    )
-    parser.add_argument(
-        "--max-response-bytes",
-        type=int,
-        default=budget.max_response_bytes,
-        help="largest response body; keep it at or under TorchServe's max_response_size "
-        f"(default: {budget.max_response_bytes})",
-    )
+    for item in fields(WorkBudget):  # --max-side, --max-output-pixels, --max-forward-passes, --max-response-bytes
+        parser.add_argument(
+            f"--{item.name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults.budget, item.name),
+            help=f"{BUDGET_HELP[item.name]} (default: %(default)s)",
+        )
     parser.add_argument(
         "--scorecam-channels",
         type=int,
@@ -93,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         max_image_pixels=args.max_image_pixels,
         precision=args.precision,
         channels_last=args.channels_last,
-        budget=WorkBudget(
-            max_side=args.max_side,
-            max_output_pixels=args.max_output_pixels,
-            max_forward_passes=args.max_forward_passes,
-            max_response_bytes=args.max_response_bytes,
-        ),
+        budget=WorkBudget(**{item.name: getattr(args, item.name) for item in fields(WorkBudget)}),
     )
     archive = build_archive(state_dict, label, args.export_path, config=config, version=args.version)
     batching = f"batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms"

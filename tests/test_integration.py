@@ -140,11 +140,9 @@ def test_bad_body_gets_a_4xx_and_the_server_stays_healthy(server, chelsea):
 def test_bad_option_names_what_was_wrong(server, chelsea):
     response = server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))}, data={"topk": "50"})
     assert response.status_code == 400
-    assert response.json() == {
-        "code": 400,
-        "type": "InvalidOption",
-        "message": "topk must be an integer from 1 to 20, got '50'",
-    }
+    error = response.json()
+    assert error.pop("request_id")  # TorchServe's id for this request, as its log names it
+    assert error == {"code": 400, "type": "InvalidOption", "message": "topk must be an integer from 1 to 20, got '50'"}
 
 
 def test_cors_headers_for_the_explorer_page_origin(server, chelsea):
@@ -430,6 +428,12 @@ def test_kserve_protocols(kserve_server, chelsea):
             assert_valid_answer(good, 451, 300)
             assert [e["index"] for e in good["explanations"]] == [281] and len(good["predictions"]) == 2
             assert bad["code"] == 400 and bad["type"] == "InvalidImage"
+            # Alone, a bad instance answers the same way: HTTP 200, its error object in its place.
+            alone = requests.post(
+                f"{server.inference}/v1/models/resnet50:{verb}", json={"instances": [{"data": "@@@"}]}, timeout=120
+            )
+            assert alone.status_code == 200, alone.text
+            assert alone.json()[key][0]["type"] == "InvalidImage"
     else:
         body = {"id": "r1", "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}
         body["inputs"][0]["parameters"] = {"target": 281, "method": "layercam"}
@@ -540,3 +544,152 @@ def test_page_explains_an_uploaded_image_in_headless_chromium(server, page_serve
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             browser.close()
+
+
+# --- Containment: adversarial values against the live server; each a 400, never a 5xx, the worker kept ---
+
+HUGE_NUMBER = "9" * 5000
+ADVERSARIAL = {
+    "topk=--5": ({"form": {"topk": "--5"}}, "topk must be an integer"),
+    "topk=+-3": ({"form": {"topk": "+-3"}}, "topk must be an integer"),
+    "target=--1": ({"form": {"target": "--1"}}, "target must be a class index"),
+    "explain=-+2": ({"form": {"explain": "-+2"}}, "explain must be an integer"),
+    "topk of 5000 digits": ({"form": {"topk": HUGE_NUMBER}}, "topk is 5000 bytes long"),
+    "JSON 5000-digit number": ({"json_text": '{"topk": ' + HUGE_NUMBER + "}"}, "got <a 5000-digit number>"),
+    "JSON nested 100000 deep": ({"json_text": '{"target": ' + "[" * 100000 + "]" * 100000 + "}"}, "nested too deeply"),
+    "JSON NaN": ({"json_text": '{"alpha": NaN}'}, "alpha must be a number from 0 to 1, got nan"),
+    # With Content-Type application/json, TorchServe's worker decodes the body itself and keeps the last duplicate:
+    # only a JSON body sent as plain bytes reaches the handler's own parser, which refuses duplicate keys.
+    "JSON duplicate keys": ({"json_text": '{"topk": 1, "topk": 2}', "raw": True}, "more than once"),
+    "layer of 150 characters": ({"form": {"layer": "x" * 150}}, "layer must be one of"),
+    "non-ASCII digits": ({"form": {"topk": "\u0663"}}, "topk must be an integer"),
+}
+
+
+def adversarial_request(server, chelsea, arguments: dict) -> requests.Response:
+    jpeg = encode(chelsea, "JPEG")
+    if "form" in arguments:
+        return server.predict(files={"data": ("cat.jpg", jpeg)}, data=arguments["form"])
+    image = base64.b64encode(jpeg).decode()
+    body = '{"image": "' + image + '", ' + arguments["json_text"][1:]
+    content_type = "application/octet-stream" if arguments.get("raw") else "application/json"
+    headers = {**server.headers(), "Content-Type": content_type}
+    return requests.post(f"{server.inference}/predictions/resnet50", data=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_adversarial_values_get_a_400_and_the_worker_survives(server, chelsea, case):
+    arguments, fragment = ADVERSARIAL[case]
+    pids = server.worker_pids()
+    response = adversarial_request(server, chelsea, arguments)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"] and response.json()["request_id"]
+    assert server.worker_pids() == pids
+    assert_next_request_works(server, chelsea)
+
+
+def test_an_adversarial_option_in_a_batch_of_eight_fails_alone(server, chelsea):
+    photos = sample_photos()[:7]
+    log_before = server.model_log()
+
+    def send(index: int) -> requests.Response:
+        if index == 7:
+            return adversarial_request(server, chelsea, ADVERSARIAL["topk=--5"][0])
+        return server.predict(files={"data": ("image.png", encode(photos[index], "PNG"))})
+
+    mixed: list[tuple[int, int]] = []
+    for _ in range(3):  # until the bad request shares a batch with good ones (arrival order is the client's)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            responses = list(pool.map(send, range(8)))
+        assert [r.status_code for r in responses] == [200] * 7 + [400], [r.text[:200] for r in responses]
+        new_log = server.model_log()[len(log_before) :]
+        mixed = [(int(n), int(r)) for n, r in re.findall(r"batch of (\d+) requests \((\d+) refused\)", new_log)]
+        if any(n > 1 and refused >= 1 for n, refused in mixed):
+            break
+    assert any(n > 1 and refused >= 1 for n, refused in mixed), mixed
+
+
+def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chelsea):
+    """Options drawn from the real names and adversarial values, sent concurrently with good requests: every
+    adversarial request is answered or refused with a 4xx, every good one is answered, and the worker is kept."""
+    import random
+
+    from handler.contract import OPTION_NAMES
+
+    rng = random.Random(10)
+    pieces = ["0", "7", "19", "\u0663", "\uff13", "+", "-", ".", "e", "_", " ", ",", "[", "]", "9" * 400]
+    specials = ["nan", "inf", "-0", "1e400", "[[[[1]]]]", "null", "true", "layer4.9", "jet", "\x00"]
+
+    def value() -> str:
+        if rng.random() < 0.3:
+            return rng.choice(specials)
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+
+    generated = [{name: value() for name in rng.sample(OPTION_NAMES, rng.randint(1, 3))} for _ in range(12)]
+    pids = server.worker_pids()
+    jpeg = encode(chelsea, "JPEG")
+
+    def send(fields: dict | None) -> requests.Response:
+        return server.predict(files={"data": ("cat.jpg", jpeg)}, data=fields or {})
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(send, [*generated, *[None] * 4]))
+    for fields, response in zip(generated, responses):
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (fields, response.text[:300])
+    assert [r.status_code for r in responses[-4:]] == [200] * 4
+    assert server.worker_pids() == pids
+
+
+# --- An engine failure in one row, and the worst allowed batch, against a real torchserve ---
+
+
+@pytest.fixture(scope="module")
+def faulty_server(tmp_path_factory):
+    """A server whose engine fails any batch holding an all-white image (tests/faulty_handler.py)."""
+    from handler.archive import ServingConfig, build_archive
+    from handler.model import random_state_dict
+
+    store = tmp_path_factory.mktemp("faulty_store")
+    config = ServingConfig(batch_size=8, max_batch_delay_ms=200)
+    mar = build_archive(
+        random_state_dict(seed=0), "random", store, config=config, handler_file=ROOT / "tests" / "faulty_handler.py"
+    )
+    with run_torchserve(mar, tmp_path_factory.mktemp("faulty")) as running:
+        yield running
+
+
+def test_an_engine_failure_in_one_row_fails_only_that_row(faulty_server):
+    photos = sample_photos()[:7]
+    bodies = [encode(photo, "PNG") for photo in photos] + [encode(np.full((64, 64, 3), 255, np.uint8), "PNG")]
+    pids = faulty_server.worker_pids()
+    log_before = faulty_server.model_log()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda body: faulty_server.predict(files={"data": ("i.png", body)}), bodies))
+    assert [r.status_code for r in responses] == [200] * 7 + [500], [r.text[:200] for r in responses]
+    error = responses[7].json()
+    assert error["type"] == "InternalError" and error["request_id"]
+    new_log = faulty_server.model_log()[len(log_before) :]
+    assert "explaining each alone" in new_log and "injected engine failure" in new_log
+    assert faulty_server.worker_pids() == pids
+
+
+def test_the_worst_allowed_batch_is_answered_within_the_timeout_without_a_restart(server):
+    """Eight 40-megapixel PNGs at full resolution (max_side 16384) with heatmaps, sent together: each is answered
+    (or refused with a 4xx) inside the 120 s response timeout, and the worker is the same afterwards."""
+    height, width = 5000, 7999  # 39.995 megapixels, under the 40 MP limit
+    y, x = np.mgrid[0:height, 0:width]
+    big = encode(np.stack([x % 256, (y // 20) % 256, ((x + y) // 40) % 256], axis=2).astype(np.uint8), "PNG")
+    del x, y
+    pids = server.worker_pids()
+    fields = {"max_side": "16384", "heatmap": "true"}
+
+    def send(_: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        response = server.predict(files={"data": ("big.png", big)}, data=fields, timeout=150)
+        return response.status_code, time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(send, range(8)))
+    assert all(status == 200 or 400 <= status < 500 for status, _ in results), results
+    assert max(seconds for _, seconds in results) < 120, results
+    assert server.worker_pids() == pids

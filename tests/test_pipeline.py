@@ -238,3 +238,13 @@ def test_classes_bound_target_and_topk():
     )
     (refused,) = service.answer([{"data": bytearray(picture()), "target": b"3"}])
     assert refused.status == 400 and "from 0 to 2 (this model has 3 classes), got [3]" in refused.body["message"]
+
+
+def test_a_batch_whose_responses_together_exceed_the_limit_refuses_only_the_overflow():
+    """TorchServe hands a batch's responses to its frontend as one message of at most max_response_size."""
+    (alone,) = make_service().answer([{"data": bytearray(picture(300, 200)), "format": b"png"}])
+    one = len(alone.body["explanations"][0]["overlay"]) + 2048 + 512
+    service = make_service(budget=WorkBudget(max_response_bytes=int(one * 1.5)))
+    rows = [{"data": bytearray(picture(300, 200)), "format": b"png"}] * 2
+    statuses = sorted(result.status for result in service.answer(rows))
+    assert statuses == [200, 400]
