@@ -128,6 +128,8 @@ class ExplanationService:
     def __post_init__(self) -> None:
         if not self.layers:
             self.layers = spatial_layers(self.engine.model)
+        # The budget reads layer shapes per request: probe them now, once, not from the request threads at once.
+        self.engine.layer_shapes()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
