@@ -10,10 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from camtools.benchmark import BenchConfig, markdown, run_benchmark, write_reports
 
-from handler.benchmark import BenchConfig, markdown, run_benchmark, write_reports  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def integers(text: str) -> tuple[int, ...]:
@@ -36,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--server-channels-last", action=argparse.BooleanOptionalAction, default=defaults.server_channels_last
     )
+    parser.add_argument("--arch", default=defaults.arch, help="a torchvision architecture (default: resnet50)")
+    parser.add_argument("--layer", help="the layer to explain (default: the model's default layer)")
     parser.add_argument("--weights", default=defaults.weights, help="imagenet, random or a state_dict path")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
     parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         server_precision=args.server_precision,
         server_channels_last=args.server_channels_last,
         weights=args.weights,
+        arch=args.arch,
+        layer=args.layer,
     )
     report = run_benchmark(config)
     paths = write_reports(report, args.out, args.stem)

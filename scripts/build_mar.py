@@ -1,4 +1,13 @@
-"""Build model_store/resnet50.mar: python scripts/build_mar.py --weights imagenet|random|PATH."""
+"""Build a TorchServe archive, model_store/<name>.mar, for a torchvision architecture or your own network.
+
+  python scripts/build_mar.py --weights imagenet                       # resnet50, torchvision's weights
+  python scripts/build_mar.py --arch convnext_tiny --weights imagenet
+  python scripts/build_mar.py --weights finetuned.pt --labels labels.txt --model-name pets
+  python scripts/build_mar.py --model-file my_net.py --weights my_net.pt --labels labels.json
+
+The model is validated before anything is written: weights loaded strictly, one label per class, one explanation
+of a synthetic image at the default layer. A failure exits with status 2 and says what to fix.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from camserve.contract import WorkBudget
+from camtools.archive import ServingConfig, build_archive
+from camtools.models import add_model_arguments, model_for_cli
 
-from handler.archive import ServingConfig, build_archive, weights_for_cli  # noqa: E402
-from handler.contract import WorkBudget  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BUDGET_HELP = {
     "max_side": "longer side of the overlays when a request gives no max_side",
@@ -23,16 +32,15 @@ BUDGET_HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     defaults = ServingConfig()
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument(
-        "--weights",
-        default="imagenet",
-        help="imagenet (torchvision IMAGENET1K_V2, downloaded and cached), random (seeded, tests only) "
-        "or the path of a resnet50 state_dict file (default: imagenet)",
+        "--model-name", help="the archive NAME.mar and the endpoint /predictions/NAME (default: the arch's name)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: 0)")
-    parser.add_argument("--export-path", default=str(ROOT / "model_store"), help="where the .mar goes")
-    parser.add_argument("--version", default="1.0", help="the model version responses report")
+    parser.add_argument(
+        "--export-path", default=str(ROOT / "model_store"), help="where the .mar goes (default: model_store/)"
+    )
+    parser.add_argument("--version", default="1.0", help="the model version responses report (default: 1.0)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds")
     parser.add_argument("--workers", type=int, default=defaults.workers)
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    state_dict, label = weights_for_cli(args.weights, seed=args.seed)
+    prepared = model_for_cli(args, model_name=args.model_name, version=args.version)
     config = ServingConfig(
         batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay,
@@ -84,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         channels_last=args.channels_last,
         budget=WorkBudget(**{item.name: getattr(args, item.name) for item in fields(WorkBudget)}),
     )
-    archive = build_archive(state_dict, label, args.export_path, config=config, version=args.version)
+    archive = build_archive(prepared, args.export_path, config=config)
+    spec = prepared.spec
     batching = f"batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms"
-    print(f"wrote {archive} (weights: {label}, {batching})")
+    print(
+        f"wrote {archive}: {spec.arch}, {spec.num_classes} classes, {spec.input_size}px input, default layer "
+        f"{spec.default_layer}, weights {spec.weights}, {batching}\n"
+        f"endpoint: /predictions/{spec.name}"
+    )
     return 0
 
 

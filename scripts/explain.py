@@ -1,9 +1,12 @@
 """Explain images offline, with no server: the original script's flow on the service's own engine and imaging.
 
-python scripts/explain.py cat.jpg photos/ --target 281 --method gradcam --layer layer4 --weights imagenet --show
+python scripts/explain.py cat.jpg photos/ --target 281 --method gradcam --weights imagenet --show
+python scripts/explain.py photos/ --arch convnext_tiny --weights finetuned.pt --labels labels.txt
+python scripts/explain.py photos/ --model-file my_net.py --weights my_net.pt --layer features.3
 
-For each image it writes one overlay per target and a contact sheet (the original, then each overlay labelled with
-its class and probability) into --out.
+The model flags are the build's (scripts/build_mar.py). For each image it prints the top-k predictions and writes
+one overlay per target and a contact sheet (the original, then each overlay labelled with its class and
+probability) into --out.
 """
 
 from __future__ import annotations
@@ -13,18 +16,13 @@ import base64
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from handler.archive import weights_for_cli  # noqa: E402
-from handler.cam import METHODS, CamEngine  # noqa: E402
-from handler.contract import ModelInfo  # noqa: E402
-from handler.imaging import decode_image, encode_image, render_contact_sheet  # noqa: E402
-from handler.model import build_resnet50, imagenet_labels, select_device  # noqa: E402
-from handler.pipeline import ExplanationService  # noqa: E402
+from camserve.cam import METHODS, CamEngine
+from camserve.imaging import decode_image, encode_image, render_contact_sheet
+from camserve.pipeline import ExplanationService
+from camtools.models import add_model_arguments, model_for_cli
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -40,32 +38,36 @@ def image_paths(inputs: list[Path]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    add_model_arguments(parser)
     parser.add_argument("--target", help="class index or comma-separated list (default: the top-1 class)")
-    parser.add_argument("--explain", type=int, help="without --target: explain the N top classes (1-5)")
-    parser.add_argument("--method", default="gradcam", choices=METHODS)
-    parser.add_argument("--layer", default="layer4")
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--colormap", default="jet")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--weights", default="imagenet", help="imagenet, random or a resnet50 state_dict path")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("explanations"))
+    parser.add_argument("--explain", type=int, help="without --target: explain the N top classes, 1-5 (default: 1)")
+    parser.add_argument("--method", default="gradcam", choices=METHODS, help="(default: gradcam)")
+    parser.add_argument("--topk", type=int, default=5, help="predictions printed per image (default: 5)")
+    parser.add_argument("--colormap", default="jet", help="an OpenCV colormap name (default: jet)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default: 0.5)")
+    parser.add_argument(
+        "--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("explanations"), help="(default: explanations/)")
     parser.add_argument("--show", action="store_true", help="open each contact sheet in a matplotlib window")
     args = parser.parse_args(argv)
 
-    state_dict, weights = weights_for_cli(args.weights)
-    device = select_device(0) if args.device.startswith("cuda") else torch.device("cpu")
-    model = build_resnet50(state_dict, channels_last=True).to(device)
+    prepared = model_for_cli(args, version="offline")
+    spec = prepared.spec
+    weights = spec.weights
+    device = torch.device(args.device)
+    model = prepared.model.to(device).to(memory_format=torch.channels_last)
     service = ExplanationService(
-        engine=CamEngine(model),
-        labels=imagenet_labels(),
-        model_info=ModelInfo("resnet50", "offline", weights),
+        engine=CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer),
+        spec=spec,
         device=device,
         channels_last=True,
     )
-    options = {"method": args.method, "layer": args.layer, "topk": args.topk, "colormap": args.colormap}
+    options = {"method": args.method, "topk": args.topk, "colormap": args.colormap}
     options |= {"alpha": args.alpha, "format": "png"}
     options |= {"target": args.target} if args.target else {"explain": args.explain} if args.explain else {}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             continue
         tiles, captions = [decode_image(row["data"])], [f"{path.name}  ({weights} weights)"]
-        top = result.body["predictions"][0]
-        tqdm.write(f"{path}: top-1 {top['label']} ({top['probability']:.3f})")
+        predictions = ", ".join(
+            f"{p['label']} ({p['index']}) {p['probability']:.3f}" for p in result.body["predictions"]
+        )
+        tqdm.write(f"{path}: {predictions}")
         for explanation in result.body["explanations"]:
             overlay = base64.b64decode(explanation["overlay"])
             name = f"{path.stem}_{explanation['index']}_{explanation['label'].replace(' ', '_')}.png"
             (args.out / name).write_bytes(overlay)
+            tqdm.write(f"  wrote {args.out / name}")
             tiles.append(decode_image(overlay))
             captions.append(f"{explanation['label']} p={explanation['probability']:.3g} ({explanation['method']})")
         sheet = render_contact_sheet(tiles, captions)

@@ -19,9 +19,11 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.requirements.sha256
-wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
   .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
+  # The project itself, editable: camserve (served) and camtools (build and dev tools) import from anywhere.
+  .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$wanted" >"$stamp"
 fi

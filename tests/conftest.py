@@ -11,16 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from camtools.models import PreparedModel, prepare_model
 
-from handler.model import build_resnet50, random_state_dict  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def resnet50() -> torch.nn.Module:
+def resnet50_prepared() -> PreparedModel:
+    """ResNet-50 with seeded random weights and its spec, as the build validates them."""
+    return prepare_model(arch="resnet50", weights="random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def resnet50(resnet50_prepared) -> torch.nn.Module:
     """ResNet-50 with seeded random weights, eval mode, frozen parameters."""
-    return build_resnet50(random_state_dict(seed=0))
+    return resnet50_prepared.model
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +67,11 @@ def built_mar(tmp_path_factory) -> Path:
 
     The delay is longer than the shipped default so that concurrent test requests reliably share a batch.
     """
-    from handler.archive import ServingConfig, build_archive
+    from camtools.archive import ServingConfig, build_archive
 
     store = tmp_path_factory.mktemp("model_store")
     config = ServingConfig(batch_size=8, max_batch_delay_ms=100)
-    return build_archive(random_state_dict(seed=0), "random", store, config=config)
+    return build_archive(prepare_model(arch="resnet50", weights="random", seed=0), store, config=config)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ image, as a fault in one row would. The live tests use it to check that only tha
 
 from __future__ import annotations
 
-from handler.gradcam_handler import GradCamHandler
+from camserve.gradcam_handler import GradCamHandler
 
 
 class FaultInjectingHandler(GradCamHandler):

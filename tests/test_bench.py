@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from handler.cam import METHODS
+from camserve.cam import METHODS
 from tests.conftest import ROOT
 
 

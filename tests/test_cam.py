@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from handler.cam import (
+from camserve.cam import (
     GRADIENT_METHODS,
     CamEngine,
     CamRequest,
@@ -100,7 +100,10 @@ def test_all_zero_gradients_give_zero_maps():
 def test_several_targets_share_one_forward_pass():
     model = TinySquareHead()
     images = torch.cat([X, 2 * X, -X])
-    out = GradCAM(model, "features")(images, targets=[[0, 1], [1], None])
+    cam = GradCAM(model, "features")
+    cam.engine.layers(images)  # the engine's one probe of the layers, once in its life
+    model.forward_calls = 0
+    out = cam(images, targets=[[0, 1], [1], None])
     assert model.forward_calls == 1
     for n, classes in enumerate(out.targets):
         for t, c in enumerate(classes):
@@ -352,6 +355,8 @@ def test_mixed_methods_layers_and_targets_in_one_batch(resnet50):
         CamRequest(classes=[5], layer="layer2.1.conv2", method="gradcam++"),
         CamRequest(layer="layer4", method="eigencam"),
     ]
+    engine = CamEngine(resnet50)
+    engine.layers(images)  # the engine's one probe of the layers, before counting
     calls = []
     hook = resnet50.register_forward_hook(lambda m, i, o: calls.append(1))
     grad_enabled: dict[str, bool] = {}
@@ -362,7 +367,7 @@ def test_mixed_methods_layers_and_targets_in_one_batch(resnet50):
         for name in ("layer1", "layer2.0", "layer3", "fc")
     ]
     try:
-        out = CamEngine(resnet50)(images, requests)
+        out = engine(images, requests)
     finally:
         hook.remove()
         for probe in probes:
@@ -394,6 +399,8 @@ def test_many_targets_on_one_image_repeat_only_the_network_after_the_layer(resne
     torch.manual_seed(3)
     images = torch.randn(4, 3, 64, 64)
     requests = [CamRequest(classes=[1, 2, 3, 4, 5], layer="layer4")] + [CamRequest(layer="layer4")] * 3
+    engine = CamEngine(resnet50)
+    engine.layers(images)  # the engine's one probe of the layers, before counting
     rows: dict[str, list[int]] = {"layer3": [], "fc": []}
     probes = [
         resnet50.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: rows[name].append(len(o)))
@@ -403,7 +410,7 @@ def test_many_targets_on_one_image_repeat_only_the_network_after_the_layer(resne
     original = torch.autograd.grad
     torch.autograd.grad = lambda *a, **k: batched.append(k.get("is_grads_batched", False)) or original(*a, **k)
     try:
-        out = CamEngine(resnet50)(images, requests)
+        out = engine(images, requests)
     finally:
         torch.autograd.grad = original
         for probe in probes:
@@ -433,7 +440,7 @@ def test_a_layer_inside_a_residual_block_falls_back_to_gradient_slots(resnet50):
 def test_class_independent_methods_run_once_per_image(monkeypatch):
     """ScoreCAM's masked passes and EigenCAM's decomposition do not depend on the class: three targets cost what
     one does."""
-    import handler.cam as cam
+    import camserve.cam as cam
 
     model = TinySquareHead()
     eigen_rows = []

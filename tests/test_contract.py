@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handler.contract import (
+from camserve.contract import (
     MAX_TOPK,
     OPTION_NAMES,
     ExplainOptions,
@@ -20,7 +20,7 @@ from handler.contract import (
     parse_options,
     parse_request,
 )
-from handler.errors import ClientError
+from camserve.errors import ClientError
 
 IMAGE = b"\x89PNG-not-really-but-bytes"
 
@@ -90,9 +90,11 @@ def test_malformed_requests_name_the_problem(row, kind, fragment):
         ({"topk": "three"}, "topk must be an integer from 1 to 20, got 'three'"),
         ({"topk": True}, "topk must be an integer from 1 to 20, got True"),
         ({"topk": 2.5}, "topk must be an integer from 1 to 20, got 2.5"),
-        ({"target": 1000}, "target must be a class index from 0 to 999 or a list of at most 10 of them, got 1000"),
-        ({"target": -1}, "target must be a class index from 0 to 999"),
-        ({"target": []}, "target must be a class index from 0 to 999"),
+        (
+            {"target": -1},
+            "target must be a class index (0 to the model's number of classes - 1) or a list of at most 10",
+        ),
+        ({"target": []}, "target must be a class index (0 to the model's number of classes - 1)"),
         ({"target": list(range(11))}, "a list of at most 10"),
         ({"target": "tabby"}, "got 'tabby'"),
         ({"alpha": 2}, "alpha must be a number from 0 to 1, got 2"),
@@ -121,7 +123,8 @@ def test_every_bad_value_gets_its_message(options, message):
 def test_method_layer_and_explain_options():
     options = parse_options({"method": b"GradCAM++", "layer": b"layer3.5.conv2", "explain": b"3"})
     assert (options.method, options.layer, options.explain) == ("gradcam++", "layer3.5.conv2", 3)
-    assert ExplainOptions().method == "gradcam" and ExplainOptions().layer == "layer4"
+    # The layer and topk defaults are the model's (its spec's default layer; 5 or fewer classes): see the pipeline.
+    assert ExplainOptions().method == "gradcam" and ExplainOptions().layer is None and ExplainOptions().topk is None
 
 
 def test_unknown_options_list_the_known_ones():
@@ -172,7 +175,7 @@ def test_any_option_mapping_parses_or_fails_with_a_client_error(raw):
 
 def test_response_schema():
     response = ExplainResponse(
-        model=ModelInfo("resnet50", "1.0", "random"),
+        model=ModelInfo("resnet50", "1.0", "random", "resnet50", 1000),
         width=451,
         height=300,
         predictions=[Prediction(281, "tabby", 0.5)],
@@ -182,7 +185,7 @@ def test_response_schema():
         ],
     ).to_dict()
     assert response == {
-        "model": {"name": "resnet50", "version": "1.0", "weights": "random"},
+        "model": {"name": "resnet50", "version": "1.0", "weights": "random", "arch": "resnet50", "classes": 1000},
         "image": {"width": 451, "height": 300},
         "predictions": [{"index": 281, "label": "tabby", "probability": 0.5}],
         "explanations": [

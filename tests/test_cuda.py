@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from handler.cam import GradCAM, normalize_map
+from camserve.cam import GradCAM, normalize_map
 from tests.conftest import encode
 from tests.test_handler import RecordingContext
 

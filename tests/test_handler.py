@@ -59,13 +59,14 @@ def served(unpacked_mar):
         sys.path.remove(str(unpacked_mar))
 
 
-def test_archive_holds_labels_config_and_the_runtime_package(unpacked_mar):
-    labels = json.loads((unpacked_mar / "index_to_name.json").read_text())
-    assert len(labels) == 1000 and labels["281"] == "tabby"
-    assert (unpacked_mar / "handler" / "cam.py").is_file()
-    assert not (unpacked_mar / "handler" / "archive.py").exists()
+def test_archive_holds_the_spec_config_and_the_runtime_package(unpacked_mar):
+    spec = json.loads((unpacked_mar / "model_spec.json").read_text())
+    assert len(spec["labels"]) == 1000 and spec["labels"][281] == "tabby" and spec["weights"] == "random"
+    assert spec["default_layer"] == "layer4" and spec["input_size"] == 224
+    assert (unpacked_mar / "camserve" / "cam.py").is_file()
+    assert not (unpacked_mar / "camtools").exists()
     config = (unpacked_mar / "model-config.yaml").read_text()
-    assert "batchSize: 8" in config and "weights: random" in config
+    assert "batchSize: 8" in config
 
 
 def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
@@ -92,7 +93,13 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
     assert [e["index"] for e in layercam["explanations"]] == [p["index"] for p in layercam["predictions"][:2]]
 
     first, third = responses[0], responses[2]
-    assert first["model"] == {"name": "resnet50", "version": "1.0", "weights": "random"}
+    assert first["model"] == {
+        "name": "resnet50",
+        "version": "1.0",
+        "weights": "random",
+        "arch": "resnet50",
+        "classes": 1000,
+    }
     assert first["image"] == {"width": 451, "height": 300}
     assert len(first["predictions"]) == 5
     probabilities = [p["probability"] for p in first["predictions"]]

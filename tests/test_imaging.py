@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.errors import ClientError
-from handler.imaging import (
+from camserve.errors import ClientError
+from camserve.imaging import (
     COLORMAPS,
     DecodeLimits,
     decode_image,

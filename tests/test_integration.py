@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from handler.local_server import free_port, run_torchserve
+from camtools.local_server import free_port, run_torchserve
 from tests.conftest import ROOT, encode, sample_photos
 from tests.corpus import BAD_BODIES, IMAGE_KINDS
 
@@ -50,7 +50,13 @@ def heatmap_of(explanation: dict) -> np.ndarray:
 
 
 def assert_valid_answer(answer: dict, width: int, height: int) -> None:
-    assert answer["model"] == {"name": "resnet50", "version": "1.0", "weights": "random"}
+    assert answer["model"] == {
+        "name": "resnet50",
+        "version": "1.0",
+        "weights": "random",
+        "arch": "resnet50",
+        "classes": 1000,
+    }
     assert answer["image"] == {"width": width, "height": height}
     overlay = cv2.imdecode(np.frombuffer(base64.b64decode(answer["explanations"][0]["overlay"]), np.uint8), 1)
     assert overlay.shape == (height, width, 3)
@@ -173,7 +179,7 @@ def test_worker_scaling_through_the_management_api(server, chelsea):
 
 
 def test_every_method_layer_and_top_n_through_the_server(server, chelsea):
-    from handler.cam import METHODS
+    from camserve.cam import METHODS
 
     files = {"data": ("cat.png", encode(chelsea, "PNG"))}
     for method, layer in zip(METHODS, ["layer4", "layer3", "layer4.2", "layer3.5.conv2", "layer2", "layer4", "layer4"]):
@@ -283,7 +289,7 @@ def test_one_bad_request_in_a_batch_of_eight_fails_alone(server):
 
 
 def test_64_distinct_images_sent_concurrently_each_get_their_own_answer(server):
-    from handler.benchmark import sample_images
+    from camtools.benchmark import sample_images
 
     bodies = [encode(image, "JPEG", quality=92) for image in sample_images(64)]
 
@@ -303,7 +309,7 @@ def test_64_distinct_images_sent_concurrently_each_get_their_own_answer(server):
 
 
 def test_soak_2000_requests_no_errors_no_growth(server):
-    from handler.benchmark import sample_images
+    from camtools.benchmark import sample_images
 
     bodies = [encode(image[::4, ::4], "JPEG") for image in sample_images(16)]
     sessions = [requests.Session() for _ in range(8)]
@@ -405,12 +411,14 @@ def test_prometheus_metrics_include_the_handler_stages(server, chelsea):
 
 @pytest.fixture(scope="module", params=["v1", "v2"])
 def kserve_server(request, built_mar, tmp_path_factory):
-    from handler.kserve import write_kserve_storage
+    from camtools.kserve import write_kserve_storage
 
     storage = write_kserve_storage(built_mar, tmp_path_factory.mktemp(f"kserve_{request.param}"), request.param)
     config = storage / "config" / "config.properties"
     mar = storage / "model-store" / built_mar.name
-    with run_torchserve(mar, tmp_path_factory.mktemp("ts_kserve"), config_source=config) as running:
+    # The packages the archive requires are installed here already: skip the per-model pip install.
+    extra = "install_py_dep_per_model=false\n"
+    with run_torchserve(mar, tmp_path_factory.mktemp("ts_kserve"), extra, config_source=config) as running:
         yield request.param, running
 
 
@@ -615,7 +623,7 @@ def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chel
     adversarial request is answered or refused with a 4xx, every good one is answered, and the worker is kept."""
     import random
 
-    from handler.contract import OPTION_NAMES
+    from camserve.contract import OPTION_NAMES
 
     rng = random.Random(10)
     pieces = ["0", "7", "19", "\u0663", "\uff13", "+", "-", ".", "e", "_", " ", ",", "[", "]", "9" * 400]
@@ -647,8 +655,8 @@ def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chel
 @pytest.fixture(scope="module")
 def faulty_server(tmp_path_factory):
     """A server whose engine fails any batch holding an all-white image (tests/faulty_handler.py)."""
-    from handler.archive import ServingConfig, build_archive
-    from handler.model import random_state_dict
+    from camserve.model import random_state_dict
+    from camtools.archive import ServingConfig, build_archive
 
     store = tmp_path_factory.mktemp("faulty_store")
     config = ServingConfig(batch_size=8, max_batch_delay_ms=200)

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import handler.pipeline as pipeline
-from handler.cam import CamEngine
-from handler.contract import OPTION_NAMES, ModelInfo, WorkBudget
-from handler.pipeline import ExplanationService
+import camserve.pipeline as pipeline
+from camserve.cam import CamEngine, describe_layers
+from camserve.contract import OPTION_NAMES, WorkBudget
+from camserve.pipeline import ExplanationService
+from camserve.spec import ModelSpec
 from tests.conftest import encode
 
 LABELS = ["red", "green", "blue"]
@@ -39,13 +40,20 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layer4(self.conv1(x))), 1))
 
 
+def tiny_spec(model: nn.Module) -> ModelSpec:
+    layers = {name: info.layout for name, info in describe_layers(model, 224).items() if info.layout}
+    return ModelSpec(
+        name="tiny", arch="TinyNet", labels=tuple(LABELS), input_size=224, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), default_layer="layer4", layers=layers, weights="random",
+    )  # fmt: skip
+
+
 def make_service(budget: WorkBudget = WorkBudget(), engine: CamEngine | None = None) -> ExplanationService:
     torch.manual_seed(0)
     model = TinyNet().eval().requires_grad_(False)
     return ExplanationService(
         engine=engine or CamEngine(model, scorecam_channels=None),
-        labels=LABELS,
-        model_info=ModelInfo("tiny", "1.0", "random"),
+        spec=tiny_spec(model),
         device=torch.device("cpu"),
         budget=budget,
         threads=2,

@@ -10,8 +10,9 @@ import pickle
 import pytest
 import torch
 
-from handler.archive import RUNTIME_MODULES
-from handler.model import WeightsUnavailableError, load_state_dict_file, random_state_dict
+from camserve.model import read_state_dict
+from camtools.archive import RUNTIME_PACKAGE
+from camtools.models import BuildError, WeightsUnavailableError, read_checkpoint
 from tests.conftest import ROOT
 
 
@@ -26,16 +27,18 @@ def test_weights_are_loaded_with_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(1), "payload": Exploit()}, path)
     with pytest.raises(pickle.UnpicklingError):
-        load_state_dict_file(path)
+        read_state_dict(path)  # the worker
+    with pytest.raises(BuildError, match="save its weights instead"):
+        read_checkpoint(path)  # the build
     assert not os.path.exists("/tmp/gradcam-service-pwned")
 
 
-def test_a_plain_state_dict_loads(tmp_path):
+def test_a_plain_state_dict_loads(tmp_path, resnet50):
     path = tmp_path / "resnet50.pt"
-    torch.save(random_state_dict(seed=1), path)
-    assert "fc.weight" in load_state_dict_file(path)
+    torch.save(resnet50.state_dict(), path)
+    assert "fc.weight" in read_state_dict(path) and "fc.weight" in read_checkpoint(path)
     with pytest.raises(WeightsUnavailableError, match="no weights file"):
-        load_state_dict_file(tmp_path / "missing.pt")
+        read_checkpoint(tmp_path / "missing.pt")
 
 
 def shipped_config() -> dict[str, str]:
@@ -56,7 +59,7 @@ def test_shipped_config_keeps_auth_on_binds_loopback_and_limits_sizes():
 
 
 def runtime_sources() -> dict[str, ast.Module]:
-    return {name: ast.parse((ROOT / "handler" / name).read_text()) for name in [*RUNTIME_MODULES, "gradcam_handler.py"]}
+    return {path.name: ast.parse(path.read_text()) for path in sorted(RUNTIME_PACKAGE.glob("*.py"))}
 
 
 def test_no_eval_exec_or_pickle_in_the_served_code():
@@ -71,7 +74,7 @@ def test_no_eval_exec_or_pickle_in_the_served_code():
 
 def test_files_are_opened_only_for_the_archive_contents():
     # Request handling never names a file: images are opened from memory (io.BytesIO), and the only paths are the
-    # archive's own files, read at start-up by model.py.
+    # archive's own files, read at start-up: the weights and the model file by model.py, the spec by spec.py.
     file_readers = {}
     for name, tree in runtime_sources().items():
         for node in ast.walk(tree):
@@ -83,4 +86,4 @@ def test_files_are_opened_only_for_the_archive_contents():
             torch_load = ast.unparse(func) == "torch.load"
             if (called == "open" and not from_memory) or called in {"read_text", "read_bytes"} or torch_load:
                 file_readers.setdefault(name, set()).add(ast.unparse(func))
-    assert set(file_readers) == {"model.py"}, file_readers
+    assert set(file_readers) == {"model.py", "spec.py"}, file_readers

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from handler.cam import CamEngine, CamRequest, LayerNotFoundError, normalize_map, spatial_layers
-from handler.contract import (
+from camserve.cam import CamEngine, CamRequest, LayerNotFoundError, normalize_map
+from camserve.contract import (
+    DEFAULT_TOPK,
     ExplainOptions,
     ExplainResponse,
     Explanation,
@@ -29,8 +30,8 @@ from handler.contract import (
     WorkBudget,
     parse_request,
 )
-from handler.errors import ClientError
-from handler.imaging import (
+from camserve.errors import ClientError
+from camserve.imaging import (
     DecodeLimits,
     encode_heatmap_png16,
     encode_image,
@@ -41,7 +42,8 @@ from handler.imaging import (
     resize_image,
     to_base64,
 )
-from handler.model import INPUT_SIZE, images_to_batch
+from camserve.model import images_to_batch
+from camserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +111,14 @@ class PreparedRequest:
 
 @dataclass
 class ExplanationService:
-    """Serves explanations of one model: ``answer(rows)`` gives one :class:`RowResult` per row, in order."""
+    """Serves explanations of the model that ``spec`` describes: ``answer(rows)`` gives one :class:`RowResult` per
+    row, in order."""
 
     engine: CamEngine
-    labels: Sequence[str]
-    model_info: ModelInfo
+    spec: ModelSpec
     device: torch.device
+    model_name: str | None = None
+    """The name responses give the model (TorchServe's registered name); None: the spec's."""
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     budget: WorkBudget = field(default_factory=WorkBudget)
     channels_last: bool = False
@@ -122,14 +126,15 @@ class ExplanationService:
     """Requests decoded and rendered at once, one per thread: OpenCV and Pillow release the GIL while they work."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """How long each stage of the last call took: decode, forward, cam, encode."""
-    layers: Sequence[str] = ()
-    """The layers requests may name; by default every layer of the model that gives a spatial map."""
 
     def __post_init__(self) -> None:
-        if not self.layers:
-            self.layers = spatial_layers(self.engine.model)
+        spec = self.spec
+        self.labels = spec.labels
+        self.model_info = ModelInfo(
+            self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes
+        )
         # The budget reads layer shapes per request: probe them now, once, not from the request threads at once.
-        self.engine.layer_shapes()
+        self.engine.layers()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
@@ -146,10 +151,14 @@ class ExplanationService:
     def prepare(self, row: Mapping[str, object]) -> PreparedRequest:
         """Parse, check the budget from the header, then decode one row; a :class:`ClientError` says why not."""
         request = parse_request(row)
-        options = request.options
-        if options.layer not in self.layers:
-            raise ClientError("InvalidOption", str(LayerNotFoundError(options.layer, self.layers)))
-        classes = len(self.labels)
+        classes = self.spec.num_classes
+        options = replace(
+            request.options,
+            layer=request.options.layer or self.spec.default_layer,
+            topk=min(request.options.topk or DEFAULT_TOPK, classes),
+        )
+        if options.layer not in self.spec.layers:
+            raise ClientError("InvalidOption", str(LayerNotFoundError(options.layer, list(self.spec.layers))))
         if options.target is not None and max(options.target) >= classes:
             raise ClientError(
                 "InvalidOption",
@@ -165,9 +174,10 @@ class ExplanationService:
         output = self.budget.output_size(opened.width, opened.height, options.max_side)
         explanations = len(options.target) if options.target is not None else options.explain
         self.budget.check(explanations, output, self.engine.forward_passes(cam_request(options)))
-        rgb = load_rgb(opened, at_least=(max(output[0], INPUT_SIZE), max(output[1], INPUT_SIZE)))
+        side = self.spec.input_size
+        rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
         return PreparedRequest(
-            options, resize_image(rgb, output), resize_for_model(rgb, INPUT_SIZE), opened.width, opened.height
+            options, resize_image(rgb, output), resize_for_model(rgb, side), opened.width, opened.height
         )
 
     def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
@@ -183,7 +193,7 @@ class ExplanationService:
 
     def _explain_together(self, prepared: list[PreparedRequest]) -> list[RowResult]:
         started = time.perf_counter()
-        batch = images_to_batch([item.model_input for item in prepared], self.device, self.channels_last)
+        batch = images_to_batch([item.model_input for item in prepared], self.spec, self.device, self.channels_last)
         output = self.engine(batch, [cam_request(item.options) for item in prepared])
         probabilities = output.logits.float().softmax(dim=1).cpu()  # one copy off the device for the whole batch
         topk = min(max(item.options.topk for item in prepared), probabilities.shape[1])

@@ -6,9 +6,11 @@ layer, method); it gives back the logits and one map per target, from one forwar
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +22,21 @@ __all__ = [
     "CamRequest",
     "GRADIENT_METHODS",
     "GradCAM",
+    "LAYOUTS",
+    "LayerInfo",
     "LayerNotFoundError",
     "METHODS",
+    "default_layer",
+    "describe_layers",
     "eigen_cam",
     "find_layer",
     "grad_cam",
     "grad_cam_plus_plus",
     "hires_cam",
     "layer_cam",
-    "layer_output_shapes",
     "normalize_map",
     "spatial_layers",
+    "to_grid",
     "x_grad_cam",
 ]
 
@@ -136,37 +142,152 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise LayerNotFoundError(name, [layer for layer, _ in model.named_modules() if layer])
 
 
-def layer_output_shapes(model: nn.Module, image_size: int = 64) -> dict[str, tuple[int, ...]]:
-    """Each submodule's output shape for one ``image_size`` square image, for the modules that run exactly once per
-    forward pass (ResNet's shared ``relu`` runs several times and is left out)."""
-    calls: dict[str, list[tuple[int, ...]]] = {}
-    hooks = [
-        module.register_forward_hook(
-            lambda m, i, o, name=name: calls.setdefault(name, []).append(
-                tuple(o.shape) if isinstance(o, Tensor) else ()
-            )
-        )
-        for name, module in model.named_modules()
-        if name
-    ]
+LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens")
+"""How a layer's output becomes the (N, K, h, w) grid that every method reads (the reshape-transform idea of
+pytorch-grad-cam, as a property of the layer):
+
+- ``nchw``: a convolutional map, as it is.
+- ``nhwc``: channels last (torchvision's Swin): ``A.permute(0, 3, 1, 2)``.
+- ``cls_tokens``: (N, 1 + h·w, K) tokens after a class token (ViT): drop token 0, reshape to (N, h, w, K), then
+  permute to (N, K, h, w).
+- ``tokens``: (N, h·w, K) tokens without a class token: the same reshape.
+
+The map is linear in the tokens, so gradients take the same reshape.
+"""
+
+
+def to_grid(tensor: Tensor, layout: str) -> Tensor:
+    """A layer's output (or its gradient) as an (N, K, h, w) grid; see :data:`LAYOUTS`."""
+    if layout == "nchw":
+        return tensor
+    if layout == "nhwc":
+        return tensor.permute(0, 3, 1, 2)
+    if layout in ("cls_tokens", "tokens"):
+        tokens = tensor[:, 1:] if layout == "cls_tokens" else tensor
+        side = math.isqrt(tokens.shape[1])
+        return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def _layout_of(shape: tuple[int, ...]) -> str | None:
+    """The layout of a one-image output ``shape`` probed with a square input, or None when it is no spatial map.
+
+    At a square input a spatial map is square: (1, K, s, s) is NCHW and (1, s, s, K) NHWC (K = s reads as NCHW).
+    (1, T, K) is a token map when T − 1 (after a class token) or T is a square of a side above 1.
+    """
+    if len(shape) == 4:
+        _, a, b, c = shape
+        if b == c > 1:
+            return "nchw"
+        if a == b > 1:
+            return "nhwc"
+        return None
+    if len(shape) == 3:
+        for layout, grid_tokens in (("cls_tokens", shape[1] - 1), ("tokens", shape[1])):
+            side = math.isqrt(max(grid_tokens, 0))
+            if side > 1 and side * side == grid_tokens:
+                return layout
+    return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What one probe forward pass shows of a module that runs once per pass."""
+
+    name: str
+    shape: tuple[int, ...]
+    """The raw output shape for one image; () when the output is not a tensor."""
+    layout: str | None
+    """How the output becomes a grid (:data:`LAYOUTS`); None: not a spatial map."""
+    grid: tuple[int, int, int] | None
+    """(K, h, w) of the grid."""
+    output_id: int
+    """Equal for modules that return the very same tensor (a container and its last child, an in-place op)."""
+    takes_image: bool
+    """The module's input is the network's input: it is the whole trunk, not a layer of it."""
+
+
+def describe_layers(model: nn.Module, image_size: int = 224, image: Tensor | None = None) -> dict[str, LayerInfo]:
+    """The modules that run exactly once in a forward pass of one image, in the order they finish, with their
+    output's layout (ResNet's shared ``relu`` runs several times and is left out). The image is ``image`` (one
+    square image's batch, e.g. ``zeros_like(batch[:1])``) or else an RGB ``image_size`` square of zeros."""
+    calls: dict[str, list[tuple[tuple[int, ...], Tensor | None, bool]]] = {}
+    order: list[str] = []
+    if image is None:
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        image = torch.zeros(1, 3, image_size, image_size, device=device)
+
+    def record(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            tensor = output if isinstance(output, Tensor) else None
+            takes_image = bool(inputs) and inputs[0] is image
+            if name not in calls:
+                order.append(name)
+            calls.setdefault(name, []).append((tuple(tensor.shape) if tensor is not None else (), tensor, takes_image))
+
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
     try:
-        device = next(model.parameters()).device
         with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
+            model(image)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: shapes[0] for name, shapes in calls.items() if len(shapes) == 1}
+    layers = {}
+    for name in order:
+        if len(calls[name]) != 1:
+            continue
+        shape, tensor, takes_image = calls[name][0]
+        layout = _layout_of(shape) if shape else None
+        grid = tuple(to_grid(torch.empty(shape, device="meta"), layout).shape[1:]) if layout else None
+        layers[name] = LayerInfo(name, shape, layout, grid, id(tensor) if tensor is not None else -1, takes_image)
+    return layers
 
 
-def spatial_layers(model: nn.Module, image_size: int = 64) -> list[str]:
-    """The submodules that a CAM can explain: those that run once per forward pass and give a (N, K, h, w) map.
+def spatial_layers(model: nn.Module, image_size: int = 224) -> list[str]:
+    """The submodules that a CAM can explain: those that run once per forward pass and give a spatial map
+    (NCHW, NHWC or tokens; see :data:`LAYOUTS`). Modules called several times (ResNet's shared ``relu``) and those
+    with flat outputs (``fc``) or 1×1 outputs (``avgpool``) are left out."""
+    return [name for name, info in describe_layers(model, image_size).items() if info.layout]
 
-    Found by one forward pass of a small input. Modules called several times (ResNet's shared ``relu``) and those
-    with flat outputs (``fc``) or 1×1 outputs (``avgpool``) are left out.
+
+def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, LayerInfo] | None = None) -> str:
+    """The layer a CAM explains by default, found from the model itself, as pytorch-grad-cam recommends per family.
+
+    - Token models (a ViT's ``cls_tokens``, a Swin's ``nhwc`` maps): the first LayerNorm of the last block that
+      has two of them, ``encoder.layers.encoder_layer_11.ln_1`` or ``features.7.1.norm1``. A ViT's last block
+      output carries no patch gradient (only the class token reaches the head).
+    - Otherwise, the last spatial map before global pooling: among the modules that return that very tensor,
+      the shallowest that is a single stage (at most one change of resolution inside it) and not the whole trunk
+      (its input is not the image): ``layer4`` of a ResNet, ``features.7`` of a ConvNeXt, ``features.norm5`` of a
+      DenseNet, ``trunk_output.block4`` of a RegNet. Adaptive pooling to a fixed size (VGG's ``avgpool``) does
+      not count as the last map.
     """
-    shapes = layer_output_shapes(model, image_size)
-    return [name for name, shape in shapes.items() if len(shape) == 4 and shape[-1] > 1]
+    layers = describe_layers(model, image_size) if layers is None else layers
+    spatial = [info for info in layers.values() if info.layout]
+    if not spatial:
+        raise LayerNotFoundError("", [])
+    modules = dict(model.named_modules())
+    norms: dict[str, list[str]] = {}
+    for info in spatial:
+        if info.layout != "nchw" and isinstance(modules[info.name], nn.LayerNorm):
+            norms.setdefault(info.name.rpartition(".")[0], []).append(info.name)
+    blocks = [names for names in norms.values() if len(names) >= 2]
+    if blocks:
+        return blocks[-1][0]
+    pooling = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    maps = [info for info in spatial if not isinstance(modules[info.name], pooling)] or spatial
+    last = maps[-1]
+    same = [info for info in maps if info.output_id == last.output_id and not info.takes_image] or [last]
+
+    def resolutions(name: str) -> int:
+        inside = {info.grid[1:] for info in spatial if info.name.startswith(name + ".")}
+        return len(inside | {layers[name].grid[1:]})
+
+    stages = [info for info in same if resolutions(info.name) <= 2] or same
+    depth = min(info.name.count(".") for info in stages)
+    return [info.name for info in stages if info.name.count(".") == depth][-1]
 
 
 # --- The engine ---
@@ -178,7 +299,8 @@ class CamRequest:
 
     classes: Sequence[int] | None = None
     top: int = 1
-    layer: str = "layer4"
+    layer: str | None = None
+    """A dotted module path; None: the engine's default layer."""
     method: str = "gradcam"
 
 
@@ -217,7 +339,9 @@ class CamEngine:
     ``autocast_dtype`` (``torch.bfloat16``, ``torch.float16``) runs the network under ``torch.autocast``; maps are
     combined in float32. ScoreCAM scores at most ``scorecam_channels`` channels per map (those with the highest mean
     activation), ``scorecam_batch`` masked images per forward pass. ``input_size`` is the side of the square input
-    the engine probes the network with to learn its layers' shapes.
+    the engine probes the network with, once, to learn its layers' shapes and layouts: token layers (ViT, Swin)
+    become grids before any method sees them (:func:`to_grid`), and their gradients the same way.
+    ``default_layer`` is the layer that requests without one explain (found by :func:`default_layer` if None).
     """
 
     def __init__(
@@ -227,29 +351,46 @@ class CamEngine:
         scorecam_channels: int | None = 64,
         scorecam_batch: int = 32,
         input_size: int = 224,
+        default_layer: str | None = None,
     ) -> None:
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.scorecam_channels = scorecam_channels
         self.scorecam_batch = scorecam_batch
         self.input_size = input_size
-        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._layers: dict[str, LayerInfo] | None = None
+        self._default_layer = default_layer
         self._unexpandable: set[frozenset[str]] = set()
         self.seconds: dict[str, float] = {}
         """The last call's wall time: ``forward`` (up to the logits) and ``cam`` (gradients and maps). On a GPU
         these are launch times unless the caller synchronises."""
 
-    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each module's output shape for one input image (modules that run once per forward pass), probed once."""
-        if self._shapes is None:
-            self._shapes = layer_output_shapes(self.model, self.input_size)
-        return self._shapes
+    def layers(self, images: Tensor | None = None) -> dict[str, LayerInfo]:
+        """The modules that run once per forward pass, with their layouts and grid shapes: probed once, with an
+        image like ``images[0]`` when given, else an RGB ``input_size`` square."""
+        if self._layers is None:
+            sample = None if images is None else torch.zeros_like(images[:1])
+            self._layers = describe_layers(self.model, self.input_size, sample)
+        return self._layers
+
+    @property
+    def default_layer(self) -> str:
+        if self._default_layer is None:
+            self._default_layer = default_layer(self.model, self.input_size, self.layers())
+        return self._default_layer
+
+    def spatial_layer(self, name: str | None) -> LayerInfo:
+        """The probed layer ``name`` (None: the default), or :class:`LayerNotFoundError` if it gives no map."""
+        info = self.layers().get(self.default_layer if name is None else name)
+        if info is None or info.layout is None:
+            raise LayerNotFoundError(str(name), [layer for layer, item in self.layers().items() if item.layout])
+        return info
 
     def forward_passes(self, request: CamRequest) -> int:
         """The forward passes one image's request costs: 1, plus ScoreCAM's one per scored channel."""
         if request.method != "scorecam":
             return 1
-        channels = self.layer_shapes()[request.layer][1]
+        channels = self.spatial_layer(request.layer).grid[0]
         return 1 + (min(channels, self.scorecam_channels) if self.scorecam_channels else channels)
 
     def __call__(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
@@ -263,6 +404,11 @@ class CamEngine:
         for request in requests:
             if request.method not in METHODS:
                 raise ValueError(f"method must be one of {', '.join(METHODS)}, got {request.method!r}")
+        self.layers(images)
+        requests = [
+            request if request.layer is not None else replace(request, layer=self.default_layer) for request in requests
+        ]
+        layouts = {request.layer: self.spatial_layer(request.layer).layout for request in requests}
         counts = [request.top if request.classes is None else len(request.classes) for request in requests]
         if min(counts, default=0) < 1:
             raise ValueError("every image needs at least one class to explain")
@@ -324,6 +470,8 @@ class CamEngine:
         rows = {  # for each layer, the row of its activations that belongs to each pair
             layer: torch.arange(len(asked), device=device) if per_pair[layer] else pair_image for layer in layers
         }
+        activations = {layer: to_grid(activation.detach(), layouts[layer]) for layer, activation in activations.items()}
+        gradients = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in gradients.items()}
         pair_maps = self._pair_maps(
             images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index
         )
@@ -488,7 +636,8 @@ class CamEngine:
 
 
 class GradCAM:
-    """Grad-CAM on one layer, for every image alike: ``GradCAM(model, "layer4")(images, targets)``.
+    """Grad-CAM on one layer (None: the model's default layer), for every image alike:
+    ``GradCAM(model, "layer4")(images, targets)``.
 
     ``targets`` gives, per image, the classes to explain, or None for its top-1 predicted class.
 
@@ -501,10 +650,17 @@ class GradCAM:
 
     method = "gradcam"
 
-    def __init__(self, model: nn.Module, layer: str = "layer4", autocast_dtype: torch.dtype | None = None) -> None:
-        find_layer(model, layer)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        input_size: int = 224,
+    ) -> None:
+        if layer is not None:
+            find_layer(model, layer)
         self.layer = layer
-        self.engine = CamEngine(model, autocast_dtype=autocast_dtype)
+        self.engine = CamEngine(model, autocast_dtype=autocast_dtype, input_size=input_size)
 
     def __call__(self, images: Tensor, targets: Sequence[Sequence[int] | None] | None = None) -> CamOutput:
         targets = [None] * len(images) if targets is None else targets

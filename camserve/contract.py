@@ -13,9 +13,9 @@ import reprlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
-from handler.cam import METHODS
-from handler.errors import ClientError
-from handler.imaging import COLORMAPS, OUTPUT_FORMATS
+from camserve.cam import METHODS
+from camserve.errors import ClientError
+from camserve.imaging import COLORMAPS, OUTPUT_FORMATS
 
 __all__ = [
     "ExplainOptions",
@@ -30,7 +30,7 @@ __all__ = [
     "parse_request",
 ]
 
-NUM_CLASSES = 1000
+DEFAULT_TOPK = 5
 MAX_TOPK = 20
 MAX_TARGETS = 10
 MAX_EXPLAIN = 5
@@ -49,10 +49,12 @@ _FALSE = ("false", "0", "no", "off", "")
 class ExplainOptions:
     """The request options. Every one is optional; these are the defaults."""
 
-    topk: int = 5
-    """How many predictions to return, 1–20."""
+    topk: int | None = None
+    """How many predictions to return, 1–20, and at most the model's number of classes; None: 5 (or every class
+    of a model with fewer)."""
     target: tuple[int, ...] | None = None
-    """Class indices 0–999 to explain, each with its own explanation; None explains the top-1 predicted class."""
+    """Class indices 0 to classes − 1 to explain, each with its own explanation; None explains the top-1 predicted
+    class."""
     alpha: float = 0.5
     """Weight of the heatmap in the overlay, 0–1."""
     colormap: str = "jet"
@@ -63,8 +65,9 @@ class ExplainOptions:
     """Also return the raw map as a 16-bit grayscale PNG."""
     method: str = "gradcam"
     """The CAM method: gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam or scorecam."""
-    layer: str = "layer4"
-    """The layer to explain: conv1, layer1 … layer4, or a dotted submodule such as layer4.2 or layer3.5.conv2."""
+    layer: str | None = None
+    """The layer to explain, a dotted module path such as layer4 or layer3.5.conv2 that the model's spec lists;
+    None: the model's default layer."""
     explain: int = 1
     """Without ``target``: explain the N top predicted classes, 1–5."""
     max_side: int | None = None
@@ -293,13 +296,13 @@ def _targets(value: object) -> tuple[int, ...]:
     if not isinstance(items, list):
         items = [items]
     message = (
-        f"target must be a class index from 0 to {NUM_CLASSES - 1} or a list of at most {MAX_TARGETS} of them, "
-        f"got {_shown(value)}"
+        f"target must be a class index (0 to the model's number of classes - 1) or a list of at most {MAX_TARGETS} "
+        f"of them, got {_shown(value)}"
     )
     if len(items) > MAX_TARGETS:
         raise ClientError("InvalidOption", message)
     indices = [_as_int(item) for item in items]
-    if not indices or len(indices) > MAX_TARGETS or any(i is None or not 0 <= i < NUM_CLASSES for i in indices):
+    if not indices or len(indices) > MAX_TARGETS or any(i is None or i < 0 for i in indices):
         raise ClientError("InvalidOption", message)
     return tuple(indices)
 
@@ -387,6 +390,10 @@ class ModelInfo:
     version: str
     weights: str
     """``imagenet``, ``random`` (predictions mean nothing) or ``file:<sha256 first 12>``."""
+    arch: str
+    """The torchvision architecture, or the class name of the user's own network."""
+    classes: int
+    """How many classes the model tells apart."""
 
 
 @dataclass(frozen=True)

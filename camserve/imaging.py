@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from handler.errors import ClientError
+from camserve.errors import ClientError
 
 __all__ = [
     "COLORMAPS",

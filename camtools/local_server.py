@@ -78,9 +78,23 @@ def config_for(store: Path, ports: dict[str, int], extra: str = "", source: Path
     for key, port in ports.items():
         text = re.sub(rf"^{key}=http://[^:/]+:\d+$", f"{key}=http://127.0.0.1:{port}", text, flags=re.M)
     text = re.sub(r"^model_store=.*$", f"model_store={store}", text, flags=re.M)
-    text = re.sub(r"^metrics_config=(.*)$", lambda m: f"metrics_config={ROOT / m.group(1)}", text, flags=re.M)
+    text = re.sub(
+        r"^metrics_config=(.*)$", lambda m: f"metrics_config={_local_path(m.group(1), source)}", text, flags=re.M
+    )
     grpc = f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
     return f"{text}\ninitial_worker_port={free_port()}\n{grpc}{extra}"
+
+
+KSERVE_MOUNT = "/mnt/models/"
+"""Where KServe mounts the storageUri in a predictor pod: config/ and model-store/ sit below it."""
+
+
+def _local_path(path: str, source: Path) -> Path:
+    """A path from a config file, on this machine: a KServe pod path maps into the storage layout that ``source``
+    (its config/config.properties) belongs to; a relative one is the repository's."""
+    if path.startswith(KSERVE_MOUNT):
+        return source.parent.parent / path[len(KSERVE_MOUNT) :]
+    return ROOT / path
 
 
 @contextmanager
@@ -107,7 +121,8 @@ def run_torchserve(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        server = LocalTorchServe(*(f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS), workdir=workdir)
+        urls = (f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS)
+        server = LocalTorchServe(*urls, workdir=workdir, model=mar.stem)
         try:
             _wait_until_ready(server, process, timeout_s, auth)
             yield server

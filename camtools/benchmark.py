@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from handler.archive import resolve_weights
-from handler.cam import METHODS, CamEngine, CamRequest, GradCAM, normalize_map
-from handler.contract import ModelInfo
-from handler.imaging import encode_image, resize_for_model
-from handler.model import INPUT_SIZE, PRECISIONS, build_resnet50, imagenet_labels, images_to_batch
-from handler.pipeline import ExplanationService
+from camserve.cam import METHODS, CamEngine, CamRequest, GradCAM, normalize_map
+from camserve.imaging import encode_image, resize_for_model
+from camserve.model import PRECISIONS, images_to_batch
+from camserve.pipeline import ExplanationService
+from camtools.models import PreparedModel, prepare_model
 
 __all__ = ["BenchConfig", "run_benchmark", "sample_images", "write_reports"]
 
@@ -41,7 +40,9 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     repeats: int = 10
     warmup: int = 2
-    layer: str = "layer4"
+    arch: str = "resnet50"
+    layer: str | None = None
+    """None: the model's default layer."""
     agreement_images: int = 32
     server: bool = True
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
@@ -128,39 +129,42 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
     device = torch.device(config.device)
     timed = _timer(device)
     images = sample_images(max(config.agreement_images, max(config.batch_sizes)))
-    state_dict, weights_label = resolve_weights(config.weights)
-    model = build_resnet50(state_dict).to(device)
-    report = BenchReport(machine=machine_info(device) | {"weights": weights_label}, config=asdict(config))
+    prepared = prepare_model(arch=config.arch, weights=config.weights, layer=config.layer)
+    spec = prepared.spec
+    config = replace(config, layer=spec.default_layer)
+    model = prepared.model.to(device)
+    report = BenchReport(machine=machine_info(device) | {"weights": spec.weights}, config=asdict(config))
     steps = ["in-process", "methods", "fast paths", "decode/encode share"] + (["service"] if config.server else [])
     progress = tqdm(steps, desc="benchmark", unit="step")
     for step in progress:
         progress.set_postfix_str(step)
         if step == "in-process":
-            report.in_process = _in_process(model, images, config, device, timed)
+            report.in_process = _in_process(model, spec, images, config, device, timed)
         elif step == "methods":
-            report.methods = _method_costs(model, images, config, device, timed)
+            report.methods = _method_costs(model, spec, images, config, device, timed)
         elif step == "fast paths":
-            report.fast_paths = _fast_paths(state_dict, images, config, device, timed)
+            report.fast_paths = _fast_paths(model, spec, images, config, device, timed)
         elif step == "decode/encode share":
-            report.stages = _stage_shares(model, images, config, device)
+            report.stages = _stage_shares(model, spec, images, config, device)
         else:
-            report.service, report.memory = _service(state_dict, weights_label, images, config, workdir)
+            report.service, report.memory = _service(prepared, images, config, workdir)
     report.targets = _targets(report)
     return report
 
 
-def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
+def _in_process(model, spec, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
     from pytorch_grad_cam import GradCAM as PeerGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     peer_model = copy.deepcopy(model).requires_grad_(True)  # the peer backpropagates into every parameter
     peer = PeerGradCAM(model=peer_model, target_layers=[peer_model.get_submodule(config.layer)])
-    engine = GradCAM(model, config.layer)
-    service = _service_for(model, device)
+    engine = GradCAM(model, config.layer, input_size=spec.input_size)
+    service = _service_for(model, spec, device)
+    side = spec.input_size
     rows = []
     for batch_size in config.batch_sizes:
         chosen = images[:batch_size]
-        batch = images_to_batch([resize_for_model(image, INPUT_SIZE) for image in chosen], device)
+        batch = images_to_batch([resize_for_model(image, side) for image in chosen], spec, device)
         prepared = [service.prepare({"body": encode_image(image, "png")}) for image in chosen]
         with torch.inference_mode():
             top1 = model(batch).argmax(dim=1).tolist()
@@ -170,7 +174,7 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
                 model(batch)
 
         def cam_only(batch: torch.Tensor = batch) -> None:
-            normalize_map(torch.cat(engine(batch).maps), (INPUT_SIZE, INPUT_SIZE))
+            normalize_map(torch.cat(engine(batch).maps), (side, side))
 
         def cam_and_overlays(prepared: list = prepared) -> None:
             service.explain([copy.copy(item) for item in prepared])  # explain() releases each image it renders
@@ -201,17 +205,19 @@ def _in_process(model, images, config: BenchConfig, device, timed) -> list[dict[
     return rows
 
 
-def _method_costs(model, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
+def _method_costs(model, spec, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
     """Each method's cost per image at ``config.layer`` relative to the plain forward pass, timed round-robin.
 
     ScoreCAM runs one forward pass per scored channel, so it is timed on one image with at most two repeats.
     """
-    engine = CamEngine(model)
+    engine = CamEngine(model, input_size=spec.input_size)
     rows = []
     for method in METHODS:
         batch_size = 1 if method == "scorecam" else max(config.batch_sizes)
         repeats = min(config.repeats, 2) if method == "scorecam" else config.repeats
-        batch = images_to_batch([resize_for_model(image, INPUT_SIZE) for image in images[:batch_size]], device)
+        batch = images_to_batch(
+            [resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device
+        )
         requests = [CamRequest(layer=config.layer, method=method)] * batch_size
 
         def floor(batch: torch.Tensor = batch) -> None:
@@ -231,28 +237,25 @@ def _method_costs(model, images, config: BenchConfig, device, timed) -> list[dic
     return rows
 
 
-def _service_for(model, device, channels_last: bool = False) -> ExplanationService:
-    return ExplanationService(
-        engine=CamEngine(model),
-        labels=imagenet_labels(),
-        model_info=ModelInfo("resnet50", "bench", "random"),
-        device=device,
-        channels_last=channels_last,
-    )
+def _service_for(model, spec, device, channels_last: bool = False) -> ExplanationService:
+    engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer)
+    return ExplanationService(engine=engine, spec=spec, device=device, channels_last=channels_last)
 
 
-def _fast_paths(state_dict, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
+def _fast_paths(base_model, spec, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    inputs = [resize_for_model(image, INPUT_SIZE) for image in images[: config.agreement_images]]
+    side = spec.input_size
+    inputs = [resize_for_model(image, side) for image in images[: config.agreement_images]]
     batch_size = max(config.batch_sizes)
     reference_top1, reference_maps = None, None
     rows, runs = [], {}
     for channels_last in (False, True):
-        model = build_resnet50(state_dict, channels_last=channels_last).to(device)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = copy.deepcopy(base_model).to(device, memory_format=memory_format)
         for precision in precisions:
-            engine = GradCAM(model, config.layer, autocast_dtype=PRECISIONS[precision])
+            engine = GradCAM(model, config.layer, autocast_dtype=PRECISIONS[precision], input_size=side)
             batches = [
-                images_to_batch(inputs[i : i + batch_size], device, channels_last)
+                images_to_batch(inputs[i : i + batch_size], spec, device, channels_last)
                 for i in range(0, len(inputs), batch_size)
             ]
             targets = None if reference_top1 is None else [[c] for c in reference_top1]
@@ -261,7 +264,7 @@ def _fast_paths(state_dict, images, config: BenchConfig, device, timed) -> list[
                 wanted = None if targets is None else targets[index * batch_size : (index + 1) * batch_size]
                 output = engine(batch, wanted)
                 top1 += output.logits.argmax(dim=1).tolist()
-                maps += [normalize_map(m, (INPUT_SIZE, INPUT_SIZE))[0].cpu().numpy().ravel() for m in output.maps]
+                maps += [normalize_map(m, (side, side))[0].cpu().numpy().ravel() for m in output.maps]
             if reference_top1 is None:
                 reference_top1, reference_maps = top1, maps
             runs[(precision, channels_last)] = partial(engine, batches[0])
@@ -288,9 +291,9 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _stage_shares(model, images, config: BenchConfig, device) -> dict[str, float]:
+def _stage_shares(model, spec, images, config: BenchConfig, device) -> dict[str, float]:
     """Where a batch's time goes when it arrives as JPEG files: decode, CAM (forward + gradient), encode."""
-    service = _service_for(model, device)
+    service = _service_for(model, spec, device)
     rows = [{"body": encode_image(image, "jpeg")} for image in images[: max(config.batch_sizes)]]
     totals = dict.fromkeys(("decode", "cam", "encode"), 0.0)
     for repeat in range(config.warmup + config.repeats):
@@ -304,13 +307,13 @@ def _stage_shares(model, images, config: BenchConfig, device) -> dict[str, float
     }
 
 
-def _service(state_dict, weights_label: str, images, config: BenchConfig, workdir: Path | None):
-    from handler.archive import ServingConfig, build_archive
-    from handler.local_server import run_torchserve
+def _service(prepared: PreparedModel, images, config: BenchConfig, workdir: Path | None):
+    from camtools.archive import ServingConfig, build_archive
+    from camtools.local_server import run_torchserve
 
     with tempfile.TemporaryDirectory(prefix="bench-", dir=workdir) as scratch:
         serving = ServingConfig(precision=config.server_precision, channels_last=config.server_channels_last)
-        mar = build_archive(state_dict, weights_label, Path(scratch) / "store", config=serving)
+        mar = build_archive(prepared, Path(scratch) / "store", config=serving)
         bodies = [encode_image(image, "jpeg") for image in images[:16]]
         with run_torchserve(mar, Path(scratch) / "server") as server:
             levels = [

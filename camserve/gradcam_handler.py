@@ -17,11 +17,13 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.cam import CamEngine
-from handler.contract import ModelInfo, WorkBudget, is_envelope_instance
-from handler.imaging import DecodeLimits
-from handler.model import autocast_dtype, build_resnet50, load_state_dict_file, read_labels, select_device
-from handler.pipeline import ExplanationService, RowResult, internal_error
+import camserve
+from camserve.cam import CamEngine
+from camserve.contract import WorkBudget, is_envelope_instance
+from camserve.imaging import DecodeLimits
+from camserve.model import autocast_dtype, load_model, select_device
+from camserve.pipeline import ExplanationService, RowResult, internal_error
+from camserve.spec import SPEC_FILE, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,11 @@ def _sibling_workers() -> int:
 
 
 class GradCamHandler(BaseHandler):
-    """ResNet-50 predictions with a Grad-CAM overlay in the same response.
+    """Top-k predictions with a class activation map overlay in the same response, for the model in the archive's
+    ``model_spec.json``.
 
     ``/predictions`` and ``/explanations`` give the same answer. Settings come from the ``handler:`` section of
-    the archive's model-config.yaml: ``weights`` (the name responses report), ``scorecam_channels``,
+    the archive's model-config.yaml: ``scorecam_channels``,
     ``precision`` (fp32, bf16, fp16 on CUDA), ``channels_last``, ``torch_threads`` (default: cores ÷ the workers
     running), ``limits`` (``max_bytes``, ``max_pixels``, ``min_side``) and ``budget`` (see ``WorkBudget``).
     """
@@ -67,19 +70,21 @@ class GradCamHandler(BaseHandler):
         threads = self._share_cores()
         channels_last = bool(settings.get("channels_last", False))
         manifest_model = context.manifest["model"]
-        state_dict = load_state_dict_file(model_dir / manifest_model["serializedFile"])
-        model = build_resnet50(state_dict, channels_last=channels_last).to(self.device)
+        spec = ModelSpec.load(model_dir / SPEC_FILE)
+        model = load_model(
+            spec, model_dir / manifest_model["serializedFile"], model_dir, self.device, channels_last=channels_last
+        )
         precision = autocast_dtype(str(settings.get("precision", "fp32")), self.device)
         self.service = ExplanationService(
             engine=CamEngine(
-                model, autocast_dtype=precision, scorecam_channels=int(settings.get("scorecam_channels", 64))
+                model,
+                autocast_dtype=precision,
+                scorecam_channels=int(settings.get("scorecam_channels", 64)),
+                input_size=spec.input_size,
+                default_layer=spec.default_layer,
             ),
-            labels=read_labels(model_dir / "index_to_name.json"),
-            model_info=ModelInfo(
-                name=context.model_name,
-                version=str(manifest_model.get("modelVersion", "")),
-                weights=str(settings.get("weights", "unknown")),
-            ),
+            spec=spec,
+            model_name=context.model_name,
             device=self.device,
             limits=DecodeLimits(**settings.get("limits", {})),
             budget=WorkBudget(**settings.get("budget", {})),
@@ -90,7 +95,15 @@ class GradCamHandler(BaseHandler):
         self.context = context
         self.manifest = context.manifest
         self.initialized = True
-        logger.info("resnet50 Grad-CAM ready on %s with %s weights", self.device, self.service.model_info.weights)
+        logger.info(
+            "%s (%s, %d classes, %s weights) ready on %s; runtime from %s",
+            context.model_name,
+            spec.arch,
+            spec.num_classes,
+            spec.weights,
+            self.device,
+            Path(camserve.__file__).parent,
+        )
 
     def handle(self, data: list[dict], context) -> list[dict]:
         """One body per row, never an exception: TorchServe would fail the whole batch with a 503 on one."""

@@ -1,0 +1,116 @@
+"""The served network, built from its spec: a torchvision builder or the user's own model file, its weights loaded
+safely, and the input tensor its spec describes."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from camserve.spec import ModelSpec
+
+__all__ = [
+    "PRECISIONS",
+    "autocast_dtype",
+    "build_network",
+    "images_to_batch",
+    "load_model",
+    "model_class_from_file",
+    "read_state_dict",
+    "select_device",
+]
+
+
+def model_class_from_file(path: str | Path) -> type[nn.Module]:
+    """The one ``nn.Module`` subclass that the Python file at ``path`` defines (TorchServe's ``--model-file``
+    convention), imported under the file's own name."""
+    path = Path(path)
+    name = f"camserve_model_file_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    classes = [
+        value
+        for value in vars(module).values()
+        if inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == name
+    ]
+    if len(classes) != 1:
+        found = ", ".join(c.__name__ for c in classes) or "none"
+        raise TypeError(
+            f"{path.name} must define exactly one nn.Module subclass, built with no arguments; found {found}"
+        )
+    return classes[0]
+
+
+def build_network(spec: ModelSpec, model_dir: str | Path | None = None) -> nn.Module:
+    """The spec's network with fresh (untrained) parameters: ``model_dir`` holds the spec's model file, if any."""
+    if spec.model_file:
+        return model_class_from_file(Path(model_dir or ".") / spec.model_file)()
+    from torchvision.models import get_model_builder
+
+    return get_model_builder(spec.arch)(weights=None, **spec.arch_kwargs)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict saved with ``torch.save``, loaded with ``weights_only=True`` onto the CPU: no pickled code runs."""
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
+    return state_dict
+
+
+def load_model(
+    spec: ModelSpec,
+    weights: str | Path,
+    model_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> nn.Module:
+    """The spec's network with the state_dict at ``weights`` loaded strictly, in eval mode, parameters frozen."""
+    model = build_network(spec, model_dir)
+    model.load_state_dict(read_state_dict(weights))
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
+
+
+def images_to_batch(
+    images: Sequence[np.ndarray], spec: ModelSpec, device: torch.device | str = "cpu", channels_last: bool = False
+) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB arrays of the model's input size to a normalised (N, 3, H, W) float batch on ``device``:
+    x = (pixel / 255 − mean) / std, with the spec's mean and std."""
+    batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1)
+    batch = batch.sub_(mean).div_(std)
+    return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Serving precisions: fp32 as is, or the network under ``torch.autocast`` with that dtype."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name, refusing what the device cannot do well."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return PRECISIONS[precision]
+
+
+def select_device(gpu_id: int | str | None) -> torch.device:
+    """``cuda:<gpu_id>`` when TorchServe assigned a GPU and CUDA exists, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")

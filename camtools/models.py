@@ -1,0 +1,476 @@
+"""From what a user has (an architecture name or a model file, weights, labels) to a validated model and its spec.
+
+Build-time only: the build, the offline CLI and the benchmark use it; the archive carries only the result.
+Every failure is a :class:`BuildError` whose message names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import pickle
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from camserve.cam import CamEngine, CamRequest, LayerNotFoundError, default_layer, describe_layers
+from camserve.model import build_network, model_class_from_file
+from camserve.spec import ModelSpec
+
+__all__ = [
+    "BuildError",
+    "PreparedModel",
+    "WeightsUnavailableError",
+    "add_model_arguments",
+    "model_for_cli",
+    "prepare_model",
+    "read_checkpoint",
+    "read_labels",
+    "torchvision_archs",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = 224
+DEFAULT_ARCH = "resnet50"
+_MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+class BuildError(ValueError):
+    """A model that cannot be served as asked; the message says what is wrong and how to fix it."""
+
+
+class WeightsUnavailableError(BuildError):
+    """The requested weights could not be obtained."""
+
+
+@dataclass
+class PreparedModel:
+    """A model that passed validation: its spec, the network (eval, frozen), its weights and its model file."""
+
+    spec: ModelSpec
+    model: nn.Module
+    state_dict: dict[str, torch.Tensor]
+    model_file: Path | None = None
+
+
+def torchvision_archs() -> list[str]:
+    """Every classification builder of torchvision (``torchvision.models.list_models(module=torchvision.models)``)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a file, loaded with ``weights_only=True``: a bare state_dict, ``{"state_dict": ...}`` or
+    ``{"model": ...}`` (training checkpoints), with DataParallel's ``module.`` or torch.compile's ``_orig_mod.``
+    prefix removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"no weights file at {path}: give --weights imagenet, random or a file's path")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split(".")[0][:200]
+        raise BuildError(
+            f"{path} is not a plain state_dict: torch.load(weights_only=True) refused it ({reason}). If it is a "
+            "whole pickled model, save its weights instead: torch.save(model.state_dict(), 'weights.pt')"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise BuildError(f"{path} could not be read as a torch.save file: {error}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise BuildError(
+            f"{path} holds a {type(loaded).__name__} that is not a state_dict (a dict of tensors, possibly under "
+            "'state_dict' or 'model'): save it with torch.save(model.state_dict(), 'weights.pt')"
+        )
+    for prefix in ("module.", "_orig_mod."):
+        if loaded and all(key.startswith(prefix) for key in loaded):
+            loaded = {key[len(prefix) :]: value for key, value in loaded.items()}
+    return loaded
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names from a JSON list, a JSON object ``{"0": "cat", ...}``, TorchServe's ``index_to_name.json``
+    (``{"0": ["n01440764", "tench"], ...}``) or a text file with one name per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BuildError(f"cannot read the labels file {path}: {error}") from None
+    if path.suffix.lower() != ".json" and not text.lstrip().startswith(("[", "{")):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BuildError(f"the labels file {path} is not valid JSON: {error}") from None
+
+    def name(value: object) -> str:
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            return value[1]  # index_to_name.json's [wnid, name]
+        if isinstance(value, str):
+            return value
+        raise BuildError(f"labels in {path} must be names or [id, name] pairs, got {value!r:.60}")
+
+    if isinstance(data, list):
+        return [name(value) for value in data]
+    if isinstance(data, dict):
+        if sorted(data) != sorted(str(i) for i in range(len(data))):
+            raise BuildError(f"the keys of {path} must be the class indices 0 to {len(data) - 1}")
+        return [name(data[str(i)]) for i in range(len(data))]
+    raise BuildError(f"the labels file {path} must hold a JSON list or object, got {type(data).__name__}")
+
+
+def _imagenet_categories() -> list[str]:
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def _default_weights(arch: str):
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch).DEFAULT
+
+
+def _input_defaults(arch: str | None) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(input size, mean, std) from the arch's default torchvision weights' transforms, else 224 and ImageNet's."""
+    if arch is None:
+        return DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+    transforms = _default_weights(arch).transforms()
+    return int(transforms.crop_size[0]), tuple(transforms.mean), tuple(transforms.std)
+
+
+def _arch_kwargs(arch: str, input_size: int, pretrained: bool) -> dict[str, object]:
+    """Builder arguments that the arch's weights imply: a ViT's image size; GoogLeNet's and Inception's input
+    transform and auxiliary heads as torchvision builds them for its own weights."""
+    kwargs: dict[str, object] = {}
+    if arch.startswith("vit_"):
+        kwargs["image_size"] = input_size
+    if arch in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False
+        if pretrained:
+            kwargs |= {"transform_input": True, "aux_logits": True}
+    return kwargs
+
+
+def _seeded(build, seed: int) -> nn.Module:
+    """A model built under ``seed``; weights initialised to zero (a ViT's head) are drawn from N(0, 0.02²) so that
+    random weights still give gradients. The same seed gives the same weights on every machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                nn.init.normal_(module.weight, std=0.02)
+    return model
+
+
+def _describe_keys(keys: set[str], limit: int = 6) -> str:
+    shown = sorted(keys)[:limit]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _suggest_archs(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The torchvision archs whose parameter names are exactly these (built on the meta device: no memory)."""
+    matches = []
+    for arch in torchvision_archs():
+        try:
+            with torch.device("meta"):
+                reference = build_network(_spec_stub(arch, _arch_kwargs(arch, _input_defaults(arch)[0], False)))
+        except Exception:  # an arch that cannot be built on meta is simply not suggested
+            continue
+        expected = reference.state_dict()
+        if expected.keys() == state_dict.keys():
+            same = sum(expected[k].shape == state_dict[k].shape for k in expected)
+            matches.append((same == len(expected) - 2 or same == len(expected), arch))
+    return [arch for _, arch in sorted(matches, reverse=True)]
+
+
+def _spec_stub(arch: str, kwargs: dict[str, object]) -> ModelSpec:
+    return ModelSpec(
+        name="stub", arch=arch, labels=(), input_size=0, mean=(0, 0, 0), std=(1, 1, 1), default_layer="",
+        layers={}, weights="", arch_kwargs=kwargs,
+    )  # fmt: skip
+
+
+def _fit_torchvision(arch: str, state_dict: dict[str, torch.Tensor], kwargs: dict[str, object]) -> dict[str, object]:
+    """The builder kwargs that make ``arch`` take this state_dict strictly: the head's size is read from the
+    tensors. Raises a :class:`BuildError` naming the keys that do not fit and the archs the shapes suggest."""
+    with torch.device("meta"):
+        expected = build_network(_spec_stub(arch, kwargs)).state_dict()
+    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    mismatched = {k for k in expected.keys() & state_dict.keys() if expected[k].shape != state_dict[k].shape}
+    classes = {state_dict[k].shape[0] for k in mismatched}
+    head_only = (
+        len(classes) == 1
+        and all(expected[k].shape[0] == kwargs.get("num_classes", 1000) for k in mismatched)
+        and all(expected[k].shape[1:] == state_dict[k].shape[1:] for k in mismatched)
+    )
+    if not missing and not unexpected and (not mismatched or head_only):
+        return kwargs | ({"num_classes": classes.pop()} if mismatched else {})
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe_keys(unexpected)}")
+    if mismatched and not head_only:
+        shapes = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})" for k in sorted(mismatched)]
+        more = f" and {len(shapes) - 4} more" if len(shapes) > 4 else ""
+        problems.append(f"shapes that do not fit: {', '.join(shapes[:4])}{more}")
+    suggestions = _suggest_archs(state_dict)
+    advice = (
+        f"the keys fit --arch {' or --arch '.join(suggestions[:3])}"
+        if suggestions
+        else "no torchvision arch has these keys: for a network of your own, give its class with --model-file"
+    )
+    raise BuildError(f"these weights do not fit --arch {arch}: {'; '.join(problems)}. {advice}")
+
+
+def _imagenet_state_dict(arch: str, progress: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    weights = _default_weights(arch)
+    try:
+        state_dict = weights.get_state_dict(progress=progress, check_hash=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
+        raise WeightsUnavailableError(
+            f"could not download the ImageNet weights of {arch} ({weights.url}): {error}.\n"
+            "Offline, choose one of the other two: --weights PATH (a state_dict file, e.g. one copied from "
+            "torch.hub's cache on a machine that has it) or --weights random (seeded, for tests only: its "
+            "predictions mean nothing)."
+        ) from error
+    return state_dict, list(weights.meta["categories"])
+
+
+def _file_label(path: str | Path) -> str:
+    """``file:<first 12 hex digits of the file's sha256>``, the name responses give file weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file:{digest.hexdigest()[:12]}"
+
+
+def prepare_model(
+    arch: str | None = None,
+    model_file: str | Path | None = None,
+    weights: str = "imagenet",
+    labels: str | Path | None = None,
+    layer: str | None = None,
+    input_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    model_name: str | None = None,
+    version: str = "1.0",
+    seed: int = 0,
+    progress: bool = True,
+) -> PreparedModel:
+    """Build, load and validate a model, and describe it in a :class:`ModelSpec`.
+
+    Validation, before anything is written: the weights load strictly; the labels match the classes; the layer
+    gives a spatial map; one explanation of a synthetic image at the default layer is finite and of the layer's
+    shape.
+    """
+    if arch and model_file:
+        raise BuildError("give --arch (a torchvision architecture) or --model-file (your own network), not both")
+    model_path = Path(model_file) if model_file else None
+    if model_path is None:
+        arch = arch or DEFAULT_ARCH
+        archs = torchvision_archs()
+        if arch not in archs:
+            close = difflib.get_close_matches(arch, archs, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise BuildError(f"--arch {arch} is not a torchvision classification model: {hint}(one of {len(archs)})")
+    elif not model_path.is_file():
+        raise BuildError(f"no model file at {model_path}")
+    default_size, default_mean, default_std = _input_defaults(None if model_path else arch)
+    input_size = input_size or default_size
+    mean, std = tuple(mean or default_mean), tuple(std or default_std)
+    given_labels = read_labels(labels) if labels is not None else None
+    default_labels: list[str] | None = None
+
+    if model_path is not None:
+        try:
+            model_class = model_class_from_file(model_path)
+        except Exception as error:
+            raise BuildError(f"cannot use the model file {model_path}: {error}") from None
+        arch = model_class.__name__
+        kwargs: dict[str, object] = {}
+        if weights == "imagenet":
+            raise BuildError("--weights imagenet needs --arch; give a --model-file network its weights as a PATH")
+        if weights == "random":
+            model = _seeded(model_class, seed)
+        else:
+            model = model_class()
+            state_dict = read_checkpoint(weights)
+            try:
+                model.load_state_dict(state_dict)
+            except RuntimeError as error:
+                raise BuildError(f"these weights do not fit {arch} from {model_path.name}: {error}") from None
+    else:
+        kwargs = _arch_kwargs(arch, input_size, pretrained=weights == "imagenet")
+        if weights == "imagenet":
+            state_dict, default_labels = _imagenet_state_dict(arch, progress)
+            kwargs["num_classes"] = len(default_labels)
+        elif weights == "random":
+            if given_labels is not None:
+                kwargs["num_classes"] = len(given_labels)
+        else:
+            state_dict = read_checkpoint(weights)
+            kwargs = _fit_torchvision(arch, state_dict, kwargs)
+        stub = _spec_stub(arch, kwargs)
+        if weights == "random":
+            model = _seeded(lambda: build_network(stub), seed)
+        else:
+            model = build_network(stub)
+            model.load_state_dict(state_dict)
+    model = model.eval().requires_grad_(False)
+    state_dict = model.state_dict()
+
+    try:
+        layers = describe_layers(model, input_size)
+        with torch.no_grad():
+            probe = model(torch.zeros(1, 3, input_size, input_size))
+    except Exception as error:
+        raise BuildError(f"{arch} does not run on a {input_size}x{input_size} image: {error}") from None
+    if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
+        raise BuildError(f"{arch} must return (N, classes) logits, got {getattr(probe, 'shape', type(probe))}")
+    num_classes = probe.shape[1]
+    if given_labels is not None:
+        names = given_labels
+    elif default_labels is not None:
+        names = default_labels
+    elif num_classes == 1000:
+        names = _imagenet_categories()
+    else:
+        names = [f"class_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise BuildError(
+            f"{len(names)} labels for {num_classes} classes: the labels file {labels} must name every class of "
+            f"the model's head, in index order"
+        )
+    spatial = {name: info.layout for name, info in layers.items() if info.layout}
+    if not spatial:
+        raise BuildError(f"{arch} has no layer that gives a spatial map: nothing to explain")
+    if layer is None:
+        layer = default_layer(model, input_size, layers)
+    elif layer not in spatial:
+        reason = "gives no spatial map" if layer in dict(model.named_modules()) else "is not a module of the model"
+        raise BuildError(f"layer {layer} {reason}; {LayerNotFoundError(layer, list(spatial))}")
+
+    engine = CamEngine(model, input_size=input_size, default_layer=layer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        image = (torch.rand(1, 3, input_size, input_size) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+            std
+        ).view(1, 3, 1, 1)
+    output = engine(image, [CamRequest()])
+    cam = output.maps[0]
+    if tuple(cam.shape[1:]) != layers[layer].grid[1:] or not torch.isfinite(cam).all():
+        raise BuildError(f"the explanation at layer {layer} is not a finite {layers[layer].grid[1:]} map")
+    if not torch.isfinite(output.logits).all():
+        raise BuildError(f"{arch} gives non-finite logits on a synthetic image")
+
+    if weights == "imagenet":
+        weights_label = "imagenet"
+    elif weights == "random":
+        weights_label = "random"
+    else:
+        weights_label = _file_label(weights)
+    name = model_name or arch.lower()
+    if not _MODEL_NAME.fullmatch(name):
+        raise BuildError(f"--model-name must be a letter then letters, digits, '_' or '-' (64 at most), got {name!r}")
+    spec = ModelSpec(
+        name=name,
+        arch=arch,
+        labels=tuple(names),
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        default_layer=layer,
+        layers=spatial,
+        weights=weights_label,
+        version=version,
+        model_file=model_path.name if model_path else None,
+        arch_kwargs=kwargs,
+    )
+    return PreparedModel(spec, model, state_dict, model_path)
+
+
+RANDOM_WARNING = """
+################################################################################
+#  WARNING: --weights random. The model is seeded random noise. Its predictions #
+#  and heatmaps mean NOTHING; every response says "weights": "random".         #
+#  Use --weights imagenet (download) or --weights PATH (a state_dict file).    #
+################################################################################
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which model: the same in the build, the offline CLI, the KServe layout and the bench."""
+    group = parser.add_argument_group("the model")
+    group.add_argument(
+        "--arch",
+        help=f"a torchvision classification model, e.g. resnet50, convnext_tiny, vit_b_16, swin_t "
+        f"(default: {DEFAULT_ARCH} unless --model-file)",
+    )
+    group.add_argument(
+        "--model-file",
+        type=Path,
+        help="your own network: a .py file defining exactly one nn.Module subclass, built with no arguments",
+    )
+    group.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (the arch's default torchvision weights, downloaded and cached), random (seeded, tests "
+        "only: predictions mean nothing) or PATH, a state_dict with any number of classes (default: imagenet)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: 0)")
+    group.add_argument(
+        "--labels",
+        type=Path,
+        help='class names: a JSON list, {"0": "cat"}, index_to_name.json or one name per line '
+        "(default: ImageNet's for 1000 classes, else class_0, class_1, ...)",
+    )
+    group.add_argument("--layer", help="the layer explained by default (default: found for the model)")
+    group.add_argument(
+        "--input-size", type=int, help="model input side in pixels (default: the arch's weights' crop, else 224)"
+    )
+    group.add_argument(
+        "--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default: the arch's, else ImageNet's"
+    )
+    group.add_argument(
+        "--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default: the arch's, else ImageNet's"
+    )
+
+
+def model_for_cli(args: argparse.Namespace, model_name: str | None = None, version: str = "1.0") -> PreparedModel:
+    """:func:`prepare_model` from :func:`add_model_arguments`' flags: a loud warning for random weights, and the
+    error's message with exit status 2 when the model cannot be served."""
+    if args.weights == "random":
+        print(RANDOM_WARNING, file=sys.stderr)
+    try:
+        return prepare_model(
+            arch=args.arch,
+            model_file=args.model_file,
+            weights=args.weights,
+            labels=args.labels,
+            layer=args.layer,
+            input_size=args.input_size,
+            mean=args.mean,
+            std=args.std,
+            model_name=model_name,
+            version=version,
+            seed=args.seed,
+        )
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
