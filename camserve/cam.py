@@ -125,11 +125,13 @@ class LayerNotFoundError(ValueError):
     def __init__(self, name: str, valid: Sequence[str]) -> None:
         self.name = name
         self.valid = list(valid)
-        top_level = [layer for layer in self.valid if "." not in layer]
-        super().__init__(
-            f"layer must be one of {', '.join(top_level)} or a dotted submodule such as "
-            f"{self.valid[-1] if self.valid else 'layer4.2'}, got {name!r}"
-        )
+        if len(self.valid) <= 16:
+            accepted = f"one of {', '.join(self.valid)}"
+        else:
+            top_level = [layer for layer in self.valid if "." not in layer]
+            deepest = max(self.valid, key=lambda layer: layer.count("."))
+            accepted = f"one of {', '.join(top_level)} or a dotted submodule such as {deepest}"
+        super().__init__(f"layer must be a layer of the model that gives a spatial map, {accepted}; got {name!r}")
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:

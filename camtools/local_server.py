@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import requests
@@ -101,7 +101,8 @@ def _local_path(path: str, source: Path) -> Path:
 def run_torchserve(
     mar: Path, workdir: Path, extra_config: str = "", timeout_s: float = 180, config_source: Path | None = None
 ) -> Iterator[LocalTorchServe]:
-    """Start torchserve serving ``mar`` and wait until a worker is READY; always stop it on exit."""
+    """Start torchserve serving every archive in ``mar``'s folder (``load_models=all``) and wait until each has a
+    READY worker; always stop it on exit. The server's ``model`` is ``mar``'s."""
     workdir.mkdir(parents=True, exist_ok=True)
     ports = {key: free_port() for key in ADDRESS_KEYS}
     config = workdir / "config.properties"
@@ -124,7 +125,8 @@ def run_torchserve(
         urls = (f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS)
         server = LocalTorchServe(*urls, workdir=workdir, model=mar.stem)
         try:
-            _wait_until_ready(server, process, timeout_s, auth)
+            for archive in sorted(mar.parent.glob("*.mar")):
+                _wait_until_ready(replace(server, model=archive.stem), process, timeout_s, auth, server.keys)
             yield server
         finally:
             subprocess.run([TORCHSERVE, "--stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
@@ -135,7 +137,11 @@ def run_torchserve(
                 process.wait(timeout=10)
 
 
-def _wait_until_ready(server: LocalTorchServe, process: subprocess.Popen, timeout_s: float, auth: bool) -> None:
+def _wait_until_ready(
+    server: LocalTorchServe, process: subprocess.Popen, timeout_s: float, auth: bool, keys: dict[str, str]
+) -> None:
+    """Wait for a READY worker of ``server.model``; the tokens go into ``keys``, shared with the caller's server."""
+    server.keys = keys
     deadline = time.monotonic() + timeout_s
     output = server.workdir / "torchserve.out"
     while time.monotonic() < deadline:
@@ -145,8 +151,8 @@ def _wait_until_ready(server: LocalTorchServe, process: subprocess.Popen, timeou
         if key_file.exists() or not auth:
             try:
                 if auth:
-                    keys = json.loads(key_file.read_text())
-                    server.keys = {api: keys[api]["key"] for api in ("inference", "management")}
+                    written = json.loads(key_file.read_text())
+                    server.keys.update({api: written[api]["key"] for api in ("inference", "management")})
                 if any(worker["status"] == "READY" for worker in server.describe()["workers"]):
                     return
             except (requests.RequestException, json.JSONDecodeError, KeyError):

@@ -162,16 +162,30 @@ def _arch_kwargs(arch: str, input_size: int, pretrained: bool) -> dict[str, obje
     return kwargs
 
 
-def _seeded(build, seed: int) -> nn.Module:
-    """A model built under ``seed``; weights initialised to zero (a ViT's head) are drawn from N(0, 0.02²) so that
-    random weights still give gradients. The same seed gives the same weights on every machine."""
+def _seeded(build, seed: int, input_size: int) -> nn.Module:
+    """A model built under ``seed``, the same on every machine, and made well-conditioned so that its maps are
+    numbers rather than rounding noise: weights initialised to zero (a ViT's head) are drawn from N(0, 0.02²), and
+    batch-norm statistics are measured on two seeded batches of noise (fresh statistics of 0 and 1 let activations
+    vanish through a deep EfficientNet)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build()
         for module in model.modules():
             if isinstance(module, nn.Linear) and not module.weight.any():
                 nn.init.normal_(module.weight, std=0.02)
-    return model
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if norms:
+            momenta = [m.momentum for m in norms]
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # a cumulative average over the batches below
+            model.train()
+            with torch.no_grad():
+                for _ in range(2):
+                    model(torch.randn(4, 3, input_size, input_size))
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
+    return model.eval()
 
 
 def _describe_keys(keys: set[str], limit: int = 6) -> str:
@@ -307,7 +321,7 @@ def prepare_model(
         if weights == "imagenet":
             raise BuildError("--weights imagenet needs --arch; give a --model-file network its weights as a PATH")
         if weights == "random":
-            model = _seeded(model_class, seed)
+            model = _seeded(model_class, seed, input_size)
         else:
             model = model_class()
             state_dict = read_checkpoint(weights)
@@ -328,7 +342,7 @@ def prepare_model(
             kwargs = _fit_torchvision(arch, state_dict, kwargs)
         stub = _spec_stub(arch, kwargs)
         if weights == "random":
-            model = _seeded(lambda: build_network(stub), seed)
+            model = _seeded(lambda: build_network(stub), seed, input_size)
         else:
             model = build_network(stub)
             model.load_state_dict(state_dict)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start or stop TorchServe with config.properties: scripts/serve.sh start|stop|status
+# Start or stop TorchServe with config.properties, serving every archive in model_store/:
+# scripts/serve.sh start|stop|status [MODEL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -29,32 +30,42 @@ token() {  # token management|inference: read from key_file.json, which TorchSer
 case "${1:-start}" in
   start)
     require_java
-    if [ ! -f model_store/resnet50.mar ]; then
-      echo "error: model_store/resnet50.mar is missing; build it: .venv/bin/python scripts/build_mar.py --weights imagenet|random|PATH" >&2
+    shopt -s nullglob
+    archives=(model_store/*.mar)
+    if [ ${#archives[@]} -eq 0 ]; then
+      echo "error: model_store/ holds no .mar; build one: .venv/bin/python scripts/build_mar.py --weights imagenet|random|PATH" >&2
       exit 1
     fi
     torchserve --stop >/dev/null 2>&1 || true
     rm -f key_file.json
     mkdir -p logs
     torchserve --start --ncs --model-store model_store --ts-config config.properties >logs/torchserve_start.log 2>&1 </dev/null
-    echo -n "Waiting for resnet50 to load"
-    for _ in $(seq 1 120); do
-      if [ -f key_file.json ] && curl -sf -H "Authorization: Bearer $(token management)" \
-        http://127.0.0.1:8081/models/resnet50 2>/dev/null | grep -q '"status": "READY"'; then
-        echo " ready: http://127.0.0.1:8080/predictions/resnet50 (tokens in key_file.json)"
-        exit 0
+    for archive in "${archives[@]}"; do
+      model=$(basename "$archive" .mar)
+      echo -n "Waiting for $model to load"
+      ready=
+      for _ in $(seq 1 180); do
+        if [ -f key_file.json ] && curl -sf -H "Authorization: Bearer $(token management)" \
+          "http://127.0.0.1:8081/models/$model" 2>/dev/null | grep -q '"status": "READY"'; then
+          echo " ready: http://127.0.0.1:8080/predictions/$model"
+          ready=1
+          break
+        fi
+        echo -n "."
+        sleep 1
+      done
+      if [ -z "$ready" ]; then
+        echo; echo "error: $model did not become ready in 180 s; see logs/model_log.log and logs/ts_log.log" >&2
+        exit 1
       fi
-      echo -n "."
-      sleep 1
     done
-    echo; echo "error: resnet50 did not become ready in 120 s; see logs/model_log.log and logs/ts_log.log" >&2
-    exit 1
+    echo "Tokens are in key_file.json."
     ;;
   stop)
     torchserve --stop
     ;;
   status)
-    curl -s -H "Authorization: Bearer $(token management)" http://127.0.0.1:8081/models/resnet50
+    curl -s -H "Authorization: Bearer $(token management)" "http://127.0.0.1:8081/models/${2:-}"
     ;;
   *)
     echo "usage: scripts/serve.sh start|stop|status" >&2

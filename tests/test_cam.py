@@ -15,9 +15,13 @@ from camserve.cam import (
     CamRequest,
     GradCAM,
     LayerNotFoundError,
+    default_layer,
+    describe_layers,
     normalize_map,
     spatial_layers,
+    to_grid,
 )
+from tests.conftest import ROOT
 
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
 
@@ -460,3 +464,88 @@ def test_class_independent_methods_run_once_per_image(monkeypatch):
                 images[n : n + 1], [CamRequest(classes=[c], method="scorecam", layer="features")]
             )
             torch.testing.assert_close(out.maps[n][t], alone.maps[0][0])
+
+
+# --- Families: the default layer found from the model, token layouts, and parity with pytorch-grad-cam ---
+
+FAMILY_DEFAULT_LAYERS = {
+    "resnet50": ("layer4", "nchw"),
+    "convnext_tiny": ("features.7", "nchw"),
+    "efficientnet_b0": ("features.8", "nchw"),
+    "mobilenet_v3_small": ("features.12", "nchw"),
+    "densenet121": ("features.norm5", "nchw"),
+    "regnet_y_400mf": ("trunk_output.block4", "nchw"),
+    "vgg11": ("features.20", "nchw"),
+    "vit_b_16": ("encoder.layers.encoder_layer_11.ln_1", "cls_tokens"),
+    "swin_t": ("features.7.1.norm1", "nhwc"),
+}
+
+
+@pytest.mark.parametrize("arch", FAMILY_DEFAULT_LAYERS)
+def test_the_default_layer_is_found_from_the_model(arch):
+    import torchvision
+
+    model = torchvision.models.get_model(arch).eval()
+    layers = describe_layers(model, 224)
+    layer, layout = FAMILY_DEFAULT_LAYERS[arch]
+    assert default_layer(model, 224, layers) == layer
+    assert layers[layer].layout == layout
+
+
+def test_token_layouts_become_grids():
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)  # class token + a 2x2 grid, 3 channels
+    grid = to_grid(tokens, "cls_tokens")
+    assert grid.shape == (2, 3, 2, 2)
+    assert torch.equal(grid[1, 2, 1, 0], tokens[1, 1 + 2 * 1 + 0, 2])  # row 1, column 0, channel 2
+    nhwc = torch.randn(2, 4, 4, 6)
+    assert torch.equal(to_grid(nhwc, "nhwc"), nhwc.permute(0, 3, 1, 2))
+    assert torch.equal(to_grid(tokens[:, 1:], "tokens"), grid)
+
+
+def vit_reshape(tensor: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's documented ViT reshape transform: drop the class token, tokens to a 14x14 grid."""
+    result = tensor[:, 1:, :].reshape(tensor.size(0), 14, 14, tensor.size(2))
+    return result.transpose(2, 3).transpose(1, 2)
+
+
+def swin_reshape(tensor: torch.Tensor) -> torch.Tensor:
+    """torchvision's Swin keeps NHWC maps: pytorch-grad-cam needs them NCHW."""
+    return tensor.permute(0, 3, 1, 2)
+
+
+PARITY_MODELS = [*FAMILY_DEFAULT_LAYERS, "tiny_net"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", PARITY_MODELS)
+def test_gradcam_matches_pytorch_grad_cam_at_each_familys_default_layer(arch, monkeypatch):
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camtools.models import prepare_model
+
+    if arch == "tiny_net":  # a --model-file network of the user's own
+        prepared = prepare_model(model_file=ROOT / "tests" / "models" / "tiny_net.py", weights="random", seed=0)
+    else:
+        prepared = prepare_model(arch=arch, weights="random", seed=0)
+    model, spec = prepared.model, prepared.spec
+    torch.manual_seed(7)
+    images = torch.randn(2, 3, spec.input_size, spec.input_size)
+    targets = [1, 2]
+    reshape = {"cls_tokens": vit_reshape, "nhwc": swin_reshape}.get(spec.layers[spec.default_layer])
+    if arch == "densenet121":
+        # DenseNet's forward applies F.relu(inplace=True) to features.norm5's output. pytorch-grad-cam keeps that
+        # very tensor, so the ReLU rewrites its saved activations (ours are a clone: the module's true output).
+        # With that ReLU out of place, both compute Grad-CAM of the same activation.
+        relu = torch.nn.functional.relu
+        monkeypatch.setattr(torch.nn.functional, "relu", lambda x, inplace=False: relu(x))
+    peer_model = copy.deepcopy(model).requires_grad_(True)
+    reference = ReferenceGradCAM(
+        model=peer_model, target_layers=[peer_model.get_submodule(spec.default_layer)], reshape_transform=reshape
+    )(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets])
+    out = CamEngine(model, input_size=spec.input_size)(images, [CamRequest(classes=[t]) for t in targets])
+    ours = np.stack([normalize_map(m, (spec.input_size,) * 2)[0].numpy() for m in out.maps])
+    assert ours.max() > 0.5, "an all-zero map would match trivially"
+    difference = float(np.abs(ours - reference).max())
+    print(f"{arch}: max |ours - pytorch-grad-cam| = {difference:.2e}")
+    assert difference < 1e-3

@@ -87,7 +87,10 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
     assert set(context.content_types.values()) == {"application/json"}
     assert responses[1]["type"] == "InvalidImage"
     assert "topk must be an integer from 1 to 20, got 99" in responses[3]["message"]
-    assert "layer must be one of conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4" in responses[4]["message"]
+    assert (
+        "gives a spatial map, one of conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4"
+        in responses[4]["message"]
+    )
     layercam = responses[5]
     assert [(e["method"], e["layer"]) for e in layercam["explanations"]] == [("layercam", "layer3")] * 2
     assert [e["index"] for e in layercam["explanations"]] == [p["index"] for p in layercam["predictions"][:2]]

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from camtools.local_server import free_port, run_torchserve
+from camtools.models import prepare_model
 from tests.conftest import ROOT, encode, sample_photos
 from tests.corpus import BAD_BODIES, IMAGE_KINDS
 
@@ -195,7 +196,7 @@ def test_unknown_layer_is_a_400_listing_the_valid_ones(server, chelsea):
     response = server.predict(files={"data": ("cat.png", encode(chelsea, "PNG"))}, data={"layer": "layer5"})
     assert response.status_code == 400
     message = response.json()["message"]
-    assert "layer must be one of conv1" in message and "layer4" in message and "'layer5'" in message
+    assert "gives a spatial map, one of conv1" in message and "layer4" in message and "'layer5'" in message
 
 
 # --- Reliability: bad input, image kinds, batches with a bad request, load, a killed worker ---
@@ -569,7 +570,7 @@ ADVERSARIAL = {
     # With Content-Type application/json, TorchServe's worker decodes the body itself and keeps the last duplicate:
     # only a JSON body sent as plain bytes reaches the handler's own parser, which refuses duplicate keys.
     "JSON duplicate keys": ({"json_text": '{"topk": 1, "topk": 2}', "raw": True}, "more than once"),
-    "layer of 150 characters": ({"form": {"layer": "x" * 150}}, "layer must be one of"),
+    "layer of 150 characters": ({"form": {"layer": "x" * 150}}, "gives a spatial map, one of"),
     "non-ASCII digits": ({"form": {"topk": "\u0663"}}, "topk must be an integer"),
 }
 
@@ -655,14 +656,12 @@ def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chel
 @pytest.fixture(scope="module")
 def faulty_server(tmp_path_factory):
     """A server whose engine fails any batch holding an all-white image (tests/faulty_handler.py)."""
-    from camserve.model import random_state_dict
     from camtools.archive import ServingConfig, build_archive
 
     store = tmp_path_factory.mktemp("faulty_store")
     config = ServingConfig(batch_size=8, max_batch_delay_ms=200)
-    mar = build_archive(
-        random_state_dict(seed=0), "random", store, config=config, handler_file=ROOT / "tests" / "faulty_handler.py"
-    )
+    prepared = prepare_model(arch="resnet50", weights="random", seed=0)
+    mar = build_archive(prepared, store, config=config, handler_file=ROOT / "tests" / "faulty_handler.py")
     with run_torchserve(mar, tmp_path_factory.mktemp("faulty")) as running:
         yield running
 
@@ -702,3 +701,102 @@ def test_the_worst_allowed_batch_is_answered_within_the_timeout_without_a_restar
     assert all(status == 200 or 400 <= status < 500 for status, _ in results), results
     assert max(seconds for _, seconds in results) < 120, results
     assert server.worker_pids() == pids
+
+
+# --- Your own model: a fine-tuned 2-class ResNet-50, a --model-file network and a ViT, served side by side ---
+
+
+@pytest.fixture(scope="module")
+def own_models(tmp_path_factory):
+    """Three archives in one model store, built as a user would with scripts/build_mar.py, served by one torchserve
+    (``load_models=all``): ``pets`` (a fine-tuned-style 2-class ResNet-50 checkpoint with a labels file),
+    ``tinynet`` (tests/models/tiny_net.py, 3 classes) and ``vit_b_16`` (seeded random weights)."""
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision
+
+    from camserve.model import model_class_from_file
+
+    folder = tmp_path_factory.mktemp("own_models")
+    store = folder / "store"
+    torch.manual_seed(0)
+    state = {f"module.{k}": v for k, v in torchvision.models.resnet50(num_classes=2).state_dict().items()}
+    torch.save({"state_dict": state}, folder / "pets.pt")
+    (folder / "pets.txt").write_text("cat\ndog\n")
+    torch.save(model_class_from_file(ROOT / "tests" / "models" / "tiny_net.py")().state_dict(), folder / "tiny.pt")
+    (folder / "tiny.json").write_text(json.dumps({"0": "circle", "1": "square", "2": "triangle"}))
+    builds = [
+        ["--weights", str(folder / "pets.pt"), "--labels", str(folder / "pets.txt"), "--model-name", "pets"],
+        ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", str(folder / "tiny.pt"),
+         "--labels", str(folder / "tiny.json"), "--input-size", "96"],
+        ["--arch", "vit_b_16", "--weights", "random"],
+    ]  # fmt: skip
+    for arguments in builds:
+        command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, "--export-path", str(store)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+    with run_torchserve(store / "pets.mar", folder / "server", timeout_s=300) as running:
+        yield running
+
+
+def ask(server, model: str, chelsea, **fields) -> requests.Response:
+    files = {"data": ("cat.jpg", encode(chelsea, "JPEG"))}
+    return requests.post(
+        f"{server.inference}/predictions/{model}", files=files, data=fields, headers=server.headers(), timeout=120
+    )
+
+
+def test_a_fine_tuned_two_class_resnet50_answers_with_its_own_labels(own_models, chelsea):
+    answer = ask(own_models, "pets", chelsea, heatmap="true").json()
+    assert answer["model"] | {"weights": None} == {
+        "name": "pets", "version": "1.0", "weights": None, "arch": "resnet50", "classes": 2
+    }  # fmt: skip
+    assert answer["model"]["weights"].startswith("file:")
+    assert sorted(p["label"] for p in answer["predictions"]) == ["cat", "dog"]  # topk: at most the 2 classes
+    (explanation,) = answer["explanations"]
+    assert explanation["layer"] == "layer4" and explanation["label"] in ("cat", "dog")
+    many = ask(own_models, "pets", chelsea, topk="20", target="1").json()
+    assert len(many["predictions"]) == 2 and many["explanations"][0]["label"] == "dog"
+    refused = ask(own_models, "pets", chelsea, target="2")
+    assert refused.status_code == 400
+    assert "target must be a class index from 0 to 1 (this model has 2 classes), got [2]" in refused.json()["message"]
+    assert ask(own_models, "pets", chelsea, explain="3").status_code == 400
+
+
+def test_a_model_file_network_answers_with_its_labels_layers_and_range(own_models, chelsea):
+    answer = ask(own_models, "tinynet", chelsea, heatmap="true").json()
+    assert answer["model"]["arch"] == "TinyNet" and answer["model"]["classes"] == 3
+    assert sorted(p["label"] for p in answer["predictions"]) == ["circle", "square", "triangle"]
+    assert answer["explanations"][0]["layer"] == "features.4"
+    other = ask(own_models, "tinynet", chelsea, heatmap="true", layer="features.2", target="0").json()
+    default = ask(own_models, "tinynet", chelsea, heatmap="true", target="0").json()
+    assert other["explanations"][0]["layer"] == "features.2"
+    assert np.abs(heatmap_of(other["explanations"][0]) - heatmap_of(default["explanations"][0])).max() > 0.05
+    refused = ask(own_models, "tinynet", chelsea, layer="head")
+    assert refused.status_code == 400 and "features.4" in refused.json()["message"]
+    assert ask(own_models, "tinynet", chelsea, target="3").status_code == 400
+
+
+def test_a_vit_explains_through_its_token_grid(own_models, chelsea):
+    answer = ask(own_models, "vit_b_16", chelsea, heatmap="true", target="281").json()
+    assert answer["model"]["arch"] == "vit_b_16" and answer["model"]["classes"] == 1000
+    assert answer["model"]["weights"] == "random"
+    (explanation,) = answer["explanations"]
+    assert explanation["layer"] == "encoder.layers.encoder_layer_11.ln_1" and explanation["label"] == "tabby"
+    heat = heatmap_of(explanation)
+    assert heat.shape == (300, 451) and heat.std() > 0.05  # a real map over the 14x14 patch grid, not a constant
+    assert len(answer["predictions"]) == 5
+    assert ask(own_models, "vit_b_16", chelsea, target="1000").status_code == 400
+    block = ask(own_models, "vit_b_16", chelsea, heatmap="true", target="281", layer="encoder.layers.encoder_layer_5")
+    assert block.status_code == 200 and block.json()["explanations"][0]["layer"] == "encoder.layers.encoder_layer_5"
+
+
+def test_each_worker_runs_the_runtime_shipped_in_its_archive(own_models):
+    log = own_models.model_log()
+    for name in ("pets", "tinynet", "vit_b_16"):
+        assert re.search(rf"{name} \(.*\) ready on cpu; runtime from .*/{name}/[0-9a-f]*/camserve", log) or re.search(
+            rf"{name} \(.*\) ready on cpu; runtime from .*/camserve", log
+        ), log[-3000:]
+    assert "runtime from " + str(ROOT) not in log
