@@ -37,3 +37,23 @@ def test_cli_reports_a_bad_file_and_fails(tmp_path):
     completed = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1
     assert "broken.jpg: the body is not a decodable image" in completed.stderr
+
+
+def test_cli_takes_the_builds_model_flags(tmp_path, chelsea):
+    """--model-file, --labels and --layer as for the build: the labels name the files, the layer changes the map."""
+    image = tmp_path / "cat.png"
+    image.write_bytes(encode(chelsea, "PNG"))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("circle\nsquare\ntriangle\n")
+    overlays = {}
+    for layer in ("features.4", "features.2"):
+        out = tmp_path / layer
+        command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(image), "--target", "1"]
+        command += ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random"]
+        command += ["--labels", str(labels), "--layer", layer, "--input-size", "96", "--out", str(out)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        assert "square (1)" in completed.stdout and "triangle (2)" in completed.stdout  # the top-k, printed
+        assert f"wrote {out / 'cat_1_square.png'}" in completed.stdout
+        overlays[layer] = cv2.imread(str(out / "cat_1_square.png")).astype(int)
+    assert np.abs(overlays["features.4"] - overlays["features.2"]).mean() > 1.0
