@@ -69,8 +69,6 @@ def explain_one(arch: str, repeats: int = 3) -> ArchResult:
     result.parameters_m = sum(p.numel() for p in model.parameters()) / 1e6
     result.forward_ms = _median_ms(forward, repeats)
     result.gradcam_ms = _median_ms(gradcam, repeats)
-    del prepared, model, engine
-    gc.collect()
     return result
 
 
@@ -80,6 +78,7 @@ def survey(archs: list[str], repeats: int = 3, progress=None) -> list[ArchResult
         if progress is not None:
             progress.set_postfix_str(arch)
         results.append(explain_one(arch, repeats))
+        gc.collect()  # the last model is garbage now: free it before the next is built
         if progress is not None:
             progress.update()
     return results
