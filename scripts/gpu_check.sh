@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 out=${1:-bench_results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The project as a package (camserve, camtools) without installing it into that python.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cam.py 2>&1 | tee "$out/pytest_cuda.log"

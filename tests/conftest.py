@@ -10,21 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from camtools.models import PreparedModel, prepare_model
+from camtools.models import prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def resnet50_prepared() -> PreparedModel:
-    """ResNet-50 with seeded random weights and its spec, as the build validates them."""
-    return prepare_model(arch="resnet50", weights="random", seed=0)
+def resnet50() -> torch.nn.Module:
+    """torchvision's ResNet-50 as seed 0 initialises it, eval mode, frozen parameters (the engine tests' model)."""
+    import torchvision
 
-
-@pytest.fixture(scope="session")
-def resnet50(resnet50_prepared) -> torch.nn.Module:
-    """ResNet-50 with seeded random weights, eval mode, frozen parameters."""
-    return resnet50_prepared.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torchvision.models.resnet50().eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="session")

@@ -477,14 +477,19 @@ def test_kserve_storage_script_lays_out_config_and_model_store(tmp_path):
 
     out = tmp_path / "storage"
     command = [sys.executable, str(ROOT / "scripts" / "kserve_storage.py"), "--weights", "random", "--protocol", "v2"]
+    command += ["--model-name", "pets"]
     completed = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert (out / "model-store" / "resnet50.mar").stat().st_size > 50_000_000
+    assert (out / "model-store" / "pets.mar").stat().st_size > 50_000_000
     config = (out / "config" / "config.properties").read_text()
     assert "service_envelope=kservev2" in config and "model_store=/mnt/models/model-store" in config
+    # The handler's metrics need metrics_config; KServe mounts the storage at /mnt/models.
+    assert "metrics_config=/mnt/models/config/metrics.yaml" in config
+    assert (out / "config" / "metrics.yaml").read_text() == (ROOT / "metrics.yaml").read_text()
+    assert "install_py_dep_per_model=true" in config  # the archive's requirements.txt brings OpenCV
     snapshot = json.loads(re.search(r"^model_snapshot=(.*)$", config, re.M).group(1))
-    assert snapshot["models"]["resnet50"]["1.0"]["marName"] == "resnet50.mar"
-    assert snapshot["models"]["resnet50"]["1.0"]["batchSize"] == 1
+    assert snapshot["models"]["pets"]["1.0"]["marName"] == "pets.mar"
+    assert snapshot["models"]["pets"]["1.0"]["batchSize"] == 1
 
 
 # --- The explorer page in headless Chromium ---
