@@ -26,6 +26,7 @@ __all__ = [
     "Prediction",
     "WorkBudget",
     "is_envelope_instance",
+    "is_v2_input",
     "parse_options",
     "parse_request",
 ]
@@ -92,7 +93,7 @@ def parse_request(row: Mapping[str, object]) -> ExplainRequest:
     ``{"data": "<base64>", ...options}``, or one v2 input, ``{"name", "shape", "datatype": "BYTES",
     "data": "<base64>", "parameters": {...options}}``.
     """
-    if KSERVE_V2_KEYS <= set(row):
+    if is_v2_input(row):
         if row["datatype"] != "BYTES":
             raise ClientError("InvalidRequest", f"a v2 input must have datatype BYTES, got {row['datatype']!r}")
         parameters = row.get("parameters") or {}
@@ -137,6 +138,11 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
             raise ClientError("InvalidJSON", f"the JSON object has the key {_shown(key)} more than once")
         result[key] = value
     return result
+
+
+def is_v2_input(row: Mapping[str, object]) -> bool:
+    """Whether a row is one input of a KServe v2 request (TorchServe's ``kservev2`` envelope)."""
+    return KSERVE_V2_KEYS <= set(row)
 
 
 def is_envelope_instance(row: Mapping[str, object]) -> bool:

@@ -5,6 +5,7 @@ TorchServe loads a handler module only if it defines exactly one class: helpers 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 import camserve
 from camserve.cam import CamEngine
-from camserve.contract import WorkBudget, is_envelope_instance
+from camserve.contract import WorkBudget, is_envelope_instance, is_v2_input
 from camserve.imaging import DecodeLimits
 from camserve.model import autocast_dtype, load_model, select_device
 from camserve.pipeline import ExplanationService, RowResult, internal_error
@@ -121,7 +122,9 @@ class GradCamHandler(BaseHandler):
         bodies = []
         for index, result in enumerate(results):
             request_id = request_ids.get(index if one_row_per_request else 0)
-            bodies.append(self._body(result, request_id))
+            body = self._body(result, request_id)
+            # A v2 output of datatype BYTES holds strings: each response travels as its JSON text.
+            bodies.append(json.dumps(body, separators=(",", ":")) if is_v2_input(data[index]) else body)
             if one_row_per_request:
                 context.set_response_content_type(index, "application/json")
                 if result.status != HTTPStatus.OK:

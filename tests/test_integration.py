@@ -452,8 +452,33 @@ def test_kserve_protocols(kserve_server, chelsea):
         assert answer["id"] == "r1" and answer["model_name"] == "resnet50"
         (output,) = answer["outputs"]
         assert output["name"] == "image" and output["datatype"] == "BYTES"
-        assert_valid_answer(output["data"][0], 451, 300)
-        assert [(e["index"], e["method"]) for e in output["data"][0]["explanations"]] == [(281, "layercam")]
+        assert isinstance(output["data"][0], str)  # a BYTES element is a string: the response's JSON text
+        inner = json.loads(output["data"][0])
+        assert_valid_answer(inner, 451, 300)
+        assert [(e["index"], e["method"]) for e in inner["explanations"]] == [(281, "layercam")]
+
+
+def test_kserve_v2_with_a_real_v2_client(kserve_server, chelsea):
+    """tritonclient, a widely used client of the KServe v2 protocol: infer, as_numpy, then parse."""
+    protocol, server = kserve_server
+    if protocol != "v2":
+        pytest.skip("the v2 protocol's client")
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=server.inference.removeprefix("http://"), network_timeout=120)
+    image = httpclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([base64.b64encode(encode(chelsea, "JPEG"))], dtype=object), binary_data=False)
+    # tritonclient's InferInput carries no per-input parameters: the defaults apply (top-1 explained, top 5).
+    result = client.infer("resnet50", [image], outputs=[httpclient.InferRequestedOutput("image", binary_data=False)])
+    (text,) = result.as_numpy("image")
+    answer = json.loads(text)
+    assert_valid_answer(answer, 451, 300)
+    assert len(answer["predictions"]) == 5
+    assert answer["explanations"][0]["index"] == answer["predictions"][0]["index"]
+    bad = httpclient.InferInput("image", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"@@@"], dtype=object), binary_data=False)
+    (text,) = client.infer("resnet50", [bad]).as_numpy("image")
+    assert json.loads(text)["type"] == "InvalidImage"
 
 
 def test_kserve_manifest_has_what_the_torchserve_runtime_needs():
