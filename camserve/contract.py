@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from camserve.cam import METHODS
 from camserve.errors import ClientError
-from camserve.imaging import COLORMAPS, OUTPUT_FORMATS
+from camserve.imaging import COLORMAPS, OUTPUT_FORMATS, OVERLAYS
 
 __all__ = [
     "ExplainOptions",
@@ -74,6 +74,14 @@ class ExplainOptions:
     max_side: int | None = None
     """The longer side of the returned overlay and heatmap, 16–16384 (never larger than the image); None: the
     server's default cap."""
+    overlay: str = "heatmap"
+    """How the map is drawn on the photo: heatmap (blended), outline (contours of the map's top region), mask (the
+    photo where the map is high, darkened elsewhere) or grayscale (the map blended over a grey copy)."""
+    region: float = 0.2
+    """For ``overlay: outline``, the share of the image inside the outline, where the map is highest: 0.01–0.99."""
+    clip: tuple[float, float] | None = None
+    """Lower and upper percentiles of the map, 0–100, to clip it to before normalising, e.g. (62, 99.9); the
+    returned heatmap is clipped too. None: no clipping."""
 
 
 OPTION_NAMES = tuple(f.name for f in fields(ExplainOptions))
@@ -222,7 +230,31 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
         parsed["explain"] = _integer("explain", values["explain"], 1, MAX_EXPLAIN)
     if "max_side" in values:
         parsed["max_side"] = _integer("max_side", values["max_side"], MIN_SIDE, MAX_SIDE)
+    if "overlay" in values:
+        parsed["overlay"] = _choice("overlay", values["overlay"], OVERLAYS)
+    if "region" in values:
+        parsed["region"] = _number("region", values["region"], 0.01, 0.99)
+    if "clip" in values:
+        parsed["clip"] = _percentiles(values["clip"])
     return ExplainOptions(**parsed)
+
+
+def _percentiles(value: object) -> tuple[float, float]:
+    """Two percentiles, low < high, each 0–100: a JSON list, or text ``62,99.9`` or ``[62, 99.9]``."""
+    items = value
+    if isinstance(value, str):
+        text = value.strip()
+        items = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else text.split(",")
+    message = f"clip must be two percentiles from 0 to 100, lower first, such as [62, 99.9], got {_shown(value)}"
+    if not isinstance(items, (list, tuple)) or len(items) != 2:
+        raise ClientError("InvalidOption", message)
+    try:
+        low, high = (_number("clip", item.strip() if isinstance(item, str) else item, 0.0, 100.0) for item in items)
+    except ClientError:
+        raise ClientError("InvalidOption", message) from None
+    if not low < high:
+        raise ClientError("InvalidOption", message)
+    return low, high
 
 
 def _layer_name(value: object) -> str:

@@ -15,6 +15,8 @@ from camserve.errors import ClientError
 
 __all__ = [
     "COLORMAPS",
+    "OVERLAYS",
+    "clip_map",
     "DecodeLimits",
     "OUTPUT_FORMATS",
     "OpenedImage",
@@ -162,14 +164,52 @@ def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(rgb, tuple(size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def render_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float, colormap: str) -> np.ndarray:
-    """Blend the coloured map over the image: (1 − alpha)·image + alpha·colormap(heat).
+OVERLAYS = ("heatmap", "outline", "mask", "grayscale")
+"""How a map is drawn on the photo; see :func:`render_overlay`."""
 
-    ``heat`` is an (H, W) float map in [0, 1] at the image's resolution.
-    """
+
+def clip_map(heat: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip a [0, 1] map to its ``low`` and ``high`` percentiles (0–100), then min–max it back to [0, 1]:
+    h' = (clip(h, P_low, P_high) − P_low) / (P_high − P_low). Clipping the low end removes the faint haze, the high
+    end a single hot pixel. A map that is constant between the two percentiles becomes all zero."""
+    bottom, top = np.percentile(heat, (low, high))
+    if top <= bottom:
+        return np.zeros_like(heat)
+    return (np.clip(heat, bottom, top) - bottom) / (top - bottom)
+
+
+def _colour_map(heat: np.ndarray, colormap: str) -> np.ndarray:
     heat_u8 = np.round(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
-    coloured = cv2.cvtColor(cv2.applyColorMap(heat_u8, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(rgb, 1.0 - alpha, coloured, alpha, 0.0)
+    return cv2.cvtColor(cv2.applyColorMap(heat_u8, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
+
+
+def render_overlay(
+    rgb: np.ndarray, heat: np.ndarray, alpha: float, colormap: str, overlay: str = "heatmap", region: float = 0.2
+) -> np.ndarray:
+    """Draw the map on the image. ``heat`` is an (H, W) float map in [0, 1] at the image's resolution.
+
+    - ``heatmap``: (1 − alpha)·image + alpha·colormap(heat).
+    - ``grayscale``: the same blend over a grey copy of the image, so that only the map has colour.
+    - ``mask``: image · (1 − alpha·(1 − heat)): the photo where the map is high, darkened elsewhere.
+    - ``outline``: the photo, with the contours of the map's top region drawn in the colormap's hottest colour;
+      the region is the ``region`` share of pixels (0–1) where the map is highest.
+    """
+    if overlay == "heatmap":
+        return cv2.addWeighted(rgb, 1.0 - alpha, _colour_map(heat, colormap), alpha, 0.0)
+    if overlay == "grayscale":
+        grey = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        return cv2.addWeighted(grey, 1.0 - alpha, _colour_map(heat, colormap), alpha, 0.0)
+    if overlay == "mask":
+        weight = 1.0 - alpha * (1.0 - np.clip(heat, 0.0, 1.0))
+        return np.round(rgb * weight[:, :, None].astype(np.float32)).astype(np.uint8)
+    if overlay == "outline":
+        threshold = np.quantile(heat, 1.0 - region)
+        inside = (heat >= threshold).astype(np.uint8)
+        contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        colour = tuple(int(v) for v in _colour_map(np.ones((1, 1)), colormap)[0, 0])
+        thickness = max(1, round(max(rgb.shape[:2]) / 150))
+        return cv2.drawContours(rgb.copy(), contours, -1, colour, thickness, cv2.LINE_8)
+    raise ValueError(f"overlay must be one of {', '.join(OVERLAYS)}, got {overlay!r}")
 
 
 def encode_image(rgb: np.ndarray, fmt: str) -> bytes:

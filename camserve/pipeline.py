@@ -33,6 +33,7 @@ from camserve.contract import (
 from camserve.errors import ClientError
 from camserve.imaging import (
     DecodeLimits,
+    clip_map,
     encode_heatmap_png16,
     encode_image,
     load_rgb,
@@ -255,7 +256,11 @@ class ExplanationService:
 
     def _render(self, item: PreparedRequest, target: int, probability: float, heatmap: np.ndarray) -> Explanation:
         options = item.options
-        overlay = render_overlay(item.display, heatmap, options.alpha, options.colormap)
+        if options.clip is not None:
+            heatmap = clip_map(heatmap, *options.clip)
+        overlay = render_overlay(
+            item.display, heatmap, options.alpha, options.colormap, options.overlay, options.region
+        )
         return Explanation(
             index=target,
             label=self.labels[target],

@@ -10,7 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from camtools.benchmark import BenchConfig, markdown, run_benchmark, write_reports
+from camtools.benchmark import (
+    BenchConfig,
+    markdown,
+    readme_figures,
+    replace_readme_figures,
+    run_benchmark,
+    write_reports,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=defaults.weights, help="imagenet, random or a state_dict path")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
     parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
+    parser.add_argument(
+        "--readme-figures",
+        action="store_true",
+        help="only regenerate the README's measured-figures block from docs/bench/*.json, then exit",
+    )
     args = parser.parse_args(argv)
+    if args.readme_figures:
+        readme = ROOT / "README.md"
+        readme.write_text(replace_readme_figures(readme.read_text(), readme_figures(ROOT)))
+        print(f"rewrote the measured figures in {readme}")
+        return 0
 
     config = BenchConfig(
         device=args.device,

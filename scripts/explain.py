@@ -1,6 +1,6 @@
 """Explain images offline, with no server: the original script's flow on the service's own engine and imaging.
 
-python scripts/explain.py cat.jpg photos/ --target 281 --method gradcam --weights imagenet --show
+python scripts/explain.py demo_output/chelsea.jpg photos/ --target 281 --method gradcam --weights imagenet --show
 python scripts/explain.py photos/ --arch convnext_tiny --weights finetuned.pt --labels labels.txt
 python scripts/explain.py photos/ --model-file my_net.py --weights my_net.pt --layer features.3
 

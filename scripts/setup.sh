@@ -19,9 +19,16 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.requirements.sha256
-wanted=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+wanted=$( (cat requirements.txt requirements-dev.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
+  if [ "${CAMSERVE_TORCH_CPU:-}" = 1 ]; then
+    # Opt-in: PyTorch's CPU-only wheels of the pinned versions (about 4 GB less than PyPI's, which bundle CUDA).
+    torch_pins=$(grep -E '^(torch|torchvision)==' requirements.txt)
+    # shellcheck disable=SC2086
+    .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on \
+      --index-url https://download.pytorch.org/whl/cpu $torch_pins
+  fi
   .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
   # The project itself, editable: camserve (served) and camtools (build and dev tools) import from anywhere.
   .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -38,3 +38,12 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     assert "| target |" in (tmp_path / "bench.md").read_text()
     if shutil.which("java"):
         assert [level["errors"] for level in report["service"]] == [0, 0]
+
+
+def test_the_readme_quotes_the_benchmark_runs_from_one_generated_block():
+    """Every benchmark figure the README gives comes from docs/bench/*.json through one generated block."""
+    from camtools.benchmark import FIGURES_END, FIGURES_START, readme_figures
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(FIGURES_START), readme.index(FIGURES_END) + len(FIGURES_END)
+    assert readme[start:end] == readme_figures(ROOT), "rerun: python scripts/bench.py --readme-figures"

@@ -86,6 +86,12 @@ def test_malformed_requests_name_the_problem(row, kind, fragment):
     ("options", "message"),
     [
         ({"topk": 0}, "topk must be an integer from 1 to 20, got 0"),
+        ({"clip": [99.9, 62]}, "clip must be two percentiles from 0 to 100, lower first, such as [62, 99.9]"),
+        ({"clip": "62"}, "clip must be two percentiles from 0 to 100, lower first, such as [62, 99.9], got '62'"),
+        ({"clip": [0, 101]}, "clip must be two percentiles from 0 to 100"),
+        ({"clip": "nan,50"}, "clip must be two percentiles from 0 to 100"),
+        ({"overlay": "sparkles"}, "overlay must be one of heatmap, outline, mask, grayscale, got 'sparkles'"),
+        ({"region": 1}, "region must be a number from 0.01 to 0.99, got 1"),
         ({"topk": 50}, "topk must be an integer from 1 to 20, got 50"),
         ({"topk": "three"}, "topk must be an integer from 1 to 20, got 'three'"),
         ({"topk": True}, "topk must be an integer from 1 to 20, got True"),
@@ -285,3 +291,12 @@ def test_adversarial_json_bodies_name_the_problem(body, fragment):
         parse_request({"body": bytearray(body)})
     assert fragment in error.value.message and error.value.status == 400
     assert len(error.value.message) < 600
+
+
+def test_picture_options_parse_from_json_and_multipart():
+    assert parse_options({"clip": [62, 99.9], "overlay": "outline", "region": 0.3}) == ExplainOptions(
+        clip=(62.0, 99.9), overlay="outline", region=0.3
+    )
+    assert parse_options({"clip": b"[5, 95]", "overlay": b"MASK"}).clip == (5.0, 95.0)
+    assert parse_options({"clip": b"5,95"}).clip == (5.0, 95.0)
+    assert ExplainOptions().overlay == "heatmap" and ExplainOptions().clip is None

@@ -13,6 +13,7 @@ from camserve.errors import ClientError
 from camserve.imaging import (
     COLORMAPS,
     DecodeLimits,
+    clip_map,
     decode_image,
     encode_heatmap_png16,
     encode_image,
@@ -152,3 +153,54 @@ def test_heatmap_png16_round_trip():
     levels = cv2.imdecode(np.frombuffer(encode_heatmap_png16(heat), np.uint8), cv2.IMREAD_UNCHANGED)
     assert levels.dtype == np.uint16 and levels.shape == (30, 40)
     np.testing.assert_array_equal(levels, np.round(heat * 65535).astype(np.uint16))
+
+
+# --- The overlays people ask for, checked on pixels ---
+
+
+def ramp_map(height: int = 40, width: int = 60) -> np.ndarray:
+    """A map that rises from 0 on the left to 1 on the right."""
+    return np.tile(np.linspace(0.0, 1.0, width), (height, 1))
+
+
+def photo(height: int = 40, width: int = 60) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(30, 226, (height, width, 3), dtype=np.uint8)
+
+
+def test_clip_map_removes_the_haze_and_the_hot_pixel():
+    heat = np.full((10, 10), 0.1)
+    heat[2:5, 2:5] = 0.6
+    heat[0, 0] = 1.0  # one hot pixel
+    clipped = clip_map(heat, 50, 98)
+    assert clipped.min() == 0.0 and clipped[0, 0] == 1.0 and clipped[3, 3] == 1.0  # the hot pixel no longer dominates
+    assert (clipped[heat == 0.1] == 0.0).all()  # the haze below the median is gone
+    assert clip_map(np.zeros((4, 4)), 10, 90).max() == 0.0  # constant maps stay finite
+
+
+def test_grayscale_overlay_colours_only_the_map():
+    image, heat = photo(), ramp_map()
+    grey = render_overlay(image, heat, 0.0, "jet", "grayscale")
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    blended = render_overlay(image, heat, 0.5, "jet", "grayscale")
+    assert np.abs(blended[:, -1, 0].astype(int) - blended[:, -1, 2].astype(int)).mean() > 20  # jet's red at the top
+
+
+def test_mask_overlay_keeps_the_photo_where_the_map_is_high_and_darkens_elsewhere():
+    image, heat = photo(), ramp_map()
+    masked = render_overlay(image, heat, 0.8, "jet", "mask")
+    assert np.array_equal(masked[:, -1], image[:, -1])  # heat 1: the photo itself
+    np.testing.assert_allclose(masked[:, 0], np.round(image[:, 0] * 0.2), atol=1)  # heat 0: darkened by alpha
+
+
+def test_outline_overlay_draws_the_contour_of_the_top_region_only():
+    image = np.full((60, 80, 3), 128, np.uint8)
+    heat = np.zeros((60, 80))
+    heat[20:40, 30:50] = 1.0  # a 20x20 hot square: 8.3% of the image
+    outlined = render_overlay(image, heat, 0.5, "jet", "outline", region=0.05)
+    changed = np.any(outlined != image, axis=2)
+    assert changed.any() and changed.mean() < 0.1
+    rows, columns = np.nonzero(changed)
+    assert rows.min() >= 17 and rows.max() <= 42 and columns.min() >= 27 and columns.max() <= 52  # on the border
+    assert not changed[25:35, 35:45].any()  # the inside keeps the photo
+    assert tuple(outlined[20, 40]) == (128, 0, 0)  # jet's hottest colour, in RGB

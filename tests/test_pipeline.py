@@ -256,3 +256,22 @@ def test_a_batch_whose_responses_together_exceed_the_limit_refuses_only_the_over
     rows = [{"data": bytearray(picture(300, 200)), "format": b"png"}] * 2
     statuses = sorted(result.status for result in service.answer(rows))
     assert statuses == [200, 400]
+
+
+def test_picture_options_reach_the_pixels():
+    service = make_service()
+    base = {"data": bytearray(picture(80, 60)), "format": b"png", "heatmap": b"true", "target": b"1"}
+    (plain,) = service.answer([dict(base)])
+    (clipped,) = service.answer([{**base, "clip": b"0,50"}])
+    plain_heat, clipped_heat = (
+        decode_png(plain.body["explanations"][0]["heatmap"]),
+        decode_png(clipped.body["explanations"][0]["heatmap"]),
+    )
+    assert (clipped_heat == 65535).mean() >= 0.5 > (plain_heat == 65535).mean()  # the top half is saturated
+    (grey,) = service.answer([{**base, "overlay": b"grayscale", "alpha": b"0"}])
+    pixels = decode_png(grey.body["explanations"][0]["overlay"])
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    (outlined,) = service.answer([{**base, "overlay": b"outline", "region": b"0.1"}])
+    original = cv2.imdecode(np.frombuffer(picture(80, 60), np.uint8), cv2.IMREAD_UNCHANGED)
+    changed = np.any(decode_png(outlined.body["explanations"][0]["overlay"]) != original, axis=2)
+    assert 0 < changed.mean() < 0.5  # only the contour is drawn; the photo stays
