@@ -830,3 +830,44 @@ def test_each_worker_runs_the_runtime_shipped_in_its_archive(own_models):
             rf"{name} \(.*\) ready on cpu; runtime from .*/camserve", log
         ), log[-3000:]
     assert "runtime from " + str(ROOT) not in log
+
+
+# --- The first ten minutes: the README's blocks run as written after the demo ---
+
+
+def readme_request_blocks() -> list[str]:
+    """The README's bash blocks that a new user copies after the demo: the tokens, then the requests."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [
+        block
+        for block in blocks
+        if ("/predictions/resnet50" in block or "/explanations/resnet50" in block or "TOKEN=$(" in block)
+        and "build_mar" not in block
+        and "serve.sh" not in block
+    ]
+
+
+def test_the_readmes_request_blocks_run_as_written_after_the_demo(server, chelsea, tmp_path):
+    import subprocess
+
+    import cv2
+
+    # What the demo leaves behind: key_file.json where TorchServe started, and the photo it wrote.
+    (tmp_path / "demo_output").mkdir()
+    cv2.imwrite(str(tmp_path / "demo_output" / "chelsea.jpg"), cv2.cvtColor(chelsea, cv2.COLOR_RGB2BGR))
+    shutil.copy(server.workdir / "key_file.json", tmp_path / "key_file.json")
+    blocks = readme_request_blocks()
+    assert len(blocks) >= 2 and sum(block.count("curl ") for block in blocks) >= 3
+    script = "set -euo pipefail\n" + "\n".join(blocks)
+    script = script.replace("http://127.0.0.1:8080", server.inference).replace(
+        "http://127.0.0.1:8081", server.management
+    )
+    completed = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    answers, decoder, position = [], json.JSONDecoder(), 0
+    while completed.stdout[position:].strip():
+        answer, position = decoder.raw_decode(completed.stdout, position + completed.stdout[position:].find("{"))
+        answers.append(answer)
+    assert len(answers) == 3, completed.stdout[:500]
+    assert all(answer["image"] == {"width": 451, "height": 300} for answer in answers)
+    assert [e["index"] for e in answers[2]["explanations"]] == [281, 282] and "heatmap" in answers[2]["explanations"][0]
