@@ -388,6 +388,12 @@ class CamEngine:
             raise LayerNotFoundError(str(name), [layer for layer, item in self.layers().items() if item.layout])
         return info
 
+    def logits(self, images: Tensor) -> Tensor:
+        """The model's logits for ``images``, with no autograd and no hooks, under the engine's autocast."""
+        autocast_on = self.autocast_dtype is not None
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=autocast_on):
+            return self.model(images)
+
     def forward_passes(self, request: CamRequest) -> int:
         """The forward passes one image's request costs: 1, plus ScoreCAM's one per scored channel."""
         if request.method != "scorecam":

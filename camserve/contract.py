@@ -36,6 +36,7 @@ MAX_TOPK = 20
 MAX_TARGETS = 10
 MAX_EXPLAIN = 5
 MIN_SIDE, MAX_SIDE = 16, 16384
+MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS = 4, 64
 MAX_LAYER_NAME = 200
 MAX_OPTION_TEXT = 1000
 """Option values longer than this (as text) are refused before any parsing."""
@@ -79,6 +80,11 @@ class ExplainOptions:
     photo where the map is high, darkened elsewhere) or grayscale (the map blended over a grey copy)."""
     region: float = 0.2
     """For ``overlay: outline``, the share of the image inside the outline, where the map is highest: 0.01–0.99."""
+    faithfulness: bool = False
+    """Measure how faithful each explanation is: deletion, insertion, drop and increase (see
+    ``camserve.faithfulness``), at 2·faithfulness_steps + 1 extra forward passes per explanation."""
+    faithfulness_steps: int = 16
+    """Steps of the deletion and insertion curves, 4–64."""
     clip: tuple[float, float] | None = None
     """Lower and upper percentiles of the map, 0–100, to clip it to before normalising, e.g. (62, 99.9); the
     returned heatmap is clipped too. None: no clipping."""
@@ -236,6 +242,12 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
         parsed["region"] = _number("region", values["region"], 0.01, 0.99)
     if "clip" in values:
         parsed["clip"] = _percentiles(values["clip"])
+    if "faithfulness" in values:
+        parsed["faithfulness"] = _boolean("faithfulness", values["faithfulness"])
+    if "faithfulness_steps" in values:
+        parsed["faithfulness_steps"] = _integer(
+            "faithfulness_steps", values["faithfulness_steps"], MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS
+        )
     return ExplainOptions(**parsed)
 
 
@@ -409,8 +421,8 @@ class WorkBudget:
             raise ClientError(
                 "OverBudget",
                 f"this request needs {forward_passes} forward passes; at most {self.max_forward_passes} are run "
-                "per request: choose a method other than scorecam, or a server built with fewer "
-                "--scorecam-channels",
+                "per request: choose a method other than scorecam, fewer faithfulness_steps or no faithfulness, "
+                "or a server built with fewer --scorecam-channels",
             )
 
     def check_response(self, size: int) -> None:
@@ -457,6 +469,8 @@ class Explanation:
     """The overlay image, base64."""
     heatmap: str | None = None
     """The map as a base64 16-bit grayscale PNG; only when asked."""
+    faithfulness: dict[str, object] | None = None
+    """Deletion, insertion, drop, increase and steps (``camserve.faithfulness``); only when asked."""
 
 
 @dataclass(frozen=True)
@@ -471,8 +485,9 @@ class ExplainResponse:
         explanations = []
         for explanation in self.explanations:
             item = asdict(explanation)
-            if item["heatmap"] is None:
-                del item["heatmap"]
+            for optional in ("heatmap", "faithfulness"):
+                if item[optional] is None:
+                    del item[optional]
             explanations.append(item)
         return {
             "model": asdict(self.model),

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from camserve.contract import (
     parse_request,
 )
 from camserve.errors import ClientError
+from camserve.faithfulness import Faithfulness, faithfulness
+from camserve.faithfulness import forward_passes as faithfulness_passes
 from camserve.imaging import (
     DecodeLimits,
     clip_map,
@@ -174,7 +176,10 @@ class ExplanationService:
         opened = open_image(request.image, self.limits)
         output = self.budget.output_size(opened.width, opened.height, options.max_side)
         explanations = len(options.target) if options.target is not None else options.explain
-        self.budget.check(explanations, output, self.engine.forward_passes(cam_request(options)))
+        passes = self.engine.forward_passes(cam_request(options))
+        if options.faithfulness:
+            passes += explanations * faithfulness_passes(options.faithfulness_steps)
+        self.budget.check(explanations, output, passes)
         side = self.spec.input_size
         rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
         return PreparedRequest(
@@ -211,6 +216,7 @@ class ExplanationService:
             for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
         ]
         target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
+        measured = self._faithfulness(prepared, batch, output, target_probabilities)
 
         # TorchServe passes a batch's responses to its frontend as one message, which must fit max_response_size:
         # the batch's bytes are counted together, and the request that would overflow them is refused alone.
@@ -220,13 +226,41 @@ class ExplanationService:
             return contained(
                 "rendering the explanation",
                 lambda: self._respond(
-                    prepared[n], predictions[n], output.targets[n], target_probabilities[n], output.maps[n], sent
+                    prepared[n],
+                    predictions[n],
+                    output.targets[n],
+                    target_probabilities[n],
+                    output.maps[n],
+                    sent,
+                    measured.get(n),
                 ),
             )
 
         results = list(self._pool.map(respond, range(len(prepared))))
         self.stage_seconds["encode"] = time.perf_counter() - started
         return results
+
+    def _faithfulness(
+        self, prepared: list[PreparedRequest], batch: torch.Tensor, output, target_probabilities: list[list[float]]
+    ) -> dict[int, list[Faithfulness]]:
+        """Each asking request's explanations measured (``camserve.faithfulness``), in one batched run per step
+        count across the whole batch: the maps at the model's input size, the input, p(x) from the forward pass."""
+        asking: dict[int, list[int]] = {}
+        for n, item in enumerate(prepared):
+            if item.options.faithfulness:
+                asking.setdefault(item.options.faithfulness_steps, []).append(n)
+        measured: dict[int, list[Faithfulness]] = {}
+        side = (batch.shape[-2], batch.shape[-1])
+        for steps, rows in asking.items():
+            counts = [len(output.targets[n]) for n in rows]
+            image_of_pair = torch.repeat_interleave(torch.tensor(rows, device=batch.device), torch.tensor(counts))
+            maps = torch.cat([normalize_map(output.maps[n], side) for n in rows])
+            classes = torch.tensor([c for n in rows for c in output.targets[n]], device=batch.device)
+            p_x = torch.tensor([p for n in rows for p in target_probabilities[n]])
+            results = iter(faithfulness(self.engine.logits, batch[image_of_pair], maps, classes, p_x, steps=steps))
+            for n, count in zip(rows, counts):
+                measured[n] = [next(results) for _ in range(count)]
+        return measured
 
     def _respond(
         self,
@@ -236,15 +270,18 @@ class ExplanationService:
         target_probabilities: list[float],
         maps: torch.Tensor,
         sent: _ByteCount,
+        measured: list[Faithfulness] | None = None,
     ) -> RowResult:
         """Render one target at a time at the output size, stopping as soon as the response would be too large."""
         response_bytes = 2048  # the predictions and the JSON around the images
         try:
             size = (item.display.shape[0], item.display.shape[1])
             explanations = []
-            for target, probability, cam in zip(targets, target_probabilities, maps):
+            for index, (target, probability, cam) in enumerate(zip(targets, target_probabilities, maps)):
                 heatmap = normalize_map(cam[None], size)[0].cpu().numpy()
                 explanation = self._render(item, target, probability, heatmap)
+                if measured is not None:
+                    explanation = replace(explanation, faithfulness=asdict(measured[index]))
                 response_bytes += len(explanation.overlay) + len(explanation.heatmap or "") + 512
                 self.budget.check_response(response_bytes)
                 explanations.append(explanation)

@@ -114,10 +114,10 @@ def test_an_unexpected_exception_while_preparing_or_rendering_fails_only_its_row
             raise MemoryError("injected")
         return original_load(opened, at_least)
 
-    def render(rgb, heat, alpha, colormap):
+    def render(rgb, heat, alpha, *args):
         if alpha == 0.125:
             raise KeyError("injected")
-        return original_render(rgb, heat, alpha, colormap)
+        return original_render(rgb, heat, alpha, *args)
 
     monkeypatch.setattr(pipeline, "load_rgb", load)
     monkeypatch.setattr(pipeline, "render_overlay", render)
@@ -275,3 +275,27 @@ def test_picture_options_reach_the_pixels():
     original = cv2.imdecode(np.frombuffer(picture(80, 60), np.uint8), cv2.IMREAD_UNCHANGED)
     changed = np.any(decode_png(outlined.body["explanations"][0]["overlay"]) != original, axis=2)
     assert 0 < changed.mean() < 0.5  # only the contour is drawn; the photo stays
+
+
+def test_faithfulness_is_measured_per_explanation_and_counted_in_the_budget():
+    service = make_service()
+    rows = [
+        {"data": bytearray(picture(80, 60)), "faithfulness": b"true", "target": b"0,2", "faithfulness_steps": b"8"},
+        {"data": bytearray(picture(80, 60, seed=1))},
+        {"data": bytearray(picture(80, 60, seed=2)), "faithfulness": b"1"},
+    ]
+    first, plain, third = service.answer(rows)
+    for explanation in first.body["explanations"]:
+        measured = explanation["faithfulness"]
+        assert set(measured) == {"deletion", "insertion", "drop", "increase", "steps"} and measured["steps"] == 8
+        assert 0.0 <= measured["deletion"] <= 1.0 and 0.0 <= measured["insertion"] <= 1.0 and measured["drop"] >= 0
+    assert third.body["explanations"][0]["faithfulness"]["steps"] == 16
+    assert "faithfulness" not in plain.body["explanations"][0]
+    # 1 forward pass + 4 explanations x (2 x 16 + 1) = 133 > 100: refused up front, saying what to change.
+    (refused,) = service.answer(
+        [{"data": bytearray(picture()), "faithfulness": b"true", "explain": b"3", "topk": b"3"}]
+    )
+    assert refused.status == 200  # 1 + 3 x 33 = 100 fits exactly
+    (refused,) = service.answer([{"data": bytearray(picture()), "faithfulness": b"true", "target": b"0,1,2,0"}])
+    assert refused.status == 400 and "133 forward passes" in refused.body["message"]
+    assert "faithfulness" in refused.body["message"]

@@ -1,0 +1,104 @@
+"""How faithful an explanation is, measured with the model itself: deletion and insertion (RISE), Average Drop and
+Increase. Pure torch, no gradients: perturbed copies of the input go through the network in large batches.
+
+With x the normalised model input (H×W), m the map upsampled to H×W (in [0, 1]), c the explained class,
+p(z) = softmax(model(z))[c], pixels ranked by m, descending (``torch.argsort(m.flatten(), descending=True,
+stable=True)``), S steps and k_i = round(i·H·W/S):
+
+- **deletion** (Petsiuk et al., RISE, BMVC 2018): z_i is x with its top k_i pixels set to 0 in normalised space
+  (the dataset's mean colour), i = 0…S; AUC = ((p(z_0) + p(z_S))/2 + Σ_{i=1..S−1} p(z_i)) / S. Lower is more
+  faithful: removing what the map points at should destroy the prediction first.
+- **insertion**: z_i is a blurred x (``gaussian_blur(x, kernel_size=11, sigma=5)``) with the top k_i pixels of x put
+  back; the same AUC. Higher is more faithful.
+- **drop** (Average Drop, Chattopadhay et al., WACV 2018): max(0, p(x) − p(x·m)) / p(x), where x·m is the
+  normalised input times the map, as pytorch-grad-cam's ``CamMultImageConfidenceChange`` builds it.
+- **increase**: p(x·m) > p(x).
+
+Cost: 2S + 1 forward passes per explanation on top of the one that explained it (deletion's z_0 and insertion's
+z_S are x itself), so 2S + 2 in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.transforms.functional import gaussian_blur
+
+__all__ = ["Faithfulness", "faithfulness", "forward_passes"]
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    deletion: float
+    insertion: float
+    drop: float
+    increase: bool
+    steps: int
+
+
+def forward_passes(steps: int) -> int:
+    """The forward passes one explanation's faithfulness costs beyond the pass that explained it."""
+    return 2 * steps + 1
+
+
+def _auc(probabilities: Tensor) -> Tensor:
+    """((p_0 + p_S)/2 + Σ_{i=1..S−1} p_i) / S for each row of (P, S + 1) probabilities."""
+    steps = probabilities.shape[1] - 1
+    return ((probabilities[:, 0] + probabilities[:, -1]) / 2 + probabilities[:, 1:-1].sum(dim=1)) / steps
+
+
+def faithfulness(
+    model: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    maps: Tensor,
+    classes: Tensor,
+    probabilities: Tensor,
+    steps: int = 16,
+    batch: int = 64,
+) -> list[Faithfulness]:
+    """The metrics above for P explanations.
+
+    ``inputs`` (P, C, H, W) are the normalised model inputs, ``maps`` (P, H, W) the maps at that size in [0, 1],
+    ``classes`` (P,) the explained classes and ``probabilities`` (P,) p(x), already known from the forward pass
+    that explained them. The perturbed inputs are made ``batch`` at a time, so memory stays bounded.
+    """
+    count, _, height, width = inputs.shape
+    pixels = height * width
+    order = torch.argsort(maps.reshape(count, pixels), dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, pixels))
+    kept = torch.tensor([round(i * pixels / steps) for i in range(steps + 1)], device=inputs.device)
+    blurred = gaussian_blur(inputs, kernel_size=11, sigma=5.0)
+    # Work items: (explanation, kind, step); kind 0 deletion (steps 1..S), 1 insertion (steps 0..S-1), 2 x·m.
+    items = [(p, 0, i) for p in range(count) for i in range(1, steps + 1)]
+    items += [(p, 1, i) for p in range(count) for i in range(steps)]
+    items += [(p, 2, 0) for p in range(count)]
+    scores = torch.empty(len(items), device=inputs.device)
+    with torch.no_grad():
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            rows = torch.tensor([p for p, _, _ in chunk], device=inputs.device)
+            kinds = torch.tensor([k for _, k, _ in chunk], device=inputs.device).view(-1, 1, 1, 1)
+            step = torch.tensor([i for _, _, i in chunk], device=inputs.device)
+            top = (rank[rows] < kept[step].unsqueeze(1)).view(-1, 1, height, width)
+            x = inputs[rows]
+            deleted = torch.where(top, torch.zeros_like(x), x)
+            inserted = torch.where(top, x, blurred[rows])
+            weighted = x * maps[rows].unsqueeze(1).to(x.dtype)
+            perturbed = torch.where(kinds == 0, deleted, torch.where(kinds == 1, inserted, weighted))
+            logits = model(perturbed).float()
+            scores[start : start + len(chunk)] = logits.softmax(dim=1)[torch.arange(len(chunk)), classes[rows]]
+    p_x = probabilities.float().to(inputs.device)
+    deletion = torch.cat([p_x[:, None], scores[: count * steps].view(count, steps)], dim=1)
+    offset = count * steps
+    insertion = torch.cat([scores[offset : offset + count * steps].view(count, steps), p_x[:, None]], dim=1)
+    weighted = scores[2 * offset :]
+    drop = (p_x - weighted).clamp_min(0) / p_x.clamp_min(1e-12)
+    deletion_auc, insertion_auc = _auc(deletion).tolist(), _auc(insertion).tolist()
+    return [
+        Faithfulness(round(d, 6), round(i, 6), round(float(r), 6), bool(w > p), steps)
+        for d, i, r, w, p in zip(deletion_auc, insertion_auc, drop.tolist(), weighted.tolist(), p_x.tolist())
+    ]
