@@ -29,6 +29,9 @@ __all__ = [
     "default_layer",
     "describe_layers",
     "eigen_cam",
+    "eigen_grad_cam",
+    "grad_cam_elementwise",
+    "random_cam",
     "find_layer",
     "grad_cam",
     "grad_cam_plus_plus",
@@ -82,6 +85,27 @@ def layer_cam(activations: Tensor, gradients: Tensor) -> Tensor:
     return (F.relu(gradients) * activations).sum(dim=1)
 
 
+def grad_cam_elementwise(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Element-wise Grad-CAM (pytorch-grad-cam's ``GradCAMElementWise``): map = Σ_k relu(g_k ⊙ A_k), each position's
+    own gradient times activation, negative evidence dropped before the channels are summed."""
+    return F.relu(gradients * activations).sum(dim=1)
+
+
+def eigen_grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """EigenGrad-CAM (pytorch-grad-cam's ``EigenGradCAM``, after Muhammad & Yeasin 2020): the first principal
+    component of g ⊙ A, computed and signed as in :func:`eigen_cam`; unlike EigenCAM it depends on the class."""
+    return eigen_cam(gradients * activations)
+
+
+def random_cam(activations: Tensor, seed: int = 0) -> Tensor:
+    """RandomCAM, a baseline (pytorch-grad-cam's ``RandomCAM``): map = Σ_k w_k A_k with w_k ~ U(−1, 1), drawn from a
+    generator seeded with ``seed``, the same weights for every image. An explanation that no faithfulness measure
+    can tell from this one explains nothing."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    weights = torch.rand(activations.shape[1], generator=generator) * 2 - 1
+    return (weights.to(activations.device, activations.dtype).view(1, -1, 1, 1) * activations).sum(dim=1)
+
+
 def eigen_cam(activations: Tensor) -> Tensor:
     """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations' first principal component, no gradients.
 
@@ -111,8 +135,12 @@ GRADIENT_METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "xgradcam": x_grad_cam,
     "hirescam": hires_cam,
     "layercam": layer_cam,
+    "gradcam-elementwise": grad_cam_elementwise,
+    "eigengradcam": eigen_grad_cam,
 }
-METHODS = (*GRADIENT_METHODS, "eigencam", "scorecam")
+ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {"eigencam": eigen_cam, "randomcam": random_cam}
+"""Methods that read the activations alone: one map per image, whatever the class."""
+METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam")
 """Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is in :meth:`CamEngine._score_cam`."""
 
 
@@ -585,8 +613,8 @@ class CamEngine:
                 else:  # class-independent work, once per image: unique rows, then back to pairs
                     unique_rows, pair_to_unique = pair_rows.unique(return_inverse=True)
                     unique_activations = activations[layer].detach()[unique_rows].float()
-                    if method == "eigencam":
-                        group_maps = eigen_cam(unique_activations)[pair_to_unique]
+                    if method in ACTIVATION_METHODS:
+                        group_maps = ACTIVATION_METHODS[method](unique_activations)[pair_to_unique]
                     else:
                         images_of_rows = pair_image[index].unique()
                         group_maps = self._score_cam(

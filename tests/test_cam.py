@@ -232,6 +232,21 @@ def test_hand_computed_every_gradient_method():
     torch.testing.assert_close(explain_one(linear, "hirescam", 1), x)  # 3/4·x + (-1/4)(-x)
     torch.testing.assert_close(explain_one(linear, "layercam", 1), 0.75 * x)  # relu(3/4)·x + relu(-1/4)·(-x)
     torch.testing.assert_close(explain_one(linear, "gradcam", 1), x)
+    # Element-wise: relu(3/4 · x) + relu(-1/4 · -x) = 3/4 x + 1/4 x = x (x > 0); on the square head relu(x·x) = x².
+    torch.testing.assert_close(explain_one(linear, "gradcam-elementwise", 1), x)
+    torch.testing.assert_close(explain_one(square, "gradcam-elementwise", 0), x * x)
+    # EigenGrad-CAM on the square head: g ⊙ A = (x², 0) per position; centred over positions, its first component
+    # is x² − mean(x²) in the direction of channel 1, signed to correlate with the mean over channels; then ReLU.
+    expected = torch.relu(x * x - (x * x).mean()).double()
+    torch.testing.assert_close(explain_one(square, "eigengradcam", 0).double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_hand_computed_randomcam_uses_seeded_uniform_weights():
+    x = X[0, 0]
+    weights = torch.rand(2, generator=torch.Generator().manual_seed(0)) * 2 - 1  # U(-1, 1), seed 0
+    expected = torch.relu(weights[0] * x + weights[1] * -x)  # TinyLinearHead's channels: x and -x
+    torch.testing.assert_close(explain_one(TinyLinearHead(), "randomcam", 0), expected)
+    assert torch.equal(explain_one(TinyLinearHead(), "randomcam", 1), expected)  # the same map for every class
 
 
 class TinyTwoScaleFeatures(TinyLinearHead):
@@ -297,6 +312,9 @@ def reference_maps(peer_model, method: str, layer: str, images, classes) -> np.n
         "gradcam++": pgc.GradCAMPlusPlus,
         "xgradcam": pgc.XGradCAM,
         "hirescam": pgc.HiResCAM,
+        "gradcam-elementwise": pgc.GradCAMElementWise,
+        "eigengradcam": pgc.EigenGradCAM,
+        "randomcam": pgc.RandomCAM,
         "layercam": pgc.LayerCAM,
         "eigencam": pgc.EigenCAM,
         "scorecam": pgc.ScoreCAM,
@@ -311,8 +329,11 @@ def peer_resnet50(resnet50):
 
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3", "layer2.1.conv2"])
-@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "hirescam", "layercam", "eigencam"])
-def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer):
+@pytest.mark.parametrize(
+    "method",
+    ["gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "gradcam-elementwise", "eigengradcam", "randomcam"],
+)
+def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, monkeypatch):
     torch.manual_seed(6)
     images = torch.randn(2, 3, 224, 224)
     classes = [281, 7]
@@ -334,7 +355,30 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer):
         mean = activations[0].mean(dim=1)
         sign = torch.sign(((projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))).sum((1, 2)))
         reference = normalize_map(torch.relu(sign[:, None, None] * projection), (224, 224)).numpy()
+    elif method == "eigengradcam":
+        # The same sign rule, on g ⊙ A recorded by pytorch-grad-cam's own hooks.
+        from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+        recorder = ActivationsAndGradients(peer_resnet50, [peer_resnet50.get_submodule(layer)], None, False)
+        logits = recorder(images)
+        peer_resnet50.zero_grad()
+        sum(ClassifierOutputTarget(c)(row) for c, row in zip(classes, logits)).backward()
+        product = (recorder.gradients[0] * recorder.activations[0]).detach().numpy()
+        recorder.release()
+        projection = torch.from_numpy(get_2d_projection(product.copy()))
+        mean = torch.from_numpy(product).mean(dim=1)
+        sign = torch.sign(((projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))).sum((1, 2)))
+        reference = normalize_map(torch.relu(sign[:, None, None] * projection), (224, 224)).numpy()
     else:
+        if method == "randomcam":  # the peer's weights are np.random's: give it ours, U(-1, 1) from seed 0
+
+            def uniform(low, high, size):  # (images, channels)
+                weights = torch.rand(size[1], generator=torch.Generator().manual_seed(0)) * 2 - 1
+                return np.tile(weights.numpy(), (size[0], 1))
+
+            monkeypatch.setattr(np.random, "uniform", uniform)
         reference = reference_maps(peer_resnet50, method, layer, images, classes)
     assert np.abs(ours - reference).max() < 1e-3
 
@@ -449,7 +493,7 @@ def test_class_independent_methods_run_once_per_image(monkeypatch):
     model = TinySquareHead()
     eigen_rows = []
     original_eigen = cam.eigen_cam
-    monkeypatch.setattr(cam, "eigen_cam", lambda a: eigen_rows.append(len(a)) or original_eigen(a))
+    monkeypatch.setitem(cam.ACTIVATION_METHODS, "eigencam", lambda a: eigen_rows.append(len(a)) or original_eigen(a))
     engine = CamEngine(model, scorecam_channels=None, scorecam_batch=1)
     images = torch.cat([X, 2 * X])
     out = engine(images, [CamRequest(classes=[0, 1, 0], method="eigencam", layer="features")] * 2)

@@ -108,7 +108,10 @@ def test_malformed_requests_name_the_problem(row, kind, fragment):
         ({"colormap": "nope"}, "colormap must be one of "),
         ({"format": "bmp"}, "format must be one of jpeg, png, webp, got 'bmp'"),
         ({"heatmap": "maybe"}, "heatmap must be true or false, got 'maybe'"),
-        ({"method": "gradcam+++"}, "method must be one of gradcam, gradcam++, xgradcam, hirescam, layercam, eigencam"),
+        (
+            {"method": "gradcam+++"},
+            "method must be one of gradcam, gradcam++, xgradcam, hirescam, layercam, gradcam-elementwise",
+        ),
         ({"layer": "layer4; rm -rf /"}, "layer must be a dotted module path of at most 200 characters"),
         ({"layer": "../etc"}, "layer must be a dotted module path"),
         ({"layer": 4}, "layer must be a dotted module path"),
