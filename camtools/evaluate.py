@@ -1,0 +1,182 @@
+"""Which method for my model? Every method on a labelled image set: mean deletion, insertion and drop
+(``camserve.faithfulness``), and the pointing game where boxes are known. ``scripts/evaluate.py`` is its CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from camserve.cam import METHODS, CamEngine, CamRequest, normalize_map
+from camserve.faithfulness import faithfulness
+from camserve.imaging import decode_image, resize_for_model
+from camserve.model import images_to_batch
+from camserve.spec import ModelSpec
+
+__all__ = ["LabelledImage", "MethodScore", "evaluate", "load_labelled_images", "markdown", "plot"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+POINTING_TOLERANCE = 15
+"""Pixels around the box within which the map's maximum still counts as a hit (Zhang et al., IJCV 2018)."""
+
+
+@dataclass
+class LabelledImage:
+    name: str
+    image: np.ndarray
+    label: int
+    box: tuple[int, int, int, int] | None = None
+    """(x0, y0, x1, y1) in the image's pixels, or None."""
+
+
+@dataclass
+class MethodScore:
+    method: str
+    layer: str
+    deletion: list[float] = field(default_factory=list)
+    insertion: list[float] = field(default_factory=list)
+    drop: list[float] = field(default_factory=list)
+    increase: list[bool] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "deletion": mean(self.deletion),
+            "insertion": mean(self.insertion),
+            "drop": mean(self.drop),
+            "increase": mean(self.increase),
+            "pointing": mean(self.hits) if self.hits else None,
+            "images": len(self.deletion),
+        }
+
+
+def _class_index(value: str, labels: Sequence[str]) -> int:
+    if value in labels:
+        return labels.index(value)
+    if value.isdigit() and int(value) < len(labels):
+        return int(value)
+    raise ValueError(f"class {value!r} is neither one of the model's labels nor an index below {len(labels)}")
+
+
+def load_labelled_images(source: Path, labels: Sequence[str]) -> list[LabelledImage]:
+    """A folder with one subfolder per class (named by label or index), or a CSV of ``file,class`` rows with an
+    optional box ``x0,y0,x1,y1`` (files relative to the CSV)."""
+    items = []
+    if source.is_file():
+        with open(source, newline="") as handle:
+            for row in csv.reader(handle):
+                if not row or row[0].startswith("#") or row[0] == "file":
+                    continue
+                box = tuple(int(float(v)) for v in row[2:6]) if len(row) >= 6 else None
+                path = source.parent / row[0]
+                items.append(LabelledImage(row[0], decode_image(path.read_bytes()), _class_index(row[1], labels), box))
+        return items
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        label = _class_index(folder.name, labels)
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            items.append(LabelledImage(f"{folder.name}/{path.name}", decode_image(path.read_bytes()), label))
+    return items
+
+
+def _hit(heat: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    x0, y0, x1, y1 = box
+    dx = max(x0 - x, 0, x - (x1 - 1))
+    dy = max(y0 - y, 0, y - (y1 - 1))
+    return bool(np.hypot(dx, dy) <= POINTING_TOLERANCE)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    images: list[LabelledImage],
+    methods: Sequence[str] = METHODS,
+    layers: Sequence[str] | None = None,
+    steps: int = 16,
+    batch_size: int = 16,
+    progress=None,
+) -> list[MethodScore]:
+    """Every (layer, method) on every image, for its labelled class."""
+    engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer)
+    side = spec.input_size
+    scores = {
+        (layer, method): MethodScore(method, layer) for layer in layers or [spec.default_layer] for method in methods
+    }
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = images_to_batch([resize_for_model(item.image, side) for item in chunk], spec)
+        classes = torch.tensor([item.label for item in chunk])
+        for (layer, method), score in scores.items():
+            output = engine(batch, [CamRequest(classes=[item.label], layer=layer, method=method) for item in chunk])
+            p_x = output.logits.softmax(dim=1)[torch.arange(len(chunk)), classes]
+            maps = torch.cat([normalize_map(m, (side, side)) for m in output.maps])
+            for result in faithfulness(engine.logits, batch, maps, classes, p_x, steps=steps):
+                score.deletion.append(result.deletion)
+                score.insertion.append(result.insertion)
+                score.drop.append(result.drop)
+                score.increase.append(result.increase)
+            for item, cam in zip(chunk, output.maps):
+                if item.box is not None:
+                    heat = normalize_map(cam, item.image.shape[:2])[0].numpy()
+                    score.hits.append(_hit(heat, item.box))
+            if progress is not None:
+                progress.update(len(chunk))
+    return list(scores.values())
+
+
+def markdown(scores: list[MethodScore]) -> str:
+    rows = [score.summary() for score in scores]
+    rows.sort(key=lambda row: row["insertion"] - row["deletion"], reverse=True)
+    pointing = any(row["pointing"] is not None for row in rows)
+    header = "| method | layer | deletion ↓ | insertion ↑ | drop ↓ | increase | " + ("pointing ↑ |" if pointing else "")
+    lines = [header, "|---|---|---:|---:|---:|---:|" + ("---:|" if pointing else "")]
+    for row in rows:
+        cells = [
+            f"`{row['method']}`",
+            f"`{row['layer']}`",
+            f"{row['deletion']:.3f}",
+            f"{row['insertion']:.3f}",
+            f"{row['drop']:.3f}",
+            f"{row['increase']:.0%}",
+        ]
+        if pointing:
+            cells.append(f"{row['pointing']:.0%}" if row["pointing"] is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(scores: list[MethodScore], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [score.summary() for score in scores]
+    names = [f"{row['method']}" + (f"\n{row['layer']}" if len({r["layer"] for r in rows}) > 1 else "") for row in rows]
+    metrics = [("deletion", "deletion AUC (lower is better)"), ("insertion", "insertion AUC (higher is better)")]
+    metrics.append(("drop", "average drop (lower is better)"))
+    if any(row["pointing"] is not None for row in rows):
+        metrics.append(("pointing", "pointing game (higher is better)"))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.35 * len(rows) + 1.6), sharey=True)
+    for axis, (key, label) in zip(np.atleast_1d(axes), metrics):
+        values = [row[key] if row[key] is not None else 0.0 for row in rows]
+        colours = ["#999999" if row["method"] == "randomcam" else "#3b75af" for row in rows]
+        axis.barh(range(len(rows)), values, color=colours)
+        axis.set_title(label, fontsize=10)
+        axis.set_xlim(0, 1)
+        axis.grid(axis="x", alpha=0.3)
+    np.atleast_1d(axes)[0].set_yticks(range(len(rows)), names, fontsize=8)
+    np.atleast_1d(axes)[0].invert_yaxis()
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,90 @@
+"""Which method for my model? Run every method on labelled images and compare their faithfulness.
+
+python scripts/evaluate.py photos/ --arch convnext_tiny --weights finetuned.pt --labels labels.txt
+python scripts/evaluate.py boxes.csv --model-file my_net.py --weights my_net.pt --layers features.3 features.5
+python scripts/evaluate.py --synthetic 200          # train ShapesNet on the synthetic task, then evaluate it
+
+The images: a folder with one subfolder per class (named by label or index), or a CSV of rows
+``file,class[,x0,y0,x1,y1]`` (with a box, the pointing game is scored too). Each image is explained for its labelled
+class with every method, at the default layer and at each of --layers. It writes a markdown table and a plot of mean
+deletion, insertion and drop per method (and the pointing game), into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from camserve.cam import METHODS
+from camserve.imaging import encode_image
+from camtools.evaluate import evaluate, load_labelled_images, markdown, plot
+from camtools.models import add_model_arguments, model_for_cli, prepare_model
+
+
+def synthetic_model_and_images(count: int, folder: Path):
+    """Train ShapesNet, then write ``count`` held-out images and their boxes as a CSV."""
+    from camtools.synthetic import CLASSES, make_samples, train_shapes_net, write_shapes_model
+
+    model, accuracy = train_shapes_net(progress=True)
+    print(f"ShapesNet: {accuracy:.1%} accuracy on 500 held-out images")
+    flags = write_shapes_model(folder / "model", model)
+    prepared = prepare_model(
+        model_file=flags["model_file"],
+        weights=flags["weights"],
+        labels=flags["labels"],
+        input_size=int(flags["input_size"]),
+        mean=tuple(map(float, flags["mean"].split())),
+        std=tuple(map(float, flags["std"].split())),
+        model_name="shapes",
+    )
+    table = folder / "images.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "class", "x0", "y0", "x1", "y1"])
+        for index, sample in enumerate(make_samples(count, seed=4321)):
+            name = f"shape_{index:04d}.png"
+            (folder / name).write_bytes(encode_image(sample.image, "png"))
+            writer.writerow([name, CLASSES[sample.label], *sample.box])
+    return prepared, table, accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="?", type=Path, help="a folder of class subfolders, or a CSV")
+    add_model_arguments(parser)
+    parser.add_argument("--synthetic", type=int, metavar="N", help="train ShapesNet and evaluate N held-out images")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="(default: all)")
+    parser.add_argument("--layers", nargs="+", help="layers besides the model's default layer")
+    parser.add_argument("--steps", type=int, default=16, help="deletion and insertion steps (default: 16)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation"), help="(default: evaluation/)")
+    args = parser.parse_args(argv)
+    if (args.images is None) == (args.synthetic is None):
+        parser.error("give a folder or CSV of labelled images, or --synthetic N")
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
+        if args.synthetic:
+            prepared, source, accuracy = synthetic_model_and_images(args.synthetic, Path(scratch))
+            title = f"ShapesNet on {args.synthetic} synthetic images ({accuracy:.1%} accurate)"
+        else:
+            prepared, source = model_for_cli(args), args.images
+            title = f"{prepared.spec.arch} ({prepared.spec.weights} weights) on {source.name}"
+        spec = prepared.spec
+        images = load_labelled_images(source, spec.labels)
+    layers = [spec.default_layer, *(layer for layer in args.layers or [] if layer != spec.default_layer)]
+    with tqdm(total=len(images) * len(args.methods) * len(layers), desc="evaluating", unit="map") as progress:
+        scores = evaluate(prepared.model, spec, images, args.methods, layers, args.steps, progress=progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(scores)
+    (args.out / "faithfulness.md").write_text(f"{title}\n\n{table}")
+    plot(scores, args.out / "faithfulness.png", title)
+    print(table)
+    print(f"wrote {args.out / 'faithfulness.md'} and {args.out / 'faithfulness.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
