@@ -95,7 +95,8 @@ def markdown(results: list[ArchResult], machine: str) -> str:
         "weights, one explanation of a synthetic image at the default layer, finite and of the layer's shape), "
         "then timed on one image: the median of the plain forward pass under `inference_mode` and of Grad-CAM at "
         "the default layer (forward, gradient and map). Random weights: the maps say nothing about any image; "
-        "the layers, shapes and costs are what this page is for.",
+        "the layers, shapes and costs are what this page is for. Timings come from a shared two-core machine "
+        "with other work running: a ratio far from 1 (below 0.9, say) is that noise, not a faster explanation.",
         "",
         f"**{len(explained)} of {len(results)} explain.**",
         "",
