@@ -30,6 +30,8 @@ __all__ = [
     "describe_layers",
     "eigen_cam",
     "eigen_grad_cam",
+    "fem",
+    "kpca_cam",
     "grad_cam_elementwise",
     "random_cam",
     "find_layer",
@@ -106,6 +108,35 @@ def random_cam(activations: Tensor, seed: int = 0) -> Tensor:
     return (weights.to(activations.device, activations.dtype).view(1, -1, 1, 1) * activations).sum(dim=1)
 
 
+def fem(activations: Tensor, k: float = 2.0) -> Tensor:
+    """FEM, the Feature Explanation Method (Fuad et al., IPTA 2020), as pytorch-grad-cam computes it: with μ_k and σ_k
+    channel k's mean and (population) standard deviation over positions, w_k = mean_ij [A_k,ij > μ_k + k·σ_k], the
+    share of positions where the channel fires exceptionally, and map = Σ_k w_k A_k. No gradients."""
+    mean = activations.mean(dim=(2, 3), keepdim=True)
+    std = activations.std(dim=(2, 3), keepdim=True, correction=0)
+    weights = (activations > mean + k * std).to(activations.dtype).mean(dim=(2, 3), keepdim=True)
+    return (weights * activations).sum(dim=1)
+
+
+def kpca_cam(activations: Tensor) -> Tensor:
+    """KPCA-CAM (Karmani et al., 2024): EigenCAM with kernel PCA, as pytorch-grad-cam computes it with scikit-learn's
+    ``KernelPCA(n_components=1, kernel="sigmoid")``. With X the (h·w, K) activations centred over positions,
+    K_ab = tanh(x_a·x_b / K + 1), centred in feature space (K − 1K − K1 + 1K1, 1 = 1/n), and (λ, α) its top
+    eigenpair: map = α·√λ, its sign fixed so that α's largest-magnitude entry is positive (scikit-learn's
+    ``svd_flip``). No gradients."""
+    flat = activations.double().flatten(2).transpose(1, 2)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    positions, channels = flat.shape[1:]
+    kernel = torch.tanh(flat @ flat.transpose(1, 2) / channels + 1.0)
+    ones = torch.full((positions, positions), 1.0 / positions, dtype=kernel.dtype, device=kernel.device)
+    centred = kernel - ones @ kernel - kernel @ ones + ones @ kernel @ ones
+    values, vectors = torch.linalg.eigh(centred)
+    alpha, value = vectors[:, :, -1], values[:, -1].clamp_min(0)
+    largest = alpha.gather(1, alpha.abs().argmax(dim=1, keepdim=True))
+    projection = torch.sign(largest) * alpha * value.sqrt()[:, None]
+    return projection.view(activations.shape[0], *activations.shape[2:]).float()
+
+
 def eigen_cam(activations: Tensor) -> Tensor:
     """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations' first principal component, no gradients.
 
@@ -138,7 +169,12 @@ GRADIENT_METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "gradcam-elementwise": grad_cam_elementwise,
     "eigengradcam": eigen_grad_cam,
 }
-ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {"eigencam": eigen_cam, "randomcam": random_cam}
+ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
+    "eigencam": eigen_cam,
+    "kpcacam": kpca_cam,
+    "fem": fem,
+    "randomcam": random_cam,
+}
 """Methods that read the activations alone: one map per image, whatever the class."""
 METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam")
 """Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is in :meth:`CamEngine._score_cam`."""

@@ -315,6 +315,8 @@ def reference_maps(peer_model, method: str, layer: str, images, classes) -> np.n
         "gradcam-elementwise": pgc.GradCAMElementWise,
         "eigengradcam": pgc.EigenGradCAM,
         "randomcam": pgc.RandomCAM,
+        "fem": pgc.FEM,
+        "kpcacam": pgc.KPCA_CAM,
         "layercam": pgc.LayerCAM,
         "eigencam": pgc.EigenCAM,
         "scorecam": pgc.ScoreCAM,
@@ -331,7 +333,18 @@ def peer_resnet50(resnet50):
 @pytest.mark.parametrize("layer", ["layer4", "layer3", "layer2.1.conv2"])
 @pytest.mark.parametrize(
     "method",
-    ["gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "gradcam-elementwise", "eigengradcam", "randomcam"],
+    [
+        "gradcam++",
+        "xgradcam",
+        "hirescam",
+        "layercam",
+        "eigencam",
+        "gradcam-elementwise",
+        "eigengradcam",
+        "randomcam",
+        "fem",
+        "kpcacam",
+    ],  # fmt: skip
 )
 def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, monkeypatch):
     torch.manual_seed(6)
@@ -593,3 +606,12 @@ def test_gradcam_matches_pytorch_grad_cam_at_each_familys_default_layer(arch, mo
     difference = float(np.abs(ours - reference).max())
     print(f"{arch}: max |ours - pytorch-grad-cam| = {difference:.2e}")
     assert difference < 1e-3
+
+
+def test_hand_computed_fem():
+    # TinyLinearHead's channels are x and -x. x: fifteen 1s and one 10: mean 1.5625, population std 2.1786, so only
+    # the 10 is above mean + 2 std: w_1 = 1/16. -x: nothing is above its threshold 2.79: w_2 = 0. map = x / 16.
+    x = torch.ones(1, 1, 4, 4)
+    x[0, 0, 1, 2] = 10.0
+    out = CamEngine(TinyLinearHead())(x, [CamRequest(classes=[0], layer="features", method="fem")])
+    torch.testing.assert_close(out.maps[0][0], x[0, 0] / 16)
