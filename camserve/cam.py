@@ -6,6 +6,7 @@ layer, method); it gives back the logits and one map per target, from one forwar
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "CamEngine",
@@ -30,6 +32,7 @@ __all__ = [
     "describe_layers",
     "eigen_cam",
     "eigen_grad_cam",
+    "finer_seeds",
     "fem",
     "kpca_cam",
     "grad_cam_elementwise",
@@ -137,6 +140,28 @@ def kpca_cam(activations: Tensor) -> Tensor:
     return projection.view(activations.shape[0], *activations.shape[2:]).float()
 
 
+def finer_seeds(logits: Tensor, classes: Tensor, alpha: float = 1.0, comparisons: int = 3) -> Tensor:
+    """Finer-CAM's target (Zhang et al., CVPR 2025, pytorch-grad-cam's ``FinerCAM`` over ``GradCAM``), as the gradient
+    of that target with respect to the logits, one row per explanation.
+
+    For class c, the ``comparisons`` classes whose logits are nearest to y_c are the look-alikes s_1…s_3; with
+    p = softmax(y), the target is Σ_k p_{s_k}·(y_c − α·y_{s_k}) / Σ_k p_{s_k}: what sets c apart from the classes it
+    is confused with. The map is then Grad-CAM of that target. Returns ∂target/∂y, (P, classes).
+    """
+    with torch.enable_grad():
+        y = logits.detach().float().requires_grad_(True)
+        rows = torch.arange(len(y), device=y.device)
+        distance = (y.detach() - y.detach()[rows, classes][:, None]).abs()
+        distance[rows, classes] = -1.0  # the class itself comes first; its look-alikes follow
+        similar = distance.argsort(dim=1, stable=True)[:, 1 : 1 + min(comparisons, y.shape[1] - 1)]
+        # p_s / Σ p_s over the look-alikes is the softmax of their logits alone: the same value without the 0/0
+        # that p_s underflowing to 0 gives far from the top class (pytorch-grad-cam returns NaN maps there).
+        look_alikes = y.gather(1, similar)
+        weights = look_alikes.softmax(dim=1)
+        target = (weights * (y[rows, classes][:, None] - alpha * look_alikes)).sum(dim=1)
+        return torch.autograd.grad(target.sum(), y)[0]
+
+
 def eigen_cam(activations: Tensor) -> Tensor:
     """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the activations' first principal component, no gradients.
 
@@ -168,7 +193,11 @@ GRADIENT_METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "layercam": layer_cam,
     "gradcam-elementwise": grad_cam_elementwise,
     "eigengradcam": eigen_grad_cam,
+    "finercam": grad_cam,
+    "shapleycam": grad_cam,
 }
+"""Each takes (A, g). ``finercam`` is Grad-CAM of the target of :func:`finer_seeds`; ``shapleycam`` is Grad-CAM with
+g − ½·Hg·A in place of g (:meth:`CamEngine._gradients`)."""
 ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "eigencam": eigen_cam,
     "kpcacam": kpca_cam,
@@ -359,6 +388,16 @@ def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, 
 # --- The engine ---
 
 
+def _minus_half_hvp(gradient: Tensor, activation: Tensor) -> Tensor:
+    """g − ½·Σ_ab A_ab ∂g/∂A_ab for a gradient built with ``create_graph=True``; H = 0 where g does not depend on A."""
+    if not gradient.requires_grad:
+        return gradient.detach()
+    (hvp,) = torch.autograd.grad(
+        gradient, activation, grad_outputs=activation.detach(), retain_graph=True, allow_unused=True
+    )
+    return gradient.detach() if hvp is None else (gradient - 0.5 * hvp).detach()
+
+
 @dataclass(frozen=True)
 class CamRequest:
     """What to explain for one image: ``classes`` in that order, or else its ``top`` predicted classes."""
@@ -512,8 +551,11 @@ class CamEngine:
         wanted_expansion = bool(gradient_layers) and len(asked) > len(requests)
         expand = pair_image if wanted_expansion and frozenset(layers) not in self._unexpandable else None
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        # ShapleyCAM differentiates twice: fused attention kernels have no second derivative, the math one does.
+        second_order = any(r.method == "shapleycam" for r in requests)
+        attention = sdpa_kernel([SDPBackend.MATH]) if second_order else contextlib.nullcontext()
         started = time.perf_counter()
-        with autocast:
+        with autocast, attention:
             try:
                 stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, expand)
                 if expand is not None and len(stream_logits) != len(asked):
@@ -536,16 +578,24 @@ class CamEngine:
             ranked = logits.topk(top, dim=1).indices
             predicted = ranked[pair_image, (-pair_class - 1).clamp(0, top - 1)]
             pair_class = torch.where(pair_class < 0, predicted, pair_class)
-            gradients = self._gradients(
-                stream_logits, activations, gradient_layers, pair_class, pair_image, pair_slot, expand is not None
-            )
+            pair_methods = [requests[n].method for n in pair_image_host.tolist()]
+            seeds = F.one_hot(pair_class, logits.shape[1]).to(logits.dtype)
+            finer = torch.tensor([m == "finercam" for m in pair_methods], device=device)
+            if bool(finer.any()):
+                seeds[finer] = finer_seeds(logits[pair_image[finer]], pair_class[finer]).to(seeds.dtype)
+            shapley_layers = {r.layer for r in requests if r.method == "shapleycam"}
+            gradients, corrected = self._gradients(
+                stream_logits, activations, gradient_layers, seeds, pair_image, pair_slot, expand is not None,
+                shapley_layers,
+            )  # fmt: skip
         rows = {  # for each layer, the row of its activations that belongs to each pair
             layer: torch.arange(len(asked), device=device) if per_pair[layer] else pair_image for layer in layers
         }
         activations = {layer: to_grid(activation.detach(), layouts[layer]) for layer, activation in activations.items()}
         gradients = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in gradients.items()}
+        corrected = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in corrected.items()}
         pair_maps = self._pair_maps(
-            images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index
+            images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index, corrected
         )
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
@@ -598,31 +648,55 @@ class CamEngine:
         logits: Tensor,
         activations: dict[str, Tensor],
         gradient_layers: set[str],
-        pair_class: Tensor,
+        seeds: Tensor,
         pair_image: Tensor,
         pair_slot: Tensor,
         rows_are_pairs: bool,
-    ) -> dict[str, Tensor]:
-        """∂y_c/∂A for every pair and gradient layer, each a (pairs, K, h, w) tensor, from one ``autograd.grad``.
+        shapley_layers: set[str] = frozenset(),
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """∂t_p/∂A for every pair p and gradient layer, each a (pairs, K, h, w) tensor, where pair p's target t_p
+        has gradient ``seeds[p]`` with respect to its image's logits (one-hot for a class's raw logit y_c).
 
-        When the logits have one row per pair (see :meth:`_split_forward`), row p's seed selects its class. Else
-        the logits have one row per image, and seed t selects each image's t-th class, differentiated together
-        through ``is_grads_batched``.
+        When the logits have one row per pair (see :meth:`_split_forward`), row p takes seed p, and one
+        ``autograd.grad`` call serves every pair. Else the logits have one row per image, and seed slot t holds each
+        image's t-th target, differentiated together through ``is_grads_batched``.
+
+        For ``shapley_layers`` it also returns g − ½·H·A, the gradient minus half the Hessian-vector product
+        Σ_ab A_ab ∂g/∂A_ab (ShapleyCAM, Cai et al., 2025: the Shapley-value view of CAM), from a second
+        differentiation of the first gradient; a layer after which the network is piecewise linear has H = 0.
         """
         if not gradient_layers:
-            return {}
+            return {}, {}
         layers = [layer for layer in activations if layer in gradient_layers]
         inputs = [activations[layer] for layer in layers]
-        if rows_are_pairs or len(pair_class) == len(logits):
-            seeds = torch.zeros_like(logits)
-            seeds[torch.arange(len(pair_class), device=logits.device), pair_class] = 1.0
-            gradients = torch.autograd.grad(logits, inputs, grad_outputs=seeds)
-            return {layer: g.float() for layer, g in zip(layers, gradients)}
+        second_order = bool(shapley_layers)
+        if rows_are_pairs or len(seeds) == len(logits):
+            grad_outputs = seeds.to(logits.dtype)
+            gradients = torch.autograd.grad(logits, inputs, grad_outputs=grad_outputs, create_graph=second_order)
+            corrected = {
+                layer: _minus_half_hvp(g, activations[layer]).float()
+                for layer, g in zip(layers, gradients)
+                if layer in shapley_layers
+            }
+            return {layer: g.detach().float() for layer, g in zip(layers, gradients)}, corrected
         slots = int(pair_slot.max()) + 1
-        seeds = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
-        seeds[pair_slot, pair_image, pair_class] = 1.0
-        gradients = torch.autograd.grad(logits, inputs, grad_outputs=seeds, is_grads_batched=True)
-        return {layer: g[pair_slot, pair_image].float() for layer, g in zip(layers, gradients)}
+        grad_outputs = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
+        grad_outputs[pair_slot, pair_image] = seeds.to(logits.dtype)
+        if not second_order:
+            gradients = torch.autograd.grad(logits, inputs, grad_outputs=grad_outputs, is_grads_batched=True)
+            return {layer: g[pair_slot, pair_image].float() for layer, g in zip(layers, gradients)}, {}
+        # Second order, one target slot at a time (is_grads_batched does not nest with a double backward).
+        per_slot = [
+            torch.autograd.grad(logits, inputs, grad_outputs=grad_outputs[slot], create_graph=True, retain_graph=True)
+            for slot in range(slots)
+        ]
+        gradients = {layer: torch.stack([g[i] for g in per_slot]) for i, layer in enumerate(layers)}
+        corrected = {
+            layer: torch.stack([_minus_half_hvp(g[i], activations[layer]) for g in per_slot])[pair_slot, pair_image]
+            for i, layer in enumerate(layers)
+            if layer in shapley_layers
+        }
+        return {layer: g.detach()[pair_slot, pair_image].float() for layer, g in gradients.items()}, corrected
 
     def _pair_maps(
         self,
@@ -635,6 +709,7 @@ class CamEngine:
         pair_class: Tensor,
         groups: dict[tuple[str, str], list[int]],
         group_index: dict[tuple[str, str], Tensor],
+        corrected: dict[str, Tensor],
     ) -> list[Tensor]:
         """Each image's (T, h, w) maps, computed one (layer, method) group at a time."""
         maps: list[Tensor | None] = [None] * len(pair_image)
@@ -643,9 +718,8 @@ class CamEngine:
                 index = group_index[(layer, method)]
                 pair_rows = rows[layer][index]
                 if method in GRADIENT_METHODS:
-                    group_maps = GRADIENT_METHODS[method](
-                        activations[layer].detach()[pair_rows].float(), gradients[layer][index]
-                    )
+                    gradient = (corrected if method == "shapleycam" else gradients)[layer][index]
+                    group_maps = GRADIENT_METHODS[method](activations[layer].detach()[pair_rows].float(), gradient)
                 else:  # class-independent work, once per image: unique rows, then back to pairs
                     unique_rows, pair_to_unique = pair_rows.unique(return_inverse=True)
                     unique_activations = activations[layer].detach()[unique_rows].float()

@@ -17,6 +17,7 @@ from camserve.cam import (
     LayerNotFoundError,
     default_layer,
     describe_layers,
+    finer_seeds,
     normalize_map,
     spatial_layers,
     to_grid,
@@ -615,3 +616,82 @@ def test_hand_computed_fem():
     x[0, 0, 1, 2] = 10.0
     out = CamEngine(TinyLinearHead())(x, [CamRequest(classes=[0], layer="features", method="fem")])
     torch.testing.assert_close(out.maps[0][0], x[0, 0] / 16)
+
+
+def test_hand_computed_shapleycam_subtracts_half_the_hessian_vector_product():
+    # TinySquareHead, class 0: y_0 = ½ Σ (A^1)², so g^1 = A^1 = x, H·A = A^1 = x on channel 1, g^2 = 0.
+    # weights: mean(g − ½ H·A) = mean(x/2) = 1.25 on channel 1, 0 on channel 2: map = 1.25·x (Grad-CAM gives 2.5·x).
+    x = X[0, 0]
+    torch.testing.assert_close(explain_one(TinySquareHead(), "shapleycam", 0), 1.25 * x)
+    torch.testing.assert_close(explain_one(TinySquareHead(), "gradcam", 0), 2.5 * x)
+    # TinyLinearHead is linear after the layer: no curvature, ShapleyCAM is Grad-CAM.
+    torch.testing.assert_close(
+        explain_one(TinyLinearHead(), "shapleycam", 1), explain_one(TinyLinearHead(), "gradcam", 1)
+    )
+
+
+def test_hand_computed_finercam_contrasts_the_nearest_classes():
+    # TinyLinearHead on X: logits (-2.5, 10), W = [[1, 2], [3, -1]]. Class 1's only look-alike is class 0: the target is
+    # y_1 − y_0, whose gradient per position is (W_1 − W_0)/4 = (2, -3)/4 on (A^1, A^2).
+    # Grad-CAM of it: x/2 + (-3/4)·(-x) = 1.25·x, where plain Grad-CAM of y_1 gives x.
+    torch.testing.assert_close(explain_one(TinyLinearHead(), "finercam", 1), 1.25 * X[0, 0])
+    seeds = finer_seeds(torch.tensor([[1.0, 2.0, 2.5, 9.0, 1.9]]), torch.tensor([2]))
+    # Look-alikes of class 2 (2.5): 2.0, 1.9 and 1.0 (classes 1, 4, 0); class 3 is not one. ∂/∂y_2 = 1 exactly.
+    assert seeds[0, 3] == 0.0 and seeds[0, 2] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_finercam_and_shapleycam_match_pytorch_grad_cam(resnet50, peer_resnet50, layer):
+    from pytorch_grad_cam import FinerCAM, ShapleyCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(9)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        classes = resnet50(images).argmax(dim=1).tolist()  # pytorch-grad-cam's Finer-CAM is NaN far from the top
+    target = peer_resnet50.get_submodule(layer)
+    engine = CamEngine(resnet50)
+    for method in ("finercam", "shapleycam"):
+        out = engine(images, [CamRequest(classes=[c], layer=layer, method=method) for c in classes])
+        ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
+        if method == "finercam":
+            finer = FinerCAM(peer_resnet50, [target])
+            reference = np.concatenate([finer(images[n : n + 1], target_idx=c) for n, c in enumerate(classes)])
+        else:
+            reference = ShapleyCAM(peer_resnet50, [target])(images, [ClassifierOutputTarget(c) for c in classes])
+        assert np.abs(ours - reference).max() < 1e-3, method
+
+
+@pytest.mark.slow
+def test_shapleycam_matches_pytorch_grad_cam_where_the_network_is_curved():
+    """ConvNeXt's GELU and LayerNorm after features.6 make the Hessian non-zero: ShapleyCAM differs from Grad-CAM,
+    and still matches the reference; also with several targets per image (the per-slot second derivative)."""
+    from pytorch_grad_cam import ShapleyCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camtools.models import prepare_model
+
+    model = prepare_model(arch="convnext_tiny", weights="random", seed=0).model
+    torch.manual_seed(10)
+    images = torch.randn(2, 3, 224, 224)
+    layer = "features.6"
+    engine = CamEngine(model)
+    out = engine(images, [CamRequest(classes=[1, 2], layer=layer, method="shapleycam")] * 2)
+    gradcam = engine(images, [CamRequest(classes=[1, 2], layer=layer, method="gradcam")] * 2)
+    ours = np.stack([normalize_map(m, (224, 224)).numpy() for m in out.maps])
+    difference = max(float((a - b).abs().max()) for a, b in zip(out.maps, gradcam.maps))
+    assert difference > 0.1 * max(float(b.abs().max()) for b in gradcam.maps)  # the curvature term is not negligible
+    peer = copy.deepcopy(model).requires_grad_(True)
+    for slot, c in enumerate([1, 2]):
+        reference = ShapleyCAM(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c)] * 2)
+        assert np.abs(ours[:, slot] - reference).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_shapleycam_runs_through_a_vit_attention_kernel():
+    """Fused attention has no second derivative on the CPU; the engine runs ShapleyCAM's pass on the math kernel."""
+    from camtools.models import prepare_model
+
+    prepared = prepare_model(arch="vit_b_16", weights="random", seed=0)
+    out = CamEngine(prepared.model)(torch.randn(1, 3, 224, 224), [CamRequest(classes=[3], method="shapleycam")])
+    assert out.maps[0].shape == (1, 14, 14) and torch.isfinite(out.maps[0]).all() and out.maps[0].max() > 0
