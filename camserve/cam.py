@@ -205,8 +205,11 @@ ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "randomcam": random_cam,
 }
 """Methods that read the activations alone: one map per image, whatever the class."""
-METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam")
-"""Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is in :meth:`CamEngine._score_cam`."""
+METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam")
+"""Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is :meth:`CamEngine._score_cam`,
+``ablationcam`` (Desai & Ramaswamy, WACV 2020) :meth:`CamEngine._ablation_cam`."""
+PERTURBATION_METHODS = ("scorecam", "ablationcam")
+"""Methods that run the network once more per scored channel."""
 
 
 # --- Layers ---
@@ -499,7 +502,7 @@ class CamEngine:
 
     def forward_passes(self, request: CamRequest) -> int:
         """The forward passes one image's request costs: 1, plus ScoreCAM's one per scored channel."""
-        if request.method != "scorecam":
+        if request.method not in PERTURBATION_METHODS:
             return 1
         channels = self.spatial_layer(request.layer).grid[0]
         return 1 + (min(channels, self.scorecam_channels) if self.scorecam_channels else channels)
@@ -591,11 +594,13 @@ class CamEngine:
         rows = {  # for each layer, the row of its activations that belongs to each pair
             layer: torch.arange(len(asked), device=device) if per_pair[layer] else pair_image for layer in layers
         }
+        raw_activations = {layer: activation.detach() for layer, activation in activations.items()}
         activations = {layer: to_grid(activation.detach(), layouts[layer]) for layer, activation in activations.items()}
         gradients = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in gradients.items()}
         corrected = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in corrected.items()}
+        context = _MapContext(raw_activations, logits.detach().float(), modules, layouts, corrected)
         pair_maps = self._pair_maps(
-            images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index, corrected
+            images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index, context
         )
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
@@ -709,7 +714,7 @@ class CamEngine:
         pair_class: Tensor,
         groups: dict[tuple[str, str], list[int]],
         group_index: dict[tuple[str, str], Tensor],
-        corrected: dict[str, Tensor],
+        context: _MapContext,
     ) -> list[Tensor]:
         """Each image's (T, h, w) maps, computed one (layer, method) group at a time."""
         maps: list[Tensor | None] = [None] * len(pair_image)
@@ -718,17 +723,28 @@ class CamEngine:
                 index = group_index[(layer, method)]
                 pair_rows = rows[layer][index]
                 if method in GRADIENT_METHODS:
-                    gradient = (corrected if method == "shapleycam" else gradients)[layer][index]
+                    gradient = (context.corrected if method == "shapleycam" else gradients)[layer][index]
                     group_maps = GRADIENT_METHODS[method](activations[layer].detach()[pair_rows].float(), gradient)
                 else:  # class-independent work, once per image: unique rows, then back to pairs
                     unique_rows, pair_to_unique = pair_rows.unique(return_inverse=True)
                     unique_activations = activations[layer].detach()[unique_rows].float()
                     if method in ACTIVATION_METHODS:
                         group_maps = ACTIVATION_METHODS[method](unique_activations)[pair_to_unique]
-                    else:
+                    elif method == "scorecam":
                         images_of_rows = pair_image[index].unique()
                         group_maps = self._score_cam(
                             images[images_of_rows], unique_activations, pair_to_unique, pair_class[index]
+                        )
+                    else:
+                        images_of_rows = pair_image[index].unique()
+                        group_maps = self._ablation_cam(
+                            context.modules[layer],
+                            context.layouts[layer],
+                            images[images_of_rows],
+                            context.raw[layer][unique_rows],
+                            context.logits[images_of_rows],
+                            pair_to_unique,
+                            pair_class[index],
                         )
                 if len(groups) == 1:  # the common case: every pair, in order; split into views, no copies
                     return list(F.relu(group_maps).split(counts))
@@ -755,11 +771,7 @@ class CamEngine:
         """
         masked_logits, selections = [], []
         for image, activation in zip(images, activations):
-            channels = activation.shape[0]
-            if self.scorecam_channels and channels > self.scorecam_channels:
-                chosen = activation.mean(dim=(1, 2)).topk(self.scorecam_channels).indices.sort().values
-            else:
-                chosen = torch.arange(channels, device=activation.device)
+            chosen = self._channels_to_score(activation)
             selected = activation[chosen]
             masks = F.interpolate(selected[None], size=image.shape[-2:], mode="bilinear", align_corners=True)[0]
             low = masks.amin(dim=(1, 2), keepdim=True)
@@ -779,6 +791,95 @@ class CamEngine:
             weights = torch.softmax(masked_logits[image_row][:, target], dim=0)
             maps.append((weights[:, None, None] * selections[image_row]).sum(dim=0))
         return torch.stack(maps)
+
+    def _channels_to_score(self, activation: Tensor) -> Tensor:
+        """The channels a perturbation method scores: every one, or the ``scorecam_channels`` with the highest mean
+        activation (sorted), the rest getting weight 0."""
+        channels = activation.shape[0]
+        if self.scorecam_channels and channels > self.scorecam_channels:
+            return activation.mean(dim=(1, 2)).topk(self.scorecam_channels).indices.sort().values
+        return torch.arange(channels, device=activation.device)
+
+    def _ablation_cam(
+        self,
+        module: nn.Module,
+        layout: str,
+        images: Tensor,
+        raw: Tensor,
+        logits: Tensor,
+        pair_to_image: Tensor,
+        classes: Tensor,
+    ) -> Tensor:
+        """Ablation-CAM (Desai & Ramaswamy, WACV 2020), as pytorch-grad-cam computes it: channel k's weight is the
+        relative fall of the class's logit when the layer's channel k is ablated,
+
+            w_k = (y_c − y_c(A with channel k ablated)) / y_c,   map = Σ_k w_k A_k
+
+        where ablating sets the channel, at every position, to 0 if the layer's smallest activation is 0 and to
+        that minimum − 10⁷ otherwise. The ablated layer's output replaces the real one in a forward pass, one row per
+        ablated channel: where the layer's output is the whole stream, the network before it runs once per batch of
+        ``scorecam_batch`` channels and only the rest runs per channel; inside a residual block the image itself is
+        repeated. Like ScoreCAM it scores at most ``scorecam_channels`` channels (the rest get weight 0) and its
+        passes serve every target of the image. ``images``, ``raw`` (the layer's raw outputs) and ``logits`` have one
+        row per image; ``pair_to_image`` and ``classes`` one per map.
+        """
+        channel_dim = {"nchw": 1, "nhwc": 3}.get(layout, 2)
+        ablated_logits, weights_index = [], []
+        for image, output, grid in zip(images, raw, to_grid(raw, layout)):
+            chosen = self._channels_to_score(grid)
+            value = 0.0 if bool(output.min() == 0) else float(output.min()) - 1e7
+            scores = []
+            for start in range(0, len(chosen), self.scorecam_batch):
+                channels = chosen[start : start + self.scorecam_batch]
+                ablated = output[None].repeat(len(channels), *([1] * output.dim()))
+                index = [torch.arange(len(channels), device=output.device)] + [slice(None)] * output.dim()
+                index[channel_dim] = channels
+                ablated[tuple(index)] = value
+                scores.append(self._logits_with_layer_output(module, image, ablated))
+            ablated_logits.append(torch.cat(scores))
+            weights_index.append(chosen)
+        maps = []
+        grids = to_grid(raw, layout).float()
+        for image_row, target in zip(pair_to_image.tolist(), classes.tolist()):
+            original = logits[image_row, target]
+            weights = torch.zeros(grids.shape[1], device=grids.device)
+            weights[weights_index[image_row]] = (original - ablated_logits[image_row][:, target]) / original
+            maps.append((weights[:, None, None] * grids[image_row]).sum(dim=0))
+        return torch.stack(maps)
+
+    def _logits_with_layer_output(self, module: nn.Module, image: Tensor, outputs: Tensor) -> Tensor:
+        """The logits when ``module``'s output is replaced by each row of ``outputs`` in turn, for one image."""
+
+        def replace_output(_module: nn.Module, _inputs: object, _output: Tensor) -> Tensor:
+            return outputs
+
+        handle = module.register_forward_hook(replace_output)
+        autocast_on = self.autocast_dtype is not None
+        try:
+            with torch.no_grad(), torch.autocast(image.device.type, dtype=self.autocast_dtype, enabled=autocast_on):
+                try:
+                    result = self.model(image[None])  # the network before the layer runs once for all rows
+                    if len(result) == len(outputs):
+                        return result.float()
+                except RuntimeError:
+                    pass  # the layer sits inside a block whose shortcut keeps one row: repeat the image instead
+                return self.model(image[None].expand(len(outputs), *image.shape)).float()
+        finally:
+            handle.remove()
+
+
+@dataclass
+class _MapContext:
+    """What some methods need beyond the (grid) activations and gradients."""
+
+    raw: dict[str, Tensor]
+    """Each layer's output as the network made it (tokens, NHWC)."""
+    logits: Tensor
+    """(images, classes)."""
+    modules: dict[str, nn.Module]
+    layouts: dict[str, str]
+    corrected: dict[str, Tensor]
+    """ShapleyCAM's g − ½·H·A per layer."""
 
 
 class GradCAM:

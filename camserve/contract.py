@@ -421,7 +421,8 @@ class WorkBudget:
             raise ClientError(
                 "OverBudget",
                 f"this request needs {forward_passes} forward passes; at most {self.max_forward_passes} are run "
-                "per request: choose a method other than scorecam, fewer faithfulness_steps or no faithfulness, "
+                "per request: choose a method other than scorecam or ablationcam, fewer faithfulness_steps or no "
+                "faithfulness, "
                 "or a server built with fewer --scorecam-channels",
             )
 

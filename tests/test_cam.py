@@ -695,3 +695,31 @@ def test_shapleycam_runs_through_a_vit_attention_kernel():
     prepared = prepare_model(arch="vit_b_16", weights="random", seed=0)
     out = CamEngine(prepared.model)(torch.randn(1, 3, 224, 224), [CamRequest(classes=[3], method="shapleycam")])
     assert out.maps[0].shape == (1, 14, 14) and torch.isfinite(out.maps[0]).all() and out.maps[0].max() > 0
+
+
+def test_hand_computed_ablationcam():
+    # TinyLinearHead, class 1: y_1 = 3·mean(A^1) − mean(A^2) = 10 on X. The layer's minimum is -4, so ablating
+    # sets a channel to -4 − 1e7 everywhere: without A^1, y_1 = 3(-4 − 1e7) + 2.5; without A^2, y_1 = 7.5 + 4 + 1e7.
+    # w_k = (10 − y_1 without k) / 10, map = w_1·x + w_2·(−x) = x·(w_1 − w_2).
+    w1 = (10 - (3 * (-4 - 1e7) + 2.5)) / 10
+    w2 = (10 - (7.5 + 4 + 1e7)) / 10
+    torch.testing.assert_close(explain_one(TinyLinearHead(), "ablationcam", 1), X[0, 0] * (w1 - w2), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layer", ["features.4", "features.2"])
+def test_ablationcam_matches_pytorch_grad_cam_with_every_channel(layer):
+    from pytorch_grad_cam import AblationCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camserve.model import model_class_from_file
+
+    torch.manual_seed(11)
+    model = model_class_from_file(ROOT / "tests" / "models" / "tiny_net.py")().eval()
+    images = torch.randn(2, 3, 64, 64)
+    classes = [0, 2]
+    engine = CamEngine(model.requires_grad_(False), scorecam_channels=None, input_size=64)
+    out = engine(images, [CamRequest(classes=[c], layer=layer, method="ablationcam") for c in classes])
+    ours = np.stack([normalize_map(m, (64, 64))[0].numpy() for m in out.maps])
+    peer = copy.deepcopy(model).requires_grad_(True)
+    reference = AblationCAM(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
+    assert np.abs(ours - reference).max() < 1e-3
