@@ -37,6 +37,7 @@ __all__ = [
     "kpca_cam",
     "grad_cam_elementwise",
     "random_cam",
+    "reduce_contributions",
     "find_layer",
     "grad_cam",
     "grad_cam_plus_plus",
@@ -49,12 +50,14 @@ __all__ = [
 ]
 
 
-# --- The methods: (activations A, gradients G), both (P, K, h, w), to maps (P, h, w) before the final ReLU. ---
+# --- The methods: (activations A, gradients G), both (P, K, h, w), to each channel's contribution C (P, K, h, w),
+# whose sum over channels is the map before the final ReLU; the eigen methods give the map (P, h, w) itself.
+# With ``eigen_smooth`` the map is instead the first principal component of C (:func:`reduce_contributions`). ---
 
 
 def grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
     """Grad-CAM (Selvaraju et al., ICCV 2017): α_k = (1/Z) Σ_ij ∂y_c/∂A_k,ij, map = Σ_k α_k A_k."""
-    return (gradients.mean(dim=(-2, -1), keepdim=True) * activations).sum(dim=1)
+    return gradients.mean(dim=(-2, -1), keepdim=True) * activations
 
 
 def grad_cam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
@@ -70,30 +73,30 @@ def grad_cam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
     alpha = g2 / (2 * g2 + activation_sums * g3 + 1e-6)
     alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
     weights = (F.relu(gradients) * alpha).sum(dim=(-2, -1), keepdim=True)
-    return (weights * activations).sum(dim=1)
+    return weights * activations
 
 
 def x_grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
     """XGrad-CAM (Fu et al., BMVC 2020): w_k = Σ_ij (g_k,ij · A_k,ij) / Σ_ij A_k,ij, map = Σ_k w_k A_k."""
     activation_sums = activations.sum(dim=(-2, -1), keepdim=True)
     weights = (gradients * activations / (activation_sums + 1e-7)).sum(dim=(-2, -1), keepdim=True)
-    return (weights * activations).sum(dim=1)
+    return weights * activations
 
 
 def hires_cam(activations: Tensor, gradients: Tensor) -> Tensor:
     """HiResCAM (Draelos & Carin, 2020): map = Σ_k g_k ⊙ A_k, the element-wise product, no spatial averaging."""
-    return (gradients * activations).sum(dim=1)
+    return gradients * activations
 
 
 def layer_cam(activations: Tensor, gradients: Tensor) -> Tensor:
     """LayerCAM (Jiang et al., TIP 2021): map = Σ_k relu(g_k) ⊙ A_k."""
-    return (F.relu(gradients) * activations).sum(dim=1)
+    return F.relu(gradients) * activations
 
 
 def grad_cam_elementwise(activations: Tensor, gradients: Tensor) -> Tensor:
     """Element-wise Grad-CAM (pytorch-grad-cam's ``GradCAMElementWise``): map = Σ_k relu(g_k ⊙ A_k), each position's
     own gradient times activation, negative evidence dropped before the channels are summed."""
-    return F.relu(gradients * activations).sum(dim=1)
+    return F.relu(gradients * activations)
 
 
 def eigen_grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
@@ -108,7 +111,7 @@ def random_cam(activations: Tensor, seed: int = 0) -> Tensor:
     can tell from this one explains nothing."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     weights = torch.rand(activations.shape[1], generator=generator) * 2 - 1
-    return (weights.to(activations.device, activations.dtype).view(1, -1, 1, 1) * activations).sum(dim=1)
+    return weights.to(activations.device, activations.dtype).view(1, -1, 1, 1) * activations
 
 
 def fem(activations: Tensor, k: float = 2.0) -> Tensor:
@@ -118,7 +121,7 @@ def fem(activations: Tensor, k: float = 2.0) -> Tensor:
     mean = activations.mean(dim=(2, 3), keepdim=True)
     std = activations.std(dim=(2, 3), keepdim=True, correction=0)
     weights = (activations > mean + k * std).to(activations.dtype).mean(dim=(2, 3), keepdim=True)
-    return (weights * activations).sum(dim=1)
+    return weights * activations
 
 
 def kpca_cam(activations: Tensor) -> Tensor:
@@ -160,6 +163,25 @@ def finer_seeds(logits: Tensor, classes: Tensor, alpha: float = 1.0, comparisons
         weights = look_alikes.softmax(dim=1)
         target = (weights * (y[rows, classes][:, None] - alpha * look_alikes)).sum(dim=1)
         return torch.autograd.grad(target.sum(), y)[0]
+
+
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+"""``aug_smooth``'s copies, as pytorch-grad-cam makes them with ttach: a horizontal flip or not, times the
+normalised input multiplied by 0.9, 1 or 1.1."""
+
+
+def augment(image: Tensor, flip: bool, factor: float) -> Tensor:
+    """One of :data:`AUGMENTATIONS` of a normalised (C, H, W) image."""
+    return (image.flip(-1) if flip else image) * factor
+
+
+def reduce_contributions(contributions: Tensor, eigen_smooth: bool = False) -> Tensor:
+    """Maps (P, h, w) from a method's output: per-channel contributions C (P, K, h, w) are summed over channels, or
+    with ``eigen_smooth`` replaced by their first principal component (pytorch-grad-cam's ``eigen_smooth``: the
+    projection of C onto its top singular vector, signed as in :func:`eigen_cam`); a map passes through."""
+    if contributions.dim() == 3:
+        return contributions
+    return eigen_cam(contributions) if eigen_smooth else contributions.sum(dim=1)
 
 
 def eigen_cam(activations: Tensor) -> Tensor:
@@ -410,6 +432,11 @@ class CamRequest:
     layer: str | None = None
     """A dotted module path; None: the engine's default layer."""
     method: str = "gradcam"
+    eigen_smooth: bool = False
+    """The first principal component of the channels' contributions instead of their sum (see
+    :func:`reduce_contributions`)."""
+    aug_smooth: bool = False
+    """Average the maps of flipped and brightened copies (see :meth:`CamEngine._explain_with_augmentations`)."""
 
 
 @dataclass(frozen=True)
@@ -501,16 +528,56 @@ class CamEngine:
             return self.model(images)
 
     def forward_passes(self, request: CamRequest) -> int:
-        """The forward passes one image's request costs: 1, plus ScoreCAM's one per scored channel."""
-        if request.method not in PERTURBATION_METHODS:
-            return 1
-        channels = self.spatial_layer(request.layer).grid[0]
-        return 1 + (min(channels, self.scorecam_channels) if self.scorecam_channels else channels)
+        """The forward passes one image's request costs: 1, plus ScoreCAM's and Ablation-CAM's one per scored
+        channel; times 6 with ``aug_smooth`` (plus one to rank the classes when none is given)."""
+        passes = 1
+        if request.method in PERTURBATION_METHODS:
+            channels = self.spatial_layer(request.layer).grid[0]
+            passes += min(channels, self.scorecam_channels) if self.scorecam_channels else channels
+        if request.aug_smooth:
+            passes = len(AUGMENTATIONS) * passes + (request.classes is None)
+        return passes
 
     def __call__(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         # TorchServe runs inference() under inference_mode; gradients need normal tensors, index tensors included.
         with torch.inference_mode(False):
-            return self._explain(images.clone() if images.is_inference() else images, requests)
+            images = images.clone() if images.is_inference() else images
+            if not any(request.aug_smooth for request in requests):
+                return self._explain(images, requests)
+            return self._explain_with_augmentations(images, requests)
+
+    def _explain_with_augmentations(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        """``aug_smooth`` as pytorch-grad-cam does it (test-time augmentation, no paper behind it): each image is
+        explained under every flip × brightness of :data:`AUGMENTATIONS`, each map is undone (flipped back),
+        min–max normalised at the input's size, and the maps are averaged. The classes are the original image's
+        (a plain forward pass ranks them when the request gives none); the logits are the original image's. All
+        the copies share one forward pass with the batch's other images."""
+        smoothed = [n for n, request in enumerate(requests) if request.aug_smooth]
+        untouched = [n for n, request in enumerate(requests) if not request.aug_smooth]
+        plain = [replace(requests[n], aug_smooth=False) for n in smoothed]
+        if any(request.classes is None for request in plain):
+            ranked = self.logits(images[smoothed]).float().topk(max(r.top for r in plain), dim=1).indices.tolist()
+            plain = [
+                request if request.classes is not None else replace(request, classes=ranked[i][: request.top])
+                for i, request in enumerate(plain)
+            ]
+        copies = [augment(images[n], flip, factor) for n in smoothed for flip, factor in AUGMENTATIONS]
+        batch = torch.cat([images[untouched], torch.stack(copies)]) if copies else images[untouched]
+        batch_requests = [requests[n] for n in untouched] + [r for r in plain for _ in AUGMENTATIONS]
+        output = self._explain(batch, batch_requests)
+        size = tuple(images.shape[-2:])
+        logits, targets, maps = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+        for i, n in enumerate(untouched):
+            logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
+        for i, n in enumerate(smoothed):
+            first = len(untouched) + i * len(AUGMENTATIONS)
+            undone = [
+                normalize_map(output.maps[first + a].flip(-1) if flip else output.maps[first + a], size)
+                for a, (flip, _) in enumerate(AUGMENTATIONS)
+            ]
+            identity = first + AUGMENTATIONS.index((False, 1.0))
+            logits[n], targets[n], maps[n] = output.logits[identity], output.targets[first], torch.stack(undone).mean(0)
+        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
 
     def _explain(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         if len(requests) != len(images):
@@ -542,9 +609,9 @@ class CamEngine:
         ]
         # Pairs that share a layer and a method are computed together. Indices go to the device now: a copy from
         # host memory after the forward pass is queued would wait for it and leave the GPU idle.
-        groups: dict[tuple[str, str], list[int]] = {}
+        groups: dict[tuple[str, str, bool], list[int]] = {}
         for pair, n in enumerate(pair_image_host.tolist()):
-            groups.setdefault((requests[n].layer, requests[n].method), []).append(pair)
+            groups.setdefault((requests[n].layer, requests[n].method, requests[n].eigen_smooth), []).append(pair)
         pair_slot_host = torch.arange(len(asked)) - first_pair_host[pair_image_host]
         pair_image, first_pair, pair_slot, pair_class = (
             t.to(device)
@@ -712,15 +779,15 @@ class CamEngine:
         rows: dict[str, Tensor],
         pair_image: Tensor,
         pair_class: Tensor,
-        groups: dict[tuple[str, str], list[int]],
-        group_index: dict[tuple[str, str], Tensor],
+        groups: dict[tuple[str, str, bool], list[int]],
+        group_index: dict[tuple[str, str, bool], Tensor],
         context: _MapContext,
     ) -> list[Tensor]:
-        """Each image's (T, h, w) maps, computed one (layer, method) group at a time."""
+        """Each image's (T, h, w) maps, computed one (layer, method, eigen_smooth) group at a time."""
         maps: list[Tensor | None] = [None] * len(pair_image)
         with torch.no_grad():
-            for (layer, method), pairs in groups.items():
-                index = group_index[(layer, method)]
+            for (layer, method, eigen_smooth), pairs in groups.items():
+                index = group_index[(layer, method, eigen_smooth)]
                 pair_rows = rows[layer][index]
                 if method in GRADIENT_METHODS:
                     gradient = (context.corrected if method == "shapleycam" else gradients)[layer][index]
@@ -746,6 +813,7 @@ class CamEngine:
                             pair_to_unique,
                             pair_class[index],
                         )
+                group_maps = reduce_contributions(group_maps, eigen_smooth)
                 if len(groups) == 1:  # the common case: every pair, in order; split into views, no copies
                     return list(F.relu(group_maps).split(counts))
                 for pair, pair_map in zip(pairs, F.relu(group_maps)):
@@ -789,7 +857,7 @@ class CamEngine:
         maps = []
         for image_row, target in zip(pair_to_image.tolist(), classes.tolist()):
             weights = torch.softmax(masked_logits[image_row][:, target], dim=0)
-            maps.append((weights[:, None, None] * selections[image_row]).sum(dim=0))
+            maps.append(weights[:, None, None] * selections[image_row])
         return torch.stack(maps)
 
     def _channels_to_score(self, activation: Tensor) -> Tensor:
@@ -844,7 +912,7 @@ class CamEngine:
             original = logits[image_row, target]
             weights = torch.zeros(grids.shape[1], device=grids.device)
             weights[weights_index[image_row]] = (original - ablated_logits[image_row][:, target]) / original
-            maps.append((weights[:, None, None] * grids[image_row]).sum(dim=0))
+            maps.append(weights[:, None, None] * grids[image_row])
         return torch.stack(maps)
 
     def _logits_with_layer_output(self, module: nn.Module, image: Tensor, outputs: Tensor) -> Tensor:

@@ -80,6 +80,12 @@ class ExplainOptions:
     photo where the map is high, darkened elsewhere) or grayscale (the map blended over a grey copy)."""
     region: float = 0.2
     """For ``overlay: outline``, the share of the image inside the outline, where the map is highest: 0.01–0.99."""
+    eigen_smooth: bool = False
+    """Use the first principal component of the channels' contributions as the map instead of their sum
+    (pytorch-grad-cam's ``eigen_smooth``); no extra forward pass."""
+    aug_smooth: bool = False
+    """Average the maps of the image flipped or not, times 0.9, 1 and 1.1 in brightness (pytorch-grad-cam's
+    ``aug_smooth``: test-time augmentation with no paper behind it); costs 6 forward passes."""
     faithfulness: bool = False
     """Measure how faithful each explanation is: deletion, insertion, drop and increase (see
     ``camserve.faithfulness``), at 2·faithfulness_steps + 1 extra forward passes per explanation."""
@@ -242,6 +248,9 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
         parsed["region"] = _number("region", values["region"], 0.01, 0.99)
     if "clip" in values:
         parsed["clip"] = _percentiles(values["clip"])
+    for name in ("eigen_smooth", "aug_smooth"):
+        if name in values:
+            parsed[name] = _boolean(name, values[name])
     if "faithfulness" in values:
         parsed["faithfulness"] = _boolean("faithfulness", values["faithfulness"])
     if "faithfulness_steps" in values:

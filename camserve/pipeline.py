@@ -97,7 +97,14 @@ class _ByteCount:
 
 def cam_request(options: ExplainOptions) -> CamRequest:
     """What the engine needs of a request's options."""
-    return CamRequest(classes=options.target, top=options.explain, layer=options.layer, method=options.method)
+    return CamRequest(
+        classes=options.target,
+        top=options.explain,
+        layer=options.layer,
+        method=options.method,
+        eigen_smooth=options.eigen_smooth,
+        aug_smooth=options.aug_smooth,
+    )
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -723,3 +724,62 @@ def test_ablationcam_matches_pytorch_grad_cam_with_every_channel(layer):
     peer = copy.deepcopy(model).requires_grad_(True)
     reference = AblationCAM(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
     assert np.abs(ours - reference).max() < 1e-3
+
+
+# --- Smoothing: eigen_smooth and aug_smooth, as pytorch-grad-cam does them ---
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "hirescam"])
+def test_eigen_smooth_matches_pytorch_grad_cam(resnet50, peer_resnet50, method, monkeypatch):
+    import pytorch_grad_cam as pgc
+    import pytorch_grad_cam.base_cam as base_cam
+    import pytorch_grad_cam.hirescam as hirescam_module
+    import pytorch_grad_cam.layer_cam as layercam_module
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    original = base_cam.get_2d_projection
+
+    def signed(contributions):  # the SVD leaves the sign open: take ours (correlate with the channel mean)
+        projection = torch.from_numpy(original(contributions))
+        mean = torch.from_numpy(contributions).mean(dim=1)
+        centred = (projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))
+        return (torch.where(centred.sum((1, 2)) < 0, -1.0, 1.0)[:, None, None] * projection).numpy()
+
+    for module in (base_cam, hirescam_module, layercam_module):
+        monkeypatch.setattr(module, "get_2d_projection", signed, raising=False)
+    torch.manual_seed(12)
+    images = torch.randn(2, 3, 224, 224)
+    classes = [281, 7]
+    for layer in ("layer4", "layer3"):
+        requests = [CamRequest(classes=[c], layer=layer, method=method, eigen_smooth=True) for c in classes]
+        out = CamEngine(resnet50)(images, requests)
+        ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
+        kind = {"gradcam": pgc.GradCAM, "layercam": pgc.LayerCAM, "hirescam": pgc.HiResCAM}[method]
+        cam = kind(model=peer_resnet50, target_layers=[peer_resnet50.get_submodule(layer)])
+        reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes], eigen_smooth=True)
+        assert np.abs(ours - reference).max() < 1e-3, layer
+        plain = CamEngine(resnet50)(images, [replace(r, eigen_smooth=False) for r in requests])
+        assert not torch.allclose(plain.maps[0], out.maps[0])  # the option changes the map
+
+
+def test_aug_smooth_matches_pytorch_grad_cam_and_costs_six_passes(resnet50, peer_resnet50):
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(13)
+    images = torch.randn(2, 3, 224, 224)
+    classes = [281, 7]
+    engine = CamEngine(resnet50)
+    requests = [CamRequest(classes=[c], layer="layer3", aug_smooth=True) for c in classes]
+    out = engine(images, requests)
+    ours = np.stack([m[0].numpy() for m in out.maps])  # already at the input's size: the mean of normalised maps
+    cam = pgc.GradCAM(model=peer_resnet50, target_layers=[peer_resnet50.get_submodule("layer3")])
+    reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes], aug_smooth=True)
+    assert ours.shape == reference.shape and reference.max() > 0.5
+    assert np.abs(ours - reference).max() < 1e-3
+    plain = engine(images, [replace(r, aug_smooth=False) for r in requests])
+    torch.testing.assert_close(out.logits, plain.logits, atol=1e-3, rtol=1e-3)  # the original image's logits
+    assert engine.forward_passes(requests[0]) == 6 and engine.forward_passes(CamRequest(aug_smooth=True)) == 7
+    # Without a class, the original image's top class is explained, whatever the copies predict.
+    (top,) = engine(images[:1], [CamRequest(aug_smooth=True)]).targets
+    assert top == [int(plain.logits[0].argmax())]

@@ -303,3 +303,11 @@ def test_picture_options_parse_from_json_and_multipart():
     assert parse_options({"clip": b"[5, 95]", "overlay": b"MASK"}).clip == (5.0, 95.0)
     assert parse_options({"clip": b"5,95"}).clip == (5.0, 95.0)
     assert ExplainOptions().overlay == "heatmap" and ExplainOptions().clip is None
+
+
+def test_smoothing_options_parse():
+    assert parse_options({"eigen_smooth": True, "aug_smooth": b"yes"}) == ExplainOptions(
+        eigen_smooth=True, aug_smooth=True
+    )
+    with pytest.raises(ClientError, match="aug_smooth must be true or false, got 'sometimes'"):
+        parse_options({"aug_smooth": "sometimes"})

@@ -299,3 +299,15 @@ def test_faithfulness_is_measured_per_explanation_and_counted_in_the_budget():
     (refused,) = service.answer([{"data": bytearray(picture()), "faithfulness": b"true", "target": b"0,1,2,0"}])
     assert refused.status == 400 and "133 forward passes" in refused.body["message"]
     assert "faithfulness" in refused.body["message"]
+
+
+def test_smoothing_options_reach_the_engine_and_the_budget():
+    service = make_service()
+    base = {"data": bytearray(picture(80, 60)), "format": b"png", "heatmap": b"true", "target": b"1"}
+    plain, eigen, augmented = service.answer([dict(base), {**base, "eigen_smooth": b"1"}, {**base, "aug_smooth": b"1"}])
+    maps = [decode_png(r.body["explanations"][0]["heatmap"]).astype(float) for r in (plain, eigen, augmented)]
+    assert np.abs(maps[0] - maps[1]).max() > 1000 and np.abs(maps[0] - maps[2]).max() > 1000
+    # aug_smooth: 6 passes; with scorecam's 8 channels on top, 6 x 9 = 54; with faithfulness (33) over 100.
+    (refused,) = service.answer([{**base, "aug_smooth": b"1", "method": b"scorecam", "faithfulness": b"1",
+                                  "faithfulness_steps": b"32"}])  # fmt: skip
+    assert refused.status == 400 and "119 forward passes" in refused.body["message"]
