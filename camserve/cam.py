@@ -227,9 +227,10 @@ ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "randomcam": random_cam,
 }
 """Methods that read the activations alone: one map per image, whatever the class."""
-METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam")
+METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam", "refinecam")
 """Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is :meth:`CamEngine._score_cam`,
-``ablationcam`` (Desai & Ramaswamy, WACV 2020) :meth:`CamEngine._ablation_cam`."""
+``ablationcam`` (Desai & Ramaswamy, WACV 2020) :meth:`CamEngine._ablation_cam`, ``refinecam``
+:meth:`CamEngine._explain_refined`."""
 PERTURBATION_METHODS = ("scorecam", "ablationcam")
 """Methods that run the network once more per scored channel."""
 
@@ -534,6 +535,8 @@ class CamEngine:
         if request.method in PERTURBATION_METHODS:
             channels = self.spatial_layer(request.layer).grid[0]
             passes += min(channels, self.scorecam_channels) if self.scorecam_channels else channels
+        if request.method == "refinecam":
+            passes = 2
         if request.aug_smooth:
             passes = len(AUGMENTATIONS) * passes + (request.classes is None)
         return passes
@@ -542,9 +545,34 @@ class CamEngine:
         # TorchServe runs inference() under inference_mode; gradients need normal tensors, index tensors included.
         with torch.inference_mode(False):
             images = images.clone() if images.is_inference() else images
-            if not any(request.aug_smooth for request in requests):
-                return self._explain(images, requests)
-            return self._explain_with_augmentations(images, requests)
+            if any(request.method == "refinecam" for request in requests):
+                return self._explain_refined(images, requests)
+            return self._explain_smoothed(images, requests)
+
+    def _explain_smoothed(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        if not any(request.aug_smooth for request in requests):
+            return self._explain(images, requests)
+        return self._explain_with_augmentations(images, requests)
+
+    def _explain_refined(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        """RefineCAM (pytorch-grad-cam's ``RefineCAM`` over ``GradCAMPlusPlus``): the product of Grad-CAM++ maps of
+        several layers, each min–max normalised at the input's size, which denoises an early layer's map with a
+        deep one. Here the layers are the request's and the model's default layer:
+
+            map = norm(up(GradCAM++_layer)) ⊙ norm(up(GradCAM++_default))
+
+        The image is explained twice in the batch's one forward pass (the second copy at the default layer), so
+        it costs 2 forward passes."""
+        self.layers(images)
+        refined = [n for n, request in enumerate(requests) if request.method == "refinecam"]
+        batch_requests = [r if r.method != "refinecam" else replace(r, method="gradcam++") for r in requests]
+        batch_requests += [replace(requests[n], method="gradcam++", layer=self.default_layer) for n in refined]
+        output = self._explain_smoothed(torch.cat([images, images[refined]]), batch_requests)
+        size = tuple(images.shape[-2:])
+        maps = list(output.maps[: len(requests)])
+        for i, n in enumerate(refined):
+            maps[n] = normalize_map(output.maps[n], size) * normalize_map(output.maps[len(requests) + i], size)
+        return CamOutput(logits=output.logits[: len(requests)], targets=output.targets[: len(requests)], maps=maps)
 
     def _explain_with_augmentations(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         """``aug_smooth`` as pytorch-grad-cam does it (test-time augmentation, no paper behind it): each image is

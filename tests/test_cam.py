@@ -783,3 +783,24 @@ def test_aug_smooth_matches_pytorch_grad_cam_and_costs_six_passes(resnet50, peer
     # Without a class, the original image's top class is explained, whatever the copies predict.
     (top,) = engine(images[:1], [CamRequest(aug_smooth=True)]).targets
     assert top == [int(plain.logits[0].argmax())]
+
+
+@pytest.mark.parametrize("layer", ["layer3", "layer2.1.conv2"])
+def test_refinecam_matches_pytorch_grad_cam_over_the_layer_and_the_default_layer(resnet50, peer_resnet50, layer):
+    from pytorch_grad_cam import RefineCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(14)
+    images = torch.randn(2, 3, 224, 224)
+    classes = [281, 7]
+    engine = CamEngine(resnet50)
+    out = engine(images, [CamRequest(classes=[c], layer=layer, method="refinecam") for c in classes])
+    ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
+    layers = [peer_resnet50.get_submodule(name) for name in (layer, "layer4")]
+    reference = RefineCAM(peer_resnet50, layers)(images, [ClassifierOutputTarget(c) for c in classes])
+    assert np.abs(ours - reference).max() < 1e-3
+    assert engine.forward_passes(CamRequest(method="refinecam")) == 2
+    # A plain request beside it in the batch is unchanged.
+    mixed = engine(images, [CamRequest(classes=[281], layer=layer, method="refinecam"), CamRequest(classes=[7])])
+    alone = engine(images[1:], [CamRequest(classes=[7])])
+    torch.testing.assert_close(mixed.maps[1], alone.maps[0], atol=1e-5, rtol=1e-4)
