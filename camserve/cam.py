@@ -227,10 +227,10 @@ ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "randomcam": random_cam,
 }
 """Methods that read the activations alone: one map per image, whatever the class."""
-METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam", "refinecam")
+METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam", "refinecam", "fullgrad")
 """Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is :meth:`CamEngine._score_cam`,
 ``ablationcam`` (Desai & Ramaswamy, WACV 2020) :meth:`CamEngine._ablation_cam`, ``refinecam``
-:meth:`CamEngine._explain_refined`."""
+:meth:`CamEngine._explain_refined`, ``fullgrad`` (Srinivas & Fleuret, NeurIPS 2019) :meth:`CamEngine._full_grad`."""
 PERTURBATION_METHODS = ("scorecam", "ablationcam")
 """Methods that run the network once more per scored channel."""
 
@@ -414,6 +414,24 @@ def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, 
 # --- The engine ---
 
 
+def _effective_bias(layer: nn.Module) -> Tensor:
+    """A layer's bias as FullGrad sees it: a convolution's own; a BatchNorm's β − μ·γ/√(σ² + ε) in eval mode."""
+    if isinstance(layer, nn.BatchNorm2d):
+        return layer.bias - layer.running_mean * layer.weight / torch.sqrt(layer.running_var + layer.eps)
+    return layer.bias
+
+
+def _normalise_channels(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Each (image, channel) map min–max normalised as pytorch-grad-cam's ``scale_cam_image`` does it,
+    (m − min m) / (max(m − min m) + 10⁻⁷), then bilinearly upsampled to ``size``."""
+    maps = maps.float()
+    shifted = maps - maps.amin(dim=(2, 3), keepdim=True)
+    scaled = shifted / (shifted.amax(dim=(2, 3), keepdim=True) + 1e-7)
+    if tuple(scaled.shape[-2:]) != tuple(size):
+        scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
+    return scaled
+
+
 def _minus_half_hvp(gradient: Tensor, activation: Tensor) -> Tensor:
     """g − ½·Σ_ab A_ab ∂g/∂A_ab for a gradient built with ``create_graph=True``; H = 0 where g does not depend on A."""
     if not gradient.requires_grad:
@@ -545,9 +563,80 @@ class CamEngine:
         # TorchServe runs inference() under inference_mode; gradients need normal tensors, index tensors included.
         with torch.inference_mode(False):
             images = images.clone() if images.is_inference() else images
-            if any(request.method == "refinecam" for request in requests):
-                return self._explain_refined(images, requests)
-            return self._explain_smoothed(images, requests)
+            if any(request.method == "fullgrad" for request in requests):
+                return self._explain_with_full_grad(images, requests)
+            return self._explain_composite(images, requests)
+
+    def _explain_composite(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        if any(request.method == "refinecam" for request in requests):
+            return self._explain_refined(images, requests)
+        return self._explain_smoothed(images, requests)
+
+    def _explain_with_full_grad(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        """FullGrad's images get their own pass (it differentiates the whole network); the rest share theirs."""
+        full = [n for n, request in enumerate(requests) if request.method == "fullgrad"]
+        others = [n for n, request in enumerate(requests) if request.method != "fullgrad"]
+        parts = [(full, self._full_grad(images[full], [requests[n] for n in full]))]
+        if others:
+            parts.append((others, self._explain_composite(images[others], [requests[n] for n in others])))
+        logits, targets, maps = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+        for rows, output in parts:
+            for i, n in enumerate(rows):
+                logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
+        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
+
+    def _full_grad(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        """FullGrad (Srinivas & Fleuret, NeurIPS 2019), as pytorch-grad-cam computes it: the input gradient and every
+        bias gradient, each channel normalised and upsampled to the input, summed:
+
+            map = Σ_c norm(|x_c · ∂y/∂x_c|) + Σ_layers Σ_k up(norm(|b_k · ∂y/∂z_k|))
+
+        over every ``Conv2d`` and ``BatchNorm2d`` with a bias (a BatchNorm's effective bias is
+        β − μ·γ/√(σ² + ε)), where z is the layer's output and norm(m) = (m − min m) / (max m + 10⁻⁷). It needs the
+        whole network differentiated, from the input on: these images get their own forward pass with autograd,
+        and one gradient call per target slot. Gradients are taken with respect to the input and the layers'
+        outputs, never the parameters. The request's layer does not apply. Maps come at the input's size."""
+        size = tuple(images.shape[-2:])
+        counts = [request.top if request.classes is None else len(request.classes) for request in requests]
+        layers = [
+            module
+            for module in self.model.modules()
+            if type(module) in (nn.Conv2d, nn.BatchNorm2d) and module.bias is not None
+        ]
+        outputs: list[Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+            outputs.append(output)
+            return output.clone()  # in-place ops downstream (ReLU) must not rewrite the kept output
+
+        handles = [layer.register_forward_hook(keep) for layer in layers]
+        try:
+            with torch.enable_grad():
+                x = images.detach().requires_grad_(True)
+                logits = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        biases = [_effective_bias(layer).detach() for layer in layers]
+        classes = []
+        for request, count, row in zip(requests, counts, logits.detach()):
+            chosen = request.classes if request.classes is not None else row.topk(count).indices.tolist()
+            classes.append([int(c) for c in chosen])
+        maps = [[] for _ in requests]
+        for slot in range(max(counts)):
+            seeds = torch.zeros_like(logits)
+            for n, chosen in enumerate(classes):
+                seeds[n, chosen[min(slot, len(chosen) - 1)]] = 1.0
+            last = slot == max(counts) - 1
+            gradients = torch.autograd.grad(logits, [x, *outputs], grad_outputs=seeds, retain_graph=not last)
+            with torch.no_grad():
+                total = _normalise_channels((gradients[0] * x).abs(), size).sum(dim=1)
+                for bias, gradient in zip(biases, gradients[1:]):
+                    total += _normalise_channels((bias.view(1, -1, 1, 1) * gradient).abs(), size).sum(dim=1)
+            for n, count in enumerate(counts):
+                if slot < count:
+                    maps[n].append(total[n].float())
+        return CamOutput(logits=logits.detach().float(), targets=classes, maps=[torch.stack(m) for m in maps])
 
     def _explain_smoothed(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         if not any(request.aug_smooth for request in requests):

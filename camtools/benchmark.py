@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from camserve.cam import METHODS, CamEngine, CamRequest, GradCAM, normalize_map
+from camserve.cam import METHODS, PERTURBATION_METHODS, CamEngine, CamRequest, GradCAM, normalize_map
 from camserve.imaging import encode_image, resize_for_model
 from camserve.model import PRECISIONS, images_to_batch
 from camserve.pipeline import ExplanationService
@@ -208,13 +208,14 @@ def _in_process(model, spec, images, config: BenchConfig, device, timed) -> list
 def _method_costs(model, spec, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:
     """Each method's cost per image at ``config.layer`` relative to the plain forward pass, timed round-robin.
 
-    ScoreCAM runs one forward pass per scored channel, so it is timed on one image with at most two repeats.
+    ScoreCAM and Ablation-CAM run one forward pass per scored channel, so they are timed on one image with at most
+    two repeats.
     """
     engine = CamEngine(model, input_size=spec.input_size)
     rows = []
     for method in METHODS:
-        batch_size = 1 if method == "scorecam" else max(config.batch_sizes)
-        repeats = min(config.repeats, 2) if method == "scorecam" else config.repeats
+        batch_size = 1 if method in PERTURBATION_METHODS else max(config.batch_sizes)
+        repeats = min(config.repeats, 2) if method in PERTURBATION_METHODS else config.repeats
         batch = images_to_batch(
             [resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device
         )

@@ -804,3 +804,24 @@ def test_refinecam_matches_pytorch_grad_cam_over_the_layer_and_the_default_layer
     mixed = engine(images, [CamRequest(classes=[281], layer=layer, method="refinecam"), CamRequest(classes=[7])])
     alone = engine(images[1:], [CamRequest(classes=[7])])
     torch.testing.assert_close(mixed.maps[1], alone.maps[0], atol=1e-5, rtol=1e-4)
+
+
+def test_fullgrad_matches_pytorch_grad_cam(resnet50, peer_resnet50):
+    from pytorch_grad_cam import FullGrad
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(15)
+    images = torch.randn(2, 3, 224, 224)
+    engine = CamEngine(resnet50)
+    out = engine(images, [CamRequest(classes=[281, 3], method="fullgrad"), CamRequest(classes=[7], method="fullgrad")])
+    reference = {
+        c: FullGrad(peer_resnet50, [])(images, [ClassifierOutputTarget(c)] * 2) for c in (281, 3, 7)
+    }  # the peer ignores target_layers: every bias layer is used
+    for n, targets in enumerate(out.targets):
+        for t, c in enumerate(targets):
+            ours = normalize_map(out.maps[n][t : t + 1], (224, 224))[0].numpy()
+            assert np.abs(ours - reference[c][n]).max() < 1e-3, (n, c)
+    assert all(p.grad is None for p in resnet50.parameters())
+    # Beside other methods in one batch, each keeps its own answer.
+    mixed = engine(images, [CamRequest(classes=[7], method="fullgrad"), CamRequest(classes=[7])])
+    torch.testing.assert_close(mixed.maps[1], engine(images[1:], [CamRequest(classes=[7])]).maps[0])
