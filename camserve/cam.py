@@ -227,7 +227,7 @@ ACTIVATION_METHODS: dict[str, Callable[[Tensor], Tensor]] = {
     "randomcam": random_cam,
 }
 """Methods that read the activations alone: one map per image, whatever the class."""
-METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam", "refinecam", "fullgrad")
+METHODS = (*GRADIENT_METHODS, *ACTIVATION_METHODS, "scorecam", "ablationcam", "refinecam", "fullgrad", "sess")
 """Every method name the engine takes. ``scorecam`` (Wang et al., CVPRW 2020) is :meth:`CamEngine._score_cam`,
 ``ablationcam`` (Desai & Ramaswamy, WACV 2020) :meth:`CamEngine._ablation_cam`, ``refinecam``
 :meth:`CamEngine._explain_refined`, ``fullgrad`` (Srinivas & Fleuret, NeurIPS 2019) :meth:`CamEngine._full_grad`."""
@@ -414,6 +414,21 @@ def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, 
 # --- The engine ---
 
 
+SESS_SCALES = 12
+"""SESS's number of scales, as pytorch-grad-cam's default."""
+
+
+def _window_starts(length: int, window: int) -> list[int]:
+    """SESS's window positions along one side: every ``window`` pixels, the last one shifted back inside."""
+    starts = []
+    for start in range(0, length, window):
+        if start + window >= length:
+            starts.append(max(length - window, 0))
+            break
+        starts.append(start)
+    return starts
+
+
 def _effective_bias(layer: nn.Module) -> Tensor:
     """A layer's bias as FullGrad sees it: a convolution's own; a BatchNorm's β − μ·γ/√(σ² + ε) in eval mode."""
     if isinstance(layer, nn.BatchNorm2d):
@@ -540,6 +555,12 @@ class CamEngine:
             raise LayerNotFoundError(str(name), [layer for layer, item in self.layers().items() if item.layout])
         return info
 
+    def sess_windows(self) -> int:
+        """How many windows SESS explains for one image of the engine's input size."""
+        side = self.input_size
+        step = round(side * 2 / 7)
+        return sum(len(_window_starts(side + step * i, side)) ** 2 for i in range(SESS_SCALES))
+
     def logits(self, images: Tensor) -> Tensor:
         """The model's logits for ``images``, with no autograd and no hooks, under the engine's autocast."""
         autocast_on = self.autocast_dtype is not None
@@ -555,6 +576,8 @@ class CamEngine:
             passes += min(channels, self.scorecam_channels) if self.scorecam_channels else channels
         if request.method == "refinecam":
             passes = 2
+        if request.method == "sess":
+            passes = 2 * self.sess_windows() + 1
         if request.aug_smooth:
             passes = len(AUGMENTATIONS) * passes + (request.classes is None)
         return passes
@@ -568,9 +591,84 @@ class CamEngine:
             return self._explain_composite(images, requests)
 
     def _explain_composite(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        if any(request.method == "sess" for request in requests):
+            return self._explain_sess(images, requests)
         if any(request.method == "refinecam" for request in requests):
             return self._explain_refined(images, requests)
         return self._explain_smoothed(images, requests)
+
+    def _explain_sess(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+        """SESS (Tursun et al., 2022: Saliency Enhancing with Scaling and Sliding), as pytorch-grad-cam's ``SESS``
+        over ``GradCAM`` computes it with its defaults. The image (side S) is resized so that its shorter side is
+        each of 12 scales S, S + r, …, S + 11r (r = round(2S/7)); S×S windows slide over each with stride S (the
+        last one shifted back inside). Each window's score is the softmax probability of the class (clipped at 0),
+        divided by the best window's; each window's Grad-CAM, upsampled and normalised at the window's size, times its score,
+        is pasted where the window was and resized back to the image; the fused map is the mean over the windows
+        that are positive at each pixel, then a Gaussian blur (11×11, σ = 5). The classes are the whole image's.
+
+        Cost: for every window one forward pass to score it and one forward and gradient pass to explain it, about
+        130 windows per image at the defaults, so about 260 passes: raise the server's work budget to allow it.
+        Maps come at the input's size."""
+        self.layers(images)
+        sess = [n for n, request in enumerate(requests) if request.method == "sess"]
+        others = [n for n, request in enumerate(requests) if request.method != "sess"]
+        whole = self.logits(images[sess]).float()
+        logits, targets, maps = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+        for i, n in enumerate(sess):
+            request = requests[n]
+            chosen = request.classes if request.classes is not None else whole[i].topk(request.top).indices.tolist()
+            logits[n], targets[n] = whole[i], [int(c) for c in chosen]
+            maps[n] = torch.stack([self._sess_map(images[n], request.layer, c) for c in targets[n]])
+        if others:
+            output = self._explain_composite(images[others], [requests[n] for n in others])
+            for i, n in enumerate(others):
+                logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
+        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
+
+    def _sess_map(self, image: Tensor, layer: str | None, target: int, batch: int = 32) -> Tensor:
+        """One image's SESS map for one class (see :meth:`_explain_sess`)."""
+        from torchvision.transforms.functional import gaussian_blur, resize
+
+        height, width = image.shape[-2:]
+        window = min(height, width)
+        step = round(window * 2 / 7)
+        patches, places = [], []
+        for scale in (window + step * i for i in range(SESS_SCALES)):
+            scaled = resize(image[None], scale)
+            scaled_height, scaled_width = scaled.shape[-2:]
+            for y in _window_starts(scaled_height, window):
+                for x in _window_starts(scaled_width, window):
+                    patches.append(scaled[0, :, y : y + window, x : x + window])
+                    places.append((x, y, scaled_width, scaled_height))
+        patches = torch.stack(patches)
+        scores = torch.cat(
+            [
+                self.logits(patches[i : i + batch]).float().softmax(dim=1)[:, target]
+                for i in range(0, len(patches), batch)
+            ]
+        )
+        scores = scores.clamp_min(0)
+        best = scores.max()
+        weights = scores / best if best > 0 else torch.ones_like(scores)
+        total = torch.zeros(height, width, device=image.device)
+        counts = torch.zeros(height, width, device=image.device)
+        for start in range(0, len(patches), batch):
+            chunk = patches[start : start + batch]
+            output = self._explain_smoothed(chunk, [CamRequest(classes=[target], layer=layer)] * len(chunk))
+            for offset, cam in enumerate(output.maps):
+                index = start + offset
+                scaled = normalize_map(cam, (window, window))[0] * weights[index]
+                x, y, scaled_width, scaled_height = places[index]
+                canvas = torch.zeros(scaled_height, scaled_width, device=image.device)
+                canvas[y : y + window, x : x + window] = scaled
+                pasted = F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+                    0, 0
+                ]
+                positive = pasted > 0
+                total = total + torch.where(positive, pasted, torch.zeros_like(pasted))
+                counts = counts + positive
+        fused = torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
+        return gaussian_blur(fused[None, None], kernel_size=11, sigma=5.0)[0, 0]
 
     def _explain_with_full_grad(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         """FullGrad's images get their own pass (it differentiates the whole network); the rest share theirs."""

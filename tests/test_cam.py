@@ -825,3 +825,23 @@ def test_fullgrad_matches_pytorch_grad_cam(resnet50, peer_resnet50):
     # Beside other methods in one batch, each keeps its own answer.
     mixed = engine(images, [CamRequest(classes=[7], method="fullgrad"), CamRequest(classes=[7])])
     torch.testing.assert_close(mixed.maps[1], engine(images[1:], [CamRequest(classes=[7])]).maps[0])
+
+
+@pytest.mark.parametrize("layer", ["features.4", "features.2"])
+def test_sess_matches_pytorch_grad_cam(layer):
+    from pytorch_grad_cam import SESS
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from camserve.model import model_class_from_file
+
+    torch.manual_seed(16)
+    model = model_class_from_file(ROOT / "tests" / "models" / "tiny_net.py")().eval()
+    images = torch.randn(2, 3, 64, 64)
+    classes = [0, 2]
+    engine = CamEngine(model.requires_grad_(False), input_size=64)
+    out = engine(images, [CamRequest(classes=[c], layer=layer, method="sess") for c in classes])
+    ours = np.stack([normalize_map(m, (64, 64))[0].numpy() for m in out.maps])
+    peer = copy.deepcopy(model).requires_grad_(True)
+    reference = SESS(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
+    assert np.abs(ours - reference).max() < 1e-3
+    assert engine.forward_passes(CamRequest(method="sess")) == 2 * 122 + 1
