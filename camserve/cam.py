@@ -602,13 +602,14 @@ class CamEngine:
         over ``GradCAM`` computes it with its defaults. The image (side S) is resized so that its shorter side is
         each of 12 scales S, S + r, …, S + 11r (r = round(2S/7)); S×S windows slide over each with stride S (the
         last one shifted back inside). Each window's score is the softmax probability of the class (clipped at 0),
-        divided by the best window's; each window's Grad-CAM, upsampled and normalised at the window's size, times its score,
-        is pasted where the window was and resized back to the image; the fused map is the mean over the windows
-        that are positive at each pixel, then a Gaussian blur (11×11, σ = 5). The classes are the whole image's.
+        divided by the best window's; each window's Grad-CAM, upsampled and normalised at the window's size, times
+        its score, is pasted where the window was and resized back to the image; the fused map is the mean over the
+        windows that are positive at each pixel, then a Gaussian blur (11×11, σ = 5). The classes are the whole
+        image's.
 
-        Cost: for every window one forward pass to score it and one forward and gradient pass to explain it, about
-        130 windows per image at the defaults, so about 260 passes: raise the server's work budget to allow it.
-        Maps come at the input's size."""
+        Cost: for every window one forward pass to score it and one forward and gradient pass to explain it, 122
+        windows per image at the defaults, so 2·122 + 1 passes: raise the server's work budget to allow it. Maps
+        come at the input's size."""
         self.layers(images)
         sess = [n for n, request in enumerate(requests) if request.method == "sess"]
         others = [n for n, request in enumerate(requests) if request.method != "sess"]
