@@ -395,6 +395,7 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, 
 
             monkeypatch.setattr(np.random, "uniform", uniform)
         reference = reference_maps(peer_resnet50, method, layer, images, classes)
+    print(f"parity {method} at {layer}: {np.abs(ours - reference).max():.1e}")
     assert np.abs(ours - reference).max() < 1e-3
 
 
@@ -660,6 +661,7 @@ def test_finercam_and_shapleycam_match_pytorch_grad_cam(resnet50, peer_resnet50,
             reference = np.concatenate([finer(images[n : n + 1], target_idx=c) for n, c in enumerate(classes)])
         else:
             reference = ShapleyCAM(peer_resnet50, [target])(images, [ClassifierOutputTarget(c) for c in classes])
+        print(f"parity {method} at {layer}: {np.abs(ours - reference).max():.1e}")
         assert np.abs(ours - reference).max() < 1e-3, method
 
 
@@ -685,6 +687,9 @@ def test_shapleycam_matches_pytorch_grad_cam_where_the_network_is_curved():
     peer = copy.deepcopy(model).requires_grad_(True)
     for slot, c in enumerate([1, 2]):
         reference = ShapleyCAM(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c)] * 2)
+        print(
+            f"parity shapleycam at convnext_tiny features.6, slot {slot}: {np.abs(ours[:, slot] - reference).max():.1e}"
+        )
         assert np.abs(ours[:, slot] - reference).max() < 1e-3
 
 
@@ -723,6 +728,7 @@ def test_ablationcam_matches_pytorch_grad_cam_with_every_channel(layer):
     ours = np.stack([normalize_map(m, (64, 64))[0].numpy() for m in out.maps])
     peer = copy.deepcopy(model).requires_grad_(True)
     reference = AblationCAM(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
+    print(f"parity ablationcam at {layer}: {np.abs(ours - reference).max():.1e}")
     assert np.abs(ours - reference).max() < 1e-3
 
 
@@ -757,6 +763,7 @@ def test_eigen_smooth_matches_pytorch_grad_cam(resnet50, peer_resnet50, method, 
         kind = {"gradcam": pgc.GradCAM, "layercam": pgc.LayerCAM, "hirescam": pgc.HiResCAM}[method]
         cam = kind(model=peer_resnet50, target_layers=[peer_resnet50.get_submodule(layer)])
         reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes], eigen_smooth=True)
+        print(f"parity {method} eigen_smooth at {layer}: {np.abs(ours - reference).max():.1e}")
         assert np.abs(ours - reference).max() < 1e-3, layer
         plain = CamEngine(resnet50)(images, [replace(r, eigen_smooth=False) for r in requests])
         assert not torch.allclose(plain.maps[0], out.maps[0])  # the option changes the map
@@ -776,6 +783,7 @@ def test_aug_smooth_matches_pytorch_grad_cam_and_costs_six_passes(resnet50, peer
     cam = pgc.GradCAM(model=peer_resnet50, target_layers=[peer_resnet50.get_submodule("layer3")])
     reference = cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes], aug_smooth=True)
     assert ours.shape == reference.shape and reference.max() > 0.5
+    print(f"parity gradcam aug_smooth at layer3: {np.abs(ours - reference).max():.1e}")
     assert np.abs(ours - reference).max() < 1e-3
     plain = engine(images, [replace(r, aug_smooth=False) for r in requests])
     torch.testing.assert_close(out.logits, plain.logits, atol=1e-3, rtol=1e-3)  # the original image's logits
@@ -798,6 +806,7 @@ def test_refinecam_matches_pytorch_grad_cam_over_the_layer_and_the_default_layer
     ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
     layers = [peer_resnet50.get_submodule(name) for name in (layer, "layer4")]
     reference = RefineCAM(peer_resnet50, layers)(images, [ClassifierOutputTarget(c) for c in classes])
+    print(f"parity refinecam at {layer}: {np.abs(ours - reference).max():.1e}")
     assert np.abs(ours - reference).max() < 1e-3
     assert engine.forward_passes(CamRequest(method="refinecam")) == 2
     # A plain request beside it in the batch is unchanged.
@@ -820,6 +829,7 @@ def test_fullgrad_matches_pytorch_grad_cam(resnet50, peer_resnet50):
     for n, targets in enumerate(out.targets):
         for t, c in enumerate(targets):
             ours = normalize_map(out.maps[n][t : t + 1], (224, 224))[0].numpy()
+            print(f"parity fullgrad, image {n}, class {c}: {np.abs(ours - reference[c][n]).max():.1e}")
             assert np.abs(ours - reference[c][n]).max() < 1e-3, (n, c)
     assert all(p.grad is None for p in resnet50.parameters())
     # Beside other methods in one batch, each keeps its own answer.
@@ -843,5 +853,6 @@ def test_sess_matches_pytorch_grad_cam(layer):
     ours = np.stack([normalize_map(m, (64, 64))[0].numpy() for m in out.maps])
     peer = copy.deepcopy(model).requires_grad_(True)
     reference = SESS(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
+    print(f"parity sess at {layer}: {np.abs(ours - reference).max():.1e}")
     assert np.abs(ours - reference).max() < 1e-3
     assert engine.forward_passes(CamRequest(method="sess")) == 2 * 122 + 1
