@@ -436,15 +436,20 @@ def _effective_bias(layer: nn.Module) -> Tensor:
     return layer.bias
 
 
-def _normalise_channels(maps: Tensor, size: tuple[int, int]) -> Tensor:
+def _normalise_channels(maps: Tensor, size: tuple[int, int] | None = None) -> Tensor:
     """Each (image, channel) map min–max normalised as pytorch-grad-cam's ``scale_cam_image`` does it,
-    (m − min m) / (max(m − min m) + 10⁻⁷), then bilinearly upsampled to ``size``."""
+    (m − min m) / (max(m − min m) + 10⁻⁷), then bilinearly upsampled to ``size`` if given."""
     maps = maps.float()
     shifted = maps - maps.amin(dim=(2, 3), keepdim=True)
     scaled = shifted / (shifted.amax(dim=(2, 3), keepdim=True) + 1e-7)
-    if tuple(scaled.shape[-2:]) != tuple(size):
-        scaled = F.interpolate(scaled, size=size, mode="bilinear", align_corners=False)
-    return scaled
+    return scaled if size is None else _upsample(scaled, size)
+
+
+def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, C, h, w) maps bilinearly resized to ``size`` (``align_corners=False``, as OpenCV's INTER_LINEAR)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def _minus_half_hvp(gradient: Tensor, activation: Tensor) -> Tensor:
@@ -729,9 +734,12 @@ class CamEngine:
             last = slot == max(counts) - 1
             gradients = torch.autograd.grad(logits, [x, *outputs], grad_outputs=seeds, retain_graph=not last)
             with torch.no_grad():
+                # Upsampling is linear: summing a layer's normalised channels first, then upsampling once, gives
+                # Σ_k up(norm(·)) exactly, at a fraction of the cost (ResNet-50 has 26 000 bias channels).
                 total = _normalise_channels((gradients[0] * x).abs(), size).sum(dim=1)
                 for bias, gradient in zip(biases, gradients[1:]):
-                    total += _normalise_channels((bias.view(1, -1, 1, 1) * gradient).abs(), size).sum(dim=1)
+                    summed = _normalise_channels((bias.view(1, -1, 1, 1) * gradient).abs()).sum(dim=1, keepdim=True)
+                    total += _upsample(summed, size)[:, 0]
             for n, count in enumerate(counts):
                 if slot < count:
                     maps[n].append(total[n].float())
