@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 from camtools.benchmark import (
+    COSTS_END,
+    COSTS_START,
     BenchConfig,
     markdown,
     readme_figures,
+    readme_method_costs,
+    replace_readme_block,
     replace_readme_figures,
     run_benchmark,
     write_reports,
@@ -55,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.readme_figures:
         readme = ROOT / "README.md"
-        readme.write_text(replace_readme_figures(readme.read_text(), readme_figures(ROOT)))
+        text = replace_readme_figures(readme.read_text(), readme_figures(ROOT))
+        text = replace_readme_block(text, COSTS_START, COSTS_END, readme_method_costs(ROOT))
+        readme.write_text(text)
         print(f"rewrote the measured figures in {readme}")
         return 0
 
