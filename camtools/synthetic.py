@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from camserve.model import model_class_from_file
+from camtools.models import PreparedModel, prepare_model
 
-__all__ = ["CLASSES", "SHAPES_NET", "Sample", "make_sample", "make_samples", "train_shapes_net", "write_shapes_model"]
+__all__ = ["CLASSES", "SHAPES_NET", "Sample", "make_sample", "make_samples", "trained_shapes_model", "train_shapes_net"]
 
 SHAPES_NET = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "shapes_net.py"
 CLASSES = ("red", "green", "blue")
@@ -118,18 +119,20 @@ def train_shapes_net(
     return model, accuracy
 
 
-def write_shapes_model(folder: Path, model: nn.Module) -> dict[str, str]:
-    """Save the trained weights and the labels; return the build's model flags for them."""
+def trained_shapes_model(folder: Path, progress: bool = False) -> tuple[PreparedModel, float]:
+    """Train ShapesNet, save its weights and labels into ``folder``, and prepare it as the build would serve it
+    (``--model-file``, 64-pixel input, its own normalisation); return it and its held-out accuracy."""
+    model, accuracy = train_shapes_net(progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "shapes_net.pt"
-    torch.save(model.state_dict(), weights)
-    labels = folder / "labels.txt"
-    labels.write_text("\n".join(CLASSES) + "\n")
-    return {
-        "model_file": str(SHAPES_NET),
-        "weights": str(weights),
-        "labels": str(labels),
-        "input_size": str(SIZE),
-        "mean": " ".join(map(str, MEAN)),
-        "std": " ".join(map(str, STD)),
-    }
+    torch.save(model.state_dict(), folder / "shapes_net.pt")
+    (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    prepared = prepare_model(
+        model_file=SHAPES_NET,
+        weights=folder / "shapes_net.pt",
+        labels=folder / "labels.txt",
+        input_size=SIZE,
+        mean=MEAN,
+        std=STD,
+        model_name="shapes",
+    )
+    return prepared, accuracy

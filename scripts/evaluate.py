@@ -23,25 +23,15 @@ from tqdm import tqdm
 from camserve.cam import METHODS
 from camserve.imaging import encode_image
 from camtools.evaluate import evaluate, load_labelled_images, markdown, plot
-from camtools.models import add_model_arguments, model_for_cli, prepare_model
+from camtools.models import add_model_arguments, model_for_cli
 
 
 def synthetic_model_and_images(count: int, folder: Path):
     """Train ShapesNet, then write ``count`` held-out images and their boxes as a CSV."""
-    from camtools.synthetic import CLASSES, make_samples, train_shapes_net, write_shapes_model
+    from camtools.synthetic import CLASSES, make_samples, trained_shapes_model
 
-    model, accuracy = train_shapes_net(progress=True)
+    prepared, accuracy = trained_shapes_model(folder / "model", progress=True)
     print(f"ShapesNet: {accuracy:.1%} accuracy on 500 held-out images")
-    flags = write_shapes_model(folder / "model", model)
-    prepared = prepare_model(
-        model_file=flags["model_file"],
-        weights=flags["weights"],
-        labels=flags["labels"],
-        input_size=int(flags["input_size"]),
-        mean=tuple(map(float, flags["mean"].split())),
-        std=tuple(map(float, flags["std"].split())),
-        model_name="shapes",
-    )
     table = folder / "images.csv"
     with open(table, "w", newline="") as handle:
         writer = csv.writer(handle)

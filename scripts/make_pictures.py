@@ -21,8 +21,7 @@ import numpy as np
 from camserve.imaging import decode_image, encode_image, render_contact_sheet
 from camtools.archive import ServingConfig, build_archive
 from camtools.local_server import run_torchserve
-from camtools.models import prepare_model
-from camtools.synthetic import CLASSES, make_samples, train_shapes_net, write_shapes_model
+from camtools.synthetic import CLASSES, make_samples, trained_shapes_model
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -41,21 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "pictures" / "overlays.png")
     parser.add_argument("--images", type=int, default=3, help="held-out images, one row each (default: 3)")
     args = parser.parse_args(argv)
-    model, accuracy = train_shapes_net(progress=True)
-    print(f"ShapesNet: {accuracy:.1%} accuracy on 500 held-out images")
     samples = make_samples(args.images, seed=1234)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pictures-") as scratch:
-        flags = write_shapes_model(Path(scratch) / "model", model)
-        prepared = prepare_model(
-            model_file=flags["model_file"],
-            weights=flags["weights"],
-            labels=flags["labels"],
-            input_size=int(flags["input_size"]),
-            mean=tuple(map(float, flags["mean"].split())),
-            std=tuple(map(float, flags["std"].split())),
-            model_name="shapes",
-        )
+        prepared, accuracy = trained_shapes_model(Path(scratch) / "model", progress=True)
+        print(f"ShapesNet: {accuracy:.1%} accuracy on 500 held-out images")
         mar = build_archive(prepared, Path(scratch) / "store", ServingConfig(batch_size=1))
         with run_torchserve(mar, Path(scratch) / "server") as server:
             for sample in samples:

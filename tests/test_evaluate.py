@@ -9,20 +9,14 @@ import sys
 import pytest
 
 from camtools.evaluate import LabelledImage, evaluate, load_labelled_images, markdown
-from camtools.models import prepare_model
-from camtools.synthetic import CLASSES, SHAPES_NET, make_samples, train_shapes_net, write_shapes_model
+from camtools.synthetic import CLASSES, make_samples, trained_shapes_model
 from tests.conftest import ROOT, encode
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """ShapesNet trained on the synthetic task (about 30 s on two cores), as the build would serve it."""
-    model, accuracy = train_shapes_net()
-    flags = write_shapes_model(tmp_path_factory.mktemp("shapes"), model)
-    prepared = prepare_model(
-        model_file=SHAPES_NET, weights=flags["weights"], labels=flags["labels"], input_size=64,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-    )  # fmt: skip
+    prepared, accuracy = trained_shapes_model(tmp_path_factory.mktemp("shapes"))
     return prepared, accuracy
 
 
