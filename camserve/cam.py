@@ -624,15 +624,16 @@ class CamEngine:
             request = requests[n]
             chosen = request.classes if request.classes is not None else whole[i].topk(request.top).indices.tolist()
             logits[n], targets[n] = whole[i], [int(c) for c in chosen]
-            maps[n] = torch.stack([self._sess_map(images[n], request.layer, c) for c in targets[n]])
+            maps[n] = torch.stack([self._sess_map(images[n], request, c) for c in targets[n]])
         if others:
             output = self._explain_composite(images[others], [requests[n] for n in others])
             for i, n in enumerate(others):
                 logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
         return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
 
-    def _sess_map(self, image: Tensor, layer: str | None, target: int, batch: int = 32) -> Tensor:
-        """One image's SESS map for one class (see :meth:`_explain_sess`)."""
+    def _sess_map(self, image: Tensor, request: CamRequest, target: int, batch: int = 32) -> Tensor:
+        """One image's SESS map for one class (see :meth:`_explain_sess`); the windows' Grad-CAM keeps the request's
+        layer and ``eigen_smooth``."""
         from torchvision.transforms.functional import gaussian_blur, resize
 
         height, width = image.shape[-2:]
@@ -660,7 +661,8 @@ class CamEngine:
         counts = torch.zeros(height, width, device=image.device)
         for start in range(0, len(patches), batch):
             chunk = patches[start : start + batch]
-            output = self._explain_smoothed(chunk, [CamRequest(classes=[target], layer=layer)] * len(chunk))
+            window_request = CamRequest(classes=[target], layer=request.layer, eigen_smooth=request.eigen_smooth)
+            output = self._explain_smoothed(chunk, [window_request] * len(chunk))
             for offset, cam in enumerate(output.maps):
                 index = start + offset
                 scaled = normalize_map(cam, (window, window))[0] * weights[index]
