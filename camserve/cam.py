@@ -591,16 +591,37 @@ class CamEngine:
         # TorchServe runs inference() under inference_mode; gradients need normal tensors, index tensors included.
         with torch.inference_mode(False):
             images = images.clone() if images.is_inference() else images
-            if any(request.method == "fullgrad" for request in requests):
-                return self._explain_with_full_grad(images, requests)
-            return self._explain_composite(images, requests)
+            # FullGrad differentiates the whole network, so its images get their own pass; the rest share theirs.
+            return self._explain_apart(images, requests, "fullgrad", self._full_grad)
 
     def _explain_composite(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         if any(request.method == "sess" for request in requests):
-            return self._explain_sess(images, requests)
+            return self._explain_apart(images, requests, "sess", self._explain_sess)
         if any(request.method == "refinecam" for request in requests):
             return self._explain_refined(images, requests)
         return self._explain_smoothed(images, requests)
+
+    def _explain_apart(
+        self,
+        images: Tensor,
+        requests: Sequence[CamRequest],
+        method: str,
+        explain: Callable[[Tensor, Sequence[CamRequest]], CamOutput],
+    ) -> CamOutput:
+        """The images whose request asks for ``method`` through ``explain``, the others together as usual, and the
+        answers back in the requests' order."""
+        apart = [n for n, request in enumerate(requests) if request.method == method]
+        if not apart:
+            return self._explain_composite(images, requests)
+        others = [n for n, request in enumerate(requests) if request.method != method]
+        parts = [(apart, explain(images[apart], [requests[n] for n in apart]))]
+        if others:
+            parts.append((others, self._explain_composite(images[others], [requests[n] for n in others])))
+        logits, targets, maps = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+        for rows, output in parts:
+            for i, n in enumerate(rows):
+                logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
+        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
 
     def _explain_sess(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         """SESS (Tursun et al., 2022: Saliency Enhancing with Scaling and Sliding), as pytorch-grad-cam's ``SESS``
@@ -615,21 +636,13 @@ class CamEngine:
         Cost: for every window one forward pass to score it and one forward and gradient pass to explain it, 122
         windows per image at the defaults, so 2·122 + 1 passes: raise the server's work budget to allow it. Maps
         come at the input's size."""
-        self.layers(images)
-        sess = [n for n, request in enumerate(requests) if request.method == "sess"]
-        others = [n for n, request in enumerate(requests) if request.method != "sess"]
-        whole = self.logits(images[sess]).float()
-        logits, targets, maps = [None] * len(requests), [None] * len(requests), [None] * len(requests)
-        for i, n in enumerate(sess):
-            request = requests[n]
-            chosen = request.classes if request.classes is not None else whole[i].topk(request.top).indices.tolist()
-            logits[n], targets[n] = whole[i], [int(c) for c in chosen]
-            maps[n] = torch.stack([self._sess_map(images[n], request, c) for c in targets[n]])
-        if others:
-            output = self._explain_composite(images[others], [requests[n] for n in others])
-            for i, n in enumerate(others):
-                logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
-        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
+        logits = self.logits(images).float()
+        targets, maps = [], []
+        for image, row, request in zip(images, logits, requests):
+            chosen = request.classes if request.classes is not None else row.topk(request.top).indices.tolist()
+            targets.append([int(c) for c in chosen])
+            maps.append(torch.stack([self._sess_map(image, request, c) for c in targets[-1]]))
+        return CamOutput(logits=logits, targets=targets, maps=maps)
 
     def _sess_map(self, image: Tensor, request: CamRequest, target: int, batch: int = 32) -> Tensor:
         """One image's SESS map for one class (see :meth:`_explain_sess`); the windows' Grad-CAM keeps the request's
@@ -677,19 +690,6 @@ class CamEngine:
                 counts = counts + positive
         fused = torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
         return gaussian_blur(fused[None, None], kernel_size=11, sigma=5.0)[0, 0]
-
-    def _explain_with_full_grad(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
-        """FullGrad's images get their own pass (it differentiates the whole network); the rest share theirs."""
-        full = [n for n, request in enumerate(requests) if request.method == "fullgrad"]
-        others = [n for n, request in enumerate(requests) if request.method != "fullgrad"]
-        parts = [(full, self._full_grad(images[full], [requests[n] for n in full]))]
-        if others:
-            parts.append((others, self._explain_composite(images[others], [requests[n] for n in others])))
-        logits, targets, maps = [None] * len(requests), [None] * len(requests), [None] * len(requests)
-        for rows, output in parts:
-            for i, n in enumerate(rows):
-                logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
-        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps)
 
     def _full_grad(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
         """FullGrad (Srinivas & Fleuret, NeurIPS 2019), as pytorch-grad-cam computes it: the input gradient and every

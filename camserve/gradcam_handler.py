@@ -1,6 +1,6 @@
 """TorchServe entry point: the model lifecycle, the device, batching and per-request status. No math, no pixels.
 
-TorchServe loads a handler module only if it defines exactly one class: helpers live in the ``handler`` package.
+TorchServe loads a handler module only if it defines exactly one class: helpers live in the ``camserve`` package.
 """
 
 from __future__ import annotations

@@ -139,7 +139,6 @@ class ExplanationService:
 
     def __post_init__(self) -> None:
         spec = self.spec
-        self.labels = spec.labels
         self.model_info = ModelInfo(
             self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes
         )
@@ -217,7 +216,7 @@ class ExplanationService:
         started = time.perf_counter()
         predictions = [
             [
-                Prediction(index=i, label=self.labels[i], probability=round(p, 6))
+                Prediction(index=i, label=self.spec.labels[i], probability=round(p, 6))
                 for i, p in zip(indices[: item.options.topk], probabilities[: item.options.topk])
             ]
             for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
@@ -307,7 +306,7 @@ class ExplanationService:
         )
         return Explanation(
             index=target,
-            label=self.labels[target],
+            label=self.spec.labels[target],
             probability=round(probability, 6),
             method=options.method,
             layer=options.layer,

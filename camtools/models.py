@@ -195,7 +195,8 @@ def _describe_keys(keys: set[str], limit: int = 6) -> str:
 
 
 def _suggest_archs(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """The torchvision archs whose parameter names are exactly these (built on the meta device: no memory)."""
+    """The torchvision archs whose parameter names are exactly these, those with the most tensors of the right shape
+    first (built on the meta device: no memory)."""
     matches = []
     for arch in torchvision_archs():
         try:
@@ -205,9 +206,8 @@ def _suggest_archs(state_dict: dict[str, torch.Tensor]) -> list[str]:
             continue
         expected = reference.state_dict()
         if expected.keys() == state_dict.keys():
-            same = sum(expected[k].shape == state_dict[k].shape for k in expected)
-            matches.append((same == len(expected) - 2 or same == len(expected), arch))
-    return [arch for _, arch in sorted(matches, reverse=True)]
+            matches.append((sum(expected[k].shape == state_dict[k].shape for k in expected), arch))
+    return [arch for _, arch in sorted(matches, key=lambda match: -match[0])]  # most tensors of the right shape
 
 
 def _spec_stub(arch: str, kwargs: dict[str, object]) -> ModelSpec:
