@@ -39,6 +39,7 @@ from camserve.imaging import (
     encode_heatmap_png16,
     encode_image,
     load_rgb,
+    map_at,
     open_image,
     render_overlay,
     resize_for_model,
@@ -131,7 +132,9 @@ class ExplanationService:
     """The name responses give the model (TorchServe's registered name); None: the spec's."""
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     budget: WorkBudget = field(default_factory=WorkBudget)
-    channels_last: bool = False
+    channels_last_from: int = 0
+    """Batches of at least this many images run in the channels_last memory format; 0: none
+    (:func:`camserve.model.channels_last_from`)."""
     threads: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     """Requests decoded and rendered at once, one per thread: OpenCV and Pillow release the GIL while they work."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -205,7 +208,8 @@ class ExplanationService:
 
     def _explain_together(self, prepared: list[PreparedRequest]) -> list[RowResult]:
         started = time.perf_counter()
-        batch = images_to_batch([item.model_input for item in prepared], self.spec, self.device, self.channels_last)
+        channels_last = 0 < self.channels_last_from <= len(prepared)
+        batch = images_to_batch([item.model_input for item in prepared], self.spec, self.device, channels_last)
         output = self.engine(batch, [cam_request(item.options) for item in prepared])
         probabilities = output.logits.float().softmax(dim=1).cpu()  # one copy off the device for the whole batch
         topk = min(max(item.options.topk for item in prepared), probabilities.shape[1])
@@ -223,6 +227,8 @@ class ExplanationService:
         ]
         target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
         measured = self._faithfulness(prepared, batch, output, target_probabilities)
+        # The maps leave the device here, at the layer's resolution: the render threads only call NumPy and OpenCV.
+        maps = [m.float().cpu().numpy() for m in output.maps]
 
         # TorchServe passes a batch's responses to its frontend as one message, which must fit max_response_size:
         # the batch's bytes are counted together, and the request that would overflow them is refused alone.
@@ -236,7 +242,7 @@ class ExplanationService:
                     predictions[n],
                     output.targets[n],
                     target_probabilities[n],
-                    output.maps[n],
+                    maps[n],
                     sent,
                     measured.get(n),
                 ),
@@ -274,7 +280,7 @@ class ExplanationService:
         predictions: list[Prediction],
         targets: list[int],
         target_probabilities: list[float],
-        maps: torch.Tensor,
+        maps: np.ndarray,
         sent: _ByteCount,
         measured: list[Faithfulness] | None = None,
     ) -> RowResult:
@@ -284,7 +290,7 @@ class ExplanationService:
             size = (item.display.shape[0], item.display.shape[1])
             explanations = []
             for index, (target, probability, cam) in enumerate(zip(targets, target_probabilities, maps)):
-                heatmap = normalize_map(cam[None], size)[0].cpu().numpy()
+                heatmap = map_at(cam, size)
                 explanation = self._render(item, target, probability, heatmap)
                 if measured is not None:
                     explanation = replace(explanation, faithfulness=asdict(measured[index]))

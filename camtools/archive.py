@@ -60,7 +60,9 @@ class ServingConfig:
     response_timeout_s: int = 120
     scorecam_channels: int = 64
     precision: str = "fp32"
-    channels_last: bool = True
+    channels_last: int = 4
+    """The smallest batch that runs channels_last (1: every batch, 0: none); see
+    :func:`camserve.model.channels_last_from`."""
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     budget: WorkBudget = WorkBudget()

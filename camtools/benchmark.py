@@ -238,9 +238,9 @@ def _method_costs(model, spec, images, config: BenchConfig, device, timed) -> li
     return rows
 
 
-def _service_for(model, spec, device, channels_last: bool = False) -> ExplanationService:
+def _service_for(model, spec, device) -> ExplanationService:
     engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer)
-    return ExplanationService(engine=engine, spec=spec, device=device, channels_last=channels_last)
+    return ExplanationService(engine=engine, spec=spec, device=device)
 
 
 def _fast_paths(base_model, spec, images, config: BenchConfig, device, timed) -> list[dict[str, object]]:

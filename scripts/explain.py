@@ -60,12 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = prepared.spec
     weights = spec.weights
     device = torch.device(args.device)
-    model = prepared.model.to(device).to(memory_format=torch.channels_last)
+    model = prepared.model.to(device)
     service = ExplanationService(
-        engine=CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer),
-        spec=spec,
-        device=device,
-        channels_last=True,
+        engine=CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer), spec=spec, device=device
     )
     options = {"method": args.method, "topk": args.topk, "colormap": args.colormap}
     options |= {"alpha": args.alpha, "format": "png"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_handler_serves_on_the_gpu_that_torchserve_assigns(unpacked_mar, chelsea
         assert handler.device == torch.device("cuda:0")
         assert next(handler.model.parameters()).device == torch.device("cuda:0")
         rows = [{"body": bytearray(encode(chelsea, "JPEG"))}, {"body": bytearray(b"no image")}]
-        responses = handler.handle(rows, context)
+        responses = [json.loads(body) for body in handler.handle(rows, context)]
     finally:
         sys.path.remove(str(unpacked_mar))
     assert context.statuses == {1: (400, "Bad Request")}

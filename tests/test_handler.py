@@ -81,7 +81,9 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
         {"data": bytearray(encode(chelsea, "PNG")), "method": b"layercam", "layer": b"layer3", "explain": b"2"},
     ]
     with torch.inference_mode():  # as BaseHandler would run inference: the gradient path must survive it
-        responses = handler.handle(rows, context)
+        bodies = handler.handle(rows, context)
+    assert all(isinstance(body, bytes) for body in bodies)  # the JSON itself: TorchServe passes bytes through
+    responses = [json.loads(body) for body in bodies]
     assert len(responses) == 6
     assert context.statuses == {1: (400, "Bad Request"), 3: (400, "Bad Request"), 4: (400, "Bad Request")}
     assert set(context.content_types.values()) == {"application/json"}
@@ -147,7 +149,7 @@ def test_nothing_escapes_handle_and_a_500_carries_its_request_id(served, chelsea
         {"data": bytearray(encode(chelsea, "JPEG")), "broken": b"1"},
         {"data": bytearray(encode(chelsea, "JPEG")), "topk": b"--5"},
     ]
-    responses = handler.handle(rows, context)
+    responses = [json.loads(body) for body in handler.handle(rows, context)]
     assert context.statuses == {1: (500, "Internal Server Error"), 2: (400, "Bad Request")}
     assert responses[1] == {
         "code": 500,
@@ -160,5 +162,5 @@ def test_nothing_escapes_handle_and_a_500_carries_its_request_id(served, chelsea
 
     monkeypatch.setattr(handler.service, "answer", lambda rows: 1 / 0)  # even the service itself failing
     context = RecordingContext(model_dir)
-    responses = handler.handle(rows[:1], context)
+    responses = [json.loads(body) for body in handler.handle(rows[:1], context)]
     assert context.statuses == {0: (500, "Internal Server Error")} and responses[0]["type"] == "InternalError"

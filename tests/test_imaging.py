@@ -17,6 +17,7 @@ from camserve.imaging import (
     decode_image,
     encode_heatmap_png16,
     encode_image,
+    map_at,
     render_overlay,
     resize_for_model,
 )
@@ -204,3 +205,25 @@ def test_outline_overlay_draws_the_contour_of_the_top_region_only():
     assert rows.min() >= 17 and rows.max() <= 42 and columns.min() >= 27 and columns.max() <= 52  # on the border
     assert not changed[25:35, 35:45].any()  # the inside keeps the photo
     assert tuple(outlined[20, 40]) == (128, 0, 0)  # jet's hottest colour, in RGB
+
+
+@pytest.mark.parametrize(
+    ("grid", "size"), [((7, 7), (300, 451)), ((14, 14), (512, 512)), ((56, 56), (32, 40)), ((7, 9), (17, 1000))]
+)
+def test_map_at_is_normalize_map_on_the_host(grid, size):
+    """The render threads' upsampling and min-max equal the engine's normalize_map, growing or shrinking."""
+    import torch
+
+    from camserve.cam import normalize_map
+
+    cam = torch.rand(1, *grid, generator=torch.Generator().manual_seed(0))
+    expected = normalize_map(cam, size)[0].numpy()
+    ours = map_at(cam[0].numpy(), size)
+    assert ours.shape == size and ours.dtype == np.float32
+    assert np.abs(ours - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("value", [0.0, 3.5])
+def test_map_at_keeps_a_constant_map_all_zero(value):
+    assert (map_at(np.full((1, 1), value, np.float32), (20, 30)) == 0).all()
+    assert (map_at(np.full((7, 7), value, np.float32), (300, 451)) == 0).all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -311,3 +312,66 @@ def test_smoothing_options_reach_the_engine_and_the_budget():
     (refused,) = service.answer([{**base, "aug_smooth": b"1", "method": b"scorecam", "faithfulness": b"1",
                                   "faithfulness_steps": b"32"}])  # fmt: skip
     assert refused.status == 400 and "119 forward passes" in refused.body["message"]
+
+
+# --- Speed mechanisms ---
+
+
+def test_the_decode_and_render_threads_call_no_torch_operator():
+    """A parallel torch operator in a second thread starts a second OpenMP team and slows every later forward pass
+    (by a third, measured on two cores): the pool threads may only run NumPy, OpenCV and Pillow."""
+    import threading
+
+    torch_dir = str(Path(torch.__file__).parent)
+    calls: list[tuple[str, str]] = []
+
+    def is_torch(event: str, frame, arg) -> bool:
+        if event == "call":
+            return frame.f_code.co_filename.startswith(torch_dir)
+        if event == "c_call":
+            owner = getattr(arg, "__self__", None)
+            module = getattr(arg, "__module__", None) or getattr(type(owner), "__module__", "") or ""
+            return isinstance(owner, torch.Tensor) or module.startswith("torch")
+        return False
+
+    def profile(frame, event, arg):
+        if threading.current_thread() is not threading.main_thread() and is_torch(event, frame, arg):
+            calls.append((threading.current_thread().name, getattr(arg, "__name__", frame.f_code.co_name)))
+
+    threading.setprofile(profile)  # for the threads started from now on: the service's pool
+    try:
+        service = make_service()
+        rows = [{"data": picture(seed=n), "explain": b"2", "heatmap": b"1"} for n in range(3)]
+        rows.append({"data": picture(), "method": b"layercam", "clip": b"5,95", "overlay": b"outline"})
+        results = service.answer(rows)
+    finally:
+        threading.setprofile(None)
+    assert [result.status for result in results] == [200] * 4
+    assert calls == []
+
+
+def test_channels_last_runs_from_the_configured_batch_size(monkeypatch):
+    service = make_service()
+    service.channels_last_from = 3
+    seen: list[bool] = []
+    service.engine.model.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    for count in (1, 2, 3, 4):
+        results = service.answer([{"data": picture(seed=n)} for n in range(count)])
+        assert [result.status for result in results] == [200] * count
+    assert seen == [False, False, True, True]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(True, 1), (False, 0), (None, 0), (0, 0), (4, 4), ("4", 4), (1, 1)])
+def test_the_channels_last_setting_is_a_batch_size(setting, expected):
+    from camserve.model import channels_last_from
+
+    assert channels_last_from(setting) == expected
+
+
+def test_a_negative_channels_last_setting_is_refused():
+    from camserve.model import channels_last_from
+
+    with pytest.raises(ValueError, match="true, false or a batch size"):
+        channels_last_from(-1)
