@@ -47,15 +47,17 @@ def worker_requirements(requirements: Path = REQUIREMENTS) -> str:
 class ServingConfig:
     """What goes into the archive's model-config.yaml.
 
-    The defaults come from ``scripts/bench.py`` on a two-core CPU (README, "Performance"): one worker, because a
-    single worker already spreads each batch over every core with torch's intra-op threads; batches of up to 8, so
-    that concurrent requests share one forward pass; a 5 ms batch delay, small next to a forward pass (about 55 ms
-    per image), so that a lone request barely waits; channels_last, 1.1x faster with identical results. On a GPU
-    raise the batch size.
+    The defaults come from ``scripts/bench.py`` on two CPU cores (README, "Performance"): one worker, because a
+    single worker already spreads each batch over every core with torch's intra-op threads (two workers of one
+    thread each served no more images per second, and a lone request took half as long again); batches of up to
+    8, so that concurrent requests share one forward pass; a 1 ms batch delay: a lone request waits 4 ms less than
+    at 5 ms, and under load the queue fills the batches anyway, as fast at either delay; channels_last from batches
+    of 4 images, where it is 1.1-1.2x faster, while at one image it is 1.1-1.2x slower. On a GPU raise the batch
+    size and measure the delay there.
     """
 
     batch_size: int = 8
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 1
     workers: int = 1
     response_timeout_s: int = 120
     scorecam_channels: int = 64

@@ -44,7 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", type=int, default=defaults.soak_requests, help="requests for the memory check")
     parser.add_argument("--server-precision", default=defaults.server_precision, choices=("fp32", "bf16", "fp16"))
     parser.add_argument(
-        "--server-channels-last", action=argparse.BooleanOptionalAction, default=defaults.server_channels_last
+        "--server-channels-last",
+        type=int,
+        metavar="N",
+        default=defaults.server_channels_last,
+        help="the service runs batches of N images or more channels_last (1: all, 0: none; default: %(default)s)",
+    )
+    parser.add_argument("--server-batch-size", type=int, default=defaults.server_batch_size)
+    parser.add_argument(
+        "--batch-delays",
+        type=integers,
+        default=defaults.batch_delays_ms,
+        help="TorchServe maxBatchDelay values to serve with, ms: the first gets the full run (default: 1,5)",
     )
     parser.add_argument("--arch", default=defaults.arch, help="a torchvision architecture (default: resnet50)")
     parser.add_argument("--layer", help="the layer to explain (default: the model's default layer)")
@@ -77,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         soak_requests=args.soak,
         server_precision=args.server_precision,
         server_channels_last=args.server_channels_last,
+        server_batch_size=args.server_batch_size,
+        batch_delays_ms=args.batch_delays,
         weights=args.weights,
         arch=args.arch,
         layer=args.layer,

@@ -18,7 +18,7 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-sizes", "1,2", "--repeats", "1"]
     command += ["--warmup", "0", "--agreement-images", "2", "--out", str(tmp_path)]
     if shutil.which("java"):
-        command += ["--concurrency", "1,2", "--requests", "2", "--soak", "2"]
+        command += ["--concurrency", "1,2", "--requests", "2", "--soak", "2", "--batch-delays", "1,5"]
     else:
         command += ["--no-server"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -36,8 +36,19 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     assert report["machine"]["torch"] and report["targets"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "| target |" in (tmp_path / "bench.md").read_text()
+    assert [row["batch"] for row in report["channels_last"]] == [1, 2, 4, 8]
+    assert {row["step"].split(":")[0] for row in report["response_bytes"]} == {"JSON", "base64"}
     if shutil.which("java"):
         assert [level["errors"] for level in report["service"]] == [0, 0]
+        assert [(d["batch_delay_ms"], d["concurrency"]) for d in report["batch_delays"]] == [
+            (1, 1),
+            (1, 2),
+            (5, 1),
+            (5, 2),
+        ]
+        profile = report["profile"]
+        assert 0 < profile["forward_ms"] < profile["handler_ms"] < profile["backend_ms"] < profile["client_p50_ms"]
+        assert "Where a lone request's" in (tmp_path / "bench.md").read_text()
 
 
 def test_the_readme_quotes_the_benchmark_runs_from_one_generated_block():
@@ -56,3 +67,73 @@ def test_the_readmes_method_costs_come_from_the_methods_run():
     start, end = readme.index(COSTS_START), readme.index(COSTS_END) + len(COSTS_END)
     assert readme[start:end] == readme_method_costs(ROOT), "rerun: python scripts/bench.py --readme-figures"
     assert all(f"| `{method}` |" in readme[start:end] for method in METHODS if method != "sess")
+
+
+def _report(device: str, floor_ms: dict[int, float], cam_ms: dict[int, float], service: list[dict]):
+    from camtools.benchmark import BenchConfig, BenchReport
+
+    rows = []
+    for batch, floor in floor_ms.items():
+        for contender, ms in (
+            ("floor: torchvision forward", floor),
+            ("engine: Grad-CAM", cam_ms[batch]),
+            ("engine: Grad-CAM + overlay encoding", cam_ms[batch] * 1.5),
+            ("pytorch-grad-cam GradCAM", cam_ms[batch] * 3),
+        ):
+            seconds = ms * batch / 1000
+            rows.append({"contender": contender, "batch": batch, "seconds": seconds, "images_per_s": batch / seconds})
+    config = BenchConfig(device=device, server_batch_size=32)
+    from dataclasses import asdict
+
+    return BenchReport(machine={"device": device}, config=asdict(config), in_process=rows, service=service)
+
+
+def test_the_gpu_targets_are_the_issues_ratios():
+    """Arithmetic on a made-up GPU report: service ÷ in-process Grad-CAM at the server's batch size, the Grad-CAM
+    ratio at batch 32, and the lone request's excess over in-process Grad-CAM with overlays at batch 1."""
+    from camtools.benchmark import _targets
+
+    report = _report(
+        "cuda:0",
+        floor_ms={1: 4.0, 8: 0.5, 32: 0.2},
+        cam_ms={1: 5.0, 8: 0.6, 32: 0.21},
+        service=[
+            {"concurrency": 1, "images_per_s": 100.0, "p50_ms": 12.0},
+            {"concurrency": 32, "images_per_s": 1500.0},
+        ],
+    )
+    targets = {t["measure"]: t for t in _targets(report)}
+    service = targets["GPU: service images/s / in-process Grad-CAM images/s, batch 32"]
+    assert service["value"] == pytest.approx(1500 / (1000 / 0.21)) and service["met"]
+    assert targets["GPU: (forward + Grad-CAM) / forward, batch 32"]["value"] == pytest.approx(1.05)
+    excess = targets["GPU: p50 at concurrency 1 - in-process batch-1 Grad-CAM + overlay encoding, ms"]
+    assert excess["value"] == pytest.approx(12.0 - 7.5) and excess["met"]
+    assert not any(name.startswith("CPU") for name in targets)
+
+
+def test_the_cpu_targets_compare_the_service_with_the_plain_forward_pass():
+    from camtools.benchmark import _targets
+
+    report = _report(
+        "cpu",
+        floor_ms={1: 54.0, 8: 57.0},
+        cam_ms={1: 56.0, 8: 52.0},
+        service=[{"concurrency": 1, "images_per_s": 12.0, "p50_ms": 80.0}, {"concurrency": 8, "images_per_s": 18.0}],
+    )
+    targets = {t["measure"]: t for t in _targets(report)}
+    excess = targets["CPU: p50 at concurrency 1 - plain fp32 forward at batch 1, ms"]
+    assert excess["value"] == pytest.approx(26.0) and not excess["met"]
+    ratio = targets["CPU: service images/s / plain fp32 forward images/s at batch 8"]
+    assert ratio["value"] == pytest.approx(18.0 / (1000 / 57.0)) and not ratio["met"]
+    assert not any(name.startswith("GPU") for name in targets)
+
+
+@pytest.mark.parametrize(
+    ("speedups", "threshold"),
+    [({1: 0.85, 2: 0.95, 4: 1.1, 8: 1.2}, 4), ({1: 1.1, 2: 1.1, 4: 1.1, 8: 1.2}, 1), ({1: 1.2, 8: 0.9}, 0)],
+)
+def test_channels_last_threshold_is_where_it_keeps_paying(speedups, threshold):
+    from camtools.benchmark import channels_last_threshold
+
+    rows = [{"batch": batch, "speedup": speedup} for batch, speedup in speedups.items()]
+    assert channels_last_threshold(rows) == threshold
