@@ -414,7 +414,9 @@ def _service(prepared: PreparedModel, images, config: BenchConfig, workdir: Path
                         marks = _log_marks(server)
                         levels.append(_load(server, bodies, concurrency, config.requests_per_level))
                         if concurrency == 1:
-                            profile = _profile(server, marks, levels[-1])
+                            profile |= _profile(server, marks, levels[-1])
+                        if concurrency == max(config.concurrency):
+                            profile |= _loaded_profile(server, marks, levels[-1])
                     memory = _memory(server, bodies, config.soak_requests)
                     measured = [level for level in levels if level["concurrency"] in (1, max(config.concurrency))]
                 else:
@@ -461,6 +463,36 @@ def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[st
     profile["http_and_frontend_ms"] = level["p50_ms"] - profile["backend_ms"] - profile["queue_ms"]
     profile["client_p50_ms"] = level["p50_ms"]
     return profile
+
+
+def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[str, float]:
+    """Where an image's time goes at the highest concurrency (ms per image, summed over the level's batches): the
+    handler's stages, and the rest of the service's time per image (TorchServe, and the client's own share of the
+    CPU when it runs on the same machine)."""
+    import re
+
+    images, totals = 0, {}
+    for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :]:
+        found = re.search(r"answered a batch of (\d+) requests .* in ([\d.]+) ms \((.*) ms\)", line)
+        if found:
+            images += int(found.group(1))
+            totals["handler"] = totals.get("handler", 0.0) + float(found.group(2))
+            for part in found.group(3).split(", "):
+                stage, value = part.rsplit(" ", 1)
+                totals[stage] = totals.get(stage, 0.0) + float(value)
+    batches = len(
+        [1 for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :] if "answered" in line]
+    )
+    if not images:
+        return {}
+    loaded = {f"loaded_{stage}_ms_per_image": total / images for stage, total in totals.items()}
+    loaded["loaded_concurrency"] = level["concurrency"]
+    loaded["loaded_mean_batch"] = images / batches
+    loaded["loaded_service_ms_per_image"] = 1000 / level["images_per_s"]
+    loaded["loaded_outside_handler_ms_per_image"] = (
+        loaded["loaded_service_ms_per_image"] - loaded["loaded_handler_ms_per_image"]
+    )
+    return loaded
 
 
 def _load(server, bodies: Sequence[bytes], concurrency: int, count: int) -> dict[str, object]:
@@ -702,7 +734,7 @@ def markdown(report: BenchReport) -> str:
                 for d in report.batch_delays
             ],
         )
-    if report.profile:
+    if "handler_ms" in report.profile:
         prof = report.profile
         inside = ", ".join(f"{stage} {prof[f'{stage}_ms']:.1f}" for stage in ("decode", "forward", "cam", "encode"))
         lines += [
@@ -711,6 +743,19 @@ def markdown(report: BenchReport) -> str:
             f"{prof['handler_ms']:.1f} ms ({inside}); TorchServe's worker protocol {prof['worker_protocol_ms']:.1f} "
             f"ms; queue and batch delay {prof['queue_ms']:.1f} ms; HTTP and the frontend "
             f"{prof['http_and_frontend_ms']:.1f} ms.",
+        ]
+    if "loaded_handler_ms_per_image" in report.profile:
+        prof = report.profile
+        inside = ", ".join(
+            f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
+        )
+        lines += [
+            "",
+            f"Under load (concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f} on "
+            f"average), per image: {prof['loaded_service_ms_per_image']:.1f} ms of service time = handler "
+            f"{prof['loaded_handler_ms_per_image']:.1f} ms ({inside}) + "
+            f"{prof['loaded_outside_handler_ms_per_image']:.1f} ms outside the handler (TorchServe, and the load "
+            "generator's share of the CPU when it runs on the same machine).",
         ]
     if report.memory:
         mem = report.memory
@@ -810,6 +855,64 @@ def readme_figures(root: Path) -> str:
         m = runs[path]["memory"]
         return f"{m['rss_after_warmup_mb']:.0f} → {m['rss_after_mb']:.0f} ({m['requests']} requests)"
 
+    def target(path: str, prefix: str) -> str:
+        """A service target of the run (its device's), or why there is none: runs before the targets existed."""
+        on_gpu = str(runs[path]["machine"]["device"]).startswith("cuda")
+        if on_gpu != prefix.startswith("GPU"):
+            return ""
+        found = next((t for t in runs[path]["targets"] if t["measure"].startswith(prefix)), None)
+        if found is None:
+            return "not measured (an older run)"
+        return f"{found['value']:.2f} (wanted {found['target'].replace('>=', '≥').replace('<=', '≤')})"
+
+    def profile(path: str) -> str:
+        prof = runs[path].get("profile") or {}
+        if "handler_ms" not in prof:
+            return "not measured (an older run)"
+        handler = ", ".join(f"{stage} {prof[f'{stage}_ms']:.1f}" for stage in ("decode", "forward", "cam", "encode"))
+        return (
+            f"{prof['client_p50_ms']:.1f} = handler {prof['handler_ms']:.1f} ({handler}) + worker protocol "
+            f"{prof['worker_protocol_ms']:.1f} + queue {prof['queue_ms']:.1f} + HTTP and frontend "
+            f"{prof['http_and_frontend_ms']:.1f}"
+        )
+
+    def loaded(path: str) -> str:
+        prof = runs[path].get("profile") or {}
+        if "loaded_handler_ms_per_image" not in prof:
+            return "not measured (an older run)"
+        stages = ", ".join(
+            f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
+        )
+        return (
+            f"{prof['loaded_service_ms_per_image']:.1f} = handler {prof['loaded_handler_ms_per_image']:.1f} ({stages})"
+            f" + outside it {prof['loaded_outside_handler_ms_per_image']:.1f}; concurrency "
+            f"{prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f}"
+        )
+
+    def response_bytes(path: str) -> str:
+        rows = {r["step"].split(": ")[1]: r["us_per_response"] for r in runs[path].get("response_bytes") or []}
+        if not rows:
+            return "not measured (an older run)"
+        standard, fast = rows["json.dumps(indent=2), TorchServe's"], rows["orjson.dumps"]
+        return (
+            f"JSON {standard:.0f} → {fast:.0f} (orjson); base64 "
+            f"{rows['base64.b64encode']:.0f} → {rows['pybase64.b64encode']:.0f} (pybase64)"
+        )
+
+    def batch_delays(path: str) -> str:
+        rows = runs[path].get("batch_delays") or []
+        if not rows:
+            return "not measured (an older run)"
+        return "; ".join(
+            f"{r['batch_delay_ms']} ms, concurrency {r['concurrency']}: {r['images_per_s']:.1f}/s, "
+            f"p50 {r['p50_ms']:.0f}"
+            for r in rows
+        )
+
+    def channels_last(path: str) -> str:
+        rows = runs[path].get("channels_last") or []
+        return " / ".join(f"{r['speedup']:.2f}× (batch {r['batch']})" for r in rows) or "not measured (an older run)"
+
     paths = list(FIGURE_RUNS)
 
     def ratios(contender: str, key: str = "ratio_to_floor", digits: int = 2) -> list[str]:
@@ -823,6 +926,15 @@ def readme_figures(root: Path) -> str:
         ("pytorch-grad-cam ÷ Grad-CAM, by batch", *(peer(p) for p in paths)),
         ("service, images/s at its best concurrency", *(service(p) for p in paths)),
         ("service p50 at concurrency 1, ms", *(latency(p) for p in paths)),
+        ("CPU: p50 at concurrency 1 − fp32 forward at batch 1, ms", *(target(p, "CPU: p50") for p in paths)),
+        ("CPU: service images/s ÷ fp32 forward images/s at batch 8", *(target(p, "CPU: service") for p in paths)),
+        ("GPU: service images/s ÷ in-process Grad-CAM images/s", *(target(p, "GPU: service") for p in paths)),
+        ("GPU: p50 at concurrency 1 − in-process batch 1, ms", *(target(p, "GPU: p50") for p in paths)),
+        ("channels_last speed-up of Grad-CAM, by batch", *(channels_last(p) for p in paths)),
+        ("a lone request's p50, where it goes, ms", *(profile(p) for p in paths)),
+        ("under load, where an image's service time goes, ms", *(loaded(p) for p in paths)),
+        ("response bytes, µs per response", *(response_bytes(p) for p in paths)),
+        ("maxBatchDelay: images/s and p50 ms", *(batch_delays(p) for p in paths)),
         ("worker RSS after warm-up → after the soak, MB", *(memory(p) for p in paths)),
     ]
     method_names = [row["method"] for row in runs[paths[0]]["methods"]]
@@ -853,7 +965,7 @@ def replace_readme_figures(readme: str, figures: str) -> str:
 
 COSTS_START = "<!-- method-costs:start"
 COSTS_END = "<!-- method-costs:end -->"
-COSTS_RUN = "docs/bench/bench_methods.json"
+COSTS_RUN = "docs/bench/bench.json"
 """The benchmark run whose method rows the README's cost table quotes."""
 
 

@@ -17,7 +17,7 @@ if command -v java >/dev/null 2>&1; then
   python3 -m pytest -q -p no:cacheprovider tests/test_integration.py \
     -k "raw_body or multipart or json_body or concurrent_distinct or one_bad_request or every_method" 2>&1 |
     tee "$out/pytest_gpu_torchserve.log"
-  server=(--concurrency 1,8,32 --requests 96 --soak 300)
+  server=(--concurrency 1,8,32,64 --requests 192 --soak 300 --server-batch-size 32 --batch-delays 2,10)
 fi
 python3 scripts/bench.py --device cuda:0 --batch-sizes 1,8,32 --repeats 20 --warmup 3 --agreement-images 32 \
   "${server[@]}" --out "$out" --stem bench_cuda 2>&1 | tee "$out/bench_cuda.log"

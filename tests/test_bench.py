@@ -48,6 +48,8 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         ]
         profile = report["profile"]
         assert 0 < profile["forward_ms"] < profile["handler_ms"] < profile["backend_ms"] < profile["client_p50_ms"]
+        assert profile["loaded_concurrency"] == 2 and profile["loaded_mean_batch"] >= 1
+        assert 0 < profile["loaded_forward_ms_per_image"] < profile["loaded_handler_ms_per_image"]
         assert "Where a lone request's" in (tmp_path / "bench.md").read_text()
 
 
