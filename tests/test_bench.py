@@ -49,6 +49,7 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         profile = report["profile"]
         assert 0 < profile["forward_ms"] < profile["handler_ms"] < profile["backend_ms"] < profile["client_p50_ms"]
         assert profile["loaded_concurrency"] == 2 and profile["loaded_mean_batch"] >= 1
+        assert [level.get("floor_batch") for level in report["service"]] == [1, 2]  # batch sizes 1,2: the largest
         assert 0 < profile["loaded_forward_ms_per_image"] < profile["loaded_handler_ms_per_image"]
         assert "Where a lone request's" in (tmp_path / "bench.md").read_text()
 
@@ -139,3 +140,22 @@ def test_channels_last_threshold_is_where_it_keeps_paying(speedups, threshold):
 
     rows = [{"batch": batch, "speedup": speedup} for batch, speedup in speedups.items()]
     assert channels_last_threshold(rows) == threshold
+
+
+def test_the_cpu_targets_prefer_the_forward_pass_timed_right_before_the_level():
+    """A shared machine drifts over a run: the floor timed in the same minute as the level is the one compared."""
+    from camtools.benchmark import _targets
+
+    report = _report(
+        "cpu",
+        floor_ms={1: 54.0, 8: 57.0},
+        cam_ms={1: 56.0, 8: 52.0},
+        service=[
+            {"concurrency": 1, "images_per_s": 12.0, "p50_ms": 80.0, "floor_batch": 1, "floor_ms_per_image": 60.0},
+            {"concurrency": 8, "images_per_s": 18.0, "floor_batch": 8, "floor_ms_per_image": 50.0},
+        ],
+    )
+    targets = {t["measure"]: t for t in _targets(report)}
+    assert targets["CPU: p50 at concurrency 1 - plain fp32 forward at batch 1, ms"]["value"] == pytest.approx(20.0)
+    ratio = targets["CPU: service images/s / plain fp32 forward images/s at batch 8"]["value"]
+    assert ratio == pytest.approx(18.0 / 20.0)
