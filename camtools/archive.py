@@ -32,8 +32,9 @@ replaces the server's own torch."""
 
 
 def worker_requirements(requirements: Path = REQUIREMENTS) -> str:
-    """The pinned requirements a worker needs beyond TorchServe's own (OpenCV, Pillow, NumPy, orjson, pybase64), from the project's
-    requirements.txt: TorchServe installs them when ``install_py_dep_per_model=true`` (KServe's image)."""
+    """The pinned requirements a worker needs beyond TorchServe's own (OpenCV, Pillow, NumPy, orjson, pybase64),
+    from the project's requirements.txt: TorchServe installs them when ``install_py_dep_per_model=true`` (KServe's
+    image)."""
     lines = []
     for line in requirements.read_text().splitlines():
         requirement = line.split("#", 1)[0].strip()
