@@ -343,10 +343,12 @@ def test_the_decode_and_render_threads_call_no_torch_operator():
         service = make_service()
         rows = [{"data": picture(seed=n), "explain": b"2", "heatmap": b"1"} for n in range(3)]
         rows.append({"data": picture(), "method": b"layercam", "clip": b"5,95", "overlay": b"outline"})
+        rows.append({"data": picture(), "method": b"scorecam", "layer": b"conv1", "faithfulness": b"1"})
+        rows.append({"data": picture(), "method": b"eigencam", "aug_smooth": b"1", "format": b"webp"})
         results = service.answer(rows)
     finally:
         threading.setprofile(None)
-    assert [result.status for result in results] == [200] * 4
+    assert [result.status for result in results] == [200] * 6
     assert calls == []
 
 
