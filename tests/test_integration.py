@@ -377,13 +377,13 @@ def test_a_killed_worker_is_replaced_and_only_in_flight_requests_fail(server, ch
         stop.set()
         for thread in threads:
             thread.join(timeout=40)
-    failures = [
-        (round(started - killed_at, 2), status, said[:120]) for started, status, said in outcomes if status != 200
-    ]
-    print(f"recovered in {recovered_in:.1f} s; failures (start relative to the kill, status, text): {failures}")
+    failures = [(started - killed_at, status, said[:120]) for started, status, said in outcomes if status != 200]
+    shown = [(f"{offset * 1000:+.1f} ms", status, said) for offset, status, said in failures]
+    print(f"recovered in {recovered_in:.1f} s; failures (start relative to the kill, status, text): {shown}")
     assert server.worker_pids() != [old_pid]
     assert len(failures) <= 8  # at most the batch the worker held
-    assert all(started < 0 for started, _, _ in failures)  # every failed request was in flight at the kill
+    # Every failed request was in flight at the kill (compared unrounded: they may start a millisecond before it).
+    assert all(offset < 0 for offset, _, _ in failures)
     assert all(status in (-1, 503, 507) for _, status, _ in failures)
     assert_next_request_works(server, chelsea)
 
