@@ -100,6 +100,12 @@ def _timer(device: torch.device) -> Callable[[dict[str, Callable[[], object]], i
     return run
 
 
+def plain_forward(model: torch.nn.Module, batch: torch.Tensor) -> None:
+    """The floor every contender is compared with: the network alone under ``inference_mode``."""
+    with torch.inference_mode():
+        model(batch)
+
+
 def machine_info(device: torch.device) -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -189,10 +195,6 @@ def _in_process(model, spec, images, config: BenchConfig, device, timed) -> list
         with torch.inference_mode():
             top1 = model(batch).argmax(dim=1).tolist()
 
-        def floor(batch: torch.Tensor = batch) -> None:
-            with torch.inference_mode():
-                model(batch)
-
         def cam_only(batch: torch.Tensor = batch) -> None:
             normalize_map(torch.cat(engine(batch).maps), (side, side))
 
@@ -203,7 +205,7 @@ def _in_process(model, spec, images, config: BenchConfig, device, timed) -> list
             peer(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in targets])
 
         contenders = {
-            "floor: torchvision forward": floor,
+            "floor: torchvision forward": partial(plain_forward, model, batch),
             "engine: Grad-CAM": cam_only,
             "engine: Grad-CAM + overlay encoding": cam_and_overlays,
             "pytorch-grad-cam GradCAM": peer_gradcam,
@@ -241,11 +243,11 @@ def _method_costs(model, spec, images, config: BenchConfig, device, timed) -> li
         )
         requests = [CamRequest(layer=config.layer, method=method)] * batch_size
 
-        def floor(batch: torch.Tensor = batch) -> None:
-            with torch.inference_mode():
-                model(batch)
-
-        medians = timed({"floor": floor, method: partial(engine, batch, requests)}, repeats, min(config.warmup, 1))
+        medians = timed(
+            {"floor": partial(plain_forward, model, batch), method: partial(engine, batch, requests)},
+            repeats,
+            min(config.warmup, 1),
+        )
         rows.append(
             {
                 "method": method,
@@ -395,11 +397,7 @@ def _stage_shares(model, spec, images, config: BenchConfig, device) -> dict[str,
 def _floor_ms_per_image(model, spec, images, device, timed, config: BenchConfig, batch_size: int) -> float:
     """The plain forward pass at ``batch_size``, ms per image, timed now."""
     batch = images_to_batch([resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device)
-
-    def floor() -> None:
-        with torch.inference_mode():
-            model(batch)
-
+    floor = partial(plain_forward, model, batch)
     return 1000 * timed({"floor": floor}, config.repeats, config.warmup)["floor"] / batch_size
 
 
@@ -464,19 +462,29 @@ def _read_log(server, name: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def _batch_lines(server, marks: dict[str, int]) -> list[tuple[int, float, dict[str, float]]]:
+    """The worker's batch log lines since ``marks``: (requests, handler ms, {stage: ms}) for each."""
+    import re
+
+    batches = []
+    for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :]:
+        found = re.search(r"answered a batch of (\d+) requests .* in ([\d.]+) ms \((.*) ms\)", line)
+        if found:
+            stages = {stage: float(value) for stage, value in (p.rsplit(" ", 1) for p in found.group(3).split(", "))}
+            batches.append((int(found.group(1)), float(found.group(2)), stages))
+    return batches
+
+
 def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[str, float]:
     """Where a lone request's time goes (medians, ms), from the worker's batch log lines (the handler's stages) and
     the frontend's job log (queue wait, backend time): the rest of the client's p50 is HTTP and the frontend."""
     import re
 
     stages: dict[str, list[float]] = {}
-    for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :]:
-        found = re.search(r"answered a batch of 1 requests .* in ([\d.]+) ms \((.*) ms\)", line)
-        if found:
-            stages.setdefault("handler", []).append(float(found.group(1)))
-            for part in found.group(2).split(", "):
-                stage, value = part.rsplit(" ", 1)
-                stages.setdefault(stage, []).append(float(value))
+    for requests, handler_ms, stage_ms in _batch_lines(server, marks):
+        if requests == 1:
+            for stage, value in {"handler": handler_ms, **stage_ms}.items():
+                stages.setdefault(stage, []).append(value)
     for line in _read_log(server, "ts_log").splitlines()[marks["ts_log"] :]:
         found = re.search(r"Waiting time ns: (\d+), Backend time ns: (\d+)", line)
         if found:
@@ -495,25 +503,17 @@ def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> 
     """Where an image's time goes at the highest concurrency (ms per image, summed over the level's batches): the
     handler's stages, and the rest of the service's time per image (TorchServe, and the client's own share of the
     CPU when it runs on the same machine)."""
-    import re
-
-    images, totals = 0, {}
-    for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :]:
-        found = re.search(r"answered a batch of (\d+) requests .* in ([\d.]+) ms \((.*) ms\)", line)
-        if found:
-            images += int(found.group(1))
-            totals["handler"] = totals.get("handler", 0.0) + float(found.group(2))
-            for part in found.group(3).split(", "):
-                stage, value = part.rsplit(" ", 1)
-                totals[stage] = totals.get(stage, 0.0) + float(value)
-    batches = len(
-        [1 for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :] if "answered" in line]
-    )
+    batches = _batch_lines(server, marks)
+    images = sum(requests for requests, _, _ in batches)
     if not images:
         return {}
+    totals: dict[str, float] = {}
+    for _, handler_ms, stage_ms in batches:
+        for stage, value in {"handler": handler_ms, **stage_ms}.items():
+            totals[stage] = totals.get(stage, 0.0) + value
     loaded = {f"loaded_{stage}_ms_per_image": total / images for stage, total in totals.items()}
     loaded["loaded_concurrency"] = level["concurrency"]
-    loaded["loaded_mean_batch"] = images / batches
+    loaded["loaded_mean_batch"] = images / len(batches)
     loaded["loaded_service_ms_per_image"] = 1000 / level["images_per_s"]
     loaded["loaded_outside_handler_ms_per_image"] = (
         loaded["loaded_service_ms_per_image"] - loaded["loaded_handler_ms_per_image"]
