@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from camserve.cam import CamEngine, CamRequest, LayerNotFoundError, normalize_map
+from camserve.cam import CamEngine, CamRequest, Classes, LayerNotFoundError, TopPredicted, normalize_map
 from camserve.contract import (
     DEFAULT_TOPK,
     ExplainOptions,
@@ -99,8 +99,7 @@ class _ByteCount:
 def cam_request(options: ExplainOptions) -> CamRequest:
     """What the engine needs of a request's options."""
     return CamRequest(
-        classes=options.target,
-        top=options.explain,
+        targets=TopPredicted(options.explain) if options.target is None else Classes(options.target),
         layer=options.layer,
         method=options.method,
         eigen_smooth=options.eigen_smooth,
@@ -215,8 +214,8 @@ class ExplanationService:
         topk = min(max(item.options.topk for item in prepared), probabilities.shape[1])
         top_probabilities, top_indices = probabilities.topk(topk, dim=1)
         top_probabilities, top_indices = top_probabilities.tolist(), top_indices.tolist()
-        self.stage_seconds["forward"] = self.engine.seconds["forward"]
-        self.stage_seconds["cam"] = time.perf_counter() - started - self.engine.seconds["forward"]
+        self.stage_seconds["forward"] = output.seconds["forward"]
+        self.stage_seconds["cam"] = time.perf_counter() - started - output.seconds["forward"]
         started = time.perf_counter()
         predictions = [
             [

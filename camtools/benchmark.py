@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from camserve.cam import METHODS, PERTURBATION_METHODS, CamEngine, CamRequest, GradCAM, normalize_map
+from camserve.cam import METHODS, CamEngine, CamRequest, Family, normalize_map
+from camserve.contract import WorkBudget
 from camserve.imaging import encode_image, resize_for_model
 from camserve.model import PRECISIONS, images_to_batch
 from camserve.pipeline import ExplanationService
 from camtools.archive import ServingConfig
+from camtools.gradcam import GradCAM
 from camtools.models import PreparedModel, prepare_model
 
 __all__ = ["BenchConfig", "run_benchmark", "sample_images", "write_reports"]
@@ -235,9 +237,10 @@ def _method_costs(model, spec, images, config: BenchConfig, device, timed) -> li
     """
     engine = CamEngine(model, input_size=spec.input_size)
     rows = []
-    for method in (m for m in METHODS if m != "sess"):  # 2 x 122 + 1 passes per image: counted, not timed
-        batch_size = 1 if method in PERTURBATION_METHODS else max(config.batch_sizes)
-        repeats = min(config.repeats, 2) if method in PERTURBATION_METHODS else config.repeats
+    for method in timed_methods(engine):
+        perturbation = METHODS[method].family is Family.PERTURBATION
+        batch_size = 1 if perturbation else max(config.batch_sizes)
+        repeats = min(config.repeats, 2) if perturbation else config.repeats
         batch = images_to_batch(
             [resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device
         )
@@ -258,6 +261,13 @@ def _method_costs(model, spec, images, config: BenchConfig, device, timed) -> li
             }
         )
     return rows
+
+
+def timed_methods(engine: CamEngine) -> list[str]:
+    """The methods the benchmark times: those that the default work budget serves (SESS's 2 x 122 + 1 passes per
+    image are counted, not timed)."""
+    budget = WorkBudget().max_forward_passes
+    return [name for name in METHODS if engine.forward_passes(CamRequest(method=name)) <= budget]
 
 
 def _service_for(model, spec, device) -> ExplanationService:

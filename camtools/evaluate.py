@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camserve.cam import METHODS, CamEngine, CamRequest, normalize_map
+from camserve.cam import METHODS, CamEngine, CamRequest, Classes, normalize_map
 from camserve.faithfulness import faithfulness
 from camserve.imaging import decode_image, resize_for_model
 from camserve.model import images_to_batch
@@ -115,7 +115,9 @@ def evaluate(
         batch = images_to_batch([resize_for_model(item.image, side) for item in chunk], spec)
         classes = torch.tensor([item.label for item in chunk])
         for (layer, method), score in scores.items():
-            output = engine(batch, [CamRequest(classes=[item.label], layer=layer, method=method) for item in chunk])
+            output = engine(
+                batch, [CamRequest(targets=Classes([item.label]), layer=layer, method=method) for item in chunk]
+            )
             p_x = output.logits.softmax(dim=1)[torch.arange(len(chunk)), classes]
             maps = torch.cat([normalize_map(m, (side, side)) for m in output.maps])
             for result in faithfulness(engine.logits, batch, maps, classes, p_x, steps=steps):

@@ -11,19 +11,22 @@ import torch
 from torch import nn
 
 from camserve.cam import (
-    GRADIENT_METHODS,
+    METHODS,
     CamEngine,
     CamRequest,
-    GradCAM,
+    Classes,
+    Family,
     LayerNotFoundError,
+    TopPredicted,
     default_layer,
     describe_layers,
-    finer_seeds,
     normalize_map,
-    spatial_layers,
     to_grid,
 )
+from camserve.cam.methods.gradient import finer_seeds
+from camtools.gradcam import GradCAM
 from tests.conftest import ROOT
+from tests.helpers import spatial_layers
 
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
 
@@ -218,7 +221,9 @@ SQUARE_CLASS0 = 2.5 * X[0, 0]  # Grad-CAM of TinySquareHead, class 0 (above)
 
 
 def explain_one(model, method: str, cls: int, layer: str = "features", **engine_args) -> torch.Tensor:
-    return CamEngine(model, **engine_args)(X, [CamRequest(classes=[cls], layer=layer, method=method)]).maps[0][0]
+    return CamEngine(model, **engine_args)(X, [CamRequest(targets=Classes([cls]), layer=layer, method=method)]).maps[0][
+        0
+    ]
 
 
 def test_hand_computed_every_gradient_method():
@@ -280,7 +285,7 @@ def test_scorecam_channel_cap_scores_the_most_active_channels():
     torch.testing.assert_close(capped, 2 * X[0, 0])
 
 
-@pytest.mark.parametrize("method", sorted(GRADIENT_METHODS))
+@pytest.mark.parametrize("method", sorted(m.name for m in METHODS.values() if m.family is Family.GRADIENT))
 def test_all_zero_gradients_give_zero_maps_for_every_method(method):
     model = TinyLinearHead()
     with torch.no_grad():
@@ -309,20 +314,7 @@ def reference_maps(peer_model, method: str, layer: str, images, classes) -> np.n
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    kind = {
-        "gradcam": pgc.GradCAM,
-        "gradcam++": pgc.GradCAMPlusPlus,
-        "xgradcam": pgc.XGradCAM,
-        "hirescam": pgc.HiResCAM,
-        "gradcam-elementwise": pgc.GradCAMElementWise,
-        "eigengradcam": pgc.EigenGradCAM,
-        "randomcam": pgc.RandomCAM,
-        "fem": pgc.FEM,
-        "kpcacam": pgc.KPCA_CAM,
-        "layercam": pgc.LayerCAM,
-        "eigencam": pgc.EigenCAM,
-        "scorecam": pgc.ScoreCAM,
-    }[method]
+    kind = getattr(pgc, METHODS[method].reference)
     targets = [ClassifierOutputTarget(c) for c in classes]
     return kind(model=peer_model, target_layers=[peer_model.get_submodule(layer)])(input_tensor=images, targets=targets)
 
@@ -352,7 +344,7 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, 
     torch.manual_seed(6)
     images = torch.randn(2, 3, 224, 224)
     classes = [281, 7]
-    out = CamEngine(resnet50)(images, [CamRequest(classes=[c], layer=layer, method=method) for c in classes])
+    out = CamEngine(resnet50)(images, [CamRequest(targets=Classes([c]), layer=layer, method=method) for c in classes])
     ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
     if method == "eigencam":
         # The SVD leaves the component's sign open; ours points it where the layer fires (see eigen_cam). Compare
@@ -405,7 +397,7 @@ def test_scorecam_matches_pytorch_grad_cam_with_every_channel(resnet50, peer_res
     image = torch.randn(1, 3, 224, 224)
     layer = "layer1.0.conv1"  # 64 channels: 64 forward passes on each side
     engine = CamEngine(resnet50, scorecam_channels=None)
-    out = engine(image, [CamRequest(classes=[281], layer=layer, method="scorecam")])
+    out = engine(image, [CamRequest(targets=Classes([281]), layer=layer, method="scorecam")])
     ours = normalize_map(out.maps[0], (224, 224)).numpy()
     assert np.abs(ours - reference_maps(peer_resnet50, "scorecam", layer, image, [281])).max() < 1e-3
 
@@ -414,9 +406,9 @@ def test_mixed_methods_layers_and_targets_in_one_batch(resnet50):
     torch.manual_seed(8)
     images = torch.randn(4, 3, 96, 96)
     requests = [
-        CamRequest(classes=[281, 3], layer="layer4", method="gradcam"),
-        CamRequest(top=3, layer="layer3", method="layercam"),
-        CamRequest(classes=[5], layer="layer2.1.conv2", method="gradcam++"),
+        CamRequest(targets=Classes([281, 3]), layer="layer4", method="gradcam"),
+        CamRequest(targets=TopPredicted(3), layer="layer3", method="layercam"),
+        CamRequest(targets=Classes([5]), layer="layer2.1.conv2", method="gradcam++"),
         CamRequest(layer="layer4", method="eigencam"),
     ]
     engine = CamEngine(resnet50)
@@ -462,7 +454,7 @@ def test_many_targets_on_one_image_repeat_only_the_network_after_the_layer(resne
     for every image; the maps equal each image explained alone."""
     torch.manual_seed(3)
     images = torch.randn(4, 3, 64, 64)
-    requests = [CamRequest(classes=[1, 2, 3, 4, 5], layer="layer4")] + [CamRequest(layer="layer4")] * 3
+    requests = [CamRequest(targets=Classes([1, 2, 3, 4, 5]), layer="layer4")] + [CamRequest(layer="layer4")] * 3
     engine = CamEngine(resnet50)
     engine.layers(images)  # the engine's one probe of the layers, before counting
     rows: dict[str, list[int]] = {"layer3": [], "fc": []}
@@ -492,7 +484,7 @@ def test_a_layer_inside_a_residual_block_falls_back_to_gradient_slots(resnet50):
     """Repeating rows inside a bottleneck would meet its unrepeated shortcut: the engine falls back, once."""
     torch.manual_seed(4)
     images = torch.randn(2, 3, 64, 64)
-    requests = [CamRequest(classes=[1, 2, 3], layer="layer3.1.conv2"), CamRequest(layer="layer3.1.conv2")]
+    requests = [CamRequest(targets=Classes([1, 2, 3]), layer="layer3.1.conv2"), CamRequest(layer="layer3.1.conv2")]
     engine = CamEngine(resnet50)
     out = engine(images, requests)
     assert engine._unexpandable == {frozenset({"layer3.1.conv2"})}
@@ -504,24 +496,27 @@ def test_a_layer_inside_a_residual_block_falls_back_to_gradient_slots(resnet50):
 def test_class_independent_methods_run_once_per_image(monkeypatch):
     """ScoreCAM's masked passes and EigenCAM's decomposition do not depend on the class: three targets cost what
     one does."""
-    import camserve.cam as cam
+    from dataclasses import replace as replace_record
+
+    from camserve.cam.methods import registry
 
     model = TinySquareHead()
     eigen_rows = []
-    original_eigen = cam.eigen_cam
-    monkeypatch.setitem(cam.ACTIVATION_METHODS, "eigencam", lambda a: eigen_rows.append(len(a)) or original_eigen(a))
+    record = registry.METHODS["eigencam"]
+    counting = replace_record(record, combine=lambda a: eigen_rows.append(len(a)) or record.combine(a))
+    monkeypatch.setitem(registry.METHODS, "eigencam", counting)
     engine = CamEngine(model, scorecam_channels=None, scorecam_batch=1)
     images = torch.cat([X, 2 * X])
-    out = engine(images, [CamRequest(classes=[0, 1, 0], method="eigencam", layer="features")] * 2)
+    out = engine(images, [CamRequest(targets=Classes([0, 1, 0]), method="eigencam", layer="features")] * 2)
     assert eigen_rows == [2]
     assert all(torch.equal(maps[0], maps[1]) for maps in out.maps)
     model.forward_calls = 0
-    out = engine(images, [CamRequest(classes=[0, 1, 1], method="scorecam", layer="features")] * 2)
+    out = engine(images, [CamRequest(targets=Classes([0, 1, 1]), method="scorecam", layer="features")] * 2)
     assert model.forward_calls == 1 + 2 * 2  # the batch, then 2 channels per image, once each
     for n in range(2):
         for t, c in enumerate([0, 1, 1]):
             alone = CamEngine(model, scorecam_channels=None)(
-                images[n : n + 1], [CamRequest(classes=[c], method="scorecam", layer="features")]
+                images[n : n + 1], [CamRequest(targets=Classes([c]), method="scorecam", layer="features")]
             )
             torch.testing.assert_close(out.maps[n][t], alone.maps[0][0])
 
@@ -603,7 +598,7 @@ def test_gradcam_matches_pytorch_grad_cam_at_each_familys_default_layer(arch, mo
     reference = ReferenceGradCAM(
         model=peer_model, target_layers=[peer_model.get_submodule(spec.default_layer)], reshape_transform=reshape
     )(input_tensor=images, targets=[ClassifierOutputTarget(t) for t in targets])
-    out = CamEngine(model, input_size=spec.input_size)(images, [CamRequest(classes=[t]) for t in targets])
+    out = CamEngine(model, input_size=spec.input_size)(images, [CamRequest(targets=Classes([t])) for t in targets])
     ours = np.stack([normalize_map(m, (spec.input_size,) * 2)[0].numpy() for m in out.maps])
     assert ours.max() > 0.5, "an all-zero map would match trivially"
     difference = float(np.abs(ours - reference).max())
@@ -616,7 +611,7 @@ def test_hand_computed_fem():
     # the 10 is above mean + 2 std: w_1 = 1/16. -x: nothing is above its threshold 2.79: w_2 = 0. map = x / 16.
     x = torch.ones(1, 1, 4, 4)
     x[0, 0, 1, 2] = 10.0
-    out = CamEngine(TinyLinearHead())(x, [CamRequest(classes=[0], layer="features", method="fem")])
+    out = CamEngine(TinyLinearHead())(x, [CamRequest(targets=Classes([0]), layer="features", method="fem")])
     torch.testing.assert_close(out.maps[0][0], x[0, 0] / 16)
 
 
@@ -654,7 +649,7 @@ def test_finercam_and_shapleycam_match_pytorch_grad_cam(resnet50, peer_resnet50,
     target = peer_resnet50.get_submodule(layer)
     engine = CamEngine(resnet50)
     for method in ("finercam", "shapleycam"):
-        out = engine(images, [CamRequest(classes=[c], layer=layer, method=method) for c in classes])
+        out = engine(images, [CamRequest(targets=Classes([c]), layer=layer, method=method) for c in classes])
         ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
         if method == "finercam":
             finer = FinerCAM(peer_resnet50, [target])
@@ -679,8 +674,8 @@ def test_shapleycam_matches_pytorch_grad_cam_where_the_network_is_curved():
     images = torch.randn(2, 3, 224, 224)
     layer = "features.6"
     engine = CamEngine(model)
-    out = engine(images, [CamRequest(classes=[1, 2], layer=layer, method="shapleycam")] * 2)
-    gradcam = engine(images, [CamRequest(classes=[1, 2], layer=layer, method="gradcam")] * 2)
+    out = engine(images, [CamRequest(targets=Classes([1, 2]), layer=layer, method="shapleycam")] * 2)
+    gradcam = engine(images, [CamRequest(targets=Classes([1, 2]), layer=layer, method="gradcam")] * 2)
     ours = np.stack([normalize_map(m, (224, 224)).numpy() for m in out.maps])
     difference = max(float((a - b).abs().max()) for a, b in zip(out.maps, gradcam.maps))
     assert difference > 0.1 * max(float(b.abs().max()) for b in gradcam.maps)  # the curvature term is not negligible
@@ -699,7 +694,9 @@ def test_shapleycam_runs_through_a_vit_attention_kernel():
     from camtools.models import prepare_model
 
     prepared = prepare_model(arch="vit_b_16", weights="random", seed=0)
-    out = CamEngine(prepared.model)(torch.randn(1, 3, 224, 224), [CamRequest(classes=[3], method="shapleycam")])
+    out = CamEngine(prepared.model)(
+        torch.randn(1, 3, 224, 224), [CamRequest(targets=Classes([3]), method="shapleycam")]
+    )
     assert out.maps[0].shape == (1, 14, 14) and torch.isfinite(out.maps[0]).all() and out.maps[0].max() > 0
 
 
@@ -724,7 +721,7 @@ def test_ablationcam_matches_pytorch_grad_cam_with_every_channel(layer):
     images = torch.randn(2, 3, 64, 64)
     classes = [0, 2]
     engine = CamEngine(model.requires_grad_(False), scorecam_channels=None, input_size=64)
-    out = engine(images, [CamRequest(classes=[c], layer=layer, method="ablationcam") for c in classes])
+    out = engine(images, [CamRequest(targets=Classes([c]), layer=layer, method="ablationcam") for c in classes])
     ours = np.stack([normalize_map(m, (64, 64))[0].numpy() for m in out.maps])
     peer = copy.deepcopy(model).requires_grad_(True)
     reference = AblationCAM(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
@@ -757,7 +754,7 @@ def test_eigen_smooth_matches_pytorch_grad_cam(resnet50, peer_resnet50, method, 
     images = torch.randn(2, 3, 224, 224)
     classes = [281, 7]
     for layer in ("layer4", "layer3"):
-        requests = [CamRequest(classes=[c], layer=layer, method=method, eigen_smooth=True) for c in classes]
+        requests = [CamRequest(targets=Classes([c]), layer=layer, method=method, eigen_smooth=True) for c in classes]
         out = CamEngine(resnet50)(images, requests)
         ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
         kind = {"gradcam": pgc.GradCAM, "layercam": pgc.LayerCAM, "hirescam": pgc.HiResCAM}[method]
@@ -777,7 +774,7 @@ def test_aug_smooth_matches_pytorch_grad_cam_and_costs_six_passes(resnet50, peer
     images = torch.randn(2, 3, 224, 224)
     classes = [281, 7]
     engine = CamEngine(resnet50)
-    requests = [CamRequest(classes=[c], layer="layer3", aug_smooth=True) for c in classes]
+    requests = [CamRequest(targets=Classes([c]), layer="layer3", aug_smooth=True) for c in classes]
     out = engine(images, requests)
     ours = np.stack([m[0].numpy() for m in out.maps])  # already at the input's size: the mean of normalised maps
     cam = pgc.GradCAM(model=peer_resnet50, target_layers=[peer_resnet50.get_submodule("layer3")])
@@ -802,7 +799,7 @@ def test_refinecam_matches_pytorch_grad_cam_over_the_layer_and_the_default_layer
     images = torch.randn(2, 3, 224, 224)
     classes = [281, 7]
     engine = CamEngine(resnet50)
-    out = engine(images, [CamRequest(classes=[c], layer=layer, method="refinecam") for c in classes])
+    out = engine(images, [CamRequest(targets=Classes([c]), layer=layer, method="refinecam") for c in classes])
     ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
     layers = [peer_resnet50.get_submodule(name) for name in (layer, "layer4")]
     reference = RefineCAM(peer_resnet50, layers)(images, [ClassifierOutputTarget(c) for c in classes])
@@ -810,8 +807,10 @@ def test_refinecam_matches_pytorch_grad_cam_over_the_layer_and_the_default_layer
     assert np.abs(ours - reference).max() < 1e-3
     assert engine.forward_passes(CamRequest(method="refinecam")) == 2
     # A plain request beside it in the batch is unchanged.
-    mixed = engine(images, [CamRequest(classes=[281], layer=layer, method="refinecam"), CamRequest(classes=[7])])
-    alone = engine(images[1:], [CamRequest(classes=[7])])
+    mixed = engine(
+        images, [CamRequest(targets=Classes([281]), layer=layer, method="refinecam"), CamRequest(targets=Classes([7]))]
+    )
+    alone = engine(images[1:], [CamRequest(targets=Classes([7]))])
     torch.testing.assert_close(mixed.maps[1], alone.maps[0], atol=1e-5, rtol=1e-4)
 
 
@@ -822,7 +821,10 @@ def test_fullgrad_matches_pytorch_grad_cam(resnet50, peer_resnet50):
     torch.manual_seed(15)
     images = torch.randn(2, 3, 224, 224)
     engine = CamEngine(resnet50)
-    out = engine(images, [CamRequest(classes=[281, 3], method="fullgrad"), CamRequest(classes=[7], method="fullgrad")])
+    out = engine(
+        images,
+        [CamRequest(targets=Classes([281, 3]), method="fullgrad"), CamRequest(targets=Classes([7]), method="fullgrad")],
+    )
     reference = {
         c: FullGrad(peer_resnet50, [])(images, [ClassifierOutputTarget(c)] * 2) for c in (281, 3, 7)
     }  # the peer ignores target_layers: every bias layer is used
@@ -833,8 +835,8 @@ def test_fullgrad_matches_pytorch_grad_cam(resnet50, peer_resnet50):
             assert np.abs(ours - reference[c][n]).max() < 1e-3, (n, c)
     assert all(p.grad is None for p in resnet50.parameters())
     # Beside other methods in one batch, each keeps its own answer.
-    mixed = engine(images, [CamRequest(classes=[7], method="fullgrad"), CamRequest(classes=[7])])
-    torch.testing.assert_close(mixed.maps[1], engine(images[1:], [CamRequest(classes=[7])]).maps[0])
+    mixed = engine(images, [CamRequest(targets=Classes([7]), method="fullgrad"), CamRequest(targets=Classes([7]))])
+    torch.testing.assert_close(mixed.maps[1], engine(images[1:], [CamRequest(targets=Classes([7]))]).maps[0])
 
 
 @pytest.mark.parametrize("layer", ["features.4", "features.2"])
@@ -849,7 +851,7 @@ def test_sess_matches_pytorch_grad_cam(layer):
     images = torch.randn(2, 3, 64, 64)
     classes = [0, 2]
     engine = CamEngine(model.requires_grad_(False), input_size=64)
-    out = engine(images, [CamRequest(classes=[c], layer=layer, method="sess") for c in classes])
+    out = engine(images, [CamRequest(targets=Classes([c]), layer=layer, method="sess") for c in classes])
     ours = np.stack([normalize_map(m, (64, 64))[0].numpy() for m in out.maps])
     peer = copy.deepcopy(model).requires_grad_(True)
     reference = SESS(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])

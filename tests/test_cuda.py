@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from camserve.cam import GradCAM, normalize_map
+from camserve.cam import normalize_map
+from camtools.gradcam import GradCAM
 from tests.conftest import encode
-from tests.test_handler import RecordingContext
+from tests.helpers import RecordingContext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,41 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
-from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
 
-from tests.conftest import ROOT, encode
-
-
-class RecordingContext(MockContext):
-    """MockContext plus the per-request response calls the handler makes, with TorchServe's own metrics cache
-    reading the shipped metrics.yaml (MockContext's older MetricsStore lacks metric types)."""
-
-    def __init__(self, model_dir) -> None:
-        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-        super().__init__(
-            model_pt_file=manifest["model"]["serializedFile"],
-            model_dir=str(model_dir),
-            model_file=None,
-            gpu_id=None,
-            model_name="resnet50",
-            model_yaml_config_file=manifest["model"]["configFile"],
-        )
-        self.manifest = manifest
-        self.model_name = "resnet50"
-        self.metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
-        self.metrics.initialize_cache()
-        self.metrics.model_name = "resnet50"
-        self.metrics.set_request_ids({0: "request-0"})
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
+from tests.conftest import encode
+from tests.helpers import RecordingContext
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +32,7 @@ def test_archive_holds_the_spec_config_and_the_runtime_package(unpacked_mar):
     spec = json.loads((unpacked_mar / "model_spec.json").read_text())
     assert len(spec["labels"]) == 1000 and spec["labels"][281] == "tabby" and spec["weights"] == "random"
     assert spec["default_layer"] == "layer4" and spec["input_size"] == 224
-    assert (unpacked_mar / "camserve" / "cam.py").is_file()
+    assert (unpacked_mar / "camserve" / "cam" / "methods" / "registry.py").is_file()
     assert not (unpacked_mar / "camtools").exists()
     config = (unpacked_mar / "model-config.yaml").read_text()
     assert "batchSize: 8" in config

@@ -1,0 +1,201 @@
+"""Layers and layouts: which modules of a model give a spatial map, how their outputs become (N, K, h, w) grids,
+and which layer a CAM explains by default."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LAYOUTS",
+    "LayerInfo",
+    "LayerNotFoundError",
+    "NoSpatialLayerError",
+    "default_layer",
+    "describe_layers",
+    "find_layer",
+    "forward_hooks",
+    "to_grid",
+]
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Forward hooks that live only for the duration of a ``with`` block, and are removed even on error."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class NoSpatialLayerError(ValueError):
+    """The model has no layer that a CAM could explain (no module gives a spatial map)."""
+
+
+class LayerNotFoundError(ValueError):
+    """The requested layer name does not name a usable layer of the model."""
+
+    def __init__(self, name: str, valid: Sequence[str]) -> None:
+        self.name = name
+        self.valid = list(valid)
+        if len(self.valid) <= 16:
+            accepted = f"one of {', '.join(self.valid)}"
+        else:
+            top_level = [layer for layer in self.valid if "." not in layer]
+            deepest = max(self.valid, key=lambda layer: layer.count("."))
+            accepted = f"one of {', '.join(top_level)} or a dotted submodule such as {deepest}"
+        super().__init__(f"layer must be a layer of the model that gives a spatial map, {accepted}; got {name!r}")
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule that the dotted ``name`` points at, or :class:`LayerNotFoundError`."""
+    try:
+        if name:
+            return model.get_submodule(name)
+    except AttributeError:
+        pass
+    raise LayerNotFoundError(name, [layer for layer, _ in model.named_modules() if layer])
+
+
+LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens")
+"""How a layer's output becomes the (N, K, h, w) grid that every method reads (the reshape-transform idea of
+pytorch-grad-cam, as a property of the layer):
+
+- ``nchw``: a convolutional map, as it is.
+- ``nhwc``: channels last (torchvision's Swin): ``A.permute(0, 3, 1, 2)``.
+- ``cls_tokens``: (N, 1 + h·w, K) tokens after a class token (ViT): drop token 0, reshape to (N, h, w, K), then
+  permute to (N, K, h, w).
+- ``tokens``: (N, h·w, K) tokens without a class token: the same reshape.
+
+The map is linear in the tokens, so gradients take the same reshape.
+"""
+
+
+def to_grid(tensor: Tensor, layout: str) -> Tensor:
+    """A layer's output (or its gradient) as an (N, K, h, w) grid; see :data:`LAYOUTS`."""
+    if layout == "nchw":
+        return tensor
+    if layout == "nhwc":
+        return tensor.permute(0, 3, 1, 2)
+    if layout in ("cls_tokens", "tokens"):
+        tokens = tensor[:, 1:] if layout == "cls_tokens" else tensor
+        side = math.isqrt(tokens.shape[1])
+        return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def _layout_of(shape: tuple[int, ...]) -> str | None:
+    """The layout of a one-image output ``shape`` probed with a square input, or None when it is no spatial map.
+
+    At a square input a spatial map is square: (1, K, s, s) is NCHW and (1, s, s, K) NHWC (K = s reads as NCHW).
+    (1, T, K) is a token map when T − 1 (after a class token) or T is a square of a side above 1.
+    """
+    if len(shape) == 4:
+        _, a, b, c = shape
+        if b == c > 1:
+            return "nchw"
+        if a == b > 1:
+            return "nhwc"
+        return None
+    if len(shape) == 3:
+        for layout, grid_tokens in (("cls_tokens", shape[1] - 1), ("tokens", shape[1])):
+            side = math.isqrt(max(grid_tokens, 0))
+            if side > 1 and side * side == grid_tokens:
+                return layout
+    return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What one probe forward pass shows of a module that runs once per pass."""
+
+    name: str
+    shape: tuple[int, ...]
+    """The raw output shape for one image; () when the output is not a tensor."""
+    layout: str | None
+    """How the output becomes a grid (:data:`LAYOUTS`); None: not a spatial map."""
+    grid: tuple[int, int, int] | None
+    """(K, h, w) of the grid."""
+    output_id: int
+    """Equal for modules that return the very same tensor (a container and its last child, an in-place op)."""
+    takes_image: bool
+    """The module's input is the network's input: it is the whole trunk, not a layer of it."""
+
+
+def describe_layers(model: nn.Module, image_size: int = 224, image: Tensor | None = None) -> dict[str, LayerInfo]:
+    """The modules that run exactly once in a forward pass of one image, in the order they finish, with their
+    output's layout (ResNet's shared ``relu`` runs several times and is left out). The image is ``image`` (one
+    square image's batch, e.g. ``zeros_like(batch[:1])``) or else an RGB ``image_size`` square of zeros."""
+    calls: dict[str, list[tuple[tuple[int, ...], Tensor | None, bool]]] = {}
+    order: list[str] = []
+    if image is None:
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        image = torch.zeros(1, 3, image_size, image_size, device=device)
+
+    def record(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            tensor = output if isinstance(output, Tensor) else None
+            takes_image = bool(inputs) and inputs[0] is image
+            if name not in calls:
+                order.append(name)
+            calls.setdefault(name, []).append((tuple(tensor.shape) if tensor is not None else (), tensor, takes_image))
+
+        return hook
+
+    with forward_hooks((module, record(name)) for name, module in model.named_modules() if name), torch.no_grad():
+        model(image)
+    layers = {}
+    for name in order:
+        if len(calls[name]) != 1:
+            continue
+        shape, tensor, takes_image = calls[name][0]
+        layout = _layout_of(shape) if shape else None
+        grid = tuple(to_grid(torch.empty(shape, device="meta"), layout).shape[1:]) if layout else None
+        layers[name] = LayerInfo(name, shape, layout, grid, id(tensor) if tensor is not None else -1, takes_image)
+    return layers
+
+
+def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, LayerInfo] | None = None) -> str:
+    """The layer a CAM explains by default, found from the model itself, as pytorch-grad-cam recommends per family.
+
+    - Token models (a ViT's ``cls_tokens``, a Swin's ``nhwc`` maps): the first LayerNorm of the last block that
+      has two of them, ``encoder.layers.encoder_layer_11.ln_1`` or ``features.7.1.norm1``. A ViT's last block
+      output carries no patch gradient (only the class token reaches the head).
+    - Otherwise, the last spatial map before global pooling: among the modules that return that very tensor,
+      the shallowest that is a single stage (at most one change of resolution inside it) and not the whole trunk
+      (its input is not the image): ``layer4`` of a ResNet, ``features.7`` of a ConvNeXt, ``features.norm5`` of a
+      DenseNet, ``trunk_output.block4`` of a RegNet. Adaptive pooling to a fixed size (VGG's ``avgpool``) does
+      not count as the last map.
+    """
+    layers = describe_layers(model, image_size) if layers is None else layers
+    spatial = [info for info in layers.values() if info.layout]
+    if not spatial:
+        raise NoSpatialLayerError("the model has no layer that gives a spatial map: nothing to explain")
+    modules = dict(model.named_modules())
+    norms: dict[str, list[str]] = {}
+    for info in spatial:
+        if info.layout != "nchw" and isinstance(modules[info.name], nn.LayerNorm):
+            norms.setdefault(info.name.rpartition(".")[0], []).append(info.name)
+    blocks = [names for names in norms.values() if len(names) >= 2]
+    if blocks:
+        return blocks[-1][0]
+    pooling = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    maps = [info for info in spatial if not isinstance(modules[info.name], pooling)] or spatial
+    last = maps[-1]
+    same = [info for info in maps if info.output_id == last.output_id and not info.takes_image] or [last]
+
+    def resolutions(name: str) -> int:
+        inside = {info.grid[1:] for info in spatial if info.name.startswith(name + ".")}
+        return len(inside | {layers[name].grid[1:]})
+
+    stages = [info for info in same if resolutions(info.name) <= 2] or same
+    depth = min(info.name.count(".") for info in stages)
+    return [info.name for info in stages if info.name.count(".") == depth][-1]

@@ -1,0 +1,190 @@
+"""Every CAM method as one record, in one registry. Dispatch, the work budget, the ``method`` option's accepted
+values, the CLIs' choices, the docs' methods table and the parity tests all read :data:`METHODS`.
+
+A record says what a method needs (gradients, activations alone, extra forward passes, its own autograd pass),
+how it combines them, what a request costs, and whether it shares the batch's forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from functools import partial
+from typing import TYPE_CHECKING
+
+from camserve.cam.methods import activation, composite, gradient, perturbation
+from camserve.cam.targets import TopPredicted
+
+if TYPE_CHECKING:
+    from camserve.cam.engine import CamEngine, CamRequest
+
+__all__ = ["DEFAULT_METHOD", "Family", "METHODS", "Method", "method_record"]
+
+
+class Family(StrEnum):
+    """What a method reads, as torchcam splits its methods."""
+
+    GRADIENT = "gradient"
+    """The layer's activations and the gradient of the explained scalar with respect to them."""
+    ACTIVATION = "activation"
+    """The layer's activations alone: one map per image, whatever the class."""
+    PERTURBATION = "perturbation"
+    """The activations, scored by extra forward passes of the network (one per scored channel)."""
+    COMPOSITE = "composite"
+    """Other methods' maps, or the whole network's gradients in a pass of its own."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One CAM method."""
+
+    name: str
+    """The ``method`` option's value."""
+    family: Family
+    title: str
+    """The method and its paper, as the docs cite it."""
+    reference: str
+    """The pytorch-grad-cam class it is matched to in the parity tests."""
+    combine: Callable | None = None
+    """Gradient family: (A, g) → each channel's contribution; activation family: A → contributions or the map;
+    perturbation family: (engine, :class:`~camserve.cam.methods.perturbation.Scoring`) → contributions."""
+    second_order: bool = False
+    """Its gradient is g − ½·H·A, from a second differentiation (ShapleyCAM)."""
+    seeds: Callable | None = None
+    """Its own scalar in place of the task's: (output rows, classes) → ∂scalar/∂outputs (Finer-CAM)."""
+    parts: Callable[[CamRequest, str], list[CamRequest]] | None = None
+    """Composite methods that share the forward pass: the requests whose maps it combines, given the request and
+    the model's default layer."""
+    merge: Callable | None = None
+    """With ``parts``: (the parts' maps, the input's size) → the map."""
+    run_apart: Callable[[CamEngine, object, Sequence[CamRequest]], object] | None = None
+    """Methods that cannot share the batch's forward pass: (engine, images, requests) → their output."""
+    apart_passes: Callable[[CamEngine], int] | None = None
+    """With ``run_apart``: the forward passes one image's request costs."""
+
+    @property
+    def shares_forward_pass(self) -> bool:
+        return self.run_apart is None
+
+    @property
+    def needs(self) -> str:
+        """What it needs, in words, for the docs."""
+        if self.run_apart is not None:
+            return "its own forward and autograd passes"
+        if self.family is Family.PERTURBATION:
+            return "activations; one forward pass per scored channel"
+        if self.parts is not None:
+            return "its parts' rows in the shared forward pass, with gradients"
+        if self.family is Family.ACTIVATION:
+            return "activations only"
+        return "activations and a second-order gradient" if self.second_order else "activations and gradients"
+
+    def forward_passes(self, engine: CamEngine, request: CamRequest) -> int:
+        """The forward passes one image's ``request`` costs: 1 for most methods; a perturbation method's 1 plus one
+        per scored channel; a composite's per part; its own count for a method that runs apart. ``aug_smooth``
+        multiplies a method that shares the forward pass by its 6 copies, plus one pass to rank the classes when
+        the request names none."""
+        if self.run_apart is not None:
+            return self.apart_passes(engine)
+        passes = 1
+        if self.family is Family.PERTURBATION:
+            channels = engine.spatial_layer(request.layer).grid[0]
+            passes += perturbation.scored_channels(engine, channels)
+        if self.parts is not None:
+            passes = len(self.parts(request, engine.default_layer))
+        if request.aug_smooth:
+            passes = len(composite.AUGMENTATIONS) * passes + isinstance(request.targets, TopPredicted)
+        return passes
+
+
+def _gradient(name: str, title: str, reference: str, combine: Callable, **extra) -> Method:
+    return Method(name, Family.GRADIENT, title, reference, combine, **extra)
+
+
+def _activation(name: str, title: str, reference: str, combine: Callable) -> Method:
+    return Method(name, Family.ACTIVATION, title, reference, combine)
+
+
+DEFAULT_METHOD = "gradcam"
+_REFINE_INNER = "gradcam++"
+_SESS_INNER = DEFAULT_METHOD
+
+
+def _refine_parts(request: CamRequest, default_layer: str) -> list[CamRequest]:
+    return [replace(request, method=_REFINE_INNER), replace(request, method=_REFINE_INNER, layer=default_layer)]
+
+
+_RECORDS = (
+    _gradient(DEFAULT_METHOD, "Grad-CAM (Selvaraju et al., ICCV 2017)", "GradCAM", gradient.grad_cam),
+    _gradient(
+        _REFINE_INNER, "Grad-CAM++ (Chattopadhay et al., WACV 2018)", "GradCAMPlusPlus", gradient.grad_cam_plus_plus
+    ),
+    _gradient("xgradcam", "XGrad-CAM (Fu et al., BMVC 2020)", "XGradCAM", gradient.x_grad_cam),
+    _gradient("hirescam", "HiResCAM (Draelos & Carin, 2020)", "HiResCAM", gradient.hires_cam),
+    _gradient("layercam", "LayerCAM (Jiang et al., TIP 2021)", "LayerCAM", gradient.layer_cam),
+    _gradient(
+        "gradcam-elementwise",
+        "Element-wise Grad-CAM (pytorch-grad-cam)",
+        "GradCAMElementWise",
+        gradient.grad_cam_elementwise,
+    ),
+    _gradient("eigengradcam", "EigenGrad-CAM (pytorch-grad-cam)", "EigenGradCAM", gradient.eigen_grad_cam),
+    _gradient(
+        "finercam", "Finer-CAM (Zhang et al., CVPR 2025)", "FinerCAM", gradient.grad_cam, seeds=gradient.finer_seeds
+    ),
+    _gradient("shapleycam", "ShapleyCAM (Cai et al., 2025)", "ShapleyCAM", gradient.grad_cam, second_order=True),
+    _activation("eigencam", "EigenCAM (Muhammad & Yeasin, IJCNN 2020)", "EigenCAM", activation.eigen_cam),
+    _activation("kpcacam", "KPCA-CAM (Karmani et al., 2024)", "KPCA_CAM", activation.kpca_cam),
+    _activation("fem", "FEM (Fuad et al., IPTA 2020)", "FEM", activation.fem),
+    _activation("randomcam", "RandomCAM, a baseline (pytorch-grad-cam)", "RandomCAM", activation.random_cam),
+    Method(
+        "scorecam",
+        Family.PERTURBATION,
+        "Score-CAM (Wang et al., CVPRW 2020)",
+        "ScoreCAM",
+        perturbation.score_cam,
+    ),
+    Method(
+        "ablationcam",
+        Family.PERTURBATION,
+        "Ablation-CAM (Desai & Ramaswamy, WACV 2020)",
+        "AblationCAM",
+        perturbation.ablation_cam,
+    ),
+    Method(
+        "refinecam",
+        Family.COMPOSITE,
+        "RefineCAM (pytorch-grad-cam): Grad-CAM++ at the layer times at the default layer",
+        "RefineCAM",
+        parts=_refine_parts,
+        merge=composite.refine,
+    ),
+    Method(
+        "fullgrad",
+        Family.COMPOSITE,
+        "FullGrad (Srinivas & Fleuret, NeurIPS 2019)",
+        "FullGrad",
+        run_apart=composite.full_grad,
+        apart_passes=lambda engine: 1,
+    ),
+    Method(
+        "sess",
+        Family.COMPOSITE,
+        "SESS (Tursun et al., 2022)",
+        "SESS",
+        run_apart=partial(composite.sess, inner=_SESS_INNER),
+        apart_passes=lambda engine: 2 * composite.sess_windows(engine.input_size) + 1,
+    ),
+)
+
+METHODS: dict[str, Method] = {record.name: record for record in _RECORDS}
+"""Every method the engine takes, by name, in the order the docs list them."""
+
+
+def method_record(name: str) -> Method:
+    """The record of the method ``name``, or a ValueError that lists every method."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {name!r}") from None

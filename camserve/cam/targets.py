@@ -1,0 +1,71 @@
+"""What an explanation explains: typed targets, and the scalar of the model's output that it differentiates.
+
+A request names its targets as :class:`Classes` (these, in order) or :class:`TopPredicted` (the image's r highest
+outputs). The engine turns each (image, target) pair into a scalar of the model's output through an
+:data:`Objective`, a function of the output rows and the pairs' classes, as pytorch-grad-cam's and torchcam's
+targets are callables of the output. :func:`logit` is the raw class logit y_c that Grad-CAM differentiates; a task
+with another scalar (a sigmoid class, a single logit or its negation, a regression output) gives its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Classes", "Objective", "Target", "TopPredicted", "logit", "objective_seeds"]
+
+
+@dataclass(frozen=True)
+class Classes:
+    """Explain these output indices, in this order, each with its own map."""
+
+    indices: tuple[int, ...]
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        object.__setattr__(self, "indices", tuple(int(index) for index in indices))
+        if not self.indices:
+            raise ValueError("Classes needs at least one index to explain")
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
+class TopPredicted:
+    """Explain the image's ``count`` highest outputs, the highest first."""
+
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"TopPredicted needs a count of at least 1, got {self.count}")
+
+
+Target = Classes | TopPredicted
+
+Objective = Callable[[Tensor, Tensor], Tensor]
+"""``objective(outputs, classes)``: for P pairs, the (P, C) output rows of each pair's image and the (P,) classes,
+the (P,) scalars that the explanations differentiate."""
+
+
+def logit(outputs: Tensor, classes: Tensor) -> Tensor:
+    """The raw class logit y_c (pytorch-grad-cam's ``ClassifierOutputTarget``)."""
+    return outputs.gather(1, classes[:, None]).squeeze(1)
+
+
+def objective_seeds(objective: Objective, outputs: Tensor, classes: Tensor) -> Tensor:
+    """∂objective/∂outputs for each pair, (P, C): the gradient each pair's backward pass starts from.
+
+    For :func:`logit` that is one-hot, built directly; any other objective is differentiated on the detached
+    output rows alone, which costs nothing beside the network's backward pass."""
+    if objective is logit:
+        return F.one_hot(classes, outputs.shape[1]).to(outputs.dtype)
+    with torch.enable_grad():
+        rows = outputs.detach().float().requires_grad_(True)
+        (seeds,) = torch.autograd.grad(objective(rows, classes).sum(), rows)
+    return seeds.to(outputs.dtype)
