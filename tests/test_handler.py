@@ -133,3 +133,25 @@ def test_nothing_escapes_handle_and_a_500_carries_its_request_id(served, chelsea
     context = RecordingContext(model_dir)
     responses = [json.loads(body) for body in handler.handle(rows[:1], context)]
     assert context.statuses == {0: (500, "Internal Server Error")} and responses[0]["type"] == "InternalError"
+
+
+def test_a_fresh_worker_answers_a_lone_fullgrad_request_with_real_timings(unpacked_mar, chelsea):
+    """FullGrad runs apart from the shared forward pass: a batch of it alone, first on a new worker, once raised a
+    KeyError (the timings were set only by the shared pass) and then reported the previous batch's."""
+    sys.path.insert(0, str(unpacked_mar))
+    try:
+        from gradcam_handler import GradCamHandler
+
+        handler = GradCamHandler()
+        context = RecordingContext(unpacked_mar)
+        handler.initialize(context)
+        rows = [{"data": bytearray(encode(chelsea, "PNG")), "method": b"fullgrad", "target": b"281"}]
+        (body,) = handler.handle(rows, context)
+    finally:
+        sys.path.remove(str(unpacked_mar))
+    response = json.loads(body)
+    assert context.statuses == {}  # no error status set: 200
+    assert [(e["method"], e["index"]) for e in response["explanations"]] == [("fullgrad", 281)]
+    seconds = handler.service.stage_seconds
+    assert set(seconds) == {"decode", "forward", "cam", "encode"}
+    assert 0 < seconds["forward"] < 10 and 0 < seconds["cam"] < 10  # FullGrad's own pass, then its gradients
