@@ -19,8 +19,9 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 import camserve
+from camserve import settings as serving
+from camserve.api import WorkBudget, is_envelope_instance, is_v2_input
 from camserve.cam import CamEngine
-from camserve.contract import WorkBudget, is_envelope_instance, is_v2_input
 from camserve.imaging import DecodeLimits
 from camserve.model import autocast_dtype, channels_last_from, load_model, select_device
 from camserve.pipeline import ExplanationService, RowResult, internal_error
@@ -81,7 +82,7 @@ class GradCamHandler(BaseHandler):
             engine=CamEngine(
                 model,
                 autocast_dtype=precision,
-                scorecam_channels=int(settings.get("scorecam_channels", 64)),
+                scorecam_channels=int(settings.get("scorecam_channels", serving.SCORECAM_CHANNELS)),
                 input_size=spec.input_size,
                 default_layer=spec.default_layer,
             ),

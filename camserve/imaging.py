@@ -11,6 +11,7 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from camserve import settings
 from camserve.errors import ClientError
 
 __all__ = [
@@ -52,9 +53,9 @@ ACCEPTED_INPUTS = "JPEG, PNG, WebP, GIF (first frame), TIFF (first page) or BMP"
 class DecodeLimits:
     """What an upload may be. Checked on the byte count and the header, before any pixel is decoded."""
 
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    min_side: int = 16
+    max_bytes: int = settings.MAX_IMAGE_BYTES
+    max_pixels: int = settings.MAX_IMAGE_PIXELS
+    min_side: int = settings.MIN_IMAGE_SIDE
 
 
 @dataclass(frozen=True)

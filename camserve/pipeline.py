@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from camserve.cam import CamEngine, CamRequest, Classes, LayerNotFoundError, TopPredicted, normalize_map
-from camserve.contract import (
+from camserve.api import (
     DEFAULT_TOPK,
     ExplainOptions,
     ExplainResponse,
@@ -30,6 +29,7 @@ from camserve.contract import (
     WorkBudget,
     parse_request,
 )
+from camserve.cam import CamEngine, CamRequest, Classes, LayerNotFoundError, TopPredicted, normalize_map
 from camserve.errors import ClientError
 from camserve.faithfulness import Faithfulness, faithfulness
 from camserve.faithfulness import forward_passes as faithfulness_passes
@@ -184,10 +184,9 @@ class ExplanationService:
         opened = open_image(request.image, self.limits)
         output = self.budget.output_size(opened.width, opened.height, options.max_side)
         explanations = len(options.target) if options.target is not None else options.explain
-        passes = self.engine.forward_passes(cam_request(options))
-        if options.faithfulness:
-            passes += explanations * faithfulness_passes(options.faithfulness_steps)
-        self.budget.check(explanations, output, passes)
+        measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
+        method_passes = self.engine.forward_passes(cam_request(options))
+        self.budget.check(explanations, output, options.method, method_passes, measuring)
         side = self.spec.input_size
         rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
         return PreparedRequest(

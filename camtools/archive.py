@@ -16,7 +16,8 @@ import torch
 import yaml
 
 import camserve
-from camserve.contract import WorkBudget
+from camserve import settings
+from camserve.api import WorkBudget
 from camserve.spec import SPEC_FILE
 from camtools.models import PreparedModel
 
@@ -48,26 +49,21 @@ def worker_requirements(requirements: Path = REQUIREMENTS) -> str:
 class ServingConfig:
     """What goes into the archive's model-config.yaml.
 
-    The defaults come from ``scripts/bench.py`` on two CPU cores (README, "Performance"): one worker, because a
-    single worker already spreads each batch over every core with torch's intra-op threads (two workers of one
-    thread each served no more images per second, and a lone request took half as long again); batches of up to
-    8, so that concurrent requests share one forward pass; a 1 ms batch delay: a lone request waits 4 ms less than
-    at 5 ms, and under load the queue fills the batches anyway, as fast at either delay; channels_last from batches
-    of 4 images, where it is 1.1-1.2x faster, while at one image it is 1.1-1.2x slower. On a GPU raise the batch
-    size and measure the delay there.
+    The defaults are :mod:`camserve.settings`', measured with ``scripts/bench.py`` (docs/performance.md). On a GPU
+    raise the batch size and measure the delay there.
     """
 
-    batch_size: int = 8
-    max_batch_delay_ms: int = 1
-    workers: int = 1
-    response_timeout_s: int = 120
-    scorecam_channels: int = 64
-    precision: str = "fp32"
-    channels_last: int = 4
+    batch_size: int = settings.BATCH_SIZE
+    max_batch_delay_ms: int = settings.MAX_BATCH_DELAY_MS
+    workers: int = settings.WORKERS
+    response_timeout_s: int = settings.RESPONSE_TIMEOUT_S
+    scorecam_channels: int = settings.SCORECAM_CHANNELS
+    precision: str = settings.PRECISION
+    channels_last: int = settings.CHANNELS_LAST_FROM
     """The smallest batch that runs channels_last (1: every batch, 0: none); see
     :func:`camserve.model.channels_last_from`."""
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = settings.MAX_IMAGE_BYTES
+    max_image_pixels: int = settings.MAX_IMAGE_PIXELS
     budget: WorkBudget = WorkBudget()
 
     def model_config(self) -> dict[str, object]:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from camserve.api import WorkBudget
 from camserve.cam import METHODS, CamEngine, CamRequest, Family, normalize_map
-from camserve.contract import WorkBudget
 from camserve.imaging import encode_image, resize_for_model
 from camserve.model import PRECISIONS, images_to_batch
 from camserve.pipeline import ExplanationService

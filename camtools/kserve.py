@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from camserve import settings
+
 __all__ = ["ENVELOPES", "kserve_config", "write_kserve_storage"]
 
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
@@ -42,8 +44,8 @@ def kserve_config(protocol: str, model_name: str, workers: int = 1, batch_size: 
                     "minWorkers": workers,
                     "maxWorkers": workers,
                     "batchSize": batch_size,
-                    "maxBatchDelay": 5,
-                    "responseTimeout": 120,
+                    "maxBatchDelay": settings.MAX_BATCH_DELAY_MS,
+                    "responseTimeout": settings.RESPONSE_TIMEOUT_S,
                 }
             }
         },
@@ -63,8 +65,8 @@ def kserve_config(protocol: str, model_name: str, workers: int = 1, batch_size: 
             "enable_model_api=false",
             f"service_envelope={ENVELOPES[protocol]}",
             "metrics_mode=prometheus",
-            "max_request_size=26214400",
-            "max_response_size=104857600",
+            f"max_request_size={settings.MAX_REQUEST_BYTES}",
+            f"max_response_size={settings.MAX_RESPONSE_BYTES}",
             "model_store=/mnt/models/model-store",
             f"model_snapshot={json.dumps(snapshot, separators=(',', ':'))}",
             "",

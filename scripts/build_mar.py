@@ -16,7 +16,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from camserve.contract import WorkBudget
+from camserve.api import WorkBudget
 from camtools.archive import ServingConfig, build_archive
 from camtools.models import add_model_arguments, model_for_cli
 
@@ -30,6 +30,13 @@ BUDGET_HELP = {
 }
 
 
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = ServingConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,17 +48,23 @@ def main(argv: list[str] | None = None) -> int:
         "--export-path", default=str(ROOT / "model_store"), help="where the .mar goes (default: model_store/)"
     )
     parser.add_argument("--version", default="1.0", help="the model version responses report (default: 1.0)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds")
-    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     parser.add_argument(
-        "--max-image-bytes", type=int, default=defaults.max_image_bytes, help="largest upload, checked before decoding"
+        "--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="milliseconds (default: %(default)s)"
+    )
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=defaults.max_image_bytes,
+        help="largest upload, checked before decoding (default: %(default)s)",
     )
     parser.add_argument(
         "--max-image-pixels",
         type=int,
         default=defaults.max_image_pixels,
-        help="largest width x height an image may declare, checked from its header before decoding",
+        help="largest width x height an image may declare, checked from its header before decoding "
+        "(default: %(default)s)",
     )
     for item in fields(WorkBudget):  # --max-side, --max-output-pixels, --max-forward-passes, --max-response-bytes
         parser.add_argument(
@@ -62,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     parser.add_argument(
         "--scorecam-channels",
-        type=int,
+        type=positive_integer,
         default=defaults.scorecam_channels,
-        help="channels ScoreCAM scores per map, one forward pass each (default: 64)",
+        help="channels ScoreCAM and Ablation-CAM score per map, one forward pass each (default: %(default)s)",
     )
     parser.add_argument(
         "--precision",

@@ -12,18 +12,44 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import urllib.error
 import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from camserve import settings
+from camserve.cam import METHODS
+
 WEB = Path(__file__).resolve().parent.parent / "web"
 FORWARDED = ("/predictions/", "/explanations/")
-MAX_BODY = 26 * 1024 * 1024
+MAX_BODY = settings.MAX_REQUEST_BYTES
+
+
+def served_methods(input_size: int = 224) -> list[dict[str, str]]:
+    """The methods an archive built with the default work budget serves, from the registry: those that share the
+    forward pass (a perturbation method's scored channels fit the default budget), and those that run apart where
+    their passes at ``input_size`` fit it (not SESS's 2 x 122 + 1)."""
+    return [
+        {"name": record.name, "family": str(record.family), "title": record.title, "needs": record.needs}
+        for record in METHODS.values()
+        if record.shares_forward_pass or record.apart_passes(input_size) <= settings.MAX_FORWARD_PASSES
+    ]
 
 
 class PageHandler(SimpleHTTPRequestHandler):
-    upstream = "http://127.0.0.1:8080"
+    upstream = f"http://127.0.0.1:{settings.INFERENCE_PORT}"
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+        if self.path.split("?")[0] != "/methods.json":
+            super().do_GET()
+            return
+        body = json.dumps(served_methods()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_POST(self) -> None:  # noqa: N802 - the http.server naming
         length = int(self.headers.get("Content-Length", 0))
@@ -51,8 +77,10 @@ class PageHandler(SimpleHTTPRequestHandler):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bind", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--upstream", default="http://127.0.0.1:8080", help="TorchServe's inference address")
+    parser.add_argument("--port", type=int, default=settings.PAGE_PORT, help="(default: %(default)s)")
+    parser.add_argument(
+        "--upstream", default=PageHandler.upstream, help="TorchServe's inference address (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     PageHandler.upstream = args.upstream.rstrip("/")
     server = ThreadingHTTPServer((args.bind, args.port), functools.partial(PageHandler, directory=str(WEB)))

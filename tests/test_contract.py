@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from camserve.contract import (
+from camserve.api import (
     MAX_TOPK,
     OPTION_NAMES,
     ExplainOptions,

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -549,6 +550,16 @@ def page_server(server):
         process.wait(timeout=10)
 
 
+def served_methods() -> list[dict[str, str]]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import serve_page
+
+        return serve_page.served_methods()
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is missing: apt-get install chromium (.ci/run installs it)")
 def test_page_explains_an_uploaded_image_in_headless_chromium(server, page_server, chelsea, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -560,6 +571,9 @@ def test_page_explains_an_uploaded_image_in_headless_chromium(server, page_serve
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(page_server)
+            page.wait_for_function("document.querySelectorAll('#method option').length > 1", timeout=10_000)
+            offered = page.eval_on_selector_all("#method option", "options => options.map(o => o.value)")
+            assert offered == [method["name"] for method in served_methods()] and "sess" not in offered
             page.fill("#token", server.keys["inference"])
             page.set_input_files(
                 "#image", files=[{"name": "cat.png", "mimeType": "image/png", "buffer": encode(chelsea, "PNG")}]
@@ -582,6 +596,7 @@ def test_page_explains_an_uploaded_image_in_headless_chromium(server, page_serve
             assert alpha0 == original and blended != original  # the slider re-blends: alpha 0 is the photo alone
             assert page.locator("#bars .bar").count() == 5
             assert "tabby" in page.inner_text("#overlay-caption")
+            assert page.inner_text("#heading") == "resnet50 (resnet50): class activation maps"
             assert "random weights" in page.inner_text("#status")
             page.eval_on_selector("#alpha", "e => { e.value = '0.5'; e.dispatchEvent(new Event('input')); }")
             assert page.evaluate(pixels)[2] == blended
@@ -659,7 +674,7 @@ def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chel
     adversarial request is answered or refused with a 4xx, every good one is answered, and the worker is kept."""
     import random
 
-    from camserve.contract import OPTION_NAMES
+    from camserve.api import OPTION_NAMES
 
     rng = random.Random(10)
     pieces = ["0", "7", "19", "\u0663", "\uff13", "+", "-", ".", "e", "_", " ", ",", "[", "]", "9" * 400]

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import camserve.pipeline as pipeline
-from camserve.cam import CamEngine, describe_layers
-from camserve.contract import OPTION_NAMES, WorkBudget
+from camserve.api import OPTION_NAMES, WorkBudget
+from camserve.cam import METHODS, CamEngine, CamRequest, describe_layers
 from camserve.pipeline import ExplanationService
 from camserve.spec import ModelSpec
 from tests.conftest import encode
@@ -225,9 +225,25 @@ def test_a_request_over_the_pixel_budget_is_refused_before_decoding_with_how_to_
 def test_scorecam_over_the_forward_pass_budget_is_refused():
     service = make_service(budget=WorkBudget(max_forward_passes=5))  # layer4 has 8 channels: 9 passes
     (result,) = service.answer([{"data": bytearray(picture()), "method": b"scorecam"}])
-    assert result.status == 400 and "needs 9 forward passes; at most 5" in result.body["message"]
+    message = result.body["message"]
+    assert result.status == 400 and "needs 9 forward passes (scorecam: 9); at most 5 are run" in message
+    assert "--max-forward-passes 9 or more" in message
+    one_pass = message[message.index("costs one pass (") + len("costs one pass (") : message.index(")", 80)]
+    assert one_pass.split(", ") == [name for name, record in METHODS.items() if record.one_pass]
+    assert "gradcam" in one_pass and "scorecam" not in one_pass and "sess" not in one_pass
     (fine,) = service.answer([{"data": bytearray(picture()), "method": b"gradcam"}])
     assert fine.status == 200
+
+
+def test_sess_on_the_default_budget_is_refused_with_the_flag_that_fits_it():
+    service = make_service()  # 16-pixel input: 2 x 122 + 1 passes, over the default 100
+    (result,) = service.answer([{"data": bytearray(picture()), "method": b"sess"}])
+    passes = service.engine.forward_passes(CamRequest(method="sess"))
+    assert passes > WorkBudget().max_forward_passes
+    assert result.status == 400 and f"--max-forward-passes {passes} or more" in result.body["message"]
+    (faithful,) = service.answer([{"data": bytearray(picture()), "faithfulness": b"true", "faithfulness_steps": b"64"}])
+    assert faithful.status == 400 and "faithfulness: 129" in faithful.body["message"]
+    assert "fewer faithfulness_steps or no faithfulness" in faithful.body["message"]
 
 
 def test_a_response_over_the_size_limit_is_refused_for_that_request_alone():

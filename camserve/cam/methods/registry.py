@@ -60,12 +60,17 @@ class Method:
     """With ``parts``: (the parts' maps, the input's size) → the map."""
     run_apart: Callable[[CamEngine, object, Sequence[CamRequest]], object] | None = None
     """Methods that cannot share the batch's forward pass: (engine, images, requests) → their output."""
-    apart_passes: Callable[[CamEngine], int] | None = None
-    """With ``run_apart``: the forward passes one image's request costs."""
+    apart_passes: Callable[[int], int] | None = None
+    """With ``run_apart``: the forward passes one image's request costs, given the model's input side."""
 
     @property
     def shares_forward_pass(self) -> bool:
         return self.run_apart is None
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether a plain request (no ``aug_smooth``) costs the one shared forward pass and nothing more."""
+        return self.run_apart is None and self.parts is None and self.family is not Family.PERTURBATION
 
     @property
     def needs(self) -> str:
@@ -86,7 +91,7 @@ class Method:
         multiplies a method that shares the forward pass by its 6 copies, plus one pass to rank the classes when
         the request names none."""
         if self.run_apart is not None:
-            return self.apart_passes(engine)
+            return self.apart_passes(engine.input_size)
         passes = 1
         if self.family is Family.PERTURBATION:
             channels = engine.spatial_layer(request.layer).grid[0]
@@ -166,7 +171,7 @@ _RECORDS = (
         "FullGrad (Srinivas & Fleuret, NeurIPS 2019)",
         "FullGrad",
         run_apart=composite.full_grad,
-        apart_passes=lambda engine: 1,
+        apart_passes=lambda side: 1,
     ),
     Method(
         "sess",
@@ -174,7 +179,7 @@ _RECORDS = (
         "SESS (Tursun et al., 2022)",
         "SESS",
         run_apart=partial(composite.sess, inner=_SESS_INNER),
-        apart_passes=lambda engine: 2 * composite.sess_windows(engine.input_size) + 1,
+        apart_passes=lambda side: 2 * composite.sess_windows(side) + 1,
     ),
 )
 

@@ -1,0 +1,48 @@
+"""Serving constants, declared once. The handler, the build (``scripts/build_mar.py`` and the archive's
+model-config.yaml), the KServe configs, the page server and the CLIs' help all read them; a test compares the
+shipped ``config.properties`` with them.
+
+The batching figures come from ``scripts/bench.py`` on two CPU cores (docs/performance.md): one worker already
+spreads each batch over every core with torch's intra-op threads; batches of up to 8 let concurrent requests share
+one forward pass; a lone request waits at most 1 ms for company (1 and 5 ms served as fast under load).
+"""
+
+from __future__ import annotations
+
+MiB = 1024 * 1024
+
+# --- Batching and workers (the archive's model-config.yaml) ---
+BATCH_SIZE = 8
+MAX_BATCH_DELAY_MS = 1
+WORKERS = 1
+RESPONSE_TIMEOUT_S = 120
+"""TorchServe's responseTimeout and default_response_timeout: a full batch of the largest allowed requests on a slow
+CPU stays well inside it."""
+
+# --- The engine ---
+SCORECAM_CHANNELS = 64
+"""Channels a perturbation method (ScoreCAM, Ablation-CAM) scores per map, one forward pass each."""
+PRECISION = "fp32"
+CHANNELS_LAST_FROM = 4
+"""The smallest batch that runs in the channels_last memory format (1: every batch, 0: none)."""
+
+# --- What an upload may be, checked before any pixel is decoded ---
+MAX_IMAGE_BYTES = 20 * MiB
+MAX_IMAGE_PIXELS = 40_000_000
+MIN_IMAGE_SIDE = 16
+MAX_REQUEST_BYTES = 25 * MiB
+"""TorchServe's max_request_size: a 20 MB photo as multipart, or base64 JSON of a 15 MB one."""
+
+# --- The work budget: what one request may ask of a worker ---
+MAX_SIDE = 2048
+"""The overlays' longer side when a request gives no ``max_side``."""
+MAX_OUTPUT_PIXELS = 40_000_000
+"""Output pixels × explanations, per request."""
+MAX_FORWARD_PASSES = 100
+"""Forward passes per request, as the method records count them."""
+MAX_RESPONSE_BYTES = 100 * MiB
+"""The largest response body: TorchServe's max_response_size."""
+
+# --- Addresses (loopback by default) ---
+INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT = 8080, 8081, 8082
+PAGE_PORT = 8000
