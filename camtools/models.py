@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camserve.cam import CamEngine, CamRequest, LayerNotFoundError, default_layer, describe_layers
+from camserve.cam import CamEngine, CamRequest, LayerInfo, LayerNotFoundError, default_layer, describe_layers
 from camserve.model import build_network, model_class_from_file
 from camserve.spec import ModelSpec
 
@@ -273,150 +273,200 @@ def _file_label(path: str | Path) -> str:
     return f"file:{digest.hexdigest()[:12]}"
 
 
-def prepare_model(
-    arch: str | None = None,
-    model_file: str | Path | None = None,
-    weights: str = "imagenet",
-    labels: str | Path | None = None,
-    layer: str | None = None,
-    input_size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    model_name: str | None = None,
-    version: str = "1.0",
-    seed: int = 0,
-    progress: bool = True,
-) -> PreparedModel:
-    """Build, load and validate a model, and describe it in a :class:`ModelSpec`.
+@dataclass(frozen=True)
+class BuildRequest:
+    """What the build was asked for: the model flags of ``scripts/build_mar.py``."""
 
-    Validation, before anything is written: the weights load strictly; the labels match the classes; the layer
-    gives a spatial map; one explanation of a synthetic image at the default layer is finite and of the layer's
-    shape.
+    arch: str | None = None
+    model_file: str | Path | None = None
+    weights: str = "imagenet"
+    labels: str | Path | None = None
+    layer: str | None = None
+    input_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    model_name: str | None = None
+    version: str = "1.0"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class _Source:
+    """Where the network comes from, resolved: a torchvision arch or a model file's class, and its input."""
+
+    arch: str
+    model_path: Path | None
+    model_class: type[nn.Module] | None
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    given_labels: list[str] | None
+
+
+def prepare_model(**flags) -> PreparedModel:
+    """Build, load and validate a model, and describe it in a :class:`ModelSpec`: resolve the source, load the
+    weights, probe the layers and the output, label the classes, validate one explanation.
+
+    ``flags`` are :class:`BuildRequest`'s. Validation, before anything is written: the weights load strictly; the
+    labels match the classes; the layer gives a spatial map; one explanation of a synthetic image at the default
+    layer is finite and of the layer's shape.
     """
-    if arch and model_file:
+    request = BuildRequest(**flags)
+    source = _resolve(request)
+    model, kwargs, default_labels = _load(source, request)
+    layers, num_classes = _probe(model, source)
+    names = _label(source, request, default_labels, num_classes)
+    layer, spatial = _validate(model, source, request.layer, layers)
+    name = request.model_name or source.arch.lower()
+    if not _MODEL_NAME.fullmatch(name):
+        raise BuildError(f"--model-name must be a letter then letters, digits, '_' or '-' (64 at most), got {name!r}")
+    spec = ModelSpec(
+        name=name,
+        arch=source.arch,
+        labels=tuple(names),
+        input_size=source.input_size,
+        mean=source.mean,
+        std=source.std,
+        default_layer=layer,
+        layers=spatial,
+        weights=request.weights if request.weights in ("imagenet", "random") else _file_label(request.weights),
+        version=request.version,
+        model_file=source.model_path.name if source.model_path else None,
+        arch_kwargs=kwargs,
+    )
+    return PreparedModel(spec, model, model.state_dict(), source.model_path)
+
+
+def _resolve(request: BuildRequest) -> _Source:
+    """The network's source (a known torchvision arch, or a model file with one ``nn.Module``) and its input."""
+    arch, model_path, model_class = request.arch, None, None
+    if arch and request.model_file:
         raise BuildError("give --arch (a torchvision architecture) or --model-file (your own network), not both")
-    model_path = Path(model_file) if model_file else None
-    if model_path is None:
+    if request.model_file:
+        model_path = Path(request.model_file)
+        if not model_path.is_file():
+            raise BuildError(f"no model file at {model_path}")
+        try:
+            model_class = model_class_from_file(model_path)
+        except Exception as error:
+            raise BuildError(f"cannot use the model file {model_path}: {error}") from None
+        arch = model_class.__name__
+        if request.weights == "imagenet":
+            raise BuildError("--weights imagenet needs --arch; give a --model-file network its weights as a PATH")
+    else:
         arch = arch or DEFAULT_ARCH
         archs = torchvision_archs()
         if arch not in archs:
             close = difflib.get_close_matches(arch, archs, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise BuildError(f"--arch {arch} is not a torchvision classification model: {hint}(one of {len(archs)})")
-    elif not model_path.is_file():
-        raise BuildError(f"no model file at {model_path}")
     default_size, default_mean, default_std = _input_defaults(None if model_path else arch)
-    input_size = input_size or default_size
-    mean, std = tuple(mean or default_mean), tuple(std or default_std)
-    given_labels = read_labels(labels) if labels is not None else None
-    default_labels: list[str] | None = None
+    return _Source(
+        arch=arch,
+        model_path=model_path,
+        model_class=model_class,
+        input_size=request.input_size or default_size,
+        mean=tuple(request.mean or default_mean),
+        std=tuple(request.std or default_std),
+        given_labels=read_labels(request.labels) if request.labels is not None else None,
+    )
 
-    if model_path is not None:
-        try:
-            model_class = model_class_from_file(model_path)
-        except Exception as error:
-            raise BuildError(f"cannot use the model file {model_path}: {error}") from None
-        arch = model_class.__name__
+
+def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, object], list[str] | None]:
+    """The network with its weights (seeded for ``random``), in eval mode and frozen; the builder's keyword
+    arguments; the weights' own labels, if they carry any."""
+    weights, default_labels = request.weights, None
+    if source.model_class is not None:
         kwargs: dict[str, object] = {}
-        if weights == "imagenet":
-            raise BuildError("--weights imagenet needs --arch; give a --model-file network its weights as a PATH")
         if weights == "random":
-            model = _seeded(model_class, seed, input_size)
+            model = _seeded(source.model_class, request.seed, source.input_size)
         else:
-            model = model_class()
-            state_dict = read_checkpoint(weights)
+            model = source.model_class()
             try:
-                model.load_state_dict(state_dict)
+                model.load_state_dict(read_checkpoint(weights))
             except RuntimeError as error:
-                raise BuildError(f"these weights do not fit {arch} from {model_path.name}: {error}") from None
+                raise BuildError(
+                    f"these weights do not fit {source.arch} from {source.model_path.name}: {error}"
+                ) from None
     else:
-        kwargs = _arch_kwargs(arch, input_size, pretrained=weights == "imagenet")
+        kwargs = _arch_kwargs(source.arch, source.input_size, pretrained=weights == "imagenet")
         if weights == "imagenet":
-            state_dict, default_labels = _imagenet_state_dict(arch, progress)
+            state_dict, default_labels = _imagenet_state_dict(source.arch, request.progress)
             kwargs["num_classes"] = len(default_labels)
         elif weights == "random":
-            if given_labels is not None:
-                kwargs["num_classes"] = len(given_labels)
+            if source.given_labels is not None:
+                kwargs["num_classes"] = len(source.given_labels)
         else:
             state_dict = read_checkpoint(weights)
-            kwargs = _fit_torchvision(arch, state_dict, kwargs)
-        stub = _spec_stub(arch, kwargs)
+            kwargs = _fit_torchvision(source.arch, state_dict, kwargs)
+        stub = _spec_stub(source.arch, kwargs)
         if weights == "random":
-            model = _seeded(lambda: build_network(stub), seed, input_size)
+            model = _seeded(lambda: build_network(stub), request.seed, source.input_size)
         else:
             model = build_network(stub)
             model.load_state_dict(state_dict)
-    model = model.eval().requires_grad_(False)
-    state_dict = model.state_dict()
+    return model.eval().requires_grad_(False), kwargs, default_labels
 
+
+def _probe(model: nn.Module, source: _Source) -> tuple[dict[str, LayerInfo], int]:
+    """The model's layers and its number of classes, from one forward pass of a blank image."""
+    side = source.input_size
     try:
-        layers = describe_layers(model, input_size)
+        layers = describe_layers(model, side)
         with torch.no_grad():
-            probe = model(torch.zeros(1, 3, input_size, input_size))
+            probe = model(torch.zeros(1, 3, side, side))
     except Exception as error:
-        raise BuildError(f"{arch} does not run on a {input_size}x{input_size} image: {error}") from None
+        raise BuildError(f"{source.arch} does not run on a {side}x{side} image: {error}") from None
     if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
-        raise BuildError(f"{arch} must return (N, classes) logits, got {getattr(probe, 'shape', type(probe))}")
-    num_classes = probe.shape[1]
-    if given_labels is not None:
-        names = given_labels
+        raise BuildError(f"{source.arch} must return (N, classes) logits, got {getattr(probe, 'shape', type(probe))}")
+    return layers, probe.shape[1]
+
+
+def _label(source: _Source, request: BuildRequest, default_labels: list[str] | None, classes: int) -> list[str]:
+    """One name per class: the labels file's, the weights' own, ImageNet's for 1000 classes, else ``class_i``."""
+    if source.given_labels is not None:
+        names = source.given_labels
     elif default_labels is not None:
         names = default_labels
-    elif num_classes == 1000:
+    elif classes == 1000:
         names = _imagenet_categories()
     else:
-        names = [f"class_{i}" for i in range(num_classes)]
-    if len(names) != num_classes:
+        names = [f"class_{i}" for i in range(classes)]
+    if len(names) != classes:
         raise BuildError(
-            f"{len(names)} labels for {num_classes} classes: the labels file {labels} must name every class of "
+            f"{len(names)} labels for {classes} classes: the labels file {request.labels} must name every class of "
             f"the model's head, in index order"
         )
+    return names
+
+
+def _validate(
+    model: nn.Module, source: _Source, layer: str | None, layers: dict[str, LayerInfo]
+) -> tuple[str, dict[str, str]]:
+    """The default layer and the layers a request may name, after one explanation of a synthetic image at it is a
+    finite map of the layer's shape, from finite logits."""
     spatial = {name: info.layout for name, info in layers.items() if info.layout}
     if not spatial:
-        raise BuildError(f"{arch} has no layer that gives a spatial map: nothing to explain")
+        raise BuildError(f"{source.arch} has no layer that gives a spatial map: nothing to explain")
+    side = source.input_size
     if layer is None:
-        layer = default_layer(model, input_size, layers)
+        layer = default_layer(model, side, layers)
     elif layer not in spatial:
         reason = "gives no spatial map" if layer in dict(model.named_modules()) else "is not a module of the model"
         raise BuildError(f"layer {layer} {reason}; {LayerNotFoundError(layer, list(spatial))}")
-
-    engine = CamEngine(model, input_size=input_size, default_layer=layer)
+    engine = CamEngine(model, input_size=side, default_layer=layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        image = (torch.rand(1, 3, input_size, input_size) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
-            std
-        ).view(1, 3, 1, 1)
+        mean, std = torch.tensor(source.mean).view(1, 3, 1, 1), torch.tensor(source.std).view(1, 3, 1, 1)
+        image = (torch.rand(1, 3, side, side) - mean) / std
     output = engine(image, [CamRequest()])
     cam = output.maps[0]
     if tuple(cam.shape[1:]) != layers[layer].grid[1:] or not torch.isfinite(cam).all():
         raise BuildError(f"the explanation at layer {layer} is not a finite {layers[layer].grid[1:]} map")
     if not torch.isfinite(output.logits).all():
-        raise BuildError(f"{arch} gives non-finite logits on a synthetic image")
-
-    if weights == "imagenet":
-        weights_label = "imagenet"
-    elif weights == "random":
-        weights_label = "random"
-    else:
-        weights_label = _file_label(weights)
-    name = model_name or arch.lower()
-    if not _MODEL_NAME.fullmatch(name):
-        raise BuildError(f"--model-name must be a letter then letters, digits, '_' or '-' (64 at most), got {name!r}")
-    spec = ModelSpec(
-        name=name,
-        arch=arch,
-        labels=tuple(names),
-        input_size=input_size,
-        mean=mean,
-        std=std,
-        default_layer=layer,
-        layers=spatial,
-        weights=weights_label,
-        version=version,
-        model_file=model_path.name if model_path else None,
-        arch_kwargs=kwargs,
-    )
-    return PreparedModel(spec, model, state_dict, model_path)
+        raise BuildError(f"{source.arch} gives non-finite logits on a synthetic image")
+    return layer, spatial
 
 
 RANDOM_WARNING = """

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from camtools.architectures import markdown, survey
-from camtools.benchmark import machine_info
+from camtools.bench import machine_info
 from camtools.models import torchvision_archs
 
 ROOT = Path(__file__).resolve().parent.parent

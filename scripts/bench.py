@@ -10,18 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from camtools.benchmark import (
-    COSTS_END,
-    COSTS_START,
+from camtools.bench import (
     BenchConfig,
     markdown,
-    readme_figures,
-    readme_method_costs,
-    replace_readme_block,
-    replace_readme_figures,
     run_benchmark,
     write_reports,
 )
+from camtools.docs import regenerate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,15 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--readme-figures",
         action="store_true",
-        help="only regenerate the README's measured-figures block from docs/bench/*.json, then exit",
+        help="only regenerate the docs' generated blocks (docs/performance.md's measured figures, docs/methods.md's "
+        "table) from the method registry and docs/bench/*.json, then exit",
     )
     args = parser.parse_args(argv)
     if args.readme_figures:
-        readme = ROOT / "README.md"
-        text = replace_readme_figures(readme.read_text(), readme_figures(ROOT))
-        text = replace_readme_block(text, COSTS_START, COSTS_END, readme_method_costs(ROOT))
-        readme.write_text(text)
-        print(f"rewrote the measured figures in {readme}")
+        changed = regenerate(ROOT)
+        print("rewrote " + ", ".join(str(path.relative_to(ROOT)) for path in changed) if changed else "up to date")
         return 0
 
     config = BenchConfig(

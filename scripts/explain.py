@@ -1,4 +1,4 @@
-"""Explain images offline, with no server: the original script's flow on the service's own engine and imaging.
+"""Explain images offline, with no server, on the service's own engine, options and imaging.
 
 python scripts/explain.py demo_output/chelsea.jpg photos/ --target 281 --method gradcam --weights imagenet --show
 python scripts/explain.py photos/ --arch convnext_tiny --weights finetuned.pt --labels labels.txt
@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from camserve.cam import METHODS, CamEngine
-from camserve.imaging import decode_image, encode_image, render_contact_sheet
+from camserve.cam import DEFAULT_METHOD, METHODS, CamEngine
+from camserve.imaging import decode_image, encode_image
 from camserve.pipeline import ExplanationService
 from camtools.models import add_model_arguments, model_for_cli
+from camtools.pictures import render_contact_sheet
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--target", help="class index or comma-separated list (default: the top-1 class)")
     parser.add_argument("--explain", type=int, help="without --target: explain the N top classes, 1-5 (default: 1)")
-    parser.add_argument("--method", default="gradcam", choices=METHODS, help="(default: gradcam)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="(default: %(default)s)")
     parser.add_argument("--topk", type=int, default=5, help="predictions printed per image (default: 5)")
     parser.add_argument("--colormap", default="jet", help="an OpenCV colormap name (default: jet)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default: 0.5)")

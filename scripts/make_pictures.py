@@ -18,9 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from camserve.imaging import decode_image, encode_image, render_contact_sheet
+from camserve.imaging import decode_image, encode_image
 from camtools.archive import ServingConfig, build_archive
 from camtools.local_server import run_torchserve
+from camtools.pictures import render_contact_sheet
 from camtools.synthetic import CLASSES, make_samples, trained_shapes_model
 
 ROOT = Path(__file__).resolve().parent.parent

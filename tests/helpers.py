@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from torch import nn
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
@@ -16,6 +17,28 @@ from tests.conftest import ROOT
 def spatial_layers(model: nn.Module, image_size: int = 224) -> list[str]:
     """The submodules that a CAM can explain: those that run once per forward pass and give a spatial map."""
     return [name for name, info in describe_layers(model, image_size).items() if info.layout]
+
+
+class RecordingMetrics(MetricsCacheYamlImpl):
+    """TorchServe's own metrics cache (it refuses metrics that metrics.yaml does not declare), recording each value
+    the handler adds: ``values[name]`` lists them in order."""
+
+    def __init__(self) -> None:
+        super().__init__(config_file_path=str(ROOT / "metrics.yaml"))
+        self.initialize_cache()
+        self.values: dict[str, list[float]] = {}
+
+    def add_counter(self, name, value, *args, **kwargs):
+        self.values.setdefault(name, []).append(value)
+        return super().add_counter(name, value, *args, **kwargs)
+
+    def add_time(self, name, value, *args, **kwargs):
+        self.values.setdefault(name, []).append(value)
+        return super().add_time(name, value, *args, **kwargs)
+
+    def add_metric(self, name, value, *args, **kwargs):
+        self.values.setdefault(name, []).append(value)
+        return super().add_metric(name, value, *args, **kwargs)
 
 
 class RecordingContext(MockContext):
@@ -34,8 +57,7 @@ class RecordingContext(MockContext):
         )
         self.manifest = manifest
         self.model_name = "resnet50"
-        self.metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "metrics.yaml"))
-        self.metrics.initialize_cache()
+        self.metrics = RecordingMetrics()
         self.metrics.model_name = "resnet50"
         self.metrics.set_request_ids({0: "request-0"})
         self.statuses: dict[int, tuple[int, str]] = {}
@@ -46,3 +68,19 @@ class RecordingContext(MockContext):
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.content_types[idx] = value
+
+
+def assert_matches_reference(ours, reference, what: str = "", tolerance: float = 1e-3) -> float:
+    """Our normalised maps equal the reference implementation's to ``tolerance``, and the comparison is not trivial:
+    all-zero (or constant) maps on both sides would match whatever the code does, so at least one map must span
+    most of [0, 1]. Prints and returns the largest difference."""
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    spans = np.ptp(ours.reshape(-1, *ours.shape[-2:]), axis=(1, 2))
+    reference_spans = np.ptp(reference.reshape(-1, *reference.shape[-2:]), axis=(1, 2))
+    assert spans.max() > 0.5 and reference_spans.max() > 0.5, f"{what}: every map is flat: it would match trivially"
+    difference = float(np.abs(ours - reference).max())
+    flat = int((spans <= 0.5).sum())
+    print(f"parity {what}: {difference:.1e}" + (f" ({flat} of {len(spans)} maps flat on both sides)" if flat else ""))
+    assert difference < tolerance, (what, difference)
+    return difference

@@ -12,7 +12,7 @@ import torch
 from camserve.cam import normalize_map
 from camtools.gradcam import GradCAM
 from tests.conftest import encode
-from tests.helpers import RecordingContext
+from tests.helpers import RecordingContext, assert_matches_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,7 +34,7 @@ def test_matches_pytorch_grad_cam_on_cuda(cuda_resnet50):
     )
     out = GradCAM(cuda_resnet50, "layer4")(images, targets=[[281], [7]])
     ours = np.stack([normalize_map(m, (224, 224))[0].cpu().numpy() for m in out.maps])
-    assert np.abs(ours - reference).max() < 1e-3
+    assert_matches_reference(ours, reference, "cuda")
     assert all(p.grad is None for p in cuda_resnet50.parameters())
 
 

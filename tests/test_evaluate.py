@@ -30,7 +30,10 @@ def test_the_synthetic_task_trains_a_model_that_localises_and_faithfulness_tells
     assert gradcam["pointing"] >= 0.9 > random["pointing"]  # Grad-CAM's maximum lands on the shape
     assert gradcam["deletion"] < random["deletion"] - 0.3  # deleting what Grad-CAM points at kills the prediction
     assert gradcam["drop"] < random["drop"] - 0.3
-    assert gradcam["insertion"] > random["insertion"] - 0.01  # saturated here: blurred colour still tells the class
+    # Insertion saturates on this task (the blurred colour alone still tells the class), for both methods alike:
+    # a broken insertion curve (deletion's, or an unblurred start) would fall far below 0.9.
+    assert gradcam["insertion"] >= 0.9 and random["insertion"] >= 0.9
+    assert abs(gradcam["insertion"] - random["insertion"]) < 0.1
     table = markdown(list(evaluate(prepared.model, prepared.spec, images[:4], ["gradcam"])))
     assert "| `gradcam` | `features.7` |" in table
 

@@ -80,8 +80,11 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
     assert probabilities == sorted(probabilities, reverse=True)
     assert [e["index"] for e in first["explanations"]] == [first["predictions"][0]["index"]]
     assert [(e["index"], e["label"]) for e in third["explanations"]] == [(281, "tabby"), (282, "tiger cat")]
-    explanations = context.metrics.get_metric("ExplanationsServed", MetricTypes.COUNTER)
-    assert explanations is not None and context.metrics.get_metric("BatchSize", MetricTypes.GAUGE) is not None
+    recorded = context.metrics.values
+    assert recorded["ExplanationsServed"] == [1 + 2 + 2] and recorded["RequestsRefused"] == [3]
+    assert recorded["BatchSize"] == [6]
+    assert all(len(recorded[name]) == 1 and recorded[name][0] > 0 for name in ("HandlerTime", "ForwardTime", "CamTime"))
+    assert context.metrics.get_metric("ExplanationsServed", MetricTypes.COUNTER) is not None  # declared, kept
     heatmap = np.frombuffer(base64.b64decode(third["explanations"][0]["heatmap"]), np.uint8)
     import cv2
 

@@ -29,11 +29,10 @@ def grad_cam(activations: Tensor, gradients: Tensor) -> Tensor:
 
 
 def grad_cam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
-    """Grad-CAM++ (Chattopadhay et al., WACV 2018), eq. 19 with the exponential's derivatives:
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018), eq. 19 with the exponential's derivatives, g = ∂y_c/∂A_k,ij:
+    α_k,ij = g² / (2·g² + Σ_ab A_k,ab · g³) (0 where g = 0), w_k = Σ_ij relu(g_k,ij) · α_k,ij, map = Σ_k w_k A_k.
 
-    α_k,ij = g² / (2·g² + Σ_ab A_k,ab · g³)  (0 where g = 0),   w_k = Σ_ij relu(g_k,ij) · α_k,ij,   map = Σ_k w_k A_k
-
-    with g = ∂y_c/∂A_k,ij. Not torchcam's Σ relu(g)³, which departs from the paper.
+    Not torchcam's Σ relu(g)³, which departs from the paper.
     """
     g2 = gradients.pow(2)
     g3 = g2 * gradients

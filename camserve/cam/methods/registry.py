@@ -73,6 +73,14 @@ class Method:
         return self.run_apart is None and self.parts is None and self.family is not Family.PERTURBATION
 
     @property
+    def formula(self) -> str:
+        """The first paragraph of the docstring that carries the method's formula and paper, for the docs."""
+        source = self.seeds or (gradient.minus_half_hvp if self.second_order else None)
+        source = source or self.merge or self.run_apart or self.combine
+        source = getattr(source, "func", source)  # a functools.partial
+        return " ".join((source.__doc__ or "").split("\n\n")[0].split())
+
+    @property
     def needs(self) -> str:
         """What it needs, in words, for the docs."""
         if self.run_apart is not None:

@@ -1,0 +1,290 @@
+"""The report: the targets met or not, the markdown tables and the plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from camtools.bench.context import BenchReport
+from camtools.bench.inprocess import channels_last_threshold
+
+
+def _targets(report: BenchReport) -> list[dict[str, object]]:
+    """The engine's targets at every batch measured, then the service's: on a GPU against in-process Grad-CAM at the
+    server's batch size (same precision), on a CPU against the plain fp32 forward pass."""
+
+    def pick(contender: str, batch: int) -> dict[str, object] | None:
+        return next((r for r in report.in_process if r["contender"] == contender and r["batch"] == batch), None)
+
+    targets = []
+    for batch in sorted({row["batch"] for row in report.in_process}):
+        floor = pick("floor: torchvision forward", batch)
+        cam = pick("engine: Grad-CAM", batch)
+        full = pick("engine: Grad-CAM + overlay encoding", batch)
+        peer = pick("pytorch-grad-cam GradCAM", batch)
+        targets.append(_target(f"(2)/(1) Grad-CAM alone, batch {batch}", cam["seconds"] / floor["seconds"], "<=", 1.05))
+        targets.append(
+            _target(f"(2)/(1) with overlay encoding, batch {batch}", full["seconds"] / floor["seconds"], "<=", 1.05)
+        )
+        targets.append(
+            _target(f"(3)/(2) peer vs Grad-CAM alone, batch {batch}", peer["seconds"] / cam["seconds"], ">=", 2.5)
+        )
+    on_gpu = str(report.machine["device"]).startswith("cuda")
+    if on_gpu and (cam32 := pick("engine: Grad-CAM", 32)):
+        ratio = cam32["seconds"] / pick("floor: torchvision forward", 32)["seconds"]
+        targets.append(_target("GPU: (forward + Grad-CAM) / forward, batch 32", ratio, "<=", 1.10))
+    if not report.service:
+        return targets
+    best_service = max(level["images_per_s"] for level in report.service)
+    single = next((level for level in report.service if level["concurrency"] == 1), None)
+    if on_gpu:
+        server_batch = int(report.config["server_batch_size"])
+        measured = [row["batch"] for row in report.in_process if row["batch"] <= server_batch] or [0]
+        cam = pick("engine: Grad-CAM", max(measured))
+        if cam:
+            targets.append(
+                _target(
+                    f"GPU: service images/s / in-process Grad-CAM images/s, batch {cam['batch']}",
+                    best_service / cam["images_per_s"],
+                    ">=",
+                    0.25,
+                )
+            )
+        full1 = pick("engine: Grad-CAM + overlay encoding", 1)
+        if single and full1:
+            excess = single["p50_ms"] - 1000 * full1["seconds"]
+            targets.append(
+                _target(
+                    "GPU: p50 at concurrency 1 - in-process batch-1 Grad-CAM + overlay encoding, ms", excess, "<=", 6.0
+                )
+            )
+        return targets
+    # The floor timed right before the level (the same minute) where the run has it, else the in-process one.
+    floor1, floor8 = pick("floor: torchvision forward", 1), pick("floor: torchvision forward", 8)
+    floor1_ms = single.get("floor_ms_per_image") if single else None
+    if floor1_ms is None and floor1:
+        floor1_ms = 1000 * floor1["seconds"]
+    if single and floor1_ms:
+        excess = single["p50_ms"] - floor1_ms
+        targets.append(_target("CPU: p50 at concurrency 1 - plain fp32 forward at batch 1, ms", excess, "<=", 25.0))
+    top = max(report.service, key=lambda level: level["concurrency"])
+    floor8_ms = top.get("floor_ms_per_image") if top.get("floor_batch") == 8 else None
+    if floor8_ms is None and floor8:
+        floor8_ms = 1000 / floor8["images_per_s"]
+    if floor8_ms:
+        ratio = best_service / (1000 / floor8_ms)
+        targets.append(_target("CPU: service images/s / plain fp32 forward images/s at batch 8", ratio, ">=", 1.1))
+    return targets
+
+
+def _target(name: str, value: float, relation: str, bound: float) -> dict[str, object]:
+    met = value <= bound if relation == "<=" else value >= bound
+    return {"measure": name, "value": value, "target": f"{relation} {bound:g}", "met": met}
+
+
+def write_reports(report: BenchReport, out_dir: Path, stem: str = "bench") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(asdict(report), indent=2))
+    paths["md"].write_text(markdown(report))
+    _plot(report, paths["png"])
+    return paths
+
+
+def _table(header: Sequence[str], alignments: str, rows: Sequence[Sequence[object]]) -> list[str]:
+    """A markdown table; ``alignments`` has one letter per column, l or r."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in alignments) + "|"
+    return ["", "| " + " | ".join(header) + " |", rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def markdown(report: BenchReport) -> str:
+    m = report.machine
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; "
+        f"torch {m['torch']}, device {m['device']}, {m['weights']} weights."
+    ]
+    lines += _table(
+        ["contender", "batch", "ms / image", "images / s", "× floor"],
+        "lrrrr",
+        [
+            [
+                r["contender"],
+                r["batch"],
+                f"{r['ms_per_image']:.1f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['ratio_to_floor']:.2f}",
+            ]
+            for r in report.in_process
+        ],
+    )
+    if report.methods:
+        lines += _table(
+            [f"method (at {report.methods[0]['layer']})", "batch", "ms / image", "× floor"],
+            "lrrr",
+            [
+                [r["method"], r["batch"], f"{r['ms_per_image']:.1f}", f"{r['ratio_to_floor']:.2f}"]
+                for r in report.methods
+            ],
+        )
+    if report.fast_paths:
+        lines += _table(
+            ["precision", "channels_last", "speed-up", "top-1 agreement", "heatmap correlation", "ships"],
+            "llrrrl",
+            [
+                [
+                    r["precision"],
+                    r["channels_last"],
+                    f"{r['speedup']:.2f}×",
+                    f"{100 * r['top1_agreement']:.1f}%",
+                    f"{r['heatmap_correlation']:.4f}",
+                    "yes" if r["ships"] else "no",
+                ]
+                for r in report.fast_paths
+            ],
+        )
+    if report.channels_last:
+        threshold = channels_last_threshold(report.channels_last)
+        lines += _table(
+            ["batch", "contiguous ms / image", "channels_last ms / image", "channels_last speed-up"],
+            "rrrr",
+            [
+                [
+                    r["batch"],
+                    f"{r['contiguous_ms_per_image']:.1f}",
+                    f"{r['channels_last_ms_per_image']:.1f}",
+                    f"{r['speedup']:.2f}×",
+                ]
+                for r in report.channels_last
+            ],
+        )
+        lines += [
+            "",
+            f"channels_last pays from batch {threshold} on (Grad-CAM, weights unconverted): build with "
+            f"`--channels-last {threshold}`."
+            if threshold
+            else "channels_last does not pay here: `--channels-last 0`.",
+        ]
+    if report.response_bytes:
+        lines += _table(
+            ["response bytes", "µs / response", "bytes"],
+            "lrr",
+            [
+                [r["step"], f"{r['us_per_response']:.1f}", f"{r['bytes_per_response']:.0f}"]
+                for r in report.response_bytes
+            ],
+        )
+    if report.stages:
+        stages = report.stages
+        shares = ", ".join(
+            f"{stage} {100 * stages[f'{stage}_share']:.1f}% ({stages[f'{stage}_ms_per_image']:.1f} ms/image)"
+            for stage in ("decode", "cam", "encode")
+        )
+        lines += ["", f"Stage shares for JPEG requests: {shares}."]
+    if report.service:
+        lines += _table(
+            ["concurrency", "requests", "errors", "images / s", "p50 ms", "p95 ms", "p99 ms", "plain forward before"],
+            "rrrrrrrr",
+            [
+                [s["concurrency"], s["requests"], s["errors"], f"{s['images_per_s']:.1f}"]
+                + [f"{s[key]:.0f}" for key in ("p50_ms", "p95_ms", "p99_ms")]
+                + [
+                    f"{s['floor_ms_per_image']:.1f} ms / image at batch {s['floor_batch']}"
+                    if "floor_ms_per_image" in s
+                    else ""
+                ]
+                for s in report.service
+            ],
+        )
+    if report.batch_delays:
+        lines += _table(
+            ["maxBatchDelay ms", "concurrency", "images / s", "p50 ms", "p95 ms"],
+            "rrrrr",
+            [
+                [d["batch_delay_ms"], d["concurrency"], f"{d['images_per_s']:.1f}", f"{d['p50_ms']:.0f}"]
+                + [f"{d['p95_ms']:.0f}"]
+                for d in report.batch_delays
+            ],
+        )
+    if "handler_ms" in report.profile:
+        prof = report.profile
+        inside = ", ".join(f"{stage} {prof[f'{stage}_ms']:.1f}" for stage in ("decode", "forward", "cam", "encode"))
+        lines += [
+            "",
+            f"Where a lone request's {prof['client_p50_ms']:.1f} ms go (medians at concurrency 1): handler "
+            f"{prof['handler_ms']:.1f} ms ({inside}); TorchServe's worker protocol {prof['worker_protocol_ms']:.1f} "
+            f"ms; queue and batch delay {prof['queue_ms']:.1f} ms; HTTP and the frontend "
+            f"{prof['http_and_frontend_ms']:.1f} ms.",
+        ]
+    if "loaded_handler_ms_per_image" in report.profile:
+        prof = report.profile
+        inside = ", ".join(
+            f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
+        )
+        lines += [
+            "",
+            f"Under load (concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f} on "
+            f"average), per image: {prof['loaded_service_ms_per_image']:.1f} ms of service time = handler "
+            f"{prof['loaded_handler_ms_per_image']:.1f} ms ({inside}) + "
+            f"{prof['loaded_outside_handler_ms_per_image']:.1f} ms outside the handler (TorchServe, and the load "
+            "generator's share of the CPU when it runs on the same machine).",
+        ]
+    if report.memory:
+        mem = report.memory
+        lines += [
+            "",
+            f"Worker memory: RSS {mem['rss_after_warmup_mb']:.0f} MB after warm-up, {mem['rss_after_mb']:.0f} MB after "
+            f"{mem['requests']} more requests ({mem['rss_growth_mb']:+.1f} MB, {mem['errors']} errors); "
+            f"peak {mem['peak_rss_mb']:.0f} MB.",
+        ]
+    lines += _table(
+        ["target", "measured", "wanted", "met"],
+        "lrll",
+        [[t["measure"], f"{t['value']:.3f}", t["target"], "yes" if t["met"] else "NO"] for t in report.targets],
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if report.service else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    contenders = list(dict.fromkeys(r["contender"] for r in report.in_process))
+    batches = sorted({r["batch"] for r in report.in_process})
+    width = 0.8 / len(contenders)
+    for i, contender in enumerate(contenders):
+        values = [
+            next(r["ms_per_image"] for r in report.in_process if r["contender"] == contender and r["batch"] == b)
+            for b in batches
+        ]
+        ax.bar(np.arange(len(batches)) + i * width, values, width, label=contender)
+    ax.set_xticks(np.arange(len(batches)) + width * (len(contenders) - 1) / 2, [f"batch {b}" for b in batches])
+    ax.set_ylabel("ms per image")
+    ax.set_title(f"In-process, {report.machine['device']}")
+    ax.legend(fontsize=7)
+    if report.service:
+        ax = axes[0][1]
+        levels = [s["concurrency"] for s in report.service]
+        ax.plot(levels, [s["images_per_s"] for s in report.service], "o-", label="throughput (images/s)")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("images / s")
+        twin = ax.twinx()
+        for key, style in (("p50_ms", "s--"), ("p99_ms", "^:")):
+            twin.plot(levels, [s[key] for s in report.service], style, color="tab:red", label=key)
+        twin.set_ylabel("latency, ms")
+        ax.set_title("TorchServe end to end over HTTP")
+        ax.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

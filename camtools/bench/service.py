@@ -1,0 +1,192 @@
+"""The service end to end: a real TorchServe at each batch delay, under load, where a lone request's time goes,
+and the worker's memory."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from camserve.imaging import encode_image
+from camtools.archive import ServingConfig
+from camtools.bench.context import BenchConfig
+from camtools.models import PreparedModel
+
+
+def _service(
+    prepared: PreparedModel,
+    images,
+    config: BenchConfig,
+    workdir: Path | None,
+    floor: Callable[[int], float] | None = None,
+):
+    """The service at each batch delay: every concurrency level, the memory soak and the profile of a lone request
+    at the first; concurrency 1 and the highest level at the others.
+
+    Right before concurrency 1 and the highest level (at the first delay), ``floor`` times the plain forward pass
+    at batch 1 and at the largest in-process batch, while the server idles: the service's targets compare with the
+    machine as it is in that minute, since a shared machine drifts over a run."""
+    from camtools.archive import build_archive
+    from camtools.local_server import run_torchserve
+
+    bodies = [encode_image(image, "jpeg") for image in images[:16]]
+    levels, memory, delays, profile = [], {}, [], {}
+    for index, delay in enumerate(config.batch_delays_ms):
+        with tempfile.TemporaryDirectory(prefix="bench-", dir=workdir) as scratch:
+            serving = ServingConfig(
+                batch_size=config.server_batch_size,
+                max_batch_delay_ms=delay,
+                precision=config.server_precision,
+                channels_last=config.server_channels_last,
+            )
+            mar = build_archive(prepared, Path(scratch) / "store", config=serving)
+            with run_torchserve(mar, Path(scratch) / "server") as server:
+                if index == 0:
+                    for concurrency in config.concurrency:
+                        floor_batch = {1: 1, max(config.concurrency): max(config.batch_sizes)}.get(concurrency)
+                        floor_ms = floor(floor_batch) if floor and floor_batch else None
+                        marks = _log_marks(server)
+                        levels.append(_load(server, bodies, concurrency, config.requests_per_level))
+                        if floor_ms is not None:
+                            levels[-1] |= {"floor_batch": floor_batch, "floor_ms_per_image": floor_ms}
+                        if concurrency == 1:
+                            profile |= _profile(server, marks, levels[-1])
+                        if concurrency == max(config.concurrency):
+                            profile |= _loaded_profile(server, marks, levels[-1])
+                    memory = _memory(server, bodies, config.soak_requests)
+                    measured = [level for level in levels if level["concurrency"] in (1, max(config.concurrency))]
+                else:
+                    measured = [
+                        _load(server, bodies, concurrency, config.requests_per_level)
+                        for concurrency in sorted({1, max(config.concurrency)})
+                    ]
+                delays += [{"batch_delay_ms": delay, **level} for level in measured]
+    return levels, memory, delays, profile
+
+
+def _log_marks(server) -> dict[str, int]:
+    """How far the worker's and the frontend's logs go now: a profile reads only what comes after."""
+    return {name: _read_log(server, name).count("\n") for name in ("model_log", "ts_log")}
+
+
+def _read_log(server, name: str) -> str:
+    path = server.workdir / "logs" / f"{name}.log"
+    return path.read_text() if path.exists() else ""
+
+
+def _batch_lines(server, marks: dict[str, int]) -> list[tuple[int, float, dict[str, float]]]:
+    """The worker's batch log lines since ``marks``: (requests, handler ms, {stage: ms}) for each."""
+    import re
+
+    batches = []
+    for line in _read_log(server, "model_log").splitlines()[marks["model_log"] :]:
+        found = re.search(r"answered a batch of (\d+) requests .* in ([\d.]+) ms \((.*) ms\)", line)
+        if found:
+            stages = {stage: float(value) for stage, value in (p.rsplit(" ", 1) for p in found.group(3).split(", "))}
+            batches.append((int(found.group(1)), float(found.group(2)), stages))
+    return batches
+
+
+def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[str, float]:
+    """Where a lone request's time goes (medians, ms), from the worker's batch log lines (the handler's stages) and
+    the frontend's job log (queue wait, backend time): the rest of the client's p50 is HTTP and the frontend."""
+    import re
+
+    stages: dict[str, list[float]] = {}
+    for requests, handler_ms, stage_ms in _batch_lines(server, marks):
+        if requests == 1:
+            for stage, value in {"handler": handler_ms, **stage_ms}.items():
+                stages.setdefault(stage, []).append(value)
+    for line in _read_log(server, "ts_log").splitlines()[marks["ts_log"] :]:
+        found = re.search(r"Waiting time ns: (\d+), Backend time ns: (\d+)", line)
+        if found:
+            stages.setdefault("queue", []).append(int(found.group(1)) / 1e6)
+            stages.setdefault("backend", []).append(int(found.group(2)) / 1e6)
+    if not {"handler", "backend", "queue"} <= stages.keys():
+        return {}
+    profile = {f"{stage}_ms": statistics.median(values) for stage, values in stages.items()}
+    profile["worker_protocol_ms"] = profile["backend_ms"] - profile["handler_ms"]
+    profile["http_and_frontend_ms"] = level["p50_ms"] - profile["backend_ms"] - profile["queue_ms"]
+    profile["client_p50_ms"] = level["p50_ms"]
+    return profile
+
+
+def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[str, float]:
+    """Where an image's time goes at the highest concurrency (ms per image, summed over the level's batches): the
+    handler's stages, and the rest of the service's time per image (TorchServe, and the client's own share of the
+    CPU when it runs on the same machine)."""
+    batches = _batch_lines(server, marks)
+    images = sum(requests for requests, _, _ in batches)
+    if not images:
+        return {}
+    totals: dict[str, float] = {}
+    for _, handler_ms, stage_ms in batches:
+        for stage, value in {"handler": handler_ms, **stage_ms}.items():
+            totals[stage] = totals.get(stage, 0.0) + value
+    loaded = {f"loaded_{stage}_ms_per_image": total / images for stage, total in totals.items()}
+    loaded["loaded_concurrency"] = level["concurrency"]
+    loaded["loaded_mean_batch"] = images / len(batches)
+    loaded["loaded_service_ms_per_image"] = 1000 / level["images_per_s"]
+    loaded["loaded_outside_handler_ms_per_image"] = (
+        loaded["loaded_service_ms_per_image"] - loaded["loaded_handler_ms_per_image"]
+    )
+    return loaded
+
+
+def _load(server, bodies: Sequence[bytes], concurrency: int, count: int) -> dict[str, object]:
+    import requests
+
+    sessions = [requests.Session() for _ in range(concurrency)]
+
+    def one(index: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        response = server.predict(session=sessions[index % concurrency], data=bodies[index % len(bodies)])
+        return time.perf_counter() - started, response.status_code
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(concurrency * 2)))  # warm-up
+        started = time.perf_counter()
+        results = list(pool.map(one, range(count)))
+        wall = time.perf_counter() - started
+    latencies = np.array([seconds for seconds, _ in results]) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": count,
+        "errors": sum(status != 200 for _, status in results),
+        "images_per_s": count / wall,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+    }
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def _memory(server, bodies: Sequence[bytes], count: int) -> dict[str, float]:
+    """The worker's RSS after warm-up and after ``count`` more requests at concurrency 8, and its peak."""
+    if count <= 0:
+        return {}
+    (pid,) = server.worker_pids()
+    before = _rss_mb(pid)
+    result = _load(server, bodies, 8, count)
+    after = _rss_mb(pid)
+    return {
+        "requests": count,
+        "errors": result["errors"],
+        "rss_after_warmup_mb": before["VmRSS"],
+        "rss_after_mb": after["VmRSS"],
+        "rss_growth_mb": after["VmRSS"] - before["VmRSS"],
+        "peak_rss_mb": after["VmHWM"],
+    }
