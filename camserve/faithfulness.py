@@ -100,5 +100,7 @@ def faithfulness(
     deletion_auc, insertion_auc = _auc(deletion).tolist(), _auc(insertion).tolist()
     return [
         Faithfulness(round(d, 6), round(i, 6), round(float(r), 6), bool(w > p), steps)
-        for d, i, r, w, p in zip(deletion_auc, insertion_auc, drop.tolist(), weighted.tolist(), p_x.tolist())
+        for d, i, r, w, p in zip(
+            deletion_auc, insertion_auc, drop.tolist(), weighted.tolist(), p_x.tolist(), strict=True
+        )
     ]

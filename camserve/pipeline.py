@@ -219,9 +219,9 @@ class ExplanationService:
         predictions = [
             [
                 Prediction(index=i, label=self.spec.labels[i], probability=round(p, 6))
-                for i, p in zip(indices[: item.options.topk], probabilities[: item.options.topk])
+                for i, p in zip(indices[: item.options.topk], probabilities[: item.options.topk], strict=True)
             ]
-            for item, indices, probabilities in zip(prepared, top_indices, top_probabilities)
+            for item, indices, probabilities in zip(prepared, top_indices, top_probabilities, strict=True)
         ]
         target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
         measured = self._faithfulness(prepared, batch, output, target_probabilities)
@@ -268,7 +268,7 @@ class ExplanationService:
             classes = torch.tensor([c for n in rows for c in output.targets[n]], device=batch.device)
             p_x = torch.tensor([p for n in rows for p in target_probabilities[n]])
             results = iter(faithfulness(self.engine.logits, batch[image_of_pair], maps, classes, p_x, steps=steps))
-            for n, count in zip(rows, counts):
+            for n, count in zip(rows, counts, strict=True):
                 measured[n] = [next(results) for _ in range(count)]
         return measured
 
@@ -287,7 +287,7 @@ class ExplanationService:
         try:
             size = (item.display.shape[0], item.display.shape[1])
             explanations = []
-            for index, (target, probability, cam) in enumerate(zip(targets, target_probabilities, maps)):
+            for index, (target, probability, cam) in enumerate(zip(targets, target_probabilities, maps, strict=True)):
                 heatmap = map_at(cam, size)
                 explanation = self._render(item, target, probability, heatmap)
                 if measured is not None:

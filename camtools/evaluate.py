@@ -125,7 +125,7 @@ def evaluate(
                 score.insertion.append(result.insertion)
                 score.drop.append(result.drop)
                 score.increase.append(result.increase)
-            for item, cam in zip(chunk, output.maps):
+            for item, cam in zip(chunk, output.maps, strict=True):
                 if item.box is not None:
                     heat = normalize_map(cam, item.image.shape[:2])[0].numpy()
                     score.hits.append(_hit(heat, item.box))
@@ -168,7 +168,7 @@ def plot(scores: list[MethodScore], path: Path, title: str) -> None:
     if any(row["pointing"] is not None for row in rows):
         metrics.append(("pointing", "pointing game (higher is better)"))
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.35 * len(rows) + 1.6), sharey=True)
-    for axis, (key, label) in zip(np.atleast_1d(axes), metrics):
+    for axis, (key, label) in zip(np.atleast_1d(axes), metrics, strict=True):
         values = [row[key] if row[key] is not None else 0.0 for row in rows]
         colours = ["#999999" if row["method"] == "randomcam" else "#3b75af" for row in rows]
         axis.barh(range(len(rows)), values, color=colours)

@@ -183,7 +183,7 @@ def _seeded(build, seed: int, input_size: int) -> nn.Module:
             with torch.no_grad():
                 for _ in range(2):
                     model(torch.randn(4, 3, input_size, input_size))
-            for norm, momentum in zip(norms, momenta):
+            for norm, momentum in zip(norms, momenta, strict=True):
                 norm.momentum = momentum
     return model.eval()
 

@@ -148,7 +148,7 @@ def test_works_under_inference_mode(resnet50):
     expected = GradCAM(resnet50, "layer4")(images, targets=[[3], [4]])
     with torch.inference_mode():
         inside = GradCAM(resnet50, "layer4")(images, targets=[[3], [4]])
-    for a, b in zip(expected.maps, inside.maps):
+    for a, b in zip(expected.maps, inside.maps, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -373,7 +373,7 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, 
         recorder = ActivationsAndGradients(peer_resnet50, [peer_resnet50.get_submodule(layer)], None, False)
         logits = recorder(images)
         peer_resnet50.zero_grad()
-        sum(ClassifierOutputTarget(c)(row) for c, row in zip(classes, logits)).backward()
+        sum(ClassifierOutputTarget(c)(row) for c, row in zip(classes, logits, strict=True)).backward()
         product = (recorder.gradients[0] * recorder.activations[0]).detach().numpy()
         recorder.release()
         projection = torch.from_numpy(get_2d_projection(product.copy()))
@@ -676,7 +676,7 @@ def test_shapleycam_matches_pytorch_grad_cam_where_the_network_is_curved():
     out = engine(images, [CamRequest(targets=Classes([1, 2]), layer=layer, method="shapleycam")] * 2)
     gradcam = engine(images, [CamRequest(targets=Classes([1, 2]), layer=layer, method="gradcam")] * 2)
     ours = np.stack([normalize_map(m, (224, 224)).numpy() for m in out.maps])
-    difference = max(float((a - b).abs().max()) for a, b in zip(out.maps, gradcam.maps))
+    difference = max(float((a - b).abs().max()) for a, b in zip(out.maps, gradcam.maps, strict=True))
     assert difference > 0.1 * max(float(b.abs().max()) for b in gradcam.maps)  # the curvature term is not negligible
     peer = copy.deepcopy(model).requires_grad_(True)
     for slot, c in enumerate([1, 2]):

@@ -55,3 +55,11 @@ def test_every_relative_link_resolves(path):
     base = (ROOT / path).parent
     for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", text):
         assert (base / target).exists(), f"{path} links to {target}, which does not exist"
+
+
+def test_the_layout_names_every_module():
+    layout = (ROOT / "docs" / "development.md").read_text()
+    for package in ("camserve", "camtools"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name != "__init__.py":
+                assert path.name in layout, f"docs/development.md's layout misses {path.relative_to(ROOT)}"

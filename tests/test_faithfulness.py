@@ -35,7 +35,7 @@ def test_deletion_insertion_drop_hand_computed():
     q = [sigmoid(sum(blurred[: 36 - k]) + sum(values[36 - k :])) for k in (0, 9, 18, 27, 36)]
     insertion = ((q[0] + q[4]) / 2 + q[1] + q[2] + q[3]) / 4
     p_x = sigmoid(sum(values))
-    weighted = sigmoid(sum(v * w for v, w in zip(values, (m.flatten()).tolist())))
+    weighted = sigmoid(sum(v * w for v, w in zip(values, (m.flatten()).tolist(), strict=True)))
     (result,) = faithfulness(sum_model, x, m, torch.tensor([0]), torch.tensor([p_x]), steps=steps)
     assert result.deletion == pytest.approx(deletion, abs=1e-6)
     assert result.insertion == pytest.approx(insertion, abs=1e-6)

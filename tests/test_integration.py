@@ -697,7 +697,7 @@ def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chel
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         responses = list(pool.map(send, [*generated, *[None] * 4]))
-    for fields, response in zip(generated, responses):
+    for fields, response in zip(generated, responses, strict=True):
         assert response.status_code == 200 or 400 <= response.status_code < 500, (fields, response.text[:300])
     assert [r.status_code for r in responses[-4:]] == [200] * 4
     assert server.worker_pids() == pids

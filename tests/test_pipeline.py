@@ -101,7 +101,7 @@ def test_an_engine_failure_in_one_row_fails_only_that_row():
     assert [r.status for r in results] == [200, 500, 200, 200]
     assert results[1].body == {"code": 500, "type": "InternalError", "message": "the explanation failed on the server"}
     assert engine.calls == 1 + 4  # the batch, then each request alone
-    for row, result in zip([rows[0], rows[2], rows[3]], [results[0], results[2], results[3]]):
+    for row, result in zip([rows[0], rows[2], rows[3]], [results[0], results[2], results[3]], strict=True):
         alone = service.answer([row])[0]
         assert alone.body["predictions"] == result.body["predictions"]
         assert alone.body["explanations"][0]["overlay"] == result.body["explanations"][0]["overlay"]

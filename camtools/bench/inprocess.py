@@ -149,8 +149,10 @@ def _fast_paths(ctx: BenchContext) -> list[dict[str, object]]:
                     "precision": precision,
                     "channels_last": channels_last,
                     "batch": batches[0].shape[0],
-                    "top1_agreement": float(np.mean([a == b for a, b in zip(top1, reference_top1)])),
-                    "heatmap_correlation": float(np.mean([_correlation(a, b) for a, b in zip(maps, reference_maps)])),
+                    "top1_agreement": float(np.mean([a == b for a, b in zip(top1, reference_top1, strict=True)])),
+                    "heatmap_correlation": float(
+                        np.mean([_correlation(a, b) for a, b in zip(maps, reference_maps, strict=True)])
+                    ),
                 }
             )
     medians = timed(runs, config.repeats, config.warmup)
