@@ -34,27 +34,26 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
     model = prepared.model.to(device)
     ctx = BenchContext(config=config, device=device, timed=timed, model=model, spec=spec, images=images)
     report = BenchReport(machine=machine_info(device) | {"weights": spec.weights}, config=asdict(config))
-    steps = ["in-process", "methods", "fast paths", "channels_last by batch", "decode/encode share", "response bytes"]
-    steps += ["service"] if config.server else []
-    progress = tqdm(steps, desc="benchmark", unit="step")
-    for step in progress:
+    sections = [
+        ("in-process", "in_process", _in_process),
+        ("methods", "methods", _method_costs),
+        ("fast paths", "fast_paths", _fast_paths),
+        ("channels_last by batch", "channels_last", _channels_last_by_batch),
+        ("decode/encode share", "stages", _stage_shares),
+        ("response bytes", "response_bytes", _response_bytes),
+    ]
+    progress = tqdm(total=len(sections) + config.server, desc="benchmark", unit="step")
+    for step, field_name, section in sections:
         progress.set_postfix_str(step)
-        if step == "in-process":
-            report.in_process = _in_process(ctx)
-        elif step == "methods":
-            report.methods = _method_costs(ctx)
-        elif step == "fast paths":
-            report.fast_paths = _fast_paths(ctx)
-        elif step == "channels_last by batch":
-            report.channels_last = _channels_last_by_batch(ctx)
-        elif step == "decode/encode share":
-            report.stages = _stage_shares(ctx)
-        elif step == "response bytes":
-            report.response_bytes = _response_bytes(ctx)
-        else:
-            floor = partial(_floor_ms_per_image, model, spec, images, device, timed, config)
-            report.service, report.memory, report.batch_delays, report.profile = _service(
-                prepared, images, config, workdir, floor
-            )
+        setattr(report, field_name, section(ctx))
+        progress.update()
+    if config.server:
+        progress.set_postfix_str("service")
+        floor = partial(_floor_ms_per_image, model, spec, images, device, timed, config)
+        report.service, report.memory, report.batch_delays, report.profile = _service(
+            prepared, images, config, workdir, floor
+        )
+        progress.update()
+    progress.close()
     report.targets = _targets(report)
     return report

@@ -55,9 +55,8 @@ def undo_augmentation(maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
 def refine(part_maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     """RefineCAM (pytorch-grad-cam's ``RefineCAM`` over ``GradCAMPlusPlus``): the product of Grad-CAM++ maps of
     several layers, each min–max normalised at the input's size, which denoises an early layer's map with a deep
-    one. Here the layers are the request's and the model's default layer:
-
-        map = norm(up(GradCAM++_layer)) ⊙ norm(up(GradCAM++_default))
+    one; here the request's layer and the model's default layer: map = norm(up(GradCAM++_layer)) ⊙
+    norm(up(GradCAM++_default)).
 
     Both parts are rows of the batch's one forward pass, so it costs 2 forward passes."""
     refined = normalize_map(part_maps[0], size)
@@ -78,11 +77,10 @@ def _effective_bias(layer: nn.Module) -> Tensor:
 
 def full_grad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
     """FullGrad (Srinivas & Fleuret, NeurIPS 2019), as pytorch-grad-cam computes it: the input gradient and every
-    bias gradient, each channel normalised and upsampled to the input, summed:
+    bias gradient, each channel normalised and upsampled to the input, summed: map = Σ_c norm(|x_c · ∂y/∂x_c|) +
+    Σ_layers Σ_k up(norm(|b_k · ∂y/∂z_k|)).
 
-        map = Σ_c norm(|x_c · ∂y/∂x_c|) + Σ_layers Σ_k up(norm(|b_k · ∂y/∂z_k|))
-
-    over every ``Conv2d`` and ``BatchNorm2d`` with a bias (a BatchNorm's effective bias is
+    The sum runs over every ``Conv2d`` and ``BatchNorm2d`` with a bias (a BatchNorm's effective bias is
     β − μ·γ/√(σ² + ε)), where z is the layer's output and norm(m) = (m − min m) / (max m + 10⁻⁷). It needs the
     whole network differentiated, from the input on: these images get their own forward pass with autograd,
     and one gradient call per target slot. Gradients are taken with respect to the input and the layers'

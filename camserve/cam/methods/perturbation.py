@@ -54,10 +54,9 @@ def scored_channels(engine: CamEngine, channels: int) -> int:
 
 
 def score_cam(engine: CamEngine, work: Scoring) -> Tensor:
-    """Score-CAM (Wang et al., CVPRW 2020): each channel, upsampled and min–max normalised, masks the input;
-    the class's logit on the masked input scores the channel, and w = softmax over channels of the scores:
-
-        M_k = norm(up(A_k)),   s_k = y_c(x ⊙ M_k),   w = softmax(s),   map = Σ_k w_k A_k
+    """Score-CAM (Wang et al., CVPRW 2020): each channel, upsampled and min–max normalised, masks the input, and the
+    class's logit on the masked input scores it: M_k = norm(up(A_k)), s_k = y_c(x ⊙ M_k), w = softmax(s),
+    map = Σ_k w_k A_k.
 
     As in pytorch-grad-cam, the masks are upsampled with ``align_corners=True`` and normalised with a span of
     max − min + 10⁻⁸. Cost: one forward pass per scored channel, batched ``scorecam_batch`` at a time; at most
@@ -84,11 +83,10 @@ def score_cam(engine: CamEngine, work: Scoring) -> Tensor:
 
 def ablation_cam(engine: CamEngine, work: Scoring) -> Tensor:
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020), as pytorch-grad-cam computes it: channel k's weight is the
-    relative fall of the class's logit when the layer's channel k is ablated,
+    relative fall of the class's logit when the layer's channel k is ablated, w_k = (y_c − y_c(A with channel k
+    ablated)) / y_c, and map = Σ_k w_k A_k.
 
-        w_k = (y_c − y_c(A with channel k ablated)) / y_c,   map = Σ_k w_k A_k
-
-    where ablating sets the channel, at every position, to 0 if the layer's smallest activation is 0 and to
+    Ablating sets the channel, at every position, to 0 if the layer's smallest activation is 0 and to
     that minimum − 10⁷ otherwise. The ablated layer's output replaces the real one in a forward pass, one row per
     ablated channel: where the layer's output is the whole stream, the network before it runs once per batch of
     ``scorecam_batch`` channels and only the rest runs per channel; inside a residual block the image itself is

@@ -7,6 +7,7 @@ how it combines them, what a request costs, and whether it shares the batch's fo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -78,7 +79,8 @@ class Method:
         source = self.seeds or (gradient.minus_half_hvp if self.second_order else None)
         source = source or self.merge or self.run_apart or self.combine
         source = getattr(source, "func", source)  # a functools.partial
-        return " ".join((source.__doc__ or "").split("\n\n")[0].split())
+        text = " ".join((source.__doc__ or "").split("\n\n")[0].split())
+        return re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text).replace("``", "`")
 
     @property
     def needs(self) -> str:
