@@ -58,12 +58,16 @@ def faithfulness(
     probabilities: Tensor,
     steps: int = 16,
     batch: int = 64,
+    scores: Callable[[Tensor], Tensor] = lambda logits: logits.softmax(dim=1),
 ) -> list[Faithfulness]:
     """The metrics above for P explanations.
 
     ``inputs`` (P, C, H, W) are the normalised model inputs, ``maps`` (P, H, W) the maps at that size in [0, 1],
     ``classes`` (P,) the explained classes and ``probabilities`` (P,) p(x), already known from the forward pass
-    that explained them. The perturbed inputs are made ``batch`` at a time, so memory stays bounded.
+    that explained them. ``scores`` turns the model's outputs into per-class scores p: the softmax here, the task's
+    own (``camserve.tasks``) in the service, where a regression model's score is its output itself (then drop is
+    max(0, y(x) − y(x·m)) / |y(x)|, and the AUCs are in the output's units). The perturbed inputs are made
+    ``batch`` at a time, so memory stays bounded.
     """
     count, _, height, width = inputs.shape
     pixels = height * width
@@ -76,7 +80,7 @@ def faithfulness(
     items = [(p, 0, i) for p in range(count) for i in range(1, steps + 1)]
     items += [(p, 1, i) for p in range(count) for i in range(steps)]
     items += [(p, 2, 0) for p in range(count)]
-    scores = torch.empty(len(items), device=inputs.device)
+    measured = torch.empty(len(items), device=inputs.device)
     with torch.no_grad():
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
@@ -90,13 +94,13 @@ def faithfulness(
             weighted = x * maps[rows].unsqueeze(1).to(x.dtype)
             perturbed = torch.where(kinds == 0, deleted, torch.where(kinds == 1, inserted, weighted))
             logits = model(perturbed).float()
-            scores[start : start + len(chunk)] = logits.softmax(dim=1)[torch.arange(len(chunk)), classes[rows]]
+            measured[start : start + len(chunk)] = scores(logits)[torch.arange(len(chunk)), classes[rows]]
     p_x = probabilities.float().to(inputs.device)
-    deletion = torch.cat([p_x[:, None], scores[: count * steps].view(count, steps)], dim=1)
+    deletion = torch.cat([p_x[:, None], measured[: count * steps].view(count, steps)], dim=1)
     offset = count * steps
-    insertion = torch.cat([scores[offset : offset + count * steps].view(count, steps), p_x[:, None]], dim=1)
-    weighted = scores[2 * offset :]
-    drop = (p_x - weighted).clamp_min(0) / p_x.clamp_min(1e-12)
+    insertion = torch.cat([measured[offset : offset + count * steps].view(count, steps), p_x[:, None]], dim=1)
+    weighted = measured[2 * offset :]
+    drop = (p_x - weighted).clamp_min(0) / p_x.abs().clamp_min(1e-12)
     deletion_auc, insertion_auc = _auc(deletion).tolist(), _auc(insertion).tolist()
     return [
         Faithfulness(round(d, 6), round(i, 6), round(float(r), 6), bool(w > p), steps)

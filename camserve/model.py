@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ __all__ = [
     "images_to_batch",
     "load_model",
     "model_class_from_file",
+    "output_part",
+    "select_output",
     "read_state_dict",
     "select_device",
 ]
@@ -53,12 +55,46 @@ def model_class_from_file(path: str | Path) -> type[nn.Module]:
 
 
 def build_network(spec: ModelSpec, model_dir: str | Path | None = None) -> nn.Module:
-    """The spec's network with fresh (untrained) parameters: ``model_dir`` holds the spec's model file, if any."""
+    """The spec's network with fresh (untrained) parameters, returning its logits as a tensor: ``model_dir`` holds
+    the spec's model file or Hugging Face config, if any."""
     if spec.model_file:
-        return model_class_from_file(Path(model_dir or ".") / spec.model_file)()
-    from torchvision.models import get_model_builder
+        model = model_class_from_file(Path(model_dir or ".") / spec.model_file)()
+    elif spec.arch.startswith(TIMM_PREFIX):
+        import timm
 
-    return get_model_builder(spec.arch)(weights=None, **spec.arch_kwargs)
+        model = timm.create_model(spec.arch.removeprefix(TIMM_PREFIX), pretrained=False, **spec.arch_kwargs)
+    elif spec.arch.startswith(HF_PREFIX):
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        config = AutoConfig.from_pretrained(Path(model_dir or ".") / spec.hf_config, local_files_only=True)
+        model = AutoModelForImageClassification.from_config(config)
+    else:
+        from torchvision.models import get_model_builder
+
+        model = get_model_builder(spec.arch)(weights=None, **spec.arch_kwargs)
+    return select_output(model, spec.output)
+
+
+TIMM_PREFIX, HF_PREFIX = "timm:", "hf:"
+"""How the spec's ``arch`` names a timm model (``timm:convnext_tiny``) and a Hugging Face class
+(``hf:ViTForImageClassification``)."""
+
+
+def output_part(output: object, key: str) -> object:
+    """The part ``key`` of a network's output: a tuple index (``0``), a mapping key or an attribute (``logits``)."""
+    if key.isdigit():
+        return output[int(key)]
+    if isinstance(output, Mapping) or hasattr(output, "keys"):  # dicts and transformers' ModelOutput
+        return output[key]
+    return getattr(output, key)
+
+
+def select_output(model: nn.Module, key: str | None) -> nn.Module:
+    """``model`` returning the part ``key`` of its output (None: as it is), by a forward hook on the model itself,
+    so that its layers keep their names."""
+    if key is not None:
+        model.register_forward_hook(lambda _module, _inputs, output: output_part(output, key))
+    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

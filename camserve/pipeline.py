@@ -29,7 +29,14 @@ from camserve.api import (
     WorkBudget,
     parse_request,
 )
-from camserve.cam import CamEngine, CamRequest, Classes, LayerNotFoundError, TopPredicted, normalize_map
+from camserve.cam import (
+    CamEngine,
+    CamRequest,
+    Classes,
+    LayerNotFoundError,
+    method_record,
+    normalize_map,
+)
 from camserve.errors import ClientError
 from camserve.faithfulness import Faithfulness, faithfulness
 from camserve.faithfulness import forward_passes as faithfulness_passes
@@ -48,6 +55,7 @@ from camserve.imaging import (
 )
 from camserve.model import images_to_batch
 from camserve.spec import ModelSpec
+from camserve.tasks import task_named
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +104,13 @@ class _ByteCount:
             self.total += size
 
 
-def cam_request(options: ExplainOptions) -> CamRequest:
-    """What the engine needs of a request's options."""
-    return CamRequest(
-        targets=TopPredicted(options.explain) if options.target is None else Classes(options.target),
-        layer=options.layer,
-        method=options.method,
-        eigen_smooth=options.eigen_smooth,
-        aug_smooth=options.aug_smooth,
-    )
-
-
 @dataclass
 class PreparedRequest:
-    """A decoded request: its options, the image at output size (released once rendered) and the model-sized copy."""
+    """A decoded request: its options, what the engine explains, the image at output size (released once rendered)
+    and the model-sized copy."""
 
     options: ExplainOptions
+    cam: CamRequest
     display: np.ndarray | None
     model_input: np.ndarray
     width: int
@@ -141,8 +140,10 @@ class ExplanationService:
 
     def __post_init__(self) -> None:
         spec = self.spec
+        self.task = task_named(spec.task)
+        self.engine.head = self.task.head  # the task decides what an explanation differentiates
         self.model_info = ModelInfo(
-            self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes
+            self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes, spec.task
         )
         # The budget reads layer shapes per request: probe them now, once, not from the request threads at once.
         self.engine.layers()
@@ -167,7 +168,9 @@ class ExplanationService:
             request.options,
             layer=request.options.layer or self.spec.default_layer,
             topk=min(request.options.topk or DEFAULT_TOPK, classes),
+            threshold=self.spec.threshold if request.options.threshold is None else request.options.threshold,
         )
+        self._check_method(options.method)
         if options.layer not in self.spec.layers:
             raise ClientError("InvalidOption", str(LayerNotFoundError(options.layer, list(self.spec.layers))))
         if options.target is not None and max(options.target) >= classes:
@@ -176,22 +179,37 @@ class ExplanationService:
                 f"target must be a class index from 0 to {classes - 1} (this model has {classes} classes), "
                 f"got {list(options.target)}",
             )
-        if options.target is None and options.explain > classes:
+        if options.target is None and (options.explain or 1) > classes:
             raise ClientError(
                 "InvalidOption",
                 f"explain must be at most {classes} (this model has {classes} classes), got {options.explain}",
             )
+        targets = (
+            Classes(options.target)
+            if options.target is not None
+            else self.task.default_target(options.explain, options.threshold, classes)
+        )
+        cam = CamRequest(targets, options.layer, options.method, options.eigen_smooth, options.aug_smooth)
         opened = open_image(request.image, self.limits)
         output = self.budget.output_size(opened.width, opened.height, options.max_side)
-        explanations = len(options.target) if options.target is not None else options.explain
+        explanations = targets.count  # at most: a multi-label model explains only its positive classes of these
         measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
-        method_passes = self.engine.forward_passes(cam_request(options))
+        method_passes = self.engine.forward_passes(cam)
         self.budget.check(explanations, output, options.method, method_passes, measuring)
         side = self.spec.input_size
         rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
         return PreparedRequest(
-            options, resize_image(rgb, output), resize_for_model(rgb, side), opened.width, opened.height
+            options, cam, resize_image(rgb, output), resize_for_model(rgb, side), opened.width, opened.height
         )
+
+    def _check_method(self, method: str) -> None:
+        """Refuse a method that cannot explain this task's outputs, saying why and what works instead."""
+        if method_record(method).seeds is not None and not self.task.exclusive:
+            raise ClientError(
+                "InvalidOption",
+                f"method {method} contrasts a class with its look-alike classes under a softmax, which a "
+                f"{self.task.name} model does not have: choose another method, such as gradcam",
+            )
 
     def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
         """One forward pass for the whole batch; if that fails, each request alone, so only the culprit fails."""
@@ -208,22 +226,17 @@ class ExplanationService:
         started = time.perf_counter()
         channels_last = 0 < self.channels_last_from <= len(prepared)
         batch = images_to_batch([item.model_input for item in prepared], self.spec, self.device, channels_last)
-        output = self.engine(batch, [cam_request(item.options) for item in prepared])
-        probabilities = output.logits.float().softmax(dim=1).cpu()  # one copy off the device for the whole batch
-        topk = min(max(item.options.topk for item in prepared), probabilities.shape[1])
-        top_probabilities, top_indices = probabilities.topk(topk, dim=1)
-        top_probabilities, top_indices = top_probabilities.tolist(), top_indices.tolist()
+        output = self.engine(batch, [item.cam for item in prepared])
+        scores = self.task.scores(output.logits).cpu()  # one copy off the device for the whole batch
         self.stage_seconds["forward"] = output.seconds["forward"]
         self.stage_seconds["cam"] = time.perf_counter() - started - output.seconds["forward"]
         started = time.perf_counter()
+        labels = self.spec.labels
         predictions = [
-            [
-                Prediction(index=i, label=self.spec.labels[i], probability=round(p, 6))
-                for i, p in zip(indices[: item.options.topk], probabilities[: item.options.topk], strict=True)
-            ]
-            for item, indices, probabilities in zip(prepared, top_indices, top_probabilities, strict=True)
+            self.task.predictions(row, item.options.topk, labels, item.options.threshold)
+            for item, row in zip(prepared, scores, strict=True)
         ]
-        target_probabilities = [probabilities[n, targets].tolist() for n, targets in enumerate(output.targets)]
+        target_probabilities = [scores[n, targets].tolist() for n, targets in enumerate(output.targets)]
         measured = self._faithfulness(prepared, batch, output, target_probabilities)
         # The maps leave the device here, at the layer's resolution: the render threads only call NumPy and OpenCV.
         maps = [m.float().cpu().numpy() for m in output.maps]
@@ -267,7 +280,10 @@ class ExplanationService:
             maps = torch.cat([normalize_map(output.maps[n], side) for n in rows])
             classes = torch.tensor([c for n in rows for c in output.targets[n]], device=batch.device)
             p_x = torch.tensor([p for n in rows for p in target_probabilities[n]])
-            results = iter(faithfulness(self.engine.logits, batch[image_of_pair], maps, classes, p_x, steps=steps))
+            results = faithfulness(
+                self.engine.logits, batch[image_of_pair], maps, classes, p_x, steps=steps, scores=self.task.scores
+            )
+            results = iter(results)
             for n, count in zip(rows, counts, strict=True):
                 measured[n] = [next(results) for _ in range(count)]
         return measured
@@ -311,7 +327,7 @@ class ExplanationService:
         return Explanation(
             index=target,
             label=self.spec.labels[target],
-            probability=round(probability, 6),
+            **self.task.explained(probability),
             method=options.method,
             layer=options.layer,
             format=options.format,

@@ -24,9 +24,11 @@ class ModelSpec:
     name: str
     """The archive's name and the endpoint, ``/predictions/<name>``."""
     arch: str
-    """A torchvision classification builder (``resnet50``, ``vit_b_16``) or, with ``model_file``, its class name."""
+    """A torchvision classification builder (``resnet50``, ``vit_b_16``), ``timm:<name>`` for a timm model,
+    ``hf:<class>`` for a Hugging Face one, or, with ``model_file``, its class name."""
     labels: tuple[str, ...]
-    """One name per class; their number is the number of classes."""
+    """One name per class a request may explain: a binary model's two (negative first), a regression model's
+    outputs; their number is the number of classes."""
     input_size: int
     """The side of the square image the network takes, in pixels."""
     mean: tuple[float, float, float]
@@ -43,7 +45,16 @@ class ModelSpec:
     model_file: str | None = None
     """The Python file inside the archive that defines the network, for a model of the user's own."""
     arch_kwargs: Mapping[str, object] = field(default_factory=dict)
-    """Keyword arguments of the torchvision builder (``num_classes``, a ViT's ``image_size``)."""
+    """Keyword arguments of the builder (``num_classes``, a ViT's ``image_size``)."""
+    task: str = "multiclass"
+    """``multiclass``, ``multilabel``, ``binary`` or ``regression`` (``camserve.tasks``)."""
+    threshold: float = 0.5
+    """A multi-label model's default probability threshold for a positive class."""
+    output: str | None = None
+    """Which part of the network's output holds the logits, when it is not a tensor: a key or attribute name
+    (``logits``) or a tuple index (``0``); None: the output is the logits."""
+    hf_config: str | None = None
+    """The folder inside the archive that holds a Hugging Face model's ``config.json``."""
 
     @property
     def num_classes(self) -> int:

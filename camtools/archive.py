@@ -6,8 +6,10 @@ Build-time only: this module is not shipped inside the archive.
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +20,9 @@ import yaml
 import camserve
 from camserve import settings
 from camserve.api import WorkBudget
+from camserve.model import HF_PREFIX, TIMM_PREFIX
 from camserve.spec import SPEC_FILE
-from camtools.models import PreparedModel
+from camtools.models import BuildError, PreparedModel
 
 __all__ = ["ServingConfig", "build_archive", "worker_requirements"]
 
@@ -30,19 +33,58 @@ REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
 SERVER_PROVIDED = {"torch", "torchvision", "torchserve", "torch-model-archiver", "pyyaml"}
 """What a TorchServe image already has: the archive's requirements leave these out, so that installing them never
 replaces the server's own torch."""
+MODEL_SOURCES = {"timm", "transformers", "safetensors"}
+"""Requirements a worker installs only when its model needs them (see :func:`model_needs`)."""
 
 
-def worker_requirements(requirements: Path = REQUIREMENTS) -> str:
-    """The pinned requirements a worker needs beyond TorchServe's own (OpenCV, Pillow, NumPy, orjson, pybase64),
-    from the project's requirements.txt: TorchServe installs them when ``install_py_dep_per_model=true`` (KServe's
-    image)."""
-    lines = []
+def _pins(requirements: Path = REQUIREMENTS) -> dict[str, str]:
+    """Each requirement of requirements.txt by its lower-case name."""
+    pins = {}
     for line in requirements.read_text().splitlines():
         requirement = line.split("#", 1)[0].strip()
-        name = re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower()
-        if requirement and name not in SERVER_PROVIDED:
-            lines.append(requirement)
-    return "\n".join(lines) + "\n"
+        if requirement:
+            pins[re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower()] = requirement
+    return pins
+
+
+def worker_requirements(needs: set[str] = frozenset(), requirements: Path = REQUIREMENTS) -> str:
+    """The pinned requirements a worker needs beyond TorchServe's own (OpenCV, Pillow, NumPy, orjson, pybase64),
+    plus the model sources in ``needs`` (timm, transformers), from the project's requirements.txt: TorchServe
+    installs them when ``install_py_dep_per_model=true`` (KServe's image)."""
+    pins = _pins(requirements)
+    wanted = [pin for name, pin in pins.items() if name not in SERVER_PROVIDED | MODEL_SOURCES or name in needs]
+    return "\n".join(wanted) + "\n"
+
+
+def model_needs(prepared: PreparedModel) -> set[str]:
+    """The model sources an archive's worker must install: timm for a timm model, transformers for a Hugging Face
+    one, and what the model file imports among them. A model file that imports a package the worker would not have
+    is refused, naming it."""
+    spec = prepared.spec
+    needs = {"timm"} if spec.arch.startswith(TIMM_PREFIX) else set()
+    needs |= {"transformers"} if spec.arch.startswith(HF_PREFIX) else set()
+    if prepared.model_file is not None:
+        available = set(sys.stdlib_module_names) | {"torch", "torchvision", "numpy", "cv2", "PIL", "camserve"}
+        for name in _imports(prepared.model_file):
+            if name in MODEL_SOURCES:
+                needs.add(name)
+            elif name not in available:
+                raise BuildError(
+                    f"{prepared.model_file.name} imports {name}, which an archive's worker does not install: it has "
+                    f"torch, torchvision, numpy and {', '.join(sorted(MODEL_SOURCES))}; put the code in the model file"
+                )
+    return needs
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level packages a Python file imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
 
 
 @dataclass(frozen=True)
@@ -102,11 +144,14 @@ def build_archive(
         extra.mkdir()
         shutil.copytree(RUNTIME_PACKAGE, extra / "camserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         spec.save(extra / SPEC_FILE)
+        if prepared.hf_config is not None:  # the worker builds a Hugging Face model from its config
+            (extra / spec.hf_config).mkdir()
+            shutil.copy2(prepared.hf_config, extra / spec.hf_config / "config.json")
         torch.save(prepared.state_dict, staging / STATE_DICT_NAME)
         config_file = staging / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config.model_config(), sort_keys=False))
         requirements = staging / "requirements.txt"
-        requirements.write_text(worker_requirements())
+        requirements.write_text(worker_requirements(model_needs(prepared)))
         # The archiver stages files in <tempdir>/<model name>: give it this build's own tempdir, so that two builds
         # on one machine cannot collide.
         system_tempdir, tempfile.tempdir = tempfile.tempdir, str(staging)

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from camserve.cam import CamEngine, CamRequest, LayerInfo, LayerNotFoundError, default_layer, describe_layers
-from camserve.model import build_network, model_class_from_file
+from camserve.model import HF_PREFIX, TIMM_PREFIX, build_network, model_class_from_file, output_part, select_output
 from camserve.spec import ModelSpec
+from camserve.tasks import TASKS, task_named
 
 __all__ = [
     "BuildError",
@@ -39,6 +40,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_ARCH = "resnet50"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+"""Where ``save_pretrained`` writes the weights."""
+HF_CONFIG_DIR = "hf"
+"""The archive folder that holds a Hugging Face model's config.json."""
 _MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
@@ -58,6 +63,8 @@ class PreparedModel:
     model: nn.Module
     state_dict: dict[str, torch.Tensor]
     model_file: Path | None = None
+    hf_config: Path | None = None
+    """A Hugging Face model's ``config.json``, packed into the archive's ``spec.hf_config`` folder."""
 
 
 def torchvision_archs() -> list[str]:
@@ -67,33 +74,55 @@ def torchvision_archs() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+"""Where training checkpoints keep the weights: Lightning's and the classic ``{"state_dict": ...}``, PyTorch's
+tutorial's ``{"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": ...}``, and ``{"model": ...}``."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Prefixes that wrappers add to every key: DataParallel's, torch.compile's; and a LightningModule's ``model.``
+(its ``self.model``) in a Lightning checkpoint."""
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a file, loaded with ``weights_only=True``: a bare state_dict, ``{"state_dict": ...}`` or
-    ``{"model": ...}`` (training checkpoints), with DataParallel's ``module.`` or torch.compile's ``_orig_mod.``
-    prefix removed."""
+    """A state_dict from a file: ``.safetensors`` through safetensors, anything else with ``torch.load(...,
+    weights_only=True)``, as a bare state_dict or a training checkpoint (:data:`CHECKPOINT_KEYS`), with a wrapper's
+    prefix (:data:`WRAPPER_PREFIXES`) removed when every key has it."""
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"no weights file at {path}: give --weights imagenet, random or a file's path")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split(".")[0][:200]
-        raise BuildError(
-            f"{path} is not a plain state_dict: torch.load(weights_only=True) refused it ({reason}). If it is a "
-            "whole pickled model, save its weights instead: torch.save(model.state_dict(), 'weights.pt')"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise BuildError(f"{path} could not be read as a torch.save file: {error}") from None
-    for key in ("state_dict", "model"):
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            loaded = load_file(path, device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise BuildError(f"{path} could not be read as a safetensors file: {error}") from None
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().split(".")[0][:200]
+            raise BuildError(
+                f"{path} is not a plain state_dict: torch.load(weights_only=True) refused it ({reason}). If it is a "
+                "whole pickled model, save its weights instead: torch.save(model.state_dict(), 'weights.pt')"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as error:
+            raise BuildError(f"{path} could not be read as a torch.save file: {error}") from None
+    prefixes = WRAPPER_PREFIXES
+    if isinstance(loaded, dict) and "pytorch-lightning_version" in loaded:
+        prefixes += ("model.",)
+    for key in CHECKPOINT_KEYS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            break
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        found = ", ".join(map(repr, list(loaded)[:12])) if isinstance(loaded, dict) else type(loaded).__name__
         raise BuildError(
-            f"{path} holds a {type(loaded).__name__} that is not a state_dict (a dict of tensors, possibly under "
-            "'state_dict' or 'model'): save it with torch.save(model.state_dict(), 'weights.pt')"
+            f"{path} holds no state_dict (a dict of tensors, bare or under {', '.join(CHECKPOINT_KEYS)}); it has: "
+            f"{found}. Save the weights with torch.save(model.state_dict(), 'weights.pt')"
         )
-    for prefix in ("module.", "_orig_mod."):
-        if loaded and all(key.startswith(prefix) for key in loaded):
+    for prefix in prefixes:
+        if all(key.startswith(prefix) for key in loaded):
             loaded = {key[len(prefix) :]: value for key, value in loaded.items()}
     return loaded
 
@@ -145,6 +174,13 @@ def _input_defaults(arch: str | None) -> tuple[int, tuple[float, ...], tuple[flo
     """(input size, mean, std) from the arch's default torchvision weights' transforms, else 224 and ImageNet's."""
     if arch is None:
         return DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+    if arch.startswith(TIMM_PREFIX):  # timm's data config for the model's default pretrained tag
+        import timm
+
+        config = timm.get_pretrained_cfg(arch.removeprefix(TIMM_PREFIX))
+        if config is None:
+            return DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+        return int(config.input_size[-1]), tuple(config.mean), tuple(config.std)
     transforms = _default_weights(arch).transforms()
     return int(transforms.crop_size[0]), tuple(transforms.mean), tuple(transforms.std)
 
@@ -250,7 +286,24 @@ def _fit_torchvision(arch: str, state_dict: dict[str, torch.Tensor], kwargs: dic
     raise BuildError(f"these weights do not fit --arch {arch}: {'; '.join(problems)}. {advice}")
 
 
-def _imagenet_state_dict(arch: str, progress: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _imagenet_state_dict(arch: str, progress: bool) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The arch's pretrained weights through its library's own download and cache (torchvision's, or timm's from the
+    Hugging Face Hub), and their labels when the library gives them."""
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+
+        name = arch.removeprefix(TIMM_PREFIX)
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as error:  # the Hub client raises its own connection and lookup errors
+            raise WeightsUnavailableError(
+                f"could not download the pretrained weights of timm's {name} through timm.create_model(pretrained="
+                f"True): {type(error).__name__}: {str(error)[:300]}.\nOffline, choose one of the other two: "
+                "--weights PATH (a state_dict or .safetensors file) or --weights random (seeded, for tests only: its "
+                "predictions mean nothing)."
+            ) from None
+        classes = model.num_classes
+        return model.state_dict(), _imagenet_categories() if classes == 1000 else None
     weights = _default_weights(arch)
     try:
         state_dict = weights.get_state_dict(progress=progress, check_hash=True)
@@ -289,11 +342,19 @@ class BuildRequest:
     version: str = "1.0"
     seed: int = 0
     progress: bool = True
+    task: str | None = None
+    """None: multiclass, or what a Hugging Face directory's ``problem_type`` says."""
+    threshold: float = 0.5
+    output: str | None = None
+    """Which part of a non-tensor output holds the logits; None: found (a tuple's first item, ``logits``)."""
+    hf: str | Path | None = None
+    """A directory written by ``save_pretrained`` for an ``AutoModelForImageClassification`` model."""
 
 
 @dataclass
 class _Source:
-    """Where the network comes from, resolved: a torchvision arch or a model file's class, and its input."""
+    """Where the network comes from, resolved: a torchvision or timm arch, a model file's class or a Hugging Face
+    directory, its input and its task."""
 
     arch: str
     model_path: Path | None
@@ -302,6 +363,9 @@ class _Source:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     given_labels: list[str] | None
+    task: str = "multiclass"
+    hf_dir: Path | None = None
+    hf_labels: list[str] | None = None
 
 
 def prepare_model(**flags) -> PreparedModel:
@@ -315,10 +379,12 @@ def prepare_model(**flags) -> PreparedModel:
     request = BuildRequest(**flags)
     source = _resolve(request)
     model, kwargs, default_labels = _load(source, request)
-    layers, num_classes = _probe(model, source)
-    names = _label(source, request, default_labels, num_classes)
-    layer, spatial = _validate(model, source, request.layer, layers)
-    name = request.model_name or source.arch.lower()
+    layers, outputs, output_key = _probe(model, source, request.output)
+    select_output(model, output_key)
+    names = _label(source, request, default_labels or source.hf_labels, outputs)
+    layer, spatial = _validate(model, source, request.layer, layers, len(names))
+    default_name = source.hf_dir.resolve().name if source.hf_dir else source.arch.removeprefix(TIMM_PREFIX)
+    name = request.model_name or re.sub(r"[^a-z0-9_-]", "_", default_name.lower())
     if not _MODEL_NAME.fullmatch(name):
         raise BuildError(f"--model-name must be a letter then letters, digits, '_' or '-' (64 at most), got {name!r}")
     spec = ModelSpec(
@@ -334,15 +400,26 @@ def prepare_model(**flags) -> PreparedModel:
         version=request.version,
         model_file=source.model_path.name if source.model_path else None,
         arch_kwargs=kwargs,
+        task=source.task,
+        threshold=request.threshold,
+        output=output_key,
+        hf_config=HF_CONFIG_DIR if source.hf_dir else None,
     )
-    return PreparedModel(spec, model, model.state_dict(), source.model_path)
+    hf_config = source.hf_dir / "config.json" if source.hf_dir else None
+    return PreparedModel(spec, model, model.state_dict(), source.model_path, hf_config)
 
 
 def _resolve(request: BuildRequest) -> _Source:
     """The network's source (a known torchvision arch, or a model file with one ``nn.Module``) and its input."""
     arch, model_path, model_class = request.arch, None, None
-    if arch and request.model_file:
-        raise BuildError("give --arch (a torchvision architecture) or --model-file (your own network), not both")
+    if sum(bool(given) for given in (arch, request.model_file, request.hf)) > 1:
+        raise BuildError("give one of --arch (torchvision or timm:NAME), --model-file (your own network) or --hf DIR")
+    if request.task is not None and request.task not in TASKS:
+        raise BuildError(f"--task must be one of {', '.join(TASKS)}, got {request.task!r}")
+    if not 0 <= request.threshold <= 1:
+        raise BuildError(f"--threshold must be a probability from 0 to 1, got {request.threshold}")
+    if request.hf:
+        return _resolve_hf(request)
     if request.model_file:
         model_path = Path(request.model_file)
         if not model_path.is_file():
@@ -354,13 +431,24 @@ def _resolve(request: BuildRequest) -> _Source:
         arch = model_class.__name__
         if request.weights == "imagenet":
             raise BuildError("--weights imagenet needs --arch; give a --model-file network its weights as a PATH")
+    elif (arch or "").startswith(TIMM_PREFIX):
+        import timm
+
+        name, names = arch.removeprefix(TIMM_PREFIX), timm.list_models()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
+            raise BuildError(f"--arch {arch} is not a timm model: {hint}(timm.list_models() has {len(names)})")
     else:
         arch = arch or DEFAULT_ARCH
         archs = torchvision_archs()
         if arch not in archs:
             close = difflib.get_close_matches(arch, archs, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise BuildError(f"--arch {arch} is not a torchvision classification model: {hint}(one of {len(archs)})")
+            raise BuildError(
+                f"--arch {arch} is not a torchvision classification model: {hint}(one of {len(archs)}; a timm model "
+                "is --arch timm:NAME)"
+            )
     default_size, default_mean, default_std = _input_defaults(None if model_path else arch)
     return _Source(
         arch=arch,
@@ -370,13 +458,70 @@ def _resolve(request: BuildRequest) -> _Source:
         mean=tuple(request.mean or default_mean),
         std=tuple(request.std or default_std),
         given_labels=read_labels(request.labels) if request.labels is not None else None,
+        task=request.task or "multiclass",
     )
+
+
+def _resolve_hf(request: BuildRequest) -> _Source:
+    """A ``save_pretrained`` directory, read with no network access: the architecture and labels from its
+    ``config.json`` (``id2label``), the task from its ``problem_type``, the input from its image processor's
+    config."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    directory = Path(request.hf)
+    if not (directory / "config.json").is_file():
+        raise BuildError(f"--hf {directory} has no config.json: give a directory written by save_pretrained")
+    weights = [name for name in HF_WEIGHTS if (directory / name).is_file()]
+    if not weights:
+        raise BuildError(
+            f"--hf {directory} has no weights ({' or '.join(HF_WEIGHTS)}): save the model with save_pretrained"
+        )
+    if request.weights not in ("imagenet", "random"):
+        raise BuildError("--hf reads the weights from its directory: leave out --weights")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    problem = {"multi_label_classification": "multilabel", "single_label_classification": "multiclass"}
+    task = problem.get(config.problem_type, "regression" if config.problem_type == "regression" else None)
+    task = request.task or task or ("regression" if config.num_labels == 1 else "multiclass")
+    labels = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else None
+    size, mean, std = _hf_input(AutoImageProcessor, directory)
+    return _Source(
+        arch=HF_PREFIX + (config.architectures or ["AutoModelForImageClassification"])[0],
+        model_path=None,
+        model_class=None,
+        input_size=request.input_size or size,
+        mean=tuple(request.mean or mean),
+        std=tuple(request.std or std),
+        given_labels=read_labels(request.labels) if request.labels is not None else None,
+        task=task,
+        hf_dir=directory,
+        hf_labels=labels,
+    )
+
+
+def _hf_input(processor_class, directory: Path) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(side, mean, std) from the directory's image processor config, else 224 and ImageNet's."""
+    if not (directory / "preprocessor_config.json").is_file():
+        return DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+    processor = processor_class.from_pretrained(directory, local_files_only=True)
+    size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
+    side = size.get("height") or size.get("shortest_edge") or DEFAULT_INPUT_SIZE
+    mean = getattr(processor, "image_mean", None) or IMAGENET_MEAN
+    std = getattr(processor, "image_std", None) or IMAGENET_STD
+    return int(side), tuple(mean), tuple(std)
 
 
 def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, object], list[str] | None]:
     """The network with its weights (seeded for ``random``), in eval mode and frozen; the builder's keyword
     arguments; the weights' own labels, if they carry any."""
     weights, default_labels = request.weights, None
+    if source.hf_dir is not None:
+        from transformers import AutoModelForImageClassification
+
+        try:
+            model = AutoModelForImageClassification.from_pretrained(source.hf_dir, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise BuildError(f"--hf {source.hf_dir} could not be loaded: {error}") from None
+        return model.eval().requires_grad_(False), {}, None
     if source.model_class is not None:
         kwargs: dict[str, object] = {}
         if weights == "random":
@@ -393,10 +538,12 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
         kwargs = _arch_kwargs(source.arch, source.input_size, pretrained=weights == "imagenet")
         if weights == "imagenet":
             state_dict, default_labels = _imagenet_state_dict(source.arch, request.progress)
-            kwargs["num_classes"] = len(default_labels)
+            kwargs = _fit_torchvision(source.arch, state_dict, kwargs) if default_labels is None else kwargs
+            kwargs.setdefault("num_classes", len(default_labels or []) or 1000)
         elif weights == "random":
-            if source.given_labels is not None:
-                kwargs["num_classes"] = len(source.given_labels)
+            task = task_named(source.task)
+            if source.given_labels is not None or task.outputs(2) == 1:
+                kwargs["num_classes"] = task.outputs(len(source.given_labels or task.default_labels(2)))
         else:
             state_dict = read_checkpoint(weights)
             kwargs = _fit_torchvision(source.arch, state_dict, kwargs)
@@ -409,8 +556,10 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
     return model.eval().requires_grad_(False), kwargs, default_labels
 
 
-def _probe(model: nn.Module, source: _Source) -> tuple[dict[str, LayerInfo], int]:
-    """The model's layers and its number of classes, from one forward pass of a blank image."""
+def _probe(model: nn.Module, source: _Source, output: str | None) -> tuple[dict[str, LayerInfo], int, str | None]:
+    """The model's layers, its number of outputs, and which part of its output holds the logits (``output``, or
+    found: None for a tensor, a tuple's first item, ``logits`` of a dict or a ``ModelOutput``), from one forward
+    pass of a blank image."""
     side = source.input_size
     try:
         layers = describe_layers(model, side)
@@ -418,31 +567,53 @@ def _probe(model: nn.Module, source: _Source) -> tuple[dict[str, LayerInfo], int
             probe = model(torch.zeros(1, 3, side, side))
     except Exception as error:
         raise BuildError(f"{source.arch} does not run on a {side}x{side} image: {error}") from None
+    if output is None and not isinstance(probe, torch.Tensor):
+        if isinstance(probe, (tuple, list)):
+            output = "0"
+        elif "logits" in (probe.keys() if hasattr(probe, "keys") else ()) or hasattr(probe, "logits"):
+            output = "logits"
+        else:
+            raise BuildError(
+                f"{source.arch} returns a {type(probe).__name__}, not a tensor: name the part that holds the logits "
+                "with --output (a key, an attribute or a tuple index)"
+            )
+    if output is not None:
+        try:
+            probe = output_part(probe, output)
+        except (KeyError, IndexError, AttributeError, TypeError) as error:
+            raise BuildError(f"--output {output} names no part of {source.arch}'s output: {error!r}") from None
     if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
         raise BuildError(f"{source.arch} must return (N, classes) logits, got {getattr(probe, 'shape', type(probe))}")
-    return layers, probe.shape[1]
+    return layers, probe.shape[1], output
 
 
-def _label(source: _Source, request: BuildRequest, default_labels: list[str] | None, classes: int) -> list[str]:
-    """One name per class: the labels file's, the weights' own, ImageNet's for 1000 classes, else ``class_i``."""
+def _label(source: _Source, request: BuildRequest, default_labels: list[str] | None, outputs: int) -> list[str]:
+    """One name per class a request may name, after the task's check of the outputs: the labels file's, the
+    weights' own, ImageNet's for 1000 classes, a binary model's ``negative`` and ``positive``, else ``class_i``
+    (``output_i`` for a regression model)."""
+    task = task_named(source.task)
+    problem = task.check_outputs(outputs, source.arch)
+    if problem:
+        raise BuildError(problem)
+    classes = task.classes(outputs)
     if source.given_labels is not None:
         names = source.given_labels
-    elif default_labels is not None:
+    elif default_labels is not None and len(default_labels) == classes:
         names = default_labels
-    elif classes == 1000:
+    elif classes == 1000 and task.exclusive:
         names = _imagenet_categories()
     else:
-        names = [f"class_{i}" for i in range(classes)]
+        names = task.default_labels(classes)
     if len(names) != classes:
         raise BuildError(
-            f"{len(names)} labels for {classes} classes: the labels file {request.labels} must name every class of "
-            f"the model's head, in index order"
+            f"{len(names)} labels for {classes} {task.what}: the labels file {request.labels} must name every one of "
+            f"the model's {task.what} ({', '.join(task.default_labels(classes)[:2])}, ...), in index order"
         )
     return names
 
 
 def _validate(
-    model: nn.Module, source: _Source, layer: str | None, layers: dict[str, LayerInfo]
+    model: nn.Module, source: _Source, layer: str | None, layers: dict[str, LayerInfo], classes: int
 ) -> tuple[str, dict[str, str]]:
     """The default layer and the layers a request may name, after one explanation of a synthetic image at it is a
     finite map of the layer's shape, from finite logits."""
@@ -455,12 +626,13 @@ def _validate(
     elif layer not in spatial:
         reason = "gives no spatial map" if layer in dict(model.named_modules()) else "is not a module of the model"
         raise BuildError(f"layer {layer} {reason}; {LayerNotFoundError(layer, list(spatial))}")
-    engine = CamEngine(model, input_size=side, default_layer=layer)
+    task = task_named(source.task)
+    engine = CamEngine(model, input_size=side, default_layer=layer, head=task.head)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         mean, std = torch.tensor(source.mean).view(1, 3, 1, 1), torch.tensor(source.std).view(1, 3, 1, 1)
         image = (torch.rand(1, 3, side, side) - mean) / std
-    output = engine(image, [CamRequest()])
+    output = engine(image, [CamRequest(task.default_target(None, 0.5, classes))])
     cam = output.maps[0]
     if tuple(cam.shape[1:]) != layers[layer].grid[1:] or not torch.isfinite(cam).all():
         raise BuildError(f"the explanation at layer {layer} is not a finite {layers[layer].grid[1:]} map")
@@ -483,8 +655,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("the model")
     group.add_argument(
         "--arch",
-        help=f"a torchvision classification model, e.g. resnet50, convnext_tiny, vit_b_16, swin_t "
-        f"(default: {DEFAULT_ARCH} unless --model-file)",
+        help=f"a torchvision classification model, e.g. resnet50, convnext_tiny, vit_b_16, swin_t, or a timm model "
+        f"as timm:NAME, e.g. timm:convnext_tiny (default: {DEFAULT_ARCH} unless --model-file or --hf)",
+    )
+    group.add_argument(
+        "--hf",
+        type=Path,
+        metavar="DIR",
+        help="a Hugging Face image classifier saved with save_pretrained (config.json, model.safetensors, "
+        "preprocessor_config.json): architecture, weights, labels, task and input all come from it, offline",
     )
     group.add_argument(
         "--model-file",
@@ -505,6 +684,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: ImageNet's for 1000 classes, else class_0, class_1, ...)",
     )
     group.add_argument("--layer", help="the layer explained by default (default: found for the model)")
+    group.add_argument(
+        "--task",
+        choices=tuple(TASKS),
+        help="how the outputs read: multiclass (softmax), multilabel (a sigmoid per class), binary (one logit) or "
+        "regression (default: multiclass, or what an --hf directory's problem_type says)",
+    )
+    group.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="a multi-label model's default probability for a positive class (default: %(default)s)",
+    )
+    group.add_argument(
+        "--output",
+        help="which part of the network's output holds the logits when it is not a tensor: a key, an attribute or "
+        "a tuple index (default: found: a tuple's first item, or logits)",
+    )
     group.add_argument(
         "--input-size", type=int, help="model input side in pixels (default: the arch's weights' crop, else 224)"
     )
@@ -534,6 +730,10 @@ def model_for_cli(args: argparse.Namespace, model_name: str | None = None, versi
             model_name=model_name,
             version=version,
             seed=args.seed,
+            task=args.task,
+            threshold=args.threshold,
+            output=args.output,
+            hf=args.hf,
         )
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -189,12 +189,40 @@ def test_response_schema():
         height=300,
         predictions=[Prediction(281, "tabby", 0.5)],
         explanations=[
-            Explanation(281, "tabby", 0.5, "gradcam", "layer4", "jpeg", 451, 300, "b64"),
-            Explanation(282, "tiger cat", 0.25, "gradcam", "layer4", "png", 226, 150, "b64", heatmap="png16"),
+            Explanation(
+                index=281,
+                label="tabby",
+                probability=0.5,
+                method="gradcam",
+                layer="layer4",
+                format="jpeg",
+                width=451,
+                height=300,
+                overlay="b64",
+            ),
+            Explanation(
+                index=282,
+                label="tiger cat",
+                probability=0.25,
+                method="gradcam",
+                layer="layer4",
+                format="png",
+                width=226,
+                height=150,
+                overlay="b64",
+                heatmap="png16",
+            ),
         ],
     ).to_dict()
     assert response == {
-        "model": {"name": "resnet50", "version": "1.0", "weights": "random", "arch": "resnet50", "classes": 1000},
+        "model": {
+            "name": "resnet50",
+            "version": "1.0",
+            "weights": "random",
+            "arch": "resnet50",
+            "classes": 1000,
+            "task": "multiclass",
+        },
         "image": {"width": 451, "height": 300},
         "predictions": [{"index": 281, "label": "tabby", "probability": 0.5}],
         "explanations": [

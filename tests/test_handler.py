@@ -73,6 +73,7 @@ def test_a_batch_with_one_bad_request_fails_only_that_request(served, chelsea):
         "weights": "random",
         "arch": "resnet50",
         "classes": 1000,
+        "task": "multiclass",
     }
     assert first["image"] == {"width": 451, "height": 300}
     assert len(first["predictions"]) == 5

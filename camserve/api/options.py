@@ -189,11 +189,22 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "explain",
-        int,
-        1,
+        int | None,
+        None,
         f"an integer from 1 to {MAX_EXPLAIN}",
-        f"Without `target`: explain the N top predicted classes, 1–{MAX_EXPLAIN}.",
+        f"Without `target`: explain the N top predicted classes, 1–{MAX_EXPLAIN}; of a multi-label model, its "
+        "positive classes, at most N (or its top one when none is positive); of a regression model, outputs 0 to N−1.",
         integer(1, MAX_EXPLAIN),
+        shown_default="1 (a multi-label model's: 5)",
+    ),
+    Option(
+        "threshold",
+        float | None,
+        None,
+        "a number from 0 to 1",
+        "A multi-label model's probability from which a class is positive, 0–1.",
+        number(0.0, 1.0),
+        shown_default="the build's `--threshold` (0.5)",
     ),
     Option(
         "method",

@@ -14,24 +14,36 @@ class ModelInfo:
     weights: str
     """``imagenet``, ``random`` (predictions mean nothing) or ``file:<sha256 first 12>``."""
     arch: str
-    """The torchvision architecture, or the class name of the user's own network."""
+    """The architecture (torchvision's, ``timm:<name>``, ``hf:<class>``), or the class name of the user's own
+    network."""
     classes: int
-    """How many classes the model tells apart."""
+    """How many classes (or a regression model's outputs) a request may name."""
+    task: str = "multiclass"
+    """``multiclass``, ``multilabel``, ``binary`` or ``regression``: how to read the predictions."""
+
+
+def _without_none(item: object) -> dict[str, object]:
+    return {key: value for key, value in asdict(item).items() if value is not None}
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """One class's prediction: a probability (softmax, sigmoid, or a binary model's σ(z) and 1 − σ(z)), with
+    ``positive`` for a multi-label model; a regression model's output has its ``value`` instead."""
+
     index: int
     label: str
-    probability: float
+    probability: float | None = None
+    positive: bool | None = None
+    value: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Explanation:
     index: int
     label: str
-    probability: float
-    """The model's probability for the explained class."""
+    probability: float | None = None
+    """The model's probability for the explained class; None (left out) for a regression output."""
     method: str
     layer: str
     format: str
@@ -44,6 +56,8 @@ class Explanation:
     """The map as a base64 16-bit grayscale PNG; only when asked."""
     faithfulness: dict[str, object] | None = None
     """Deletion, insertion, drop, increase and steps (``camserve.faithfulness``); only when asked."""
+    value: float | None = None
+    """A regression output's value, in place of a probability."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +69,9 @@ class ExplainResponse:
     explanations: list[Explanation] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        explanations = []
-        for explanation in self.explanations:
-            item = asdict(explanation)
-            for optional in ("heatmap", "faithfulness"):
-                if item[optional] is None:
-                    del item[optional]
-            explanations.append(item)
         return {
             "model": asdict(self.model),
             "image": {"width": self.width, "height": self.height},
-            "predictions": [asdict(p) for p in self.predictions],
-            "explanations": explanations,
+            "predictions": [_without_none(p) for p in self.predictions],
+            "explanations": [_without_none(e) for e in self.explanations],
         }

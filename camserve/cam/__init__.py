@@ -23,7 +23,7 @@ from camserve.cam.layers import (
 )
 from camserve.cam.methods.registry import DEFAULT_METHOD, METHODS, Family, Method, method_record
 from camserve.cam.post import normalize_map
-from camserve.cam.targets import Classes, Objective, Target, TopPredicted, logit
+from camserve.cam.targets import SOFTMAX, Classes, Head, Objective, Target, TopPredicted, logit
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -32,7 +32,9 @@ __all__ = [
     "CamEngine",
     "CamOutput",
     "CamRequest",
+    "SOFTMAX",
     "Classes",
+    "Head",
     "Family",
     "LayerInfo",
     "LayerNotFoundError",

@@ -23,7 +23,7 @@ from camserve.cam.methods.gradient import minus_half_hvp
 from camserve.cam.methods.perturbation import Scoring
 from camserve.cam.methods.registry import DEFAULT_METHOD, Family, method_record
 from camserve.cam.post import reduce_contributions
-from camserve.cam.targets import Classes, Objective, Target, TopPredicted, logit, objective_seeds
+from camserve.cam.targets import SOFTMAX, Classes, Head, Target, TopPredicted, objective_seeds
 
 __all__ = ["CamEngine", "CamOutput", "CamRequest"]
 
@@ -96,8 +96,9 @@ class CamEngine:
     target slots with ``is_grads_batched``. Activation-only methods are computed once per image, and a perturbation
     method's passes once per image, whatever the number of targets.
 
-    ``objective`` is the scalar each explanation differentiates, a function of the model's output
-    (:mod:`camserve.cam.targets`); the default is the raw logit y_c. ``autocast_dtype`` (``torch.bfloat16``,
+    ``head`` says how the model's output becomes what is explained (:class:`~camserve.cam.targets.Head`): the
+    scalar each explanation differentiates, a function of the output, and the per-class scores that rank the classes;
+    the default is a single-label classifier's raw logit y_c, ranked by softmax. ``autocast_dtype`` (``torch.bfloat16``,
     ``torch.float16``) runs the network under ``torch.autocast``; maps are combined in float32. Perturbation
     methods score at most ``scorecam_channels`` channels per map (None: every channel), ``scorecam_batch`` masked
     images per forward pass. ``input_size`` is the side of the square input the engine probes the network with,
@@ -113,7 +114,7 @@ class CamEngine:
         scorecam_batch: int = 32,
         input_size: int = 224,
         default_layer: str | None = None,
-        objective: Objective = logit,
+        head: Head = SOFTMAX,
     ) -> None:
         if scorecam_channels is not None and scorecam_channels < 1:
             raise ValueError(
@@ -124,7 +125,7 @@ class CamEngine:
         self.scorecam_channels = scorecam_channels
         self.scorecam_batch = scorecam_batch
         self.input_size = input_size
-        self.objective = objective
+        self.head = head
         self._layers: dict[str, LayerInfo] | None = None
         self._default_layer = default_layer
         self._unexpandable: set[frozenset[str]] = set()
@@ -169,17 +170,23 @@ class CamEngine:
 
     def resolve_targets(self, logits: Tensor, requests: Sequence[CamRequest]) -> list[list[int]]:
         """Each request's explained classes, given its image's ``logits`` row: its ``Classes``, or its top ones."""
-        self._check_targets(logits.shape[1], requests)
+        scores = self.head.scores(logits)
+        self._check_targets(scores.shape[1], requests)
         return [
             list(request.targets.indices)
             if isinstance(request.targets, Classes)
             else row.topk(request.targets.count).indices.tolist()
-            for request, row in zip(requests, logits, strict=True)
+            for request, row in zip(requests, scores, strict=True)
         ]
 
     def seeds(self, outputs: Tensor, classes: Tensor) -> Tensor:
         """∂objective/∂outputs for each row of ``outputs`` and its class (:func:`objective_seeds`)."""
-        return objective_seeds(self.objective, outputs, classes)
+        return objective_seeds(self.head.objective, outputs, classes)
+
+    def objective(self, outputs: Tensor, target: int) -> Tensor:
+        """The explained scalar of class ``target`` for each row of ``outputs``, in float32."""
+        classes = torch.full((len(outputs),), target, dtype=torch.long, device=outputs.device)
+        return self.head.objective(outputs.float(), classes)
 
     @staticmethod
     def _check_targets(classes: int, requests: Sequence[CamRequest]) -> None:
@@ -206,9 +213,23 @@ class CamEngine:
             ]
             if plan.shared:
                 parts.append((plan.shared, self._explain_rows(images, requests, plan.shared)))
-        output = _gather(parts, len(requests))
+        output = self._keep_scoring(_gather(parts, len(requests)), requests)
         forward = output.seconds["forward"]
         return replace(output, seconds={"forward": forward, "cam": time.perf_counter() - started - forward})
+
+    def _keep_scoring(self, output: CamOutput, requests: Sequence[CamRequest]) -> CamOutput:
+        """Drop the explained classes of a ``TopPredicted(at_least=...)`` request that score below it, keeping its
+        top class when none reaches it: the pairs were explained as its top ``count``, in the same pass."""
+        filtered = [n for n, r in enumerate(requests) if getattr(r.targets, "at_least", None) is not None]
+        if not filtered:
+            return output
+        scores = self.head.scores(output.logits[filtered]).cpu()
+        targets, maps = list(output.targets), list(output.maps)
+        for row, n in enumerate(filtered):
+            keep = [i for i, c in enumerate(targets[n]) if scores[row, c] >= requests[n].targets.at_least] or [0]
+            targets[n] = [targets[n][i] for i in keep]
+            maps[n] = maps[n][keep]
+        return replace(output, targets=targets, maps=maps)
 
     def plan(self, requests: Sequence[CamRequest]) -> _Plan:
         """Group the batch's requests once: those whose method runs apart, by method, and the rest together."""
@@ -338,9 +359,10 @@ class CamEngine:
                 stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, None)
             forward_done = time.perf_counter()
             logits = stream_logits[first_pair] if expand is not None else stream_logits
-            self._check_targets(logits.shape[1], requests)
+            scores = self.head.scores(logits.detach())
+            self._check_targets(scores.shape[1], requests)
             top = max((r.count for r in requests if isinstance(r.targets, TopPredicted)), default=1)
-            ranked = logits.topk(top, dim=1).indices
+            ranked = scores.topk(top, dim=1).indices
             pair_class = torch.where(pair_rank >= 0, ranked[pair_image, pair_rank.clamp_min(0)], pair_given)
             seeds = self.seeds(logits[pair_image], pair_class)
             own_seeds = {record.name: record for record in records if record.seeds is not None}

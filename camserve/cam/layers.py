@@ -74,6 +74,8 @@ pytorch-grad-cam, as a property of the layer):
 - ``cls_tokens``: (N, 1 + h·w, K) tokens after a class token (ViT): drop token 0, reshape to (N, h, w, K), then
   permute to (N, K, h, w).
 - ``tokens``: (N, h·w, K) tokens without a class token: the same reshape.
+- ``prefix_tokens:P``: (N, P + h·w, K) tokens after P prefix tokens (a class token and register tokens, as timm's
+  ``num_prefix_tokens`` counts them): drop the first P, then the same reshape.
 
 The map is linear in the tokens, so gradients take the same reshape.
 """
@@ -85,18 +87,37 @@ def to_grid(tensor: Tensor, layout: str) -> Tensor:
         return tensor
     if layout == "nhwc":
         return tensor.permute(0, 3, 1, 2)
-    if layout in ("cls_tokens", "tokens"):
-        tokens = tensor[:, 1:] if layout == "cls_tokens" else tensor
+    prefix = _prefix_tokens(layout)
+    if prefix is not None:
+        tokens = tensor[:, prefix:]
         side = math.isqrt(tokens.shape[1])
         return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
-    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} or prefix_tokens:P, got {layout!r}")
+
+
+def _prefix_tokens(layout: str) -> int | None:
+    """How many leading tokens a token layout drops; None for a layout that is not tokens."""
+    if layout in ("cls_tokens", "tokens"):
+        return int(layout == "cls_tokens")
+    name, _, count = layout.partition(":")
+    return int(count) if name == "prefix_tokens" and count.isdigit() else None
+
+
+MAX_PREFIX_TOKENS = 8
+"""The most leading tokens (a class token and registers) a token map is probed for."""
+
+
+def token_layout(prefix: int) -> str:
+    """The layout name for tokens after ``prefix`` leading tokens."""
+    return {0: "tokens", 1: "cls_tokens"}.get(prefix, f"prefix_tokens:{prefix}")
 
 
 def _layout_of(shape: tuple[int, ...]) -> str | None:
     """The layout of a one-image output ``shape`` probed with a square input, or None when it is no spatial map.
 
     At a square input a spatial map is square: (1, K, s, s) is NCHW and (1, s, s, K) NHWC (K = s reads as NCHW).
-    (1, T, K) is a token map when T − 1 (after a class token) or T is a square of a side above 1.
+    (1, T, K) is a token map when T − P is a square of a side above 1 for the fewest leading tokens P (a class
+    token, registers) up to :data:`MAX_PREFIX_TOKENS`.
     """
     if len(shape) == 4:
         _, a, b, c = shape
@@ -106,10 +127,11 @@ def _layout_of(shape: tuple[int, ...]) -> str | None:
             return "nhwc"
         return None
     if len(shape) == 3:
-        for layout, grid_tokens in (("cls_tokens", shape[1] - 1), ("tokens", shape[1])):
+        for prefix in (1, 0, *range(2, MAX_PREFIX_TOKENS + 1)):  # a class token first, as ViTs have
+            grid_tokens = shape[1] - prefix
             side = math.isqrt(max(grid_tokens, 0))
             if side > 1 and side * side == grid_tokens:
-                return layout
+                return token_layout(prefix)
     return None
 
 
@@ -190,7 +212,11 @@ def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, 
     pooling = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     maps = [info for info in spatial if not isinstance(modules[info.name], pooling)] or spatial
     last = maps[-1]
-    same = [info for info in maps if info.output_id == last.output_id and not info.takes_image] or [last]
+    same = [
+        info
+        for info in maps
+        if info.output_id == last.output_id and not info.takes_image and not isinstance(modules[info.name], nn.Identity)
+    ] or [last]
 
     def resolutions(name: str) -> int:
         inside = {info.grid[1:] for info in spatial if info.name.startswith(name + ".")}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Classes", "Objective", "Target", "TopPredicted", "logit", "objective_seeds"]
+__all__ = ["Classes", "Head", "Objective", "SOFTMAX", "Target", "TopPredicted", "logit", "objective_seeds"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,11 @@ class Classes:
 
 @dataclass(frozen=True)
 class TopPredicted:
-    """Explain the image's ``count`` highest outputs, the highest first."""
+    """Explain the image's ``count`` highest-scoring classes, the highest first; with ``at_least``, only those whose
+    score reaches it (a multi-label model's positive classes), and the top one when none does."""
 
     count: int = 1
+    at_least: float | None = None
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -56,6 +58,22 @@ the (P,) scalars that the explanations differentiate."""
 def logit(outputs: Tensor, classes: Tensor) -> Tensor:
     """The raw class logit y_c (pytorch-grad-cam's ``ClassifierOutputTarget``)."""
     return outputs.gather(1, classes[:, None]).squeeze(1)
+
+
+@dataclass(frozen=True)
+class Head:
+    """How a model's output becomes what the engine explains: ``objective``, the scalar each explanation
+    differentiates (and perturbation methods score with, as pytorch-grad-cam's targets do); ``scores``, (N, outputs)
+    to (N, K) per-class scores that rank the classes, filter ``TopPredicted.at_least`` and weigh SESS's windows. A
+    class index runs over the K scores, which need not be the outputs (a binary model's one logit gives two)."""
+
+    objective: Objective
+    scores: Callable[[Tensor], Tensor]
+
+
+SOFTMAX = Head(objective=logit, scores=lambda outputs: outputs.float().softmax(dim=1))
+"""A single-label classifier's head: the raw logit y_c, ranked by softmax probability (pytorch-grad-cam's
+``ClassifierOutputTarget``)."""
 
 
 def objective_seeds(objective: Objective, outputs: Tensor, classes: Tensor) -> Tensor:

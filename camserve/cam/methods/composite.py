@@ -158,7 +158,8 @@ def sess(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest], inne
     """SESS (Tursun et al., 2022: Saliency Enhancing with Scaling and Sliding), as pytorch-grad-cam's ``SESS``
     over ``GradCAM`` (``inner``) computes it with its defaults. The image (side S) is resized so that its shorter
     side is each of 12 scales S, S + r, …, S + 11r (r = round(2S/7)); S×S windows slide over each with stride S
-    (the last one shifted back inside). Each window's score is the softmax probability of the class (clipped at 0),
+    (the last one shifted back inside). Each window's score is the class's score (softmax probability; the head's
+    ``scores``), clipped at 0,
     divided by the best window's; each window's Grad-CAM, upsampled and normalised at the window's size, times its
     score, is pasted where the window was and resized back to the image; the fused map is the mean over the windows
     that are positive at each pixel, then a Gaussian blur (11×11, σ = 5). The classes are the whole image's.
@@ -196,7 +197,7 @@ def _sess_map(engine: CamEngine, image: Tensor, request: CamRequest, target: int
                 places.append((x, y, scaled_width, scaled_height))
     patches = torch.stack(patches)
     scores = torch.cat(
-        [engine.logits(patches[i : i + batch]).float().softmax(dim=1)[:, target] for i in range(0, len(patches), batch)]
+        [engine.head.scores(engine.logits(patches[i : i + batch]))[:, target] for i in range(0, len(patches), batch)]
     )
     scores = scores.clamp_min(0)
     best = scores.max()

@@ -76,7 +76,8 @@ def score_cam(engine: CamEngine, work: Scoring) -> Tensor:
         selections.append(selected)
     maps = []
     for image_row, target in zip(work.pair_to_image.tolist(), work.classes.tolist(), strict=True):
-        weights = torch.softmax(masked_logits[image_row][:, target], dim=0)
+        masked = masked_logits[image_row]
+        weights = torch.softmax(engine.objective(masked, target), dim=0)
         maps.append(weights[:, None, None] * selections[image_row])
     return torch.stack(maps)
 
@@ -111,9 +112,11 @@ def ablation_cam(engine: CamEngine, work: Scoring) -> Tensor:
     maps = []
     grids = grids.float()
     for image_row, target in zip(work.pair_to_image.tolist(), work.classes.tolist(), strict=True):
-        original = work.logits[image_row, target]
+        ablated = ablated_logits[image_row]
+        original = engine.objective(work.logits[image_row : image_row + 1], target)[0]
+        scores = engine.objective(ablated, target)
         weights = torch.zeros(grids.shape[1], device=grids.device)
-        weights[weights_index[image_row]] = (original - ablated_logits[image_row][:, target]) / original
+        weights[weights_index[image_row]] = (original - scores) / original
         maps.append(weights[:, None, None] * grids[image_row])
     return torch.stack(maps)
 

@@ -53,7 +53,8 @@ class Method:
     second_order: bool = False
     """Its gradient is g − ½·H·A, from a second differentiation (ShapleyCAM)."""
     seeds: Callable | None = None
-    """Its own scalar in place of the task's: (output rows, classes) → ∂scalar/∂outputs (Finer-CAM)."""
+    """Its own scalar in place of the task's: (output rows, classes) → ∂scalar/∂outputs (Finer-CAM, which contrasts
+    a class with its look-alikes under a softmax: it needs classes that exclude each other)."""
     parts: Callable[[CamRequest, str], list[CamRequest]] | None = None
     """Composite methods that share the forward pass: the requests whose maps it combines, given the request and
     the model's default layer."""
