@@ -17,6 +17,7 @@ from camserve.faithfulness import faithfulness
 from camserve.imaging import decode_image, resize_for_model
 from camserve.model import images_to_batch
 from camserve.spec import ModelSpec
+from camserve.tasks import task_named
 
 __all__ = ["LabelledImage", "MethodScore", "evaluate", "load_labelled_images", "markdown", "plot"]
 
@@ -105,7 +106,8 @@ def evaluate(
     progress=None,
 ) -> list[MethodScore]:
     """Every (layer, method) on every image, for its labelled class."""
-    engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer)
+    task = task_named(spec.task)
+    engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer, head=task.head)
     side = spec.input_size
     scores = {
         (layer, method): MethodScore(method, layer) for layer in layers or [spec.default_layer] for method in methods
@@ -118,9 +120,9 @@ def evaluate(
             output = engine(
                 batch, [CamRequest(targets=Classes([item.label]), layer=layer, method=method) for item in chunk]
             )
-            p_x = output.logits.softmax(dim=1)[torch.arange(len(chunk)), classes]
+            p_x = task.scores(output.logits)[torch.arange(len(chunk)), classes]
             maps = torch.cat([normalize_map(m, (side, side)) for m in output.maps])
-            for result in faithfulness(engine.logits, batch, maps, classes, p_x, steps=steps):
+            for result in faithfulness(engine.logits, batch, maps, classes, p_x, steps=steps, scores=task.scores):
                 score.deletion.append(result.deletion)
                 score.insertion.append(result.insertion)
                 score.drop.append(result.drop)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["render_contact_sheet"]
+__all__ = ["describe", "render_contact_sheet"]
 
 
 def render_contact_sheet(tiles: list[np.ndarray], captions: list[str], height: int = 320) -> np.ndarray:
@@ -20,3 +20,12 @@ def render_contact_sheet(tiles: list[np.ndarray], captions: list[str], height: i
         cv2.putText(label, caption, (6, bar - 14), font, scale, (20, 20, 20), 1, cv2.LINE_AA)
         columns += [np.vstack([resized, label]), np.full((height + bar, gap, 3), 255, np.uint8)]
     return np.hstack(columns[:-1])
+
+
+def describe(item: dict[str, object]) -> str:
+    """A prediction or explanation of a response in a few words: its probability (and whether a multi-label class
+    is positive), or a regression output's value; never a probability where there is none."""
+    if "value" in item:
+        return f"value={item['value']:.4g}"
+    text = f"p={item['probability']:.3f}"
+    return text + (" positive" if item.get("positive") else "") if "positive" in item else text

@@ -20,7 +20,18 @@ from torch import nn
 from camserve.model import model_class_from_file
 from camtools.models import PreparedModel, prepare_model
 
-__all__ = ["CLASSES", "SHAPES_NET", "Sample", "make_sample", "make_samples", "trained_shapes_model", "train_shapes_net"]
+__all__ = [
+    "CLASSES",
+    "SHAPES_NET",
+    "Sample",
+    "Scene",
+    "make_sample",
+    "make_samples",
+    "make_scene",
+    "trained_shapes_model",
+    "trained_task_model",
+    "train_shapes_net",
+]
 
 SHAPES_NET = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "shapes_net.py"
 CLASSES = ("red", "green", "blue")
@@ -39,9 +50,8 @@ class Sample:
     """The shape's (x0, y0, x1, y1), inclusive-exclusive pixels."""
 
 
-def make_sample(rng: np.random.Generator, size: int = SIZE) -> Sample:
-    """Grey clutter (noise, lines and blobs in greys and browns), then one filled circle, square or triangle in
-    the class colour, jittered, at a random place and size."""
+def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Grey noise with lines and blobs in greys and browns."""
     grey = int(rng.integers(90, 166)) + rng.integers(-25, 26, (size, size, 1))
     image = np.repeat(grey, 3, axis=2).clip(0, 255).astype(np.uint8)
     for _ in range(rng.integers(4, 9)):
@@ -56,11 +66,15 @@ def make_sample(rng: np.random.Generator, size: int = SIZE) -> Sample:
             centre = tuple(int(v) for v in rng.integers(0, size, 2))
             axes = tuple(int(v) for v in rng.integers(3, 10, 2))
             cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
-    label = int(rng.integers(0, len(CLASSES)))
+    return image
+
+
+def _draw_shape(
+    rng: np.random.Generator, image: np.ndarray, label: int, side: int, x0: int, y0: int
+) -> tuple[int, int, int, int]:
+    """A filled circle, square or triangle in the class colour, jittered; its box."""
     colour = np.array(COLOURS[CLASSES[label]]) + rng.integers(-25, 26, 3)
     colour = tuple(int(v) for v in colour.clip(0, 255))
-    side = int(rng.integers(size // 6, size // 3))
-    x0, y0 = (int(v) for v in rng.integers(1, size - side - 1, 2))
     kind = rng.integers(0, 3)
     if kind == 0:
         cv2.circle(image, (x0 + side // 2, y0 + side // 2), side // 2, colour, -1)
@@ -69,7 +83,43 @@ def make_sample(rng: np.random.Generator, size: int = SIZE) -> Sample:
     else:
         points = np.array([[x0 + side // 2, y0], [x0, y0 + side - 1], [x0 + side - 1, y0 + side - 1]], np.int32)
         cv2.fillConvexPoly(image, points, colour)
-    return Sample(image, label, (x0, y0, x0 + side, y0 + side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def make_sample(rng: np.random.Generator, size: int = SIZE) -> Sample:
+    """Grey clutter, then one filled circle, square or triangle in the class colour, jittered, at a random place
+    and size."""
+    image = _clutter(rng, size)
+    label = int(rng.integers(0, len(CLASSES)))
+    side = int(rng.integers(size // 6, size // 3))
+    x0, y0 = (int(v) for v in rng.integers(1, size - side - 1, 2))
+    return Sample(image, label, _draw_shape(rng, image, label, side, x0, y0))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Clutter with none, one or two shapes of different colours: the task variants' sample."""
+
+    image: np.ndarray
+    boxes: dict[int, tuple[int, int, int, int]]
+    """Each present colour's (class index's) box."""
+    sides: dict[int, int]
+    """Each present colour's shape side, in pixels."""
+
+
+def make_scene(rng: np.random.Generator, colours: tuple[int, ...], size: int = SIZE) -> Scene:
+    """Clutter, then a shape of each of ``colours`` (at most two), in opposite halves so that they never touch."""
+    image = _clutter(rng, size)
+    boxes, sides = {}, {}
+    halves = rng.permutation(2)
+    for colour, half in zip(colours, halves[: len(colours)], strict=True):
+        side = int(rng.integers(size // 6, size // 3))
+        x0 = int(rng.integers(1, size - side - 1))
+        top, bottom = (1, size // 2 - side) if half == 0 else (size // 2 + 1, size - side - 1)
+        y0 = int(rng.integers(top, max(top + 1, bottom)))
+        boxes[colour] = _draw_shape(rng, image, colour, side, x0, y0)
+        sides[colour] = side
+    return Scene(image, boxes, sides)
 
 
 def make_samples(count: int, seed: int, size: int = SIZE) -> list[Sample]:
@@ -136,3 +186,81 @@ def trained_shapes_model(folder: Path, progress: bool = False) -> tuple[Prepared
         model_name="shapes",
     )
     return prepared, accuracy
+
+
+TASK_VARIANTS = {
+    "multilabel": "which colours are present: none, one or two of red, green and blue (a sigmoid per colour)",
+    "binary": "is a red shape present (one logit)",
+    "regression": "the side of the one shape, in units of the image's side (one output)",
+}
+"""The synthetic task's variants for the other tasks, each a ShapesNet with its own head."""
+
+
+def task_scenes(task: str, count: int, seed: int) -> tuple[list[Scene], torch.Tensor]:
+    """``count`` scenes for ``task`` and their targets: multi-hot colours, red present or not, or the side."""
+    rng = np.random.default_rng(seed)
+    scenes, targets = [], []
+    for _ in range(count):
+        if task == "regression":
+            scene = make_scene(rng, (int(rng.integers(0, 3)),))
+            targets.append([next(iter(scene.sides.values())) / SIZE])
+            scenes.append(scene)
+            continue
+        present = int(rng.integers(0, 3))
+        colours = tuple(int(c) for c in rng.choice(3, present, replace=False))
+        scene = make_scene(rng, colours)
+        targets.append([float(c in colours) for c in range(3)] if task == "multilabel" else [float(0 in colours)])
+        scenes.append(scene)
+    return scenes, torch.tensor(targets)
+
+
+def trained_task_model(task: str, folder: Path, samples: int = 4000, epochs: int = 4) -> tuple[PreparedModel, float]:
+    """ShapesNet trained on a variant of the synthetic task (:data:`TASK_VARIANTS`), written as its own model file
+    and weights into ``folder`` and prepared as the build would serve it with ``--task``; return it and its held-out
+    score: accuracy (every label right) for the classifiers, 1 − mean absolute error / mean side for regression."""
+    outputs = 3 if task == "multilabel" else 1
+    model_file = folder / f"shapes_{task}.py"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file.write_text(SHAPES_NET.read_text().replace("OUTPUTS = 3", f"OUTPUTS = {outputs}"))
+    net_class = model_class_from_file(model_file)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = net_class()
+        scenes, targets = task_scenes(task, samples, seed=0)
+        images = to_batch([s.image for s in scenes])
+        loss_of = nn.functional.mse_loss if task == "regression" else nn.functional.binary_cross_entropy_with_logits
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        steps = epochs * math.ceil(samples / 64)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(samples)
+            for start in range(0, samples, 64):
+                index = order[start : start + 64]
+                loss = loss_of(model(images[index]), targets[index])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+    model.eval().requires_grad_(False)
+    held_out, expected = task_scenes(task, 400, seed=1)
+    with torch.no_grad():
+        predicted = model(to_batch([s.image for s in held_out]))
+    if task == "regression":
+        score = 1 - float((predicted - expected).abs().mean() / expected.mean())
+    else:
+        score = float(((predicted > 0).float() == expected).all(dim=1).float().mean())
+    torch.save(model.state_dict(), folder / f"shapes_{task}.pt")
+    labels = {"multilabel": CLASSES, "binary": ("no red", "red"), "regression": ("side",)}[task]
+    (folder / f"labels_{task}.txt").write_text("\n".join(labels) + "\n")
+    prepared = prepare_model(
+        model_file=model_file,
+        weights=folder / f"shapes_{task}.pt",
+        labels=folder / f"labels_{task}.txt",
+        input_size=SIZE,
+        mean=MEAN,
+        std=STD,
+        model_name=f"shapes_{task}",
+        task=task,
+    )
+    return prepared, score

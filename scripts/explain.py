@@ -23,7 +23,7 @@ from camserve.cam import DEFAULT_METHOD, METHODS, CamEngine
 from camserve.imaging import decode_image, encode_image
 from camserve.pipeline import ExplanationService
 from camtools.models import add_model_arguments, model_for_cli
-from camtools.pictures import render_contact_sheet
+from camtools.pictures import describe, render_contact_sheet
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         tiles, captions = [decode_image(row["data"])], [f"{path.name}  ({weights} weights)"]
         predictions = ", ".join(
-            f"{p['label']} ({p['index']}) {p['probability']:.3f}" for p in result.body["predictions"]
+            f"{p['label']} ({p['index']}) {describe(p)}" for p in result.body["predictions"]
         )
         tqdm.write(f"{path}: {predictions}")
         for explanation in result.body["explanations"]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / name).write_bytes(overlay)
             tqdm.write(f"  wrote {args.out / name}")
             tiles.append(decode_image(overlay))
-            captions.append(f"{explanation['label']} p={explanation['probability']:.3g} ({explanation['method']})")
+            captions.append(f"{explanation['label']} {describe(explanation)} ({explanation['method']})")
         sheet = render_contact_sheet(tiles, captions)
         sheet_path = args.out / f"{path.stem}_sheet.png"
         sheet_path.write_bytes(encode_image(sheet, "png"))

@@ -4,8 +4,10 @@ model can explain, and a TorchServe context that records what the handler sets p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.torch_handler.unit_tests.test_utils.mock_context import MockContext
@@ -84,3 +86,28 @@ def assert_matches_reference(ours, reference, what: str = "", tolerance: float =
     print(f"parity {what}: {difference:.1e}" + (f" ({flat} of {len(spans)} maps flat on both sides)" if flat else ""))
     assert difference < tolerance, (what, difference)
     return difference
+
+
+def save_hf_models(folder: Path) -> tuple[Path, Path]:
+    """A tiny Hugging Face ViT (multi-label, three labels, its image processor) and ResNet, as save_pretrained
+    writes them."""
+    from transformers import (
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    vit = ViTConfig(
+        image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"},
+        label2id={"cat": 0, "dog": 1, "bird": 2}, problem_type="multi_label_classification",
+    )  # fmt: skip
+    ViTForImageClassification(vit).save_pretrained(folder / "vit")
+    processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(folder / "vit")
+    resnet = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=4)
+    ResNetForImageClassification(resnet).save_pretrained(folder / "resnet")
+    return folder / "vit", folder / "resnet"

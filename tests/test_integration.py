@@ -915,3 +915,99 @@ def test_smoothing_and_faithfulness_through_the_server(server, chelsea):
         assert np.abs(heatmap_of(explanation) - heatmap_of(plain)).max() > 0.05, option  # the map changes
         assert set(explanation["faithfulness"]) == {"deletion", "insertion", "drop", "increase", "steps"}
     assert plain["faithfulness"]["steps"] == 8 and 0 <= plain["faithfulness"]["deletion"] <= 1
+
+
+# --- Every task and every source, served side by side ---
+
+
+@pytest.fixture(scope="module")
+def task_models(tmp_path_factory):
+    """Five archives built with scripts/build_mar.py and served by one torchserve: a multi-label, a binary and a
+    regression network of one's own (tests/models/tiny_net.py with its head resized), a timm ConvNeXt and a Hugging
+    Face ViT directory (all seeded random weights: the checks are of shapes, labels and ranges, not of meaning)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import save_hf_models
+
+    folder = tmp_path_factory.mktemp("task_models")
+    store = folder / "store"
+    tiny = (ROOT / "tests" / "models" / "tiny_net.py").read_text()
+    for name, outputs in (("tiny_binary", 1), ("tiny_regression", 2)):
+        (folder / f"{name}.py").write_text(tiny.replace("nn.Linear(32, 3)", f"nn.Linear(32, {outputs})"))
+    (folder / "findings.txt").write_text("effusion\nnodule\nmass\n")
+    (folder / "sizes.txt").write_text("width\nheight\n")
+    vit_dir, _ = save_hf_models(folder / "hf")
+    tiny_file = str(ROOT / "tests" / "models" / "tiny_net.py")
+    builds = [
+        ["--model-file", tiny_file, "--task", "multilabel", "--labels", str(folder / "findings.txt"),
+         "--threshold", "0.4", "--model-name", "findings"],
+        ["--model-file", str(folder / "tiny_binary.py"), "--task", "binary", "--model-name", "binary"],
+        ["--model-file", str(folder / "tiny_regression.py"), "--task", "regression", "--labels",
+         str(folder / "sizes.txt"), "--model-name", "sizes"],
+        ["--arch", "timm:convnext_atto"],
+        ["--hf", str(vit_dir), "--model-name", "hfvit"],
+    ]  # fmt: skip
+    for arguments in builds:
+        weights = [] if "--hf" in arguments else ["--weights", "random"]
+        command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, *weights]
+        completed = subprocess.run([*command, "--export-path", str(store)], capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+    with run_torchserve(store / "findings.mar", folder / "server", timeout_s=300) as running:
+        yield running
+
+
+def test_a_multilabel_model_lists_positive_classes_and_explains_them(task_models, chelsea):
+    answer = ask(task_models, "findings", chelsea).json()
+    assert answer["model"]["task"] == "multilabel" and answer["model"]["classes"] == 3
+    predictions = answer["predictions"]
+    assert [p["label"] for p in sorted(predictions, key=lambda p: p["index"])] == ["effusion", "nodule", "mass"]
+    assert all(p["positive"] == (p["probability"] >= 0.4) for p in predictions)  # the build's --threshold
+    positives = [p["index"] for p in predictions if p["positive"]] or [predictions[0]["index"]]
+    assert [e["index"] for e in answer["explanations"]] == positives
+    none = ask(task_models, "findings", chelsea, threshold="1").json()
+    assert [e["index"] for e in none["explanations"]] == [predictions[0]["index"]]
+    everything = ask(task_models, "findings", chelsea, threshold="0").json()
+    assert len(everything["explanations"]) == 3 and all(p["positive"] for p in everything["predictions"])
+    assert ask(task_models, "findings", chelsea, target="3").status_code == 400
+
+
+def test_a_binary_model_gives_both_classes_and_explains_either(task_models, chelsea):
+    answer = ask(task_models, "binary", chelsea).json()
+    assert answer["model"]["task"] == "binary" and answer["model"]["classes"] == 2
+    predictions = {p["label"]: p["probability"] for p in answer["predictions"]}
+    assert set(predictions) == {"negative", "positive"} and sum(predictions.values()) == pytest.approx(1, abs=1e-5)
+    assert [e["label"] for e in answer["explanations"]] == [max(predictions, key=predictions.get)]
+    both = ask(task_models, "binary", chelsea, target="[0, 1]", heatmap="true").json()["explanations"]
+    assert [e["label"] for e in both] == ["negative", "positive"]
+    negative, positive = (heatmap_of(e) for e in both)
+    assert not np.allclose(negative, positive)  # z and −z point at different evidence
+    refused = ask(task_models, "binary", chelsea, target="2")
+    assert refused.status_code == 400 and "from 0 to 1" in refused.json()["message"]
+
+
+def test_a_regression_model_gives_values_and_explains_output_zero(task_models, chelsea):
+    answer = ask(task_models, "sizes", chelsea).json()
+    assert answer["model"]["task"] == "regression"
+    assert [(p["index"], p["label"]) for p in answer["predictions"]] == [(0, "width"), (1, "height")]
+    assert all(set(p) == {"index", "label", "value"} for p in answer["predictions"])
+    (explanation,) = answer["explanations"]
+    assert explanation["index"] == 0 and "probability" not in explanation
+    assert explanation["value"] == answer["predictions"][0]["value"]
+    assert ask(task_models, "sizes", chelsea, target="2").status_code == 400
+    assert ask(task_models, "sizes", chelsea, method="finercam").status_code == 400
+
+
+def test_timm_and_hugging_face_models_are_served_with_their_own_labels_and_layers(task_models, chelsea):
+    timm_answer = ask(task_models, "convnext_atto", chelsea, target="281").json()
+    assert timm_answer["model"]["arch"] == "timm:convnext_atto" and timm_answer["model"]["classes"] == 1000
+    assert [(e["label"], e["layer"]) for e in timm_answer["explanations"]] == [("tabby", "stages.3")]
+    hf_answer = ask(task_models, "hfvit", chelsea, threshold="0").json()
+    assert hf_answer["model"] | {"weights": None} == {
+        "name": "hfvit", "version": "1.0", "weights": None, "arch": "hf:ViTForImageClassification",
+        "classes": 3, "task": "multilabel",
+    }  # fmt: skip
+    assert sorted(p["label"] for p in hf_answer["predictions"]) == ["bird", "cat", "dog"]
+    assert {e["layer"] for e in hf_answer["explanations"]} == {"vit.layers.1.layernorm_before"}
+    log = task_models.model_log()
+    assert "convnext_atto (timm:convnext_atto, 1000 classes" in log and "hfvit (hf:ViTForImageClassification" in log

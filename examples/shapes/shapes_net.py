@@ -7,6 +7,9 @@ input gives a 16x16 map at ``features`` (its last ReLU, ``features.7``), global 
 import torch
 from torch import nn
 
+OUTPUTS = 3
+"""One logit per colour; the tests write copies of this file with 1 output for a binary or a regression head."""
+
 
 class ShapesNet(nn.Module):
     def __init__(self) -> None:
@@ -21,7 +24,7 @@ class ShapesNet(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1),
             nn.ReLU(),
         )
-        self.head = nn.Linear(64, 3)
+        self.head = nn.Linear(64, OUTPUTS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
