@@ -423,3 +423,20 @@ def test_every_task_is_described_in_the_docs():
     for name in TASKS:
         assert f"`{name}`" in readme
     assert json.loads(json.dumps(list(TASKS))) == ["multiclass", "multilabel", "binary", "regression"]
+
+
+def test_timm_imagenet_weights_offline_fail_with_the_other_choices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--arch", "timm:resnet18", "--weights"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as with no network, without the Hub client's retries
+    completed = subprocess.run(
+        [*command, "imagenet", "--export-path", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert completed.returncode == 2 and not list(tmp_path.iterdir())
+    assert "could not download the pretrained weights of timm's resnet18" in completed.stderr
+    assert "--weights PATH" in completed.stderr and "--weights random" in completed.stderr
