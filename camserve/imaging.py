@@ -10,9 +10,14 @@ import cv2
 import numpy as np
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from camserve import settings
 from camserve.errors import ClientError
+
+register_heif_opener()
+"""HEIC and HEIF (an iPhone's default) through pillow-heif: the header is read on open, so the limits are checked
+before any pixel is decoded, and the image decodes upright (its orientation applied, its EXIF orientation reset)."""
 
 __all__ = [
     "COLORMAPS",
@@ -45,7 +50,7 @@ OUTPUT_FORMATS: dict[str, tuple[str, list[int]]] = {
 }
 """Overlay encodings: the OpenCV extension and its quality settings."""
 
-ACCEPTED_INPUTS = "JPEG, PNG, WebP, GIF (first frame), TIFF (first page) or BMP"
+ACCEPTED_INPUTS = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, GIF (first frame), TIFF (first page) or BMP"
 
 
 @dataclass(frozen=True)

@@ -413,7 +413,9 @@ def _resolve(request: BuildRequest) -> _Source:
     """The network's source (a known torchvision arch, or a model file with one ``nn.Module``) and its input."""
     arch, model_path, model_class = request.arch, None, None
     if sum(bool(given) for given in (arch, request.model_file, request.hf)) > 1:
-        raise BuildError("give one of --arch (torchvision or timm:NAME), --model-file (your own network) or --hf DIR")
+        raise BuildError(
+            "give one of --arch (torchvision or timm:NAME), --model-file (your own network) or --hf DIR, not both"
+        )
     if request.task is not None and request.task not in TASKS:
         raise BuildError(f"--task must be one of {', '.join(TASKS)}, got {request.task!r}")
     if not 0 <= request.threshold <= 1:

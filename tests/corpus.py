@@ -80,6 +80,18 @@ def exif_rotated_jpeg(width: int = 64, height: int = 32) -> bytes:
     return encode(Image.fromarray(gradient_image(width, height)), "JPEG", quality=95, exif=exif.tobytes())
 
 
+def phone_heic(width: int = 64, height: int = 32) -> bytes:
+    """A width x height HEIC, as an iPhone writes them, whose EXIF orientation 6 says: display it rotated 90°
+    clockwise (height x width)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(gradient_image(width, height)), "HEIF", quality=90, exif=exif.tobytes())
+
+
+def avif() -> bytes:
+    return encode(Image.fromarray(gradient_image()), "AVIF", quality=90)
+
+
 def rgba_png() -> bytes:
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[:, :16] = (255, 0, 0, 255)
@@ -113,6 +125,8 @@ IMAGE_KINDS: dict[str, tuple[bytes, tuple[int, int]]] = {
     "16-bit PNG": (png16(), (64, 48)),
     "CMYK JPEG": (cmyk_jpeg(), (64, 48)),
     "EXIF-rotated JPEG": (exif_rotated_jpeg(), (32, 64)),
+    "phone HEIC, EXIF-rotated": (phone_heic(), (32, 64)),
+    "AVIF": (avif(), (64, 48)),
     "RGBA PNG": (rgba_png(), (32, 32)),
     "palette PNG": (palette_png(), (64, 48)),
     "grayscale PNG": (grayscale_png(), (64, 48)),

@@ -848,3 +848,17 @@ def test_sess_matches_pytorch_grad_cam(layer):
     reference = SESS(peer, [peer.get_submodule(layer)])(images, [ClassifierOutputTarget(c) for c in classes])
     assert_matches_reference(ours, reference, f"sess at {layer}")
     assert engine.forward_passes(CamRequest(method="sess")) == 2 * 122 + 1
+
+
+def test_scorecam_channels_is_a_positive_cap_or_none_for_every_channel():
+    with pytest.raises(ValueError, match="scorecam_channels must be at least 1, or None for every channel"):
+        CamEngine(TinyLinearHead(), scorecam_channels=0)
+    every = explain_one(TinyTwoScaleFeatures(), "scorecam", 1, scorecam_channels=None)
+    assert not torch.equal(every, explain_one(TinyTwoScaleFeatures(), "scorecam", 1, scorecam_channels=1))
+
+
+def test_a_model_without_a_spatial_layer_says_so():
+    from camserve.cam import NoSpatialLayerError
+
+    with pytest.raises(NoSpatialLayerError, match="no layer that gives a spatial map"):
+        default_layer(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)), image_size=4)

@@ -18,11 +18,12 @@ from camserve.imaging import (
     encode_heatmap_png16,
     encode_image,
     map_at,
+    open_image,
     render_overlay,
     resize_for_model,
 )
 from tests.conftest import encode
-from tests.corpus import BAD_BODIES, IMAGE_KINDS, exif_rotated_jpeg, gradient_image, png_declaring
+from tests.corpus import BAD_BODIES, IMAGE_KINDS, exif_rotated_jpeg, gradient_image, phone_heic, png_declaring
 
 
 def test_png_round_trip_is_exact():
@@ -67,6 +68,19 @@ def test_exif_orientation_is_applied():
     assert decoded.shape == (64, 32, 3)
     expected = np.rot90(gradient_image(64, 32), k=-1)
     assert np.abs(decoded.astype(int) - expected).mean() < 6
+
+
+def test_a_phone_heic_decodes_upright_and_is_checked_before_decoding(monkeypatch):
+    decoded = decode_image(phone_heic(64, 32))
+    assert decoded.shape == (64, 32, 3)
+    expected = np.rot90(gradient_image(64, 32), k=-1)  # EXIF orientation 6: rotated 90° clockwise to display
+    assert np.abs(decoded.astype(int) - expected).mean() < 8
+    assert np.abs(decoded.astype(int) - np.rot90(gradient_image(64, 32), k=1)).mean() > 30  # not the other way
+    data = phone_heic(64, 32)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded before the limits were checked"))
+    with pytest.raises(ClientError) as refused:
+        open_image(data, DecodeLimits(max_pixels=1000))
+    assert refused.value.kind == "ImageTooLarge" and refused.value.status == 413
 
 
 def test_animated_gif_gives_its_first_frame():
