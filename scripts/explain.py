@@ -25,7 +25,7 @@ from camserve.pipeline import ExplanationService
 from camtools.models import add_model_arguments, model_for_cli
 from camtools.pictures import describe, render_contact_sheet
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
 
 def image_paths(inputs: list[Path]) -> list[Path]:
@@ -70,18 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     options |= {"target": args.target} if args.target else {"explain": args.explain} if args.explain else {}
     args.out.mkdir(parents=True, exist_ok=True)
     paths = image_paths(args.inputs)
-    failures = 0
+    failures: list[str] = []  # one line per file that could not be explained, printed after the progress bar
     for path in tqdm(paths, desc="explaining", unit="image", disable=len(paths) < 2):
-        row = {"data": path.read_bytes(), **{key: str(value).encode() for key, value in options.items()}}
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            failures.append(f"{path}: cannot be read: {error.strerror or error}")
+            continue
+        row = {"data": data, **{key: str(value).encode() for key, value in options.items()}}
         (result,) = service.answer([row])
         if result.status != 200:
-            print(f"{path}: {result.body['message']}", file=sys.stderr)
-            failures += 1
+            failures.append(f"{path}: {result.body['message']}")
             continue
         tiles, captions = [decode_image(row["data"])], [f"{path.name}  ({weights} weights)"]
-        predictions = ", ".join(
-            f"{p['label']} ({p['index']}) {describe(p)}" for p in result.body["predictions"]
-        )
+        predictions = ", ".join(f"{p['label']} ({p['index']}) {describe(p)}" for p in result.body["predictions"])
         tqdm.write(f"{path}: {predictions}")
         for explanation in result.body["explanations"]:
             overlay = base64.b64decode(explanation["overlay"])
@@ -101,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             plt.imshow(sheet)
             plt.axis("off")
             plt.show()
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} of {len(paths)} images could not be explained", file=sys.stderr)
     return 1 if failures else 0
 
 

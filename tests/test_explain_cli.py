@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 
+from camserve.imaging import ACCEPTED_INPUTS
 from tests.conftest import ROOT, encode
 
 
@@ -30,13 +32,49 @@ def test_cli_writes_overlays_and_a_labelled_contact_sheet(tmp_path, chelsea):
     assert not np.array_equal(sheet[:320, :100], sheet[:320, -100:])  # original and overlay differ
 
 
-def test_cli_reports_a_bad_file_and_fails(tmp_path):
+def test_cli_reports_each_bad_file_on_one_line_after_the_others_and_fails(tmp_path, chelsea):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(bad), "--weights", "random"]
-    completed = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    good = tmp_path / "cat.png"
+    good.write_bytes(encode(chelsea, "PNG"))
+    missing = tmp_path / "missing.jpg"
+    command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(bad), str(missing), str(good)]
+    completed = subprocess.run(
+        command + ["--weights", "random", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 1
-    assert "broken.jpg: the body is not a decodable image" in completed.stderr
+    assert (tmp_path / "out" / "cat_sheet.png").is_file()  # the good file after the bad ones is still explained
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [
+        f"error: {bad}: the body is not a decodable image; accepted: {ACCEPTED_INPUTS}",
+        f"error: {missing}: cannot be read: No such file or directory",
+    ]
+    assert "Traceback" not in completed.stderr and "2 of 3 images could not be explained" in completed.stderr
+    after_bar = completed.stderr[completed.stderr.rindex("explaining") :]  # the progress bar's last line
+    assert all(line in after_bar for line in lines)  # printed after the bar, not into it
+
+
+def test_show_response_writes_beside_its_input(tmp_path, chelsea):
+    from camserve.imaging import encode_image, to_base64
+
+    response = {
+        "model": {"name": "sizes", "version": "1.0", "weights": "random", "arch": "x", "classes": 1,
+                  "task": "regression"},
+        "image": {"width": 4, "height": 4},
+        "predictions": [{"index": 0, "label": "side", "value": 0.25}],
+        "explanations": [
+            {"index": 0, "label": "side", "value": 0.25, "method": "gradcam", "layer": "f", "format": "png",
+             "width": 4, "height": 4, "overlay": to_base64(encode_image(chelsea[:4, :4], "png"))}
+        ],
+    }  # fmt: skip
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    (folder / "response.json").write_text(json.dumps(response))
+    command = [sys.executable, str(ROOT / "scripts" / "show_response.py"), str(folder / "response.json")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert (folder / "overlay_0_side.png").is_file() and not (tmp_path / "overlay_0_side.png").exists()
+    assert "side" in completed.stdout and "value=0.25" in completed.stdout and "p=" not in completed.stdout
 
 
 def test_cli_takes_the_builds_model_flags(tmp_path, chelsea):
