@@ -1011,3 +1011,108 @@ def test_timm_and_hugging_face_models_are_served_with_their_own_labels_and_layer
     assert {e["layer"] for e in hf_answer["explanations"]} == {"vit.layers.1.layernorm_before"}
     log = task_models.model_log()
     assert "convnext_atto (timm:convnext_atto, 1000 classes" in log and "hfvit (hf:ViTForImageClassification" in log
+
+
+# --- serve.sh: a server scoped to its checkout, and a model added without a restart ---
+
+
+def checkout(folder: Path, archives: list[Path]) -> Path:
+    """What serve.sh needs of a checkout: its scripts, config, metrics and .venv, and a model store."""
+    (folder / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "serve.sh", folder / "scripts")
+    for name in ("config.properties", "metrics.yaml"):
+        shutil.copy(ROOT / name, folder)
+    (folder / ".venv").symlink_to(ROOT / ".venv")
+    (folder / "model_store").mkdir()
+    for archive in archives:
+        shutil.copy(archive, folder / "model_store")
+    return folder
+
+
+def serve(folder: Path, *arguments: str, ports: tuple[int, int, int] | None = None):
+    import subprocess
+
+    env = dict(os.environ)
+    if ports:
+        names = ("CAMSERVE_INFERENCE_PORT", "CAMSERVE_MANAGEMENT_PORT", "CAMSERVE_METRICS_PORT")
+        env |= {name: str(port) for name, port in zip(names, ports, strict=True)}
+    command = ["bash", str(folder / "scripts" / "serve.sh"), *arguments]
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_archives(tmp_path_factory) -> list[Path]:
+    from camtools.archive import build_archive
+    from camtools.models import prepare_model
+
+    store = tmp_path_factory.mktemp("tiny_store")
+    tiny = ROOT / "tests" / "models" / "tiny_net.py"
+    return [
+        build_archive(prepare_model(model_file=tiny, weights="random", model_name=n), store) for n in ("one", "two")
+    ]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
+def test_two_checkouts_serve_side_by_side_and_stopping_one_leaves_the_other(tmp_path, tiny_archives, chelsea):
+    from camtools.local_server import free_port
+
+    first, second = checkout(tmp_path / "first", tiny_archives[:1]), checkout(tmp_path / "second", tiny_archives[:1])
+    ports = [tuple(free_port() for _ in range(3)) for _ in range(2)]
+    try:
+        for folder, chosen in ((first, ports[0]), (second, ports[1])):
+            started = serve(folder, "start", ports=chosen)
+            assert started.returncode == 0, started.stderr[-2000:]
+            assert f"http://127.0.0.1:{chosen[0]}/predictions/one" in started.stdout
+            assert (folder / ".torchserve" / "tmp" / ".model_server.pid").is_file()  # its own pid file
+        stopped = serve(first, "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        key = json.loads((second / "key_file.json").read_text())["inference"]["key"]
+        answer = requests.post(
+            f"http://127.0.0.1:{ports[1][0]}/predictions/one",
+            files={"data": ("cat.png", encode(chelsea, "PNG"))},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["model"]["name"] == "one"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{ports[0][0]}/ping", timeout=5)
+        again = serve(second, "start", ports=ports[1])  # a restart says that the keys are new
+        assert again.returncode == 0 and "NEW keys" in again.stdout
+    finally:
+        for folder in (first, second):
+            serve(folder, "stop")
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
+def test_a_second_archive_is_registered_live_without_a_restart_or_new_keys(tmp_path, tiny_archives, chelsea):
+    from camtools.local_server import free_port
+
+    folder = checkout(tmp_path / "checkout", tiny_archives[:1])
+    ports = tuple(free_port() for _ in range(3))
+    try:
+        assert serve(folder, "start", ports=ports).returncode == 0
+        keys = json.loads((folder / "key_file.json").read_text())
+        pid = (folder / ".torchserve" / "tmp" / ".model_server.pid").read_text()
+        shutil.copy(tiny_archives[1], folder / "model_store")
+        registered = serve(folder, "register", "two.mar")  # the running server's ports, from .torchserve/ports
+        assert registered.returncode == 0, registered.stderr[-2000:]
+        assert json.loads((folder / "key_file.json").read_text()) == keys  # the same keys
+        assert (folder / ".torchserve" / "tmp" / ".model_server.pid").read_text() == pid  # the same server
+        headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
+        for model in ("one", "two"):
+            answer = requests.post(
+                f"http://127.0.0.1:{ports[0]}/predictions/{model}",
+                files={"data": ("cat.png", encode(chelsea, "PNG"))},
+                headers=headers,
+                timeout=60,
+            )
+            assert answer.status_code == 200 and answer.json()["model"]["name"] == model
+        management = {"Authorization": f"Bearer {keys['management']['key']}"}
+        for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd", "../outside.mar"):
+            refused = requests.post(
+                f"http://127.0.0.1:{ports[1]}/models", params={"url": url}, headers=management, timeout=30
+            )
+            assert refused.status_code == 404, (url, refused.text)  # nothing outside the model store is fetched
+        assert serve(folder, "register", "missing.mar").returncode == 1
+    finally:
+        serve(folder, "stop")

@@ -50,7 +50,9 @@ def shipped_config() -> dict[str, str]:
 def test_shipped_config_keeps_auth_on_binds_loopback_and_limits_sizes():
     config = shipped_config()
     assert config["disable_token_authorization"] == "false"
-    assert config["enable_model_api"] == "false"
+    # Registering is on for archives already in the model store; no URL matches allowed_urls, so nothing is fetched
+    # (the live test registers one and sees http:// and file:// refused).
+    assert config["enable_model_api"] == "true" and config["allowed_urls"] == "(?!)"
     for key in ("inference_address", "management_address", "metrics_address"):
         assert config[key].startswith("http://127.0.0.1:"), key
     assert config["grpc_inference_address"] == config["grpc_management_address"] == "127.0.0.1"
