@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11) and install the pinned requirements. Re-installs only when a requirements file changes.
+#   bash scripts/setup.sh            # everything: serving, the build, the tests and the reference libraries
+#   bash scripts/setup.sh --runtime  # only what building and serving need (requirements.txt): no pytest, no
+#                                    # playwright, ruff or the test-only reference implementations
 set -euo pipefail
 cd "$(dirname "$0")/.."
+requirements=requirements-dev.txt
+case "${1:-}" in
+  --runtime) requirements=requirements.txt ;;
+  "") ;;
+  *) echo "usage: bash scripts/setup.sh [--runtime]" >&2; exit 2 ;;
+esac
 
 python_bin=${PYTHON:-}
 if [ -z "$python_bin" ]; then
@@ -19,7 +28,7 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.requirements.sha256
-wanted=$( (cat requirements.txt requirements-dev.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-}") | sha256sum | cut -d' ' -f1)
+wanted=$( (cat requirements.txt requirements-dev.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
   if [ "${CAMSERVE_TORCH_CPU:-}" = 1 ]; then
@@ -29,7 +38,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on \
       --index-url https://download.pytorch.org/whl/cpu $torch_pins
   fi
-  .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
+  .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -r "$requirements"
   # The project itself, editable: camserve (served) and camtools (build and dev tools) import from anywhere.
   .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$wanted" >"$stamp"

@@ -24,3 +24,18 @@ def test_serve_without_java_says_how_to_get_it(tmp_path):
     assert completed.returncode == 1
     assert "TorchServe needs Java 17" in completed.stderr
     assert "apt-get install -y openjdk-17-jre-headless" in completed.stderr
+
+
+def test_the_runtime_install_holds_no_test_tools():
+    """``setup.sh --runtime`` installs requirements.txt alone: serving and the build, none of the test tools."""
+    runtime = {
+        line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    }
+    assert {"torch", "torchserve", "opencv-python-headless", "pillow-heif", "timm", "transformers"} <= runtime
+    assert not runtime & {"pytest", "playwright", "ruff", "grad-cam", "tritonclient", "hypothesis", "scikit-image"}
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "--runtime) requirements=requirements.txt" in script and "pip install" in script
+    completed = subprocess.run(
+        [shutil.which("bash"), str(ROOT / "scripts" / "setup.sh"), "--everything"], capture_output=True, text=True
+    )
+    assert completed.returncode == 2 and "usage: bash scripts/setup.sh [--runtime]" in completed.stderr
