@@ -33,6 +33,7 @@ __all__ = [
     "encode_heatmap_png16",
     "encode_image",
     "render_overlay",
+    "snap_to_decode_scale",
     "resize_for_model",
     "resize_image",
     "to_base64",
@@ -113,6 +114,27 @@ def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -
     return OpenedImage(image, width, height)
 
 
+JPEG_SCALES = (8, 4, 2)
+"""The reduced scales 1/8, 1/4 and 1/2 at which libjpeg decodes a JPEG straight from its DCT coefficients."""
+SNAP = 0.9
+"""How far below the requested output size a JPEG's reduced-scale size may be and still be taken instead."""
+
+
+def snap_to_decode_scale(opened: OpenedImage, output: tuple[int, int]) -> tuple[int, int]:
+    """The output size to render a JPEG at: ``output`` = (width, height), or, when one of the JPEG's reduced decode
+    scales gives a size no larger than it and at least :data:`SNAP` of it, that size. A 12-megapixel photo
+    (4032x3024) asked at 2048 pixels is then decoded at half scale (2016x1512) and rendered at that size with no
+    resize, instead of decoded in full and resized: about a third of the time. Other formats keep ``output``."""
+    if opened.image.format != "JPEG":
+        return output
+    width, height = output
+    for scale in JPEG_SCALES:
+        scaled = (-(-opened.width // scale), -(-opened.height // scale))  # libjpeg rounds up
+        if SNAP * width <= scaled[0] <= width and SNAP * height <= scaled[1] <= height:
+            return scaled
+    return output
+
+
 def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np.ndarray:
     """Decode to an upright (EXIF orientation applied) RGB uint8 array of shape (H, W, 3).
 
@@ -125,12 +147,22 @@ def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np
         image.seek(0)
         if at_least is not None and image.format == "JPEG":
             wanted = at_least if (image.size[0] >= image.size[1]) == (opened.width >= opened.height) else at_least[::-1]
-            image.draft("RGB", wanted)
+            image.draft("RGB", _draft_request(image.size, wanted))
         image.load()
         image = ImageOps.exif_transpose(image)
     except Exception:  # Pillow raises many types for corrupt data; each means the same to the client.
         raise ClientError("InvalidImage", "the image data is truncated or corrupt") from None
     return _to_rgb(image)
+
+
+def _draft_request(size: tuple[int, int], wanted: tuple[int, int]) -> tuple[int, int]:
+    """What to ask Pillow's ``draft`` for, so that it decodes at the smallest scale 1/s whose size (libjpeg's,
+    rounded up) still covers ``wanted``: Pillow picks s from the floor of size / request, which would fall back to a
+    full decode for an odd side (4033 / 2017 = 1)."""
+    for scale in JPEG_SCALES:
+        if all(-(-side // scale) >= want for side, want in zip(size, wanted, strict=True)):
+            return size[0] // scale, size[1] // scale
+    return size
 
 
 def decode_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:

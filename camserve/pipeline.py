@@ -51,6 +51,7 @@ from camserve.imaging import (
     render_overlay,
     resize_for_model,
     resize_image,
+    snap_to_decode_scale,
     to_base64,
 )
 from camserve.model import images_to_batch
@@ -191,7 +192,7 @@ class ExplanationService:
         )
         cam = CamRequest(targets, options.layer, options.method, options.eigen_smooth, options.aug_smooth)
         opened = open_image(request.image, self.limits)
-        output = self.budget.output_size(opened.width, opened.height, options.max_side)
+        output = snap_to_decode_scale(opened, self.budget.output_size(opened.width, opened.height, options.max_side))
         explanations = targets.count  # at most: a multi-label model explains only its positive classes of these
         measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
         method_passes = self.engine.forward_passes(cam)

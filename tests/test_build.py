@@ -181,3 +181,18 @@ def test_labels_with_a_gap_in_the_indices_are_refused(tmp_path):
     path.write_text('{"0": "cat", "2": "dog"}')
     with pytest.raises(BuildError, match="class indices 0 to 1"):
         read_labels(path)
+
+
+def test_the_torchserve_dockerfile_installs_each_archives_own_requirements(built_mar):
+    """No container builder runs here: the image's install step is run as written against a built archive."""
+    import re
+    import subprocess
+    import sys
+
+    dockerfile = (ROOT / "deploy" / "torchserve" / "Dockerfile").read_text()
+    assert "FROM pytorch/torchserve:0.12.0-cpu" in dockerfile and "USER model-server" in dockerfile
+    command = re.search(r'python -c "(import sys, zipfile;[^"]+)"', dockerfile).group(1)
+    completed = subprocess.run([sys.executable, "-c", command, str(built_mar)], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == worker_requirements().strip()
+    assert "pillow-heif==" in completed.stdout and "torch==" not in completed.stdout

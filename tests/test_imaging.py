@@ -17,10 +17,12 @@ from camserve.imaging import (
     decode_image,
     encode_heatmap_png16,
     encode_image,
+    load_rgb,
     map_at,
     open_image,
     render_overlay,
     resize_for_model,
+    snap_to_decode_scale,
 )
 from tests.conftest import encode
 from tests.corpus import BAD_BODIES, IMAGE_KINDS, exif_rotated_jpeg, gradient_image, phone_heic, png_declaring
@@ -81,6 +83,35 @@ def test_a_phone_heic_decodes_upright_and_is_checked_before_decoding(monkeypatch
     with pytest.raises(ClientError) as refused:
         open_image(data, DecodeLimits(max_pixels=1000))
     assert refused.value.kind == "ImageTooLarge" and refused.value.status == 413
+
+
+@pytest.mark.parametrize(
+    ("size", "asked", "rendered"),
+    [
+        ((1000, 800), (512, 410), (500, 400)),
+        ((1001, 801), (512, 410), (501, 401)),
+        ((1000, 800), (480, 384), (480, 384)),
+        ((1000, 800), (900, 720), (900, 720)),
+    ],
+)
+def test_a_jpeg_is_rendered_at_the_reduced_decode_scale_that_fits_the_size_asked(size, asked, rendered):
+    """Half scale (500x400) is within 10% under 512x410: the JPEG decodes from its DCT coefficients at that scale,
+    and no resize follows. At 480x384 half scale would be larger than asked, at 900x720 no scale is near it: the
+    size asked stays."""
+    width, height = size
+    data = encode(cv2.resize(gradient_image(), size), "JPEG", quality=95)
+    opened = open_image(data)
+    assert snap_to_decode_scale(opened, asked) == rendered
+    decoded = load_rgb(open_image(data), at_least=rendered)
+    # The smallest scale 1/s whose size still covers what is rendered: libjpeg's own reduced decode at 1/s.
+    scale = max(s for s in (8, 4, 2, 1) if -(-width // s) >= rendered[0] and -(-height // s) >= rendered[1])
+    reference = Image.open(io.BytesIO(data))
+    reference.draft("RGB", (width // scale, height // scale))
+    assert np.array_equal(decoded, np.asarray(reference.convert("RGB")))
+    if rendered != asked:  # snapped: decoded at exactly the rendered size, so no resize follows
+        assert decoded.shape[:2] == (rendered[1], rendered[0]) and scale == 2
+    png = open_image(encode(cv2.resize(gradient_image(), size), "PNG"))
+    assert snap_to_decode_scale(png, asked) == asked  # other formats decode in full, at the size asked
 
 
 def test_animated_gif_gives_its_first_frame():

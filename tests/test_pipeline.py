@@ -393,3 +393,15 @@ def test_a_negative_channels_last_setting_is_refused():
 
     with pytest.raises(ValueError, match="true, false or a batch size"):
         channels_last_from(-1)
+
+
+def test_a_large_jpeg_is_rendered_at_its_reduced_decode_scale_under_max_side(service):
+    rng = np.random.default_rng(3)
+    photo = cv2.resize(rng.integers(0, 255, (100, 125, 3), dtype=np.uint8), (1000, 800))
+    jpeg = bytearray(encode(photo, "JPEG", quality=90))
+    (snapped,) = service.answer([{"data": jpeg, "max_side": b"512"}])
+    explanation = snapped.body["explanations"][0]
+    assert (explanation["width"], explanation["height"]) == (500, 400)  # libjpeg's half scale, no resize after it
+    assert snapped.body["image"] == {"width": 1000, "height": 800}
+    (png,) = service.answer([{"data": bytearray(encode(photo, "PNG")), "max_side": b"512"}])
+    assert (png.body["explanations"][0]["width"], png.body["explanations"][0]["height"]) == (512, 410)

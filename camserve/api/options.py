@@ -246,7 +246,8 @@ OPTIONS: tuple[Option, ...] = (
         int | None,
         None,
         f"an integer from {MIN_SIDE} to {MAX_SIDE}",
-        f"The longer side of the overlay and heatmap, {MIN_SIDE}–{MAX_SIDE}, never larger than the image.",
+        f"The overlay's and heatmap's longer side at most, {MIN_SIDE}–{MAX_SIDE}, never larger than the image; a JPEG "
+        "is rendered at its reduced decode scale when that is within 10% under it.",
         integer(MIN_SIDE, MAX_SIDE),
         shown_default="the server's cap (2048 unless built otherwise)",
     ),
