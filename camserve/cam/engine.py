@@ -266,7 +266,9 @@ class CamEngine:
             request_spans = []
             for part in record.parts(request, self.default_layer) if record.parts else [request]:
                 request_spans.append(list(range(len(row_requests), len(row_requests) + len(copies))))
-                row_images += [augment(images[n], flip, factor) for flip, factor in copies]
+                row_images += [
+                    augment(images[n], flip, factor) if request.aug_smooth else images[n] for flip, factor in copies
+                ]
                 row_requests += [replace(part, aug_smooth=False)] * len(copies)
             spans.append(request_spans)
         output = self.explain_shared(torch.stack(row_images), row_requests)
