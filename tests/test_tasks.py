@@ -67,6 +67,10 @@ def test_multilabel_explains_the_positive_classes_or_the_top_one():
     torch.testing.assert_close(out.maps[0][0], X[0, 0] / 4)  # ∂y_0/∂A^1 = 1/4, ∂y_0/∂A^2 = 0
     strict = explain(model, "multilabel", TopPredicted(3, at_least=0.99))
     assert strict.targets == [[0]] and strict.maps[0].shape[0] == 1  # none reaches 0.99: the top one
+    engine = CamEngine(model, input_size=2, default_layer="features", head=task_named("multilabel").head)
+    for method, aug_smooth in (("gradcam", True), ("fullgrad", False), ("scorecam", False)):  # every path of the plan
+        out = engine(X, [CamRequest(TopPredicted(3, at_least=0.5), method=method, aug_smooth=aug_smooth)])
+        assert out.targets == [[0, 2]] and out.maps[0].shape[0] == 2, method
 
 
 def test_regression_explains_the_output_itself():
