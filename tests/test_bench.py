@@ -146,3 +146,30 @@ def test_the_cpu_targets_prefer_the_forward_pass_timed_right_before_the_level():
     assert targets["CPU: p50 at concurrency 1 - plain fp32 forward at batch 1, ms"]["value"] == pytest.approx(20.0)
     ratio = targets["CPU: service images/s / plain fp32 forward images/s at batch 8"]["value"]
     assert ratio == pytest.approx(18.0 / 20.0)
+
+
+def test_the_photo_targets_are_the_excess_over_the_forward_pass():
+    """Arithmetic on a made-up report: each photo's time in the worker over the plain forward pass at batch 1,
+    against 40 ms for 1080p and 100 ms for 12 MP."""
+    import torch
+
+    from camtools.bench import machine_info
+    from camtools.bench.inprocess import PHOTO_TARGETS_MS
+    from camtools.bench.report import _targets, photo_lines
+
+    report = _report("cpu", floor_ms={1: 60.0, 8: 50.0}, cam_ms={1: 61.0, 8: 50.5}, service=[])
+    report.machine = machine_info(torch.device("cpu")) | {"weights": "random"}
+    report.photos = [
+        {"photo": "1080p", "width": 1920, "height": 1080, "jpeg_bytes": 1, "prepare_ms": 20.0, "forward_ms": 60.0,
+         "cam_ms": 2.0, "encode_ms": 12.0, "total_ms": 95.0, "floor_ms": 60.0, "over_floor_ms": 35.0,
+         "target_over_floor_ms": PHOTO_TARGETS_MS["1080p"]},
+        {"photo": "12 MP", "width": 4032, "height": 3024, "jpeg_bytes": 1, "prepare_ms": 90.0, "forward_ms": 60.0,
+         "cam_ms": 2.0, "encode_ms": 40.0, "total_ms": 195.0, "floor_ms": 60.0, "over_floor_ms": 135.0,
+         "target_over_floor_ms": PHOTO_TARGETS_MS["12 MP"]},
+    ]  # fmt: skip
+    targets = {t["measure"]: t for t in _targets(report)}
+    hd = targets["1080p JPEG in the worker (no HTTP) - plain forward at batch 1, ms"]
+    twelve = targets["12 MP JPEG in the worker (no HTTP) - plain forward at batch 1, ms"]
+    assert (hd["value"], hd["target"], hd["met"]) == (35.0, "<= 40", True)
+    assert (twelve["value"], twelve["target"], twelve["met"]) == (135.0, "<= 100", False)
+    assert "| 12 MP (4032x3024) | 1 | 90.0 | 60.0 | 2.0 | 40.0 | 195.0 | 60.0 | 135.0 |" in photo_lines(report.photos)

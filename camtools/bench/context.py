@@ -115,6 +115,7 @@ class BenchReport:
     methods: list[dict[str, object]] = field(default_factory=list)
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
+    photos: list[dict[str, object]] = field(default_factory=list)
     channels_last: list[dict[str, object]] = field(default_factory=list)
     response_bytes: list[dict[str, object]] = field(default_factory=list)
     service: list[dict[str, object]] = field(default_factory=list)

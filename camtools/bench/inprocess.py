@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import time
 from collections.abc import Sequence
 from functools import partial
 
@@ -250,6 +251,60 @@ def _stage_shares(ctx: BenchContext) -> dict[str, float]:
     return {f"{stage}_share": seconds / whole for stage, seconds in totals.items()} | {
         f"{stage}_ms_per_image": 1000 * seconds / config.repeats / len(rows) for stage, seconds in totals.items()
     }
+
+
+PHOTOS = {"1080p": (1920, 1080), "12 MP": (4032, 3024)}
+"""Phone-photo sizes whose handler-side cost the benchmark profiles: a 1080p frame and a 12-megapixel photo."""
+PHOTO_TARGETS_MS = {"1080p": 40.0, "12 MP": 100.0}
+"""The most a photo may cost over the plain forward pass at batch 1 (the serving-speed issue's CPU targets)."""
+
+
+def photo_jpeg(size: tuple[int, int]) -> bytes:
+    """A photo-like JPEG of ``size``: a real photo (scikit-image's astronaut) resized, at quality 90."""
+    import cv2
+    import skimage.data
+
+    return encode_image(cv2.resize(skimage.data.astronaut(), size, interpolation=cv2.INTER_CUBIC), "jpeg")
+
+
+def _photos(ctx: BenchContext) -> list[dict[str, object]]:
+    """Where one phone photo's time goes inside the worker, with the shipped defaults (max_side 2048): decode and
+    resize (``prepare``), the forward pass, Grad-CAM, and the overlay's rendering and encoding, each a median over
+    the run's repeats, against the plain forward pass at batch 1 timed round-robin with them."""
+    model, spec, config, device, timed = ctx.model, ctx.spec, ctx.config, ctx.device, ctx.timed
+    service = _service_for(model, spec, device)
+    floor_batch = images_to_batch([resize_for_model(ctx.images[0], spec.input_size)], spec, device)
+    rows = []
+    for name, size in PHOTOS.items():
+        row = {"body": photo_jpeg(size)}
+        stages: dict[str, list[float]] = {"prepare": [], "forward": [], "cam": [], "encode": []}
+
+        def one_request(row: dict = row, stages: dict = stages) -> None:
+            started = time.perf_counter()
+            prepared = service.prepare(row)
+            stages["prepare"].append(time.perf_counter() - started)
+            (result,) = service.explain([prepared])
+            assert result.status == 200, result.body
+            for stage in ("forward", "cam", "encode"):
+                stages[stage].append(service.stage_seconds[stage])
+
+        medians = timed({"floor": partial(plain_forward, model, floor_batch), name: one_request}, config.repeats, 1)
+        ms = {stage: 1000 * statistics.median(values[-config.repeats :]) for stage, values in stages.items()}
+        total = 1000 * medians[name]
+        rows.append(
+            {
+                "photo": name,
+                "width": size[0],
+                "height": size[1],
+                "jpeg_bytes": len(row["body"]),
+                **{f"{stage}_ms": value for stage, value in ms.items()},
+                "total_ms": total,
+                "floor_ms": 1000 * medians["floor"],
+                "over_floor_ms": total - 1000 * medians["floor"],
+                "target_over_floor_ms": PHOTO_TARGETS_MS[name],
+            }
+        )
+    return rows
 
 
 def _floor_ms_per_image(model, spec, images, device, timed, config: BenchConfig, batch_size: int) -> float:

@@ -16,6 +16,7 @@ from camtools.bench.inprocess import (
     _floor_ms_per_image,
     _in_process,
     _method_costs,
+    _photos,
     _response_bytes,
     _stage_shares,
 )
@@ -40,6 +41,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         ("fast paths", "fast_paths", _fast_paths),
         ("channels_last by batch", "channels_last", _channels_last_by_batch),
         ("decode/encode share", "stages", _stage_shares),
+        ("phone photos", "photos", _photos),
         ("response bytes", "response_bytes", _response_bytes),
     ]
     progress = tqdm(total=len(sections) + config.server, desc="benchmark", unit="step")
