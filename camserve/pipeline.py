@@ -30,6 +30,7 @@ from camserve.api import (
     parse_request,
 )
 from camserve.cam import (
+    DEFAULT_METHOD,
     CamEngine,
     CamRequest,
     Classes,
@@ -209,7 +210,7 @@ class ExplanationService:
             raise ClientError(
                 "InvalidOption",
                 f"method {method} contrasts a class with its look-alike classes under a softmax, which a "
-                f"{self.task.name} model does not have: choose another method, such as gradcam",
+                f"{self.task.name} model does not have: choose another method, such as {DEFAULT_METHOD}",
             )
 
     def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
