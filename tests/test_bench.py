@@ -48,11 +48,10 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
             (5, 2),
         ]
         profile = report["profile"]
-        # Medians of separately logged series (the worker's stages, TorchServe's job log, the client): each stage
-        # contains the one before it request by request, but their medians can cross by a little on a busy machine.
-        assert profile["forward_ms"] > 0
-        assert profile["forward_ms"] < 1.15 * profile["handler_ms"] < 1.15**2 * profile["backend_ms"]
-        assert profile["backend_ms"] < 1.15 * profile["client_p50_ms"]
+        # The forward pass and the handler are medians over the same batch lines: ordered. The backend (TorchServe's
+        # job log) and the client are separately logged series whose medians can cross by a little on a busy machine.
+        assert 0 < profile["forward_ms"] <= profile["handler_ms"]
+        assert profile["handler_ms"] < 1.15 * profile["backend_ms"] < 1.15**2 * profile["client_p50_ms"]
         assert profile["loaded_concurrency"] == 2 and profile["loaded_mean_batch"] >= 1
         assert [level.get("floor_batch") for level in report["service"]] == [1, 2]  # batch sizes 1,2: the largest
         assert 0 < profile["loaded_forward_ms_per_image"] < 1.15 * profile["loaded_handler_ms_per_image"]

@@ -99,7 +99,9 @@ def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[st
 
     stages: dict[str, list[float]] = {}
     for requests, handler_ms, stage_ms in _batch_lines(server, marks):
-        if requests == 1:
+        # Lone requests that were explained (a refused one logs no forward pass): every stage's median is then over
+        # the same batches, so the forward pass's median stays below the handler's.
+        if requests == 1 and "forward" in stage_ms:
             for stage, value in {"handler": handler_ms, **stage_ms}.items():
                 stages.setdefault(stage, []).append(value)
     for line in _read_log(server, "ts_log").splitlines()[marks["ts_log"] :]:
