@@ -47,8 +47,6 @@ class Task:
     name: str
     head: Head
     """The engine's head: the explained scalar and the per-class scores."""
-    scalar: str
-    """The explained scalar, in words, for the docs."""
     probabilities: bool = True
     """Its scores are probabilities (not regression values)."""
     exclusive: bool = False
@@ -122,24 +120,10 @@ class Task:
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("multiclass", SOFTMAX, "the class's logit y_c; classes ranked by softmax", exclusive=True),
-        Task(
-            "multilabel",
-            Head(objective=logit, scores=_sigmoid_scores),
-            "the class's logit y_c; each class's probability is σ(y_c)",
-            default_explain=5,
-        ),
-        Task(
-            "binary",
-            Head(objective=_binary_objective, scores=_binary_scores),
-            "z for the positive class, −z for the negative one (one logit z, p = σ(z))",
-        ),
-        Task(
-            "regression",
-            Head(objective=logit, scores=_raw_scores),
-            "the output itself",
-            probabilities=False,
-        ),
+        Task("multiclass", SOFTMAX, exclusive=True),  # the logit y_c, classes ranked by softmax
+        Task("multilabel", Head(objective=logit, scores=_sigmoid_scores), default_explain=5),  # y_c; p = σ(y_c)
+        Task("binary", Head(objective=_binary_objective, scores=_binary_scores)),  # z or −z; p = σ(z)
+        Task("regression", Head(objective=logit, scores=_raw_scores), probabilities=False),  # the output itself
     )
 }
 """Every task, by the name the spec and ``--task`` use."""

@@ -158,11 +158,6 @@ def readme_figures(root: Path) -> str:
     return "\n".join(lines)
 
 
-def replace_readme_figures(readme: str, figures: str) -> str:
-    """``readme`` with its figures block (from :data:`FIGURES_START` to :data:`FIGURES_END`) replaced."""
-    return replace_readme_block(readme, FIGURES_START, FIGURES_END, figures)
-
-
 COSTS_START = "<!-- methods:start"
 
 
@@ -171,9 +166,6 @@ COSTS_END = "<!-- methods:end -->"
 
 COSTS_RUN = "docs/bench/bench.json"
 """The benchmark run whose method rows docs/methods.md's table quotes."""
-
-
-METHODS_DOC = "docs/methods.md"
 
 
 def methods_table(root: Path) -> str:
