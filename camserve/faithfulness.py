@@ -59,6 +59,8 @@ def faithfulness(
     steps: int = 16,
     batch: int = 64,
     scores: Callable[[Tensor], Tensor] = lambda logits: logits.softmax(dim=1),
+    measure: Callable[[object, Tensor], Tensor] | None = None,
+    fill: Tensor | float = 0.0,
 ) -> list[Faithfulness]:
     """The metrics above for P explanations.
 
@@ -68,6 +70,11 @@ def faithfulness(
     own (``camserve.tasks``) in the service, where a regression model's score is its output itself (then drop is
     max(0, y(x) − y(x·m)) / |y(x)|, and the AUCs are in the output's units). The perturbed inputs are made
     ``batch`` at a time, so memory stays bounded.
+
+    A model whose output is not one score per class gives ``measure(outputs, explanations)`` instead, p for each
+    perturbed input from the model's outputs and the explanation (row of ``inputs``) it perturbs: a segment's mean
+    probability, a detection's matched score. ``fill`` is what deletion puts in place of a pixel: 0 in normalised
+    space, or a (C,) colour for a model that normalises its input itself (a detector: its transform's mean).
     """
     count, _, height, width = inputs.shape
     pixels = height * width
@@ -89,12 +96,15 @@ def faithfulness(
             step = torch.tensor([i for _, _, i in chunk], device=inputs.device)
             top = (rank[rows] < kept[step].unsqueeze(1)).view(-1, 1, height, width)
             x = inputs[rows]
-            deleted = torch.where(top, torch.zeros_like(x), x)
+            deleted = torch.where(top, torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1), x)
             inserted = torch.where(top, x, blurred[rows])
             weighted = x * maps[rows].unsqueeze(1).to(x.dtype)
             perturbed = torch.where(kinds == 0, deleted, torch.where(kinds == 1, inserted, weighted))
-            logits = model(perturbed).float()
-            measured[start : start + len(chunk)] = scores(logits)[torch.arange(len(chunk)), classes[rows]]
+            outputs = model(perturbed)
+            if measure is not None:
+                measured[start : start + len(chunk)] = measure(outputs, rows).float()
+            else:
+                measured[start : start + len(chunk)] = scores(outputs.float())[torch.arange(len(chunk)), classes[rows]]
     p_x = probabilities.float().to(inputs.device)
     deletion = torch.cat([p_x[:, None], measured[: count * steps].view(count, steps)], dim=1)
     offset = count * steps

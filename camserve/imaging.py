@@ -28,6 +28,12 @@ __all__ = [
     "OUTPUT_FORMATS",
     "OpenedImage",
     "decode_image",
+    "draw_detection",
+    "encode_binary_mask",
+    "encode_class_mask",
+    "fit_within",
+    "outline_segment",
+    "voc_palette",
     "load_rgb",
     "open_image",
     "encode_heatmap_png16",
@@ -273,6 +279,76 @@ def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {rgb.shape} image as {fmt}")
     return encoded.tobytes()
+
+
+def _line_width(rgb: np.ndarray) -> int:
+    return max(1, round(max(rgb.shape[:2]) / 300))
+
+
+def draw_detection(rgb: np.ndarray, box: tuple[float, float, float, float], text: str) -> np.ndarray:
+    """The image with a detection's box (x0, y0, x1, y1, in its pixels) drawn in white on black, and ``text`` (its
+    label and score) on a dark tab at its top left, in place."""
+    x0, y0, x1, y1 = (round(v) for v in box)
+    width = _line_width(rgb)
+    cv2.rectangle(rgb, (x0, y0), (x1, y1), (0, 0, 0), width + 2, cv2.LINE_AA)
+    cv2.rectangle(rgb, (x0, y0), (x1, y1), (255, 255, 255), width, cv2.LINE_AA)
+    scale = max(0.4, max(rgb.shape[:2]) / 1000)
+    (text_w, text_h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    top = max(0, y0 - text_h - base - 2)
+    cv2.rectangle(rgb, (x0, top), (x0 + text_w + 4, top + text_h + base + 2), (0, 0, 0), cv2.FILLED)
+    cv2.putText(rgb, text, (x0 + 2, top + text_h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return rgb
+
+
+def outline_segment(rgb: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The image with the contours of the boolean (H, W) ``inside`` drawn in white over black, in place."""
+    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    width = _line_width(rgb)
+    cv2.drawContours(rgb, contours, -1, (0, 0, 0), width + 2, cv2.LINE_AA)
+    return cv2.drawContours(rgb, contours, -1, (255, 255, 255), width, cv2.LINE_AA)
+
+
+def voc_palette(classes: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map, (classes, 3) uint8: class 0 black, 1 (128, 0, 0), 2 (0, 128, 0), 3 (128, 128, 0),
+    15 (192, 128, 128), ... (each class index's bits spread over the three channels' high bits)."""
+    palette = np.zeros((classes, 3), dtype=np.uint8)
+    for index in range(classes):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                palette[index, channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+            shift -= 1
+    return palette
+
+
+def encode_class_mask(classes: np.ndarray) -> bytes:
+    """A (H, W) map of class indices as a PNG whose pixel values are the indices: 8-bit with the PASCAL VOC palette
+    (:func:`voc_palette`) up to 256 classes, else 16-bit grayscale."""
+    if classes.max(initial=0) < 256:
+        image = Image.fromarray(classes.astype(np.uint8))
+        image.putpalette(voc_palette().tobytes())  # an "L" image with a palette becomes a "P" one, values kept
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=False, compress_level=6)
+        return buffer.getvalue()
+    ok, encoded = cv2.imencode(".png", classes.astype(np.uint16))
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the class mask as a 16-bit PNG")
+    return encoded.tobytes()
+
+
+def encode_binary_mask(inside: np.ndarray) -> bytes:
+    """A boolean (H, W) mask as an 8-bit grayscale PNG, 255 inside and 0 outside."""
+    ok, encoded = cv2.imencode(".png", inside.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the mask as a PNG")
+    return encoded.tobytes()
+
+
+def fit_within(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled down so that the longer side is at most ``side``; never up."""
+    scale = min(1.0, side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def encode_heatmap_png16(heat: np.ndarray) -> bytes:

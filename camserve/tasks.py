@@ -1,6 +1,7 @@
-"""What a model's output means: multiclass, multilabel, binary or regression. A task turns outputs into
-predictions, says which targets a request may name and which it explains by default, gives the engine its head (the
-scalar each explanation differentiates, the per-class scores that rank classes) and gives faithfulness its score.
+"""What a model's output means: multiclass, multilabel, binary or regression; detection or segmentation. A task
+turns outputs into predictions, says which targets a request may name and which it explains by default, gives the
+engine its head (the scalar each explanation differentiates, the per-class scores that rank classes) and gives
+faithfulness its score.
 
 This is the one module that knows the tasks: nothing else branches on them.
 """
@@ -40,6 +41,37 @@ def _raw_scores(outputs: Tensor) -> Tensor:
     return outputs.float()
 
 
+BACKGROUND = 0
+"""A segmenter's background class: index 0, torchvision's convention (its VOC weights' ``__background__``)."""
+
+
+def segment_objective(outputs: Tensor, classes: Tensor) -> Tensor:
+    """Σ over the pixels predicted as c of the class's logit y_c: pytorch-grad-cam's ``SemanticSegmentationTarget``
+    with the mask of the segment, for (P, C, H, W) outputs and (P,) classes."""
+    height, width = outputs.shape[-2:]
+    chosen = outputs.gather(1, classes.view(-1, 1, 1, 1).expand(-1, 1, height, width)).squeeze(1)
+    return (chosen * (outputs.argmax(dim=1) == classes.view(-1, 1, 1))).sum(dim=(1, 2))
+
+
+def segment_shares(outputs: Tensor) -> Tensor:
+    """(N, C, H, W) outputs to (N, C) shares of the pixels predicted as each class."""
+    count, classes = outputs.shape[:2]
+    predicted = outputs.argmax(dim=1).flatten(1)
+    offsets = torch.arange(count, device=outputs.device)[:, None] * classes
+    counts = torch.bincount((predicted + offsets).flatten(), minlength=count * classes).view(count, classes)
+    return counts.float() / predicted.shape[1]
+
+
+def _foreground_shares(outputs: Tensor) -> Tensor:
+    """The shares, with the background's set to −1 so that it is never a segment explained by default."""
+    shares = segment_shares(outputs)
+    shares[:, BACKGROUND] = -1.0
+    return shares
+
+
+SEGMENTATION_HEAD = Head(objective=segment_objective, scores=segment_shares, rank=_foreground_shares)
+
+
 @dataclass(frozen=True)
 class Task:
     """One task: how its outputs read, and what an explanation of it explains."""
@@ -53,6 +85,13 @@ class Task:
     """Its classes exclude each other under a softmax (what Finer-CAM's contrast with look-alikes needs)."""
     default_explain: int = 1
     """How many classes a request without ``target`` or ``explain`` explains."""
+    kind: str = "classification"
+    """``classification`` (one score per class and image), ``detection`` (boxes, each explained) or
+    ``segmentation`` (a class per pixel, each segment explained)."""
+
+    @property
+    def classifies(self) -> bool:
+        return self.kind == "classification"
 
     def classes(self, outputs: int) -> int:
         """How many classes a request may name, for a model with ``outputs`` outputs."""
@@ -92,6 +131,8 @@ class Task:
             return TopPredicted(count, at_least=threshold)  # the positive classes, or the top one when none is
         if self.name == "regression":
             return Classes([0]) if explain is None else Classes(range(count))
+        if self.kind != "classification":  # the largest segments that are not background (or top detections)
+            return TopPredicted(count, at_least=1e-9, or_top=False)
         return TopPredicted(count)
 
     def scores(self, outputs: Tensor) -> Tensor:
@@ -113,8 +154,10 @@ class Task:
         ]
 
     def explained(self, score: float) -> dict[str, float]:
-        """The explained class's own figure in an explanation: its probability, or a regression output's value."""
-        return {"probability" if self.probabilities else "value": round(score, 6)}
+        """The explained class's own figure in an explanation: its probability, a regression output's value, a
+        segment's share of the pixels or a detection's score."""
+        name = {"segmentation": "share", "detection": "score"}.get(self.kind)
+        return {name or ("probability" if self.probabilities else "value"): round(score, 6)}
 
 
 TASKS: dict[str, Task] = {
@@ -124,6 +167,10 @@ TASKS: dict[str, Task] = {
         Task("multilabel", Head(objective=logit, scores=_sigmoid_scores), default_explain=5),  # y_c; p = σ(y_c)
         Task("binary", Head(objective=_binary_objective, scores=_binary_scores)),  # z or −z; p = σ(z)
         Task("regression", Head(objective=logit, scores=_raw_scores), probabilities=False),  # the output itself
+        # The sum of the segment's logits (pytorch-grad-cam's SemanticSegmentationTarget); segments by size.
+        Task("segmentation", SEGMENTATION_HEAD, exclusive=True, kind="segmentation"),
+        # IoU + score of the matching box (FasterRCNNBoxScoreTarget, camserve.cam.detection), not an engine head.
+        Task("detection", SOFTMAX, default_explain=3, kind="detection"),
     )
 }
 """Every task, by the name the spec and ``--task`` use."""

@@ -19,7 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camserve.cam import CamEngine, CamRequest, LayerInfo, LayerNotFoundError, default_layer, describe_layers
+from camserve.cam import (
+    DEFAULT_METHOD,
+    CamEngine,
+    CamRequest,
+    Classes,
+    LayerInfo,
+    LayerNotFoundError,
+    default_layer,
+    describe_layers,
+)
+from camserve.cam.detection import DetectionRequest, explain_detections
+from camserve.cam.layers import backbone_stage
 from camserve.model import HF_PREFIX, TIMM_PREFIX, build_network, model_class_from_file, output_part, select_output
 from camserve.spec import ModelSpec
 from camserve.tasks import TASKS, task_named
@@ -67,11 +78,21 @@ class PreparedModel:
     """A Hugging Face model's ``config.json``, packed into the archive's ``spec.hf_config`` folder."""
 
 
-def torchvision_archs() -> list[str]:
-    """Every classification builder of torchvision (``torchvision.models.list_models(module=torchvision.models)``)."""
+def torchvision_archs(kind: str = "classification") -> list[str]:
+    """Every builder of torchvision for a kind of task: its classifiers
+    (``torchvision.models.list_models(module=torchvision.models)``), detectors (``module=
+    torchvision.models.detection``) or segmenters (``module=torchvision.models.segmentation``)."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    module = {"detection": torchvision.models.detection, "segmentation": torchvision.models.segmentation}
+    return sorted(torchvision.models.list_models(module=module.get(kind, torchvision.models)))
+
+
+DENSE_DEFAULT_ARCHS = {"detection": "fasterrcnn_resnet50_fpn", "segmentation": "deeplabv3_resnet50"}
+"""The arch a detection or segmentation build takes when it names none."""
+DETECTOR_INPUT_SIDE = 1333
+"""A detector's images are given at their own size, their longer side at most this (torchvision's detectors'
+``max_size``); their transform resizes them further."""
 
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -181,7 +202,11 @@ def _input_defaults(arch: str | None) -> tuple[int, tuple[float, ...], tuple[flo
         if config is None:
             return DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
         return int(config.input_size[-1]), tuple(config.mean), tuple(config.std)
+    if arch in torchvision_archs("detection"):  # its transform normalises and resizes: the input is [0, 1] RGB
+        return DETECTOR_INPUT_SIDE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     transforms = _default_weights(arch).transforms()
+    if arch in torchvision_archs("segmentation"):  # SemanticSegmentation: a resize, no crop
+        return int(transforms.resize_size[0]), tuple(transforms.mean), tuple(transforms.std)
     return int(transforms.crop_size[0]), tuple(transforms.mean), tuple(transforms.std)
 
 
@@ -189,6 +214,10 @@ def _arch_kwargs(arch: str, input_size: int, pretrained: bool) -> dict[str, obje
     """Builder arguments that the arch's weights imply: a ViT's image size; GoogLeNet's and Inception's input
     transform and auxiliary heads as torchvision builds them for its own weights."""
     kwargs: dict[str, object] = {}
+    if arch in torchvision_archs("detection") or arch in torchvision_archs("segmentation"):
+        kwargs["weights_backbone"] = None  # the whole model's weights come next: no ImageNet backbone download
+        if arch in torchvision_archs("segmentation") and pretrained and not arch.startswith("lraspp"):
+            kwargs["aux_loss"] = True  # its weights carry the auxiliary classifier
     if arch.startswith("vit_"):
         kwargs["image_size"] = input_size
     if arch in ("googlenet", "inception_v3"):
@@ -216,9 +245,12 @@ def _seeded(build, seed: int, input_size: int) -> nn.Module:
                 norm.reset_running_stats()
                 norm.momentum = None  # a cumulative average over the batches below
             model.train()
+            # A detector in training mode wants targets: its backbone alone sets the statistics, on smaller images.
+            detector = hasattr(model, "transform") and hasattr(model, "backbone")
+            trunk, side = (model.backbone, min(input_size, 320)) if detector else (model, input_size)
             with torch.no_grad():
                 for _ in range(2):
-                    model(torch.randn(4, 3, input_size, input_size))
+                    trunk(torch.randn(4, 3, side, side))
             for norm, momentum in zip(norms, momenta, strict=True):
                 norm.momentum = momentum
     return model.eval()
@@ -284,6 +316,26 @@ def _fit_torchvision(arch: str, state_dict: dict[str, torch.Tensor], kwargs: dic
         else "no torchvision arch has these keys: for a network of your own, give its class with --model-file"
     )
     raise BuildError(f"these weights do not fit --arch {arch}: {'; '.join(problems)}. {advice}")
+
+
+def _dense_classes(arch: str, state_dict: dict[str, torch.Tensor], kwargs: dict[str, object]) -> dict[str, object]:
+    """A detector's or segmenter's builder kwargs with ``num_classes`` read from the weights: the model is built on
+    the meta device with 2 and with 3 classes, and each tensor whose size grows with the classes (a box predictor's
+    ``cls_score``, a RetinaNet's anchors × classes, a segmenter's classifier) gives the number; an auxiliary
+    classifier in the weights is built too."""
+    if any(key.startswith("aux_classifier.") for key in state_dict):
+        kwargs = kwargs | {"aux_loss": True}
+    with torch.device("meta"):
+        two, three = (build_network(_spec_stub(arch, kwargs | {"num_classes": n})).state_dict() for n in (2, 3))
+    counts = set()
+    for key, tensor in two.items():
+        per_class = three[key].numel() - tensor.numel()
+        if per_class and key in state_dict:
+            classes, rest = divmod(state_dict[key].numel() - (tensor.numel() - 2 * per_class), per_class)
+            counts.add(classes if rest == 0 and classes > 0 else -1)
+    if len(counts) == 1 and min(counts) > 0:
+        return kwargs | {"num_classes": counts.pop()}
+    return kwargs  # the strict fit below names what does not fit
 
 
 def _imagenet_state_dict(arch: str, progress: bool) -> tuple[dict[str, torch.Tensor], list[str] | None]:
@@ -381,6 +433,10 @@ def prepare_model(**flags) -> PreparedModel:
     model, kwargs, default_labels = _load(source, request)
     layers, outputs, output_key = _probe(model, source, request.output)
     select_output(model, output_key)
+    if task_named(source.task).kind == "detection":  # its classes: the builder's, the weights' or the labels'
+        outputs = kwargs.get("num_classes") or len(source.given_labels or default_labels or [])
+        if not outputs:
+            raise BuildError(f"a detector's output does not say how many classes {source.arch} has: give --labels")
     names = _label(source, request, default_labels or source.hf_labels, outputs)
     layer, spatial = _validate(model, source, request.layer, layers, len(names))
     default_name = source.hf_dir.resolve().name if source.hf_dir else source.arch.removeprefix(TIMM_PREFIX)
@@ -411,7 +467,7 @@ def prepare_model(**flags) -> PreparedModel:
 
 def _resolve(request: BuildRequest) -> _Source:
     """The network's source (a known torchvision arch, or a model file with one ``nn.Module``) and its input."""
-    arch, model_path, model_class = request.arch, None, None
+    arch, model_path, model_class, task = request.arch, None, None, None
     if sum(bool(given) for given in (arch, request.model_file, request.hf)) > 1:
         raise BuildError(
             "give one of --arch (torchvision or timm:NAME), --model-file (your own network) or --hf DIR, not both"
@@ -442,14 +498,21 @@ def _resolve(request: BuildRequest) -> _Source:
             hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
             raise BuildError(f"--arch {arch} is not a timm model: {hint}(timm.list_models() has {len(names)})")
     else:
-        arch = arch or DEFAULT_ARCH
-        archs = torchvision_archs()
-        if arch not in archs:
-            close = difflib.get_close_matches(arch, archs, n=3)
+        kinds = {kind: torchvision_archs(kind) for kind in ("classification", "detection", "segmentation")}
+        if request.task is None:  # a detector's or segmenter's builder says its task
+            task = next((k for k in ("detection", "segmentation") if arch in kinds[k]), None)
+        kind = task_named(request.task or task or "multiclass").kind
+        arch = arch or DENSE_DEFAULT_ARCHS.get(kind, DEFAULT_ARCH)
+        if arch not in kinds[kind]:
+            other = next((k for k, archs in kinds.items() if arch in archs), None)
+            close = difflib.get_close_matches(arch, kinds[kind], n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
+            if other:
+                flag = other if other != "classification" else "multiclass"
+                hint = f"it is a {other} model, built with --task {flag}; "
             raise BuildError(
-                f"--arch {arch} is not a torchvision classification model: {hint}(one of {len(archs)}; a timm model "
-                "is --arch timm:NAME)"
+                f"--arch {arch} is not a torchvision {kind} model: {hint}(one of {len(kinds[kind])}"
+                + ("; a timm model is --arch timm:NAME)" if kind == "classification" else ")")
             )
     default_size, default_mean, default_std = _input_defaults(None if model_path else arch)
     return _Source(
@@ -460,7 +523,7 @@ def _resolve(request: BuildRequest) -> _Source:
         mean=tuple(request.mean or default_mean),
         std=tuple(request.std or default_std),
         given_labels=read_labels(request.labels) if request.labels is not None else None,
-        task=request.task or "multiclass",
+        task=request.task or task or "multiclass",
     )
 
 
@@ -544,10 +607,15 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
             kwargs.setdefault("num_classes", len(default_labels or []) or 1000)
         elif weights == "random":
             task = task_named(source.task)
-            if source.given_labels is not None or task.outputs(2) == 1:
+            if not task.classifies and source.given_labels is None:  # the default weights' classes (COCO, VOC)
+                default_labels = list(_default_weights(source.arch).meta["categories"])
+                kwargs["num_classes"] = len(default_labels)
+            elif source.given_labels is not None or task.outputs(2) == 1:
                 kwargs["num_classes"] = task.outputs(len(source.given_labels or task.default_labels(2)))
         else:
             state_dict = read_checkpoint(weights)
+            if not task_named(source.task).classifies:
+                kwargs = _dense_classes(source.arch, state_dict, kwargs)
             kwargs = _fit_torchvision(source.arch, state_dict, kwargs)
         stub = _spec_stub(source.arch, kwargs)
         if weights == "random":
@@ -561,14 +629,25 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
 def _probe(model: nn.Module, source: _Source, output: str | None) -> tuple[dict[str, LayerInfo], int, str | None]:
     """The model's layers, its number of outputs, and which part of its output holds the logits (``output``, or
     found: None for a tensor, a tuple's first item, ``logits`` of a dict or a ``ModelOutput``), from one forward
-    pass of a blank image."""
-    side = source.input_size
+    pass of a blank image. A detector's number of classes is not in its output: it comes back as 0."""
+    side = _probe_side(source)
+    kind = task_named(source.task).kind
     try:
         layers = describe_layers(model, side)
         with torch.no_grad():
             probe = model(torch.zeros(1, 3, side, side))
     except Exception as error:
         raise BuildError(f"{source.arch} does not run on a {side}x{side} image: {error}") from None
+    if kind == "detection":
+        fields = {"boxes", "labels", "scores"}
+        if not isinstance(probe, (list, tuple)) or not probe or not fields <= set(getattr(probe[0], "keys", list)()):
+            raise BuildError(
+                f"a detector must return torchvision's detections, a list of {{boxes, labels, scores}} per image; "
+                f"{source.arch} returns a {type(probe).__name__}"
+            )
+        return layers, 0, None
+    if output is None and kind == "segmentation" and "out" in (probe.keys() if hasattr(probe, "keys") else ()):
+        output = "out"  # torchvision's segmenters: {"out": N×C×H×W, "aux": ...}
     if output is None and not isinstance(probe, torch.Tensor):
         if isinstance(probe, (tuple, list)):
             output = "0"
@@ -584,9 +663,17 @@ def _probe(model: nn.Module, source: _Source, output: str | None) -> tuple[dict[
             probe = output_part(probe, output)
         except (KeyError, IndexError, AttributeError, TypeError) as error:
             raise BuildError(f"--output {output} names no part of {source.arch}'s output: {error!r}") from None
-    if not isinstance(probe, torch.Tensor) or probe.ndim != 2:
-        raise BuildError(f"{source.arch} must return (N, classes) logits, got {getattr(probe, 'shape', type(probe))}")
+    dims = 4 if kind == "segmentation" else 2
+    if not isinstance(probe, torch.Tensor) or probe.ndim != dims:
+        wanted = "{'out': N×C×H×W} or N×C×H×W logits" if dims == 4 else "(N, classes) logits"
+        raise BuildError(f"{source.arch} must return {wanted}, got {getattr(probe, 'shape', type(probe))}")
     return layers, probe.shape[1], output
+
+
+def _probe_side(source: _Source) -> int:
+    """The square a build probes the model with: its input side, or for a detector (whose transform resizes any
+    image) a small one."""
+    return min(source.input_size, 320) if task_named(source.task).kind == "detection" else source.input_size
 
 
 def _label(source: _Source, request: BuildRequest, default_labels: list[str] | None, outputs: int) -> list[str]:
@@ -620,21 +707,31 @@ def _validate(
     """The default layer and the layers a request may name, after one explanation of a synthetic image at it is a
     finite map of the layer's shape, from finite logits."""
     spatial = {name: info.layout for name, info in layers.items() if info.layout}
+    if task_named(source.task).kind == "detection":  # a detector's heads map proposals, not images: its backbone
+        spatial = {name: layout for name, layout in spatial.items() if name.split(".")[0] == "backbone"} or spatial
     if not spatial:
         raise BuildError(f"{source.arch} has no layer that gives a spatial map: nothing to explain")
-    side = source.input_size
+    side = _probe_side(source)
+    task = task_named(source.task)
     if layer is None:
-        layer = default_layer(model, side, layers)
+        layer = (not task.classifies and backbone_stage(layers, side)) or default_layer(model, side, layers)
     elif layer not in spatial:
         reason = "gives no spatial map" if layer in dict(model.named_modules()) else "is not a module of the model"
         raise BuildError(f"layer {layer} {reason}; {LayerNotFoundError(layer, list(spatial))}")
-    task = task_named(source.task)
-    engine = CamEngine(model, input_size=side, default_layer=layer, head=task.head)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         mean, std = torch.tensor(source.mean).view(1, 3, 1, 1), torch.tensor(source.std).view(1, 3, 1, 1)
         image = (torch.rand(1, 3, side, side) - mean) / std
-    output = engine(image, [CamRequest(task.default_target(None, 0.5, classes))])
+    if task.kind == "detection":  # one synthetic image through the whole path: detections, and one explained
+        method = DEFAULT_METHOD if spatial[layer] != "fpn" else "eigencam"
+        request = DetectionRequest(layer, method, score_threshold=0.0, explain=1)
+        found = explain_detections(model, [image[0]], [request], spatial)
+        if not all(torch.isfinite(m).all() for m in found.maps):
+            raise BuildError(f"the explanation at layer {layer} is not finite")
+        return layer, spatial
+    engine = CamEngine(model, input_size=side, default_layer=layer, head=task.head)
+    target = Classes([0]) if task.kind == "segmentation" else task.default_target(None, 0.5, classes)
+    output = engine(image, [CamRequest(target)])
     cam = output.maps[0]
     if tuple(cam.shape[1:]) != layers[layer].grid[1:] or not torch.isfinite(cam).all():
         raise BuildError(f"the explanation at layer {layer} is not a finite {layers[layer].grid[1:]} map")

@@ -17,11 +17,14 @@ from camserve.errors import ClientError
 from camserve.imaging import COLORMAPS, OUTPUT_FORMATS, OVERLAYS
 
 __all__ = [
+    "DEFAULT_MAX_DETECTIONS",
+    "DEFAULT_SCORE_THRESHOLD",
     "DEFAULT_TOPK",
     "OPTIONS",
     "OPTION_NAMES",
     "ExplainOptions",
     "Option",
+    "check_fit",
     "load_json",
     "options_table",
     "parse_options",
@@ -30,6 +33,8 @@ __all__ = [
 
 DEFAULT_TOPK = 5
 MAX_TOPK = 20
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS = 20, 100
 MAX_TARGETS = 10
 MAX_EXPLAIN = 5
 MIN_SIDE, MAX_SIDE = 16, 16384
@@ -56,6 +61,9 @@ class Option:
     """The value as given (JSON, or multipart text) to its parsed value; None when it is not accepted."""
     shown_default: str | None = None
     """The default as the docs show it, when its value alone would not say it."""
+    fits: tuple[str, ...] | None = None
+    """The kinds of task it fits (``camserve.tasks``: classification, detection, segmentation); None: every one.
+    A request that gives it another value than its default for a model of another kind gets a 400."""
 
     def parse(self, value: object) -> object:
         parsed = self.read(value)
@@ -177,15 +185,48 @@ OPTIONS: tuple[Option, ...] = (
         f"How many predictions to return, 1–{MAX_TOPK}, at most the model's number of classes.",
         integer(1, MAX_TOPK),
         shown_default=f"{DEFAULT_TOPK} (or every class of a model with fewer)",
+        fits=("classification",),
     ),
     Option(
         "target",
         tuple[int, ...] | None,
         None,
         f"a class index (0 to the model's number of classes - 1) or a list of at most {MAX_TARGETS} of them",
-        "Class indices to explain, each with its own explanation: `281` or `[281, 282]`.",
+        "Class indices to explain, each with its own explanation: `281` or `[281, 282]`; of a segmenter, the "
+        "segments of these classes.",
         targets,
         shown_default="the top `explain` predicted classes",
+        fits=("classification", "segmentation"),
+    ),
+    Option(
+        "detection",
+        tuple[int, ...] | None,
+        None,
+        f"a detection index (0 for the highest score) or a list of at most {MAX_TARGETS} of them",
+        "A detector's detections to explain, by their index in `detections`: `0` or `[0, 2]`.",
+        targets,
+        shown_default="the top `explain` detections",
+        fits=("detection",),
+    ),
+    Option(
+        "score_threshold",
+        float | None,
+        None,
+        "a number from 0 to 1",
+        "A detector's lowest score of a detection returned, 0–1.",
+        number(0.0, 1.0),
+        shown_default=f"{DEFAULT_SCORE_THRESHOLD}",
+        fits=("detection",),
+    ),
+    Option(
+        "max_detections",
+        int | None,
+        None,
+        f"an integer from 1 to {MAX_DETECTIONS}",
+        f"A detector's most detections returned, the highest scores first, 1–{MAX_DETECTIONS}.",
+        integer(1, MAX_DETECTIONS),
+        shown_default=f"{DEFAULT_MAX_DETECTIONS}",
+        fits=("detection",),
     ),
     Option(
         "explain",
@@ -193,9 +234,10 @@ OPTIONS: tuple[Option, ...] = (
         None,
         f"an integer from 1 to {MAX_EXPLAIN}",
         f"Without `target`: explain the N top predicted classes, 1–{MAX_EXPLAIN}; of a multi-label model, its "
-        "positive classes, at most N (or its top one when none is positive); of a regression model, outputs 0 to N−1.",
+        "positive classes, at most N (or its top one when none is positive); of a regression model, outputs 0 to N−1;"
+        " of a detector, its N top detections; of a segmenter, its N largest segments that are not background.",
         integer(1, MAX_EXPLAIN),
-        shown_default="1 (a multi-label model's: 5)",
+        shown_default="1 (a multi-label model's: 5, a detector's: 3)",
     ),
     Option(
         "threshold",
@@ -205,6 +247,7 @@ OPTIONS: tuple[Option, ...] = (
         "A multi-label model's probability from which a class is positive, 0–1.",
         number(0.0, 1.0),
         shown_default="the build's `--threshold` (0.5)",
+        fits=("classification",),
     ),
     Option(
         "method",
@@ -292,6 +335,7 @@ OPTIONS: tuple[Option, ...] = (
         "true or false",
         "Average the maps of the image flipped or not, times 0.9, 1 and 1.1 in brightness; 6 passes.",
         boolean,
+        fits=("classification", "segmentation"),
     ),
     Option(
         "faithfulness",
@@ -331,9 +375,20 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
             "UnknownOption",
             f"unknown option(s) {', '.join(map(shown, unknown[:5]))}; known options are {', '.join(OPTION_NAMES)}",
         )
-    if "target" in raw and "explain" in raw:
-        raise ClientError("InvalidOption", "give either target (classes to explain) or explain (top N), not both")
+    for chosen in ("target", "detection"):
+        if chosen in raw and "explain" in raw:
+            raise ClientError("InvalidOption", f"give either {chosen} (what to explain) or explain (top N), not both")
     return ExplainOptions(**{name: _BY_NAME[name].parse(_text(name, value)) for name, value in raw.items()})
+
+
+def check_fit(options: ExplainOptions, kind: str, task: str) -> None:
+    """Refuse an option given for a model of a kind of task that it does not fit, naming those it fits."""
+    for option in OPTIONS:
+        if option.fits is not None and kind not in option.fits and getattr(options, option.name) != option.default:
+            fits = " and ".join(f"{fit} models" for fit in option.fits)
+            raise ClientError(
+                "InvalidOption", f"option {option.name} fits only {fits}; this model is a {task} model: leave it out"
+            )
 
 
 def options_table() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["ExplainResponse", "Explanation", "ModelInfo", "Prediction"]
+__all__ = ["DetectionItem", "ExplainResponse", "Explanation", "ModelInfo", "Prediction", "Segment"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class ModelInfo:
     classes: int
     """How many classes (or a regression model's outputs) a request may name."""
     task: str = "multiclass"
-    """``multiclass``, ``multilabel``, ``binary`` or ``regression``: how to read the predictions."""
+    """``multiclass``, ``multilabel``, ``binary``, ``regression``, ``detection`` or ``segmentation``: how to read
+    the predictions (a detector's ``detections``, a segmenter's ``segments`` and ``mask``)."""
 
 
 def _without_none(item: object) -> dict[str, object]:
@@ -36,6 +37,42 @@ class Prediction:
     probability: float | None = None
     positive: bool | None = None
     value: float | None = None
+
+
+@dataclass(frozen=True)
+class DetectionItem:
+    """One detection: its index in ``detections`` (highest score first), its box (x0, y0, x1, y1) in the uploaded
+    image's pixels, its class and score; a Mask R-CNN's ``mask`` (a base64 PNG at the overlay's size, 255 inside)
+    and a Keypoint R-CNN's ``keypoints`` ([x, y, visibility] in the image's pixels)."""
+
+    index: int
+    box: list[float]
+    label_index: int
+    label: str
+    score: float
+    mask: str | None = None
+    keypoints: list[list[float]] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        item = {"index": self.index, "box": self.box, "class": self.label_index, "label": self.label}
+        item["score"] = self.score
+        if self.mask is not None:
+            item["mask"] = self.mask
+        if self.keypoints is not None:
+            item["keypoints"] = self.keypoints
+        return item
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One class present in a segmenter's mask, with its share of the pixels."""
+
+    index: int
+    label: str
+    share: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"class": self.index, "label": self.label, "share": self.share}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +95,14 @@ class Explanation:
     """Deletion, insertion, drop, increase and steps (``camserve.faithfulness``); only when asked."""
     value: float | None = None
     """A regression output's value, in place of a probability."""
+    detection: int | None = None
+    """A detector's explained detection, its index in ``detections``; ``index`` is its class."""
+    box: list[float] | None = None
+    """The explained detection's box, in the uploaded image's pixels."""
+    score: float | None = None
+    """The explained detection's score."""
+    share: float | None = None
+    """The explained segment's share of the pixels."""
 
 
 @dataclass(frozen=True)
@@ -65,13 +110,23 @@ class ExplainResponse:
     model: ModelInfo
     width: int
     height: int
-    predictions: list[Prediction]
+    predictions: list[Prediction] | None
+    """A classifier's; None for a detector or segmenter."""
     explanations: list[Explanation] = field(default_factory=list)
+    detections: list[DetectionItem] | None = None
+    segments: list[Segment] | None = None
+    mask: str | None = None
+    """A segmenter's class per pixel: a base64 PNG at the overlay's size, 8-bit with a palette where each pixel's
+    value is its class index (16-bit grayscale for more than 256 classes)."""
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "model": asdict(self.model),
-            "image": {"width": self.width, "height": self.height},
-            "predictions": [_without_none(p) for p in self.predictions],
-            "explanations": [_without_none(e) for e in self.explanations],
-        }
+        body: dict[str, object] = {"model": asdict(self.model), "image": {"width": self.width, "height": self.height}}
+        if self.predictions is not None:
+            body["predictions"] = [_without_none(p) for p in self.predictions]
+        if self.detections is not None:
+            body["detections"] = [d.to_dict() for d in self.detections]
+        if self.segments is not None:
+            body["segments"] = [s.to_dict() for s in self.segments]
+            body["mask"] = self.mask
+        body["explanations"] = [_without_none(e) for e in self.explanations]
+        return body

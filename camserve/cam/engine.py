@@ -170,7 +170,7 @@ class CamEngine:
 
     def resolve_targets(self, logits: Tensor, requests: Sequence[CamRequest]) -> list[list[int]]:
         """Each request's explained classes, given its image's ``logits`` row: its ``Classes``, or its top ones."""
-        scores = self.head.scores(logits)
+        scores = self.head.ranking(logits)
         self._check_targets(scores.shape[1], requests)
         return [
             list(request.targets.indices)
@@ -219,14 +219,17 @@ class CamEngine:
 
     def _keep_scoring(self, output: CamOutput, requests: Sequence[CamRequest]) -> CamOutput:
         """Drop the explained classes of a ``TopPredicted(at_least=...)`` request that score below it, keeping its
-        top class when none reaches it: the pairs were explained as its top ``count``, in the same pass."""
+        top class when none reaches it (unless ``or_top`` is False): the pairs were explained as its top ``count``,
+        in the same pass."""
         filtered = [n for n, r in enumerate(requests) if getattr(r.targets, "at_least", None) is not None]
         if not filtered:
             return output
-        scores = self.head.scores(output.logits[filtered]).cpu()
+        scores = self.head.ranking(output.logits[filtered]).cpu()
         targets, maps = list(output.targets), list(output.maps)
         for row, n in enumerate(filtered):
-            keep = [i for i, c in enumerate(targets[n]) if scores[row, c] >= requests[n].targets.at_least] or [0]
+            wanted = requests[n].targets
+            keep = [i for i, c in enumerate(targets[n]) if scores[row, c] >= wanted.at_least]
+            keep = keep or ([0] if wanted.or_top else [])
             targets[n] = [targets[n][i] for i in keep]
             maps[n] = maps[n][keep]
         return replace(output, targets=targets, maps=maps)
@@ -361,7 +364,7 @@ class CamEngine:
                 stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, None)
             forward_done = time.perf_counter()
             logits = stream_logits[first_pair] if expand is not None else stream_logits
-            scores = self.head.scores(logits.detach())
+            scores = self.head.ranking(logits.detach())
             self._check_targets(scores.shape[1], requests)
             top = max((r.count for r in requests if isinstance(r.targets, TopPredicted)), default=1)
             ranked = scores.topk(top, dim=1).indices

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "LayerInfo",
     "LayerNotFoundError",
     "NoSpatialLayerError",
+    "backbone_stage",
     "default_layer",
     "describe_layers",
     "find_layer",
@@ -65,7 +67,7 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise LayerNotFoundError(name, [layer for layer, _ in model.named_modules() if layer])
 
 
-LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens")
+LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens", "fpn")
 """How a layer's output becomes the (N, K, h, w) grid that every method reads (the reshape-transform idea of
 pytorch-grad-cam, as a property of the layer):
 
@@ -76,15 +78,23 @@ pytorch-grad-cam, as a property of the layer):
 - ``tokens``: (N, h·w, K) tokens without a class token: the same reshape.
 - ``prefix_tokens:P``: (N, P + h·w, K) tokens after P prefix tokens (a class token and register tokens, as timm's
   ``num_prefix_tokens`` counts them): drop the first P, then the same reshape.
+- ``fpn``: a feature pyramid, a mapping of (N, K_l, h_l, w_l) levels (a detector's ``backbone``): each level's
+  absolute value, bilinearly resized to the smallest level's grid, concatenated along the channels; this is
+  pytorch-grad-cam's ``fasterrcnn_reshape_transform`` (its smallest level is ``pool``). It is not linear in the
+  levels, so only activation methods read it.
 
 The map is linear in the tokens, so gradients take the same reshape.
 """
 
 
-def to_grid(tensor: Tensor, layout: str) -> Tensor:
+def to_grid(tensor: Tensor | Mapping[str, Tensor], layout: str) -> Tensor:
     """A layer's output (or its gradient) as an (N, K, h, w) grid; see :data:`LAYOUTS`."""
     if layout == "nchw":
         return tensor
+    if layout == "fpn":
+        levels = list(tensor.values())
+        size = min((level.shape[-2:] for level in levels), key=lambda shape: shape[0] * shape[1])
+        return torch.cat([F.interpolate(level.abs(), tuple(size), mode="bilinear") for level in levels], dim=1)
     if layout == "nhwc":
         return tensor.permute(0, 3, 1, 2)
     prefix = _prefix_tokens(layout)
@@ -157,6 +167,7 @@ def describe_layers(model: nn.Module, image_size: int = 224, image: Tensor | Non
     output's layout (ResNet's shared ``relu`` runs several times and is left out). The image is ``image`` (one
     square image's batch, e.g. ``zeros_like(batch[:1])``) or else an RGB ``image_size`` square of zeros."""
     calls: dict[str, list[tuple[tuple[int, ...], Tensor | None, bool]]] = {}
+    pyramids: dict[str, Mapping[str, Tensor]] = {}
     order: list[str] = []
     if image is None:
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
@@ -165,6 +176,8 @@ def describe_layers(model: nn.Module, image_size: int = 224, image: Tensor | Non
     def record(name: str) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
             tensor = output if isinstance(output, Tensor) else None
+            if tensor is None and _is_pyramid(output):
+                pyramids[name] = output
             takes_image = bool(inputs) and inputs[0] is image
             if name not in calls:
                 order.append(name)
@@ -180,9 +193,48 @@ def describe_layers(model: nn.Module, image_size: int = 224, image: Tensor | Non
             continue
         shape, tensor, takes_image = calls[name][0]
         layout = _layout_of(shape) if shape else None
-        grid = tuple(to_grid(torch.empty(shape, device="meta"), layout).shape[1:]) if layout else None
+        if name in pyramids:
+            shape, tensor = tuple(to_grid(pyramids[name], "fpn").shape), pyramids[name]
+            layout = "fpn" if min(shape[-2:]) > 1 else None  # an SSD's pyramid ends in 1x1: no map
+        grid = None
+        if layout:
+            grid = shape[1:] if layout == "fpn" else tuple(to_grid(torch.empty(shape, device="meta"), layout).shape[1:])
         layers[name] = LayerInfo(name, shape, layout, grid, id(tensor) if tensor is not None else -1, takes_image)
     return layers
+
+
+MAX_BACKBONE_STRIDE = 32
+"""A detector's or segmenter's default layer is the last backbone stage at most this many pixels per cell."""
+
+
+def backbone_stage(layers: Mapping[str, LayerInfo], image_size: int) -> str | None:
+    """The default layer of a detector or segmenter in torchvision's layout: the last stage of its backbone, the
+    shallowest maps under ``backbone.body`` (its FPN detectors) or else ``backbone`` (its segmenters and SSDs), of
+    at most :data:`MAX_BACKBONE_STRIDE` pixels per cell (an SSD's extra layers shrink to 1x1): ``backbone.body.layer4``
+    of a ResNet-50 FPN, ``backbone.body.16`` of a MobileNet v3 FPN, ``backbone.features`` of SSD300,
+    ``backbone.features.1`` of SSDlite, ``backbone.layer4`` of DeepLabV3 and FCN, ``backbone.16`` of LR-ASPP.
+    None when the model has no such backbone."""
+    for trunk in ("backbone.body", "backbone"):
+        stages = [
+            info
+            for name, info in layers.items()
+            if info.layout not in (None, "fpn")
+            and name.startswith(trunk + ".")
+            and image_size / info.grid[-1] <= MAX_BACKBONE_STRIDE
+        ]
+        if stages:
+            depth = min(info.name.count(".") for info in stages)
+            return [info.name for info in stages if info.name.count(".") == depth][-1]
+    return None
+
+
+def _is_pyramid(output: object) -> bool:
+    """A feature pyramid: a mapping of at least two 4-D maps (a detector backbone's ``OrderedDict``)."""
+    return (
+        isinstance(output, Mapping)
+        and len(output) >= 2
+        and all(isinstance(value, Tensor) and value.dim() == 4 for value in output.values())
+    )
 
 
 def default_layer(model: nn.Module, image_size: int = 224, layers: Mapping[str, LayerInfo] | None = None) -> str:

@@ -42,6 +42,8 @@ class TopPredicted:
 
     count: int = 1
     at_least: float | None = None
+    or_top: bool = True
+    """With ``at_least``: when no class reaches it, explain the top one (True) or none (False)."""
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -69,6 +71,12 @@ class Head:
 
     objective: Objective
     scores: Callable[[Tensor], Tensor]
+    rank: Callable[[Tensor], Tensor] | None = None
+    """(N, outputs) to the (N, K) scores that rank classes for ``TopPredicted``, when not ``scores`` (a
+    segmenter's pixel shares without its background class)."""
+
+    def ranking(self, outputs: Tensor) -> Tensor:
+        return (self.rank or self.scores)(outputs)
 
 
 SOFTMAX = Head(objective=logit, scores=lambda outputs: outputs.float().softmax(dim=1))

@@ -1,0 +1,279 @@
+"""Detectors: their detections and an explanation of each, from one forward pass of the batch.
+
+A detector in torchvision's convention takes a list of RGB images in [0, 1], each at its own size; its transform
+normalises them, resizes them (a Faster R-CNN's shorter side to 800, an SSD's whole image to 300²) and pads them into
+one batch, and it returns one ``{"boxes", "labels", "scores"}`` per image (``masks`` for Mask R-CNN, ``keypoints``
+for Keypoint R-CNN), its boxes in each image's own pixels.
+
+The explained scalar of a detection (box b, class c) is :func:`box_score`, pytorch-grad-cam's
+``FasterRCNNBoxScoreTarget``: among the output's boxes, the one b̂ of greatest IoU with b counts when its class is c
+and IoU(b, b̂) > 0.5, and the scalar is IoU(b, b̂) + score(b̂) (0 when none counts). In the pass that found the
+detection, b̂ is the detection itself.
+
+The pass is split as the classifier engine splits it (:class:`~camserve.cam.engine.CamEngine`): the network before
+the explained layer runs without autograd, the layer's output becomes the one leaf that requires a gradient, and
+each explained detection's scalar is differentiated with respect to that activation alone. A detector's rows share
+per-image bookkeeping (its transform's image sizes), so they cannot be repeated per detection: the t-th detection
+of every image is differentiated together, one ``torch.autograd.grad`` call per slot t (the images do not interact,
+so each image's gradient is its own detection's).
+
+The maps come at the layer's grid, which covers the transform's padded batch: each is cut to its image's share of
+the grid and brought to the size of the image the detector was given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camserve.cam.layers import find_layer, forward_hooks, to_grid
+from camserve.cam.methods.registry import Family, method_record
+from camserve.cam.post import reduce_contributions, upsample
+
+__all__ = ["Detection", "DetectionOutput", "DetectionRequest", "box_score", "explain_detections", "matched_score"]
+
+IOU_THRESHOLD = 0.5
+"""A box of the output stands for the explained detection when its IoU with it exceeds this and its class is the
+same (pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``)."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection, in the pixels of the image the detector was given."""
+
+    box: tuple[float, float, float, float]
+    """(x0, y0, x1, y1)."""
+    label: int
+    score: float
+
+
+@dataclass(frozen=True)
+class DetectionRequest:
+    """What one image asks of a detector: which detections to keep, and which of them to explain how."""
+
+    layer: str
+    method: str
+    eigen_smooth: bool = False
+    score_threshold: float = 0.5
+    max_detections: int = 20
+    explain: int = 1
+    """Explain the top ``explain`` detections kept, when ``chosen`` is None."""
+    chosen: tuple[int, ...] | None = None
+    """Explain these detections, by their index among those kept."""
+
+
+@dataclass
+class DetectionOutput:
+    """For each image: its detections (highest score first), the indices of those explained, one map per explained
+    detection (T, H, W) at the size of the image the detector was given, the masks of a Mask R-CNN's detections
+    (D, H, W) probabilities or None, the keypoints of a Keypoint R-CNN's (D, K, 3) or None, and the image's error
+    (a chosen detection that does not exist) or None."""
+
+    detections: list[list[Detection]]
+    explained: list[list[int]]
+    maps: list[Tensor]
+    masks: list[Tensor | None]
+    keypoints: list[Tensor | None]
+    errors: list[str | None]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _match(output: Mapping[str, Tensor], box: Tensor, label: int) -> tuple[Tensor, int] | None:
+    """The IoU and index of the output box that stands for detection (``box``, ``label``): the box of greatest IoU
+    with it, when its class is ``label`` and the IoU exceeds :data:`IOU_THRESHOLD`; None when there is none."""
+    from torchvision.ops import box_iou
+
+    boxes = output["boxes"]
+    if len(boxes) == 0:
+        return None
+    ious = box_iou(box[None].to(boxes.dtype), boxes)
+    index = ious.argmax()
+    if ious[0, index] > IOU_THRESHOLD and int(output["labels"][index]) == int(label):
+        return ious[0, index], index
+    return None
+
+
+def box_score(output: Mapping[str, Tensor], box: Tensor, label: int) -> Tensor:
+    """pytorch-grad-cam's ``FasterRCNNBoxScoreTarget`` for one detection (``box`` (4,), ``label``) of one image's
+    ``output``: IoU(b, b̂) + score(b̂) for the box b̂ that :func:`_match` finds, else 0."""
+    match = _match(output, box, label)
+    if match is None:
+        return output["boxes"].new_zeros(())
+    iou, index = match
+    return iou + output["scores"][index]
+
+
+def matched_score(output: Mapping[str, Tensor], box: Tensor, label: int) -> float:
+    """score(b̂) alone, for the box b̂ that :func:`_match` finds, else 0: what faithfulness measures of a detection."""
+    match = _match(output, box, label)
+    return 0.0 if match is None else float(output["scores"][match[1]])
+
+
+def _kept(output: Mapping[str, Tensor], request: DetectionRequest) -> Tensor:
+    """The indices of the output's detections at or above the request's score threshold, highest score first, at
+    most ``max_detections``."""
+    scores = output["scores"].detach().float()
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[scores[order] >= request.score_threshold]
+    return order[: request.max_detections]
+
+
+def _detach(output: object) -> object:
+    if isinstance(output, Tensor):
+        return output.detach()
+    return type(output)((key, value.detach()) for key, value in output.items())
+
+
+def explain_detections(
+    model: nn.Module,
+    images: Sequence[Tensor],
+    requests: Sequence[DetectionRequest],
+    layouts: Mapping[str, str],
+    autocast=None,
+) -> DetectionOutput:
+    """Detect in ``images`` (each (3, H, W) in [0, 1]) and explain each request's detections, in one forward pass.
+
+    ``layouts`` gives each requested layer's layout (``camserve.cam.layers``); a gradient method needs a layer
+    whose output is one tensor. ``autocast`` is the engine's autocast context for the images' device, if any.
+    """
+    if len(images) != len(requests):
+        raise ValueError(f"got {len(requests)} requests for {len(images)} images")
+    records = [method_record(request.method) for request in requests]
+    layers = list(dict.fromkeys(request.layer for request in requests))
+    modules = {layer: find_layer(model, layer) for layer in layers}
+    gradient_layers = {r.layer for r, record in zip(requests, records, strict=True) if record.family is Family.GRADIENT}
+    for layer in gradient_layers:
+        if layouts[layer] == "fpn":
+            raise ValueError(f"layer {layer} is a feature pyramid: a gradient method needs a layer of one tensor")
+    captured: dict[str, list[object]] = {layer: [] for layer in layers}
+    batch: dict[str, object] = {}
+
+    def capture(layer: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> object:
+            if torch.is_grad_enabled():  # inside the graph already: keep this output, pass a clone downstream
+                captured[layer].append(output)
+                return output.clone()
+            if layer in gradient_layers:  # the first gradient layer to run starts the graph
+                leaf = output.detach().requires_grad_(True)
+                captured[layer].append(leaf)
+                torch.set_grad_enabled(True)  # the enclosing no_grad() restores the mode on exit
+                return leaf.clone()
+            captured[layer].append(_detach(output))
+            return None
+
+        return hook
+
+    def remember_batch(module: nn.Module, inputs: object, output: object) -> None:
+        image_list = output[0]
+        batch["sizes"] = [tuple(size) for size in image_list.image_sizes]
+        batch["padded"] = tuple(image_list.tensors.shape[-2:])
+
+    hooks = [(module, capture(layer)) for layer, module in modules.items()]
+    transform = getattr(model, "transform", None)
+    if isinstance(transform, nn.Module):
+        hooks.append((transform, remember_batch))
+    started = time.perf_counter()
+    with torch.inference_mode(False):
+        images = [image.clone() if image.is_inference() else image for image in images]
+        with forward_hooks(hooks), torch.no_grad(), autocast or torch.autocast("cpu", enabled=False):
+            outputs = model(list(images))
+        forward_done = time.perf_counter()
+        for layer, values in captured.items():
+            if len(values) != 1:
+                raise RuntimeError(f"layer {layer!r} ran {len(values)} times in one forward pass; expected once")
+        activations = {layer: values[0] for layer, values in captured.items()}
+
+        detections, explained, errors, kept_rows = [], [], [], []
+        for output, request in zip(outputs, requests, strict=True):
+            kept = _kept(output, request)
+            kept_rows.append(kept)
+            boxes = output["boxes"].detach().float()[kept]
+            labels, scores = output["labels"][kept].tolist(), output["scores"].detach().float()[kept].tolist()
+            detections.append(
+                [
+                    Detection(tuple(round(v, 2) for v in box.tolist()), label, round(score, 6))
+                    for box, label, score in zip(boxes, labels, scores, strict=True)
+                ]
+            )
+            error, chosen = None, list(range(min(request.explain, len(kept))))
+            if request.chosen is not None:
+                missing = [i for i in request.chosen if i >= len(kept)]
+                chosen = [] if missing else list(request.chosen)
+                if missing:
+                    error = (
+                        f"detection {missing[0]} does not exist: this image has {len(kept)} detection"
+                        f"{'' if len(kept) == 1 else 's'} at or above score_threshold {request.score_threshold}"
+                        + (f" (indices 0 to {len(kept) - 1})" if len(kept) else "")
+                    )
+            explained.append(chosen)
+            errors.append(error)
+        targets = [
+            [(output["boxes"].detach()[kept[d]], int(output["labels"][kept[d]])) for d in chosen]
+            for output, kept, chosen in zip(outputs, kept_rows, explained, strict=True)
+        ]
+        gradients = _gradients(outputs, targets, activations, {layer: layouts[layer] for layer in gradient_layers})
+    maps = []
+    for n, request in enumerate(requests):
+        record, count = records[n], len(explained[n])
+        grid = to_grid(activations[request.layer], layouts[request.layer])[n : n + 1].detach().float()
+        with torch.no_grad():
+            if record.family is Family.GRADIENT:
+                gradient = gradients[request.layer][n] if count else grid[:0]
+                contributions = record.combine(grid.expand(count, -1, -1, -1), gradient)
+            else:
+                contributions = record.combine(grid)
+            grid_maps = F.relu(reduce_contributions(contributions, request.eigen_smooth))
+        if record.family is not Family.GRADIENT:
+            grid_maps = grid_maps.expand(count, -1, -1)
+        maps.append(_on_image(grid_maps, batch, images, n))
+    masks = [output["masks"].detach()[kept, 0].float() if "masks" in output else None
+             for output, kept in zip(outputs, kept_rows, strict=True)]  # fmt: skip
+    keypoints = [output["keypoints"].detach()[kept].float() if "keypoints" in output else None
+                 for output, kept in zip(outputs, kept_rows, strict=True)]  # fmt: skip
+    seconds = {"forward": forward_done - started, "cam": time.perf_counter() - forward_done}
+    return DetectionOutput(detections, explained, maps, masks, keypoints, errors, seconds)
+
+
+def _gradients(
+    outputs: Sequence[Mapping[str, Tensor]],
+    targets: list[list[tuple[Tensor, int]]],
+    activations: Mapping[str, Tensor],
+    layouts: Mapping[str, str],
+) -> dict[str, list[Tensor]]:
+    """For each gradient layer, each image's (T, K, h, w) grids ∂s/∂A of its explained detections' :func:`box_score`
+    s, one ``autograd.grad`` call per slot: the t-th explained detection of every image at once."""
+    if not layouts:
+        return {}
+    layers = [layer for layer in activations if layer in layouts]
+    leaves = [activations[layer] for layer in layers]
+    slots = max((len(pairs) for pairs in targets), default=0)
+    per_slot: dict[str, list[list[Tensor]]] = {layer: [[] for _ in outputs] for layer in layers}
+    for slot in range(slots):
+        scores = [box_score(outputs[n], *pairs[slot]) for n, pairs in enumerate(targets) if slot < len(pairs)]
+        total = torch.stack(scores).sum()
+        grads = [None] * len(leaves)
+        if total.requires_grad:
+            grads = torch.autograd.grad(total, leaves, retain_graph=slot < slots - 1, allow_unused=True)
+        for layer, leaf, grad in zip(layers, leaves, grads, strict=True):
+            grid = to_grid(torch.zeros_like(leaf) if grad is None else grad, layouts[layer]).float()
+            for n, pairs in enumerate(targets):
+                if slot < len(pairs):
+                    per_slot[layer][n].append(grid[n])
+    return {layer: [torch.stack(grids) if grids else None for grids in images] for layer, images in per_slot.items()}
+
+
+def _on_image(grid_maps: Tensor, batch: Mapping[str, object], images: Sequence[Tensor], n: int) -> Tensor:
+    """(T, h, w) maps over the transform's padded batch cut to image ``n``'s share, at the size of the image the
+    detector was given. Without a transform's sizes, the grid covers the image."""
+    height, width = images[n].shape[-2:]
+    if "sizes" in batch:
+        padded_h, padded_w = batch["padded"]
+        inner_h, inner_w = batch["sizes"][n]
+        full = upsample(grid_maps[None], (padded_h, padded_w))[0]
+        grid_maps = full[:, :inner_h, :inner_w]
+    return upsample(grid_maps[None], (height, width))[0]
