@@ -48,7 +48,13 @@ from camserve.cam import (
     method_record,
     normalize_map,
 )
-from camserve.cam.detection import DetectionOutput, DetectionRequest, explain_detections, matched_score
+from camserve.cam.detection import (
+    DETECTION_METHOD,
+    DetectionOutput,
+    DetectionRequest,
+    explain_detections,
+    matched_score,
+)
 from camserve.errors import ClientError
 from camserve.faithfulness import Faithfulness, faithfulness
 from camserve.faithfulness import forward_passes as faithfulness_passes
@@ -171,8 +177,10 @@ class ExplanationService:
         self.model_info = ModelInfo(
             self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes, spec.task
         )
-        # The budget reads layer shapes per request: probe them now, once, not from the request threads at once.
-        self.engine.layers()
+        # The budget reads layer shapes per request: probe them now, once, not from the request threads at once. A
+        # detector's budget needs none, and its images come at their own sizes.
+        if self.task.kind != "detection":
+            self.engine.layers()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
@@ -202,6 +210,7 @@ class ExplanationService:
         )
         if options.layer not in self.spec.layers:
             raise ClientError("InvalidOption", str(LayerNotFoundError(options.layer, list(self.spec.layers))))
+        options = replace(options, method=given.method or self._default_method(options.layer))
         self._check_method(options.method, options.layer)
         targets = self._targets(options, classes)
         cam = CamRequest(targets, options.layer, options.method, options.eigen_smooth, options.aug_smooth)
@@ -254,6 +263,13 @@ class ExplanationService:
         if self.task.kind == "detection":
             return 1 + cam.count * (method_record(cam.method).family is Family.GRADIENT)
         return self.engine.forward_passes(cam)
+
+    def _default_method(self, layer: str) -> str:
+        """The method of a request that names none: Grad-CAM; for a detector, HiResCAM
+        (:data:`camserve.cam.detection.DETECTION_METHOD`), or EigenCAM at a feature pyramid."""
+        if self.task.kind != "detection":
+            return DEFAULT_METHOD
+        return "eigencam" if self.spec.layers[layer] == "fpn" else DETECTION_METHOD
 
     def _check_method(self, method: str, layer: str) -> None:
         """Refuse a method that cannot explain this task's outputs at this layer, saying why and what works."""
@@ -345,7 +361,7 @@ class ExplanationService:
         then each request's detections, explanations and faithfulness."""
         started = time.perf_counter()
         images = [
-            torch.from_numpy(item.model_input).to(self.device).permute(2, 0, 1).float().div_(255.0) for item in prepared
+            torch.tensor(item.model_input, device=self.device).permute(2, 0, 1).float().div_(255.0) for item in prepared
         ]
         requests = []
         for item in prepared:

@@ -29,6 +29,7 @@ __all__ = [
     "make_samples",
     "make_scene",
     "trained_shapes_model",
+    "trained_dense_model",
     "trained_task_model",
     "train_shapes_net",
 ]
@@ -70,19 +71,29 @@ def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _draw_shape(
-    rng: np.random.Generator, image: np.ndarray, label: int, side: int, x0: int, y0: int
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label: int,
+    side: int,
+    x0: int,
+    y0: int,
+    mask: np.ndarray | None = None,
 ) -> tuple[int, int, int, int]:
-    """A filled circle, square or triangle in the class colour, jittered; its box."""
+    """A filled circle, square or triangle in the class colour, jittered; its box. With ``mask``, the same shape is
+    drawn into it with the value label + 1 (0 stays the background)."""
     colour = np.array(COLOURS[CLASSES[label]]) + rng.integers(-25, 26, 3)
     colour = tuple(int(v) for v in colour.clip(0, 255))
     kind = rng.integers(0, 3)
-    if kind == 0:
-        cv2.circle(image, (x0 + side // 2, y0 + side // 2), side // 2, colour, -1)
-    elif kind == 1:
-        cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), colour, -1)
-    else:
-        points = np.array([[x0 + side // 2, y0], [x0, y0 + side - 1], [x0 + side - 1, y0 + side - 1]], np.int32)
-        cv2.fillConvexPoly(image, points, colour)
+    for canvas, paint in ((image, colour), (mask, label + 1)):
+        if canvas is None:
+            continue
+        if kind == 0:
+            cv2.circle(canvas, (x0 + side // 2, y0 + side // 2), side // 2, paint, -1)
+        elif kind == 1:
+            cv2.rectangle(canvas, (x0, y0), (x0 + side - 1, y0 + side - 1), paint, -1)
+        else:
+            points = np.array([[x0 + side // 2, y0], [x0, y0 + side - 1], [x0 + side - 1, y0 + side - 1]], np.int32)
+            cv2.fillConvexPoly(canvas, points, paint)
     return x0, y0, x0 + side, y0 + side
 
 
@@ -105,11 +116,14 @@ class Scene:
     """Each present colour's (class index's) box."""
     sides: dict[int, int]
     """Each present colour's shape side, in pixels."""
+    mask: np.ndarray | None = None
+    """(H, W) uint8: each pixel's colour index + 1 where a shape covers it, else 0 (the background)."""
 
 
 def make_scene(rng: np.random.Generator, colours: tuple[int, ...], size: int = SIZE) -> Scene:
     """Clutter, then a shape of each of ``colours`` (at most two), in opposite halves so that they never touch."""
     image = _clutter(rng, size)
+    mask = np.zeros((size, size), np.uint8)
     boxes, sides = {}, {}
     halves = rng.permutation(2)
     for colour, half in zip(colours, halves[: len(colours)], strict=True):
@@ -117,9 +131,9 @@ def make_scene(rng: np.random.Generator, colours: tuple[int, ...], size: int = S
         x0 = int(rng.integers(1, size - side - 1))
         top, bottom = (1, size // 2 - side) if half == 0 else (size // 2 + 1, size - side - 1)
         y0 = int(rng.integers(top, max(top + 1, bottom)))
-        boxes[colour] = _draw_shape(rng, image, colour, side, x0, y0)
+        boxes[colour] = _draw_shape(rng, image, colour, side, x0, y0, mask)
         sides[colour] = side
-    return Scene(image, boxes, sides)
+    return Scene(image, boxes, sides, mask)
 
 
 def make_samples(count: int, seed: int, size: int = SIZE) -> list[Sample]:
@@ -264,3 +278,106 @@ def trained_task_model(task: str, folder: Path, samples: int = 4000, epochs: int
         task=task,
     )
     return prepared, score
+
+
+DENSE_MODELS = {
+    "detection": SHAPES_NET.parent / "shapes_detector.py",
+    "segmentation": SHAPES_NET.parent / "shapes_segmenter.py",
+}
+"""The synthetic task's detector and segmenter (model files): classes 1–3 are the colours, 0 the background."""
+DENSE_LABELS = ("background", *CLASSES)
+
+
+def dense_scenes(count: int, seed: int) -> list[Scene]:
+    """``count`` scenes of one or two shapes of different colours (none in every tenth), with their masks."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for index in range(count):
+        present = 0 if index % 10 == 9 else int(rng.integers(1, 3))
+        scenes.append(make_scene(rng, tuple(int(c) for c in rng.choice(3, present, replace=False))))
+    return scenes
+
+
+def _detection_targets(scene: Scene) -> dict[str, torch.Tensor]:
+    boxes = [list(box) for box in scene.boxes.values()]
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor([colour + 1 for colour in scene.boxes], dtype=torch.int64),
+    }
+
+
+def trained_dense_model(task: str, folder: Path, samples: int = 2000, epochs: int = 5) -> tuple[PreparedModel, float]:
+    """The synthetic task's detector or segmenter (:data:`DENSE_MODELS`), trained from a seed, its weights and labels
+    written into ``folder`` and prepared as the build would serve it with ``--task``; return it and its held-out
+    score: for the detector, the share of shapes found (a box of the right colour, IoU ≥ 0.5, score ≥ 0.5) with
+    no false box at that score; for the segmenter, the mean IoU of the colours."""
+    model_file = DENSE_MODELS[task]
+    net_class = model_class_from_file(model_file)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = net_class()
+        scenes = dense_scenes(samples, seed=0)
+        images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+        if task == "segmentation":
+            images = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+            masks = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        batch = 32
+        steps = epochs * math.ceil(samples / batch)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(samples)
+            for start in range(0, samples, batch):
+                index = order[start : start + batch]
+                if task == "segmentation":
+                    loss = nn.functional.cross_entropy(model(images[index])["out"], masks[index])
+                else:
+                    targets = [_detection_targets(scenes[i]) for i in index.tolist()]
+                    loss = sum(model(list(images[index]), targets).values())
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+    model.eval().requires_grad_(False)
+    held_out = dense_scenes(200, seed=1)
+    score = _dense_score(task, model, held_out)
+    torch.save(model.state_dict(), folder / f"shapes_{task}.pt")
+    (folder / f"labels_{task}.txt").write_text("\n".join(DENSE_LABELS) + "\n")
+    prepared = prepare_model(
+        model_file=model_file,
+        weights=folder / f"shapes_{task}.pt",
+        labels=folder / f"labels_{task}.txt",
+        input_size=SIZE,
+        mean=MEAN,
+        std=STD,
+        model_name=f"shapes_{task}",
+        task=task,
+    )
+    return prepared, score
+
+
+def _dense_score(task: str, model: nn.Module, scenes: list[Scene]) -> float:
+    from torchvision.ops import box_iou
+
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        if task == "segmentation":
+            normalised = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+            predicted = model(normalised)["out"].argmax(dim=1)
+            truth = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
+            ious = [((predicted == c) & (truth == c)).sum() / ((predicted == c) | (truth == c)).sum() for c in (1, 2, 3)]
+            return float(torch.stack(ious).mean())
+        outputs = model(list(images))
+    found = total = 0
+    for scene, output in zip(scenes, outputs, strict=True):
+        keep = output["scores"] >= 0.5
+        boxes, labels = output["boxes"][keep], output["labels"][keep]
+        expected = _detection_targets(scene)
+        total += len(expected["labels"])
+        matched = 0
+        for box, label in zip(expected["boxes"], expected["labels"], strict=True):
+            ious = box_iou(box[None], boxes)[0] if len(boxes) else torch.zeros(0)
+            matched += bool(((ious >= 0.5) & (labels == label)).any())
+        found += matched if len(boxes) == len(expected["labels"]) else 0
+    return found / max(total, 1)

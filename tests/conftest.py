@@ -80,3 +80,13 @@ def unpacked_mar(built_mar, tmp_path_factory) -> Path:
     with zipfile.ZipFile(built_mar) as archive:
         archive.extractall(model_dir)
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def dense_models(tmp_path_factory) -> dict[str, tuple[object, float]]:
+    """The synthetic task's detector and segmenter, trained once per session (``camtools.synthetic``): for each
+    task, the prepared model (its weights and labels saved in its folder) and its held-out score."""
+    from camtools.synthetic import trained_dense_model
+
+    folder = tmp_path_factory.mktemp("dense_models")
+    return {task: trained_dense_model(task, folder) for task in ("detection", "segmentation")}

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, make_dataclass
 
 from camserve.cam import DEFAULT_METHOD, METHODS
+from camserve.cam.detection import DETECTION_METHOD
 from camserve.errors import ClientError
 from camserve.imaging import COLORMAPS, OUTPUT_FORMATS, OVERLAYS
 
@@ -251,11 +252,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "method",
-        str,
-        DEFAULT_METHOD,
+        str | None,
+        None,
         f"one of {', '.join(METHODS)}",
         "The CAM method: " + ", ".join(f"`{name}`" for name in METHODS) + " ([docs/methods.md](docs/methods.md)).",
         choice(tuple(METHODS)),
+        shown_default=f"`{DEFAULT_METHOD}` (a detector's: `{DETECTION_METHOD}`, or `eigencam` at a feature pyramid)",
     ),
     Option(
         "layer",

@@ -35,7 +35,21 @@ from camserve.cam.layers import find_layer, forward_hooks, to_grid
 from camserve.cam.methods.registry import Family, method_record
 from camserve.cam.post import reduce_contributions, upsample
 
-__all__ = ["Detection", "DetectionOutput", "DetectionRequest", "box_score", "explain_detections", "matched_score"]
+__all__ = [
+    "DETECTION_METHOD",
+    "Detection",
+    "DetectionOutput",
+    "DetectionRequest",
+    "box_score",
+    "explain_detections",
+    "matched_score",
+]
+
+DETECTION_METHOD = "hirescam"
+"""The method a detector's explanations use when a request names none. A box's score reaches the backbone only
+near the box, so an element-wise method keeps it there, where Grad-CAM's channel weights, averaged over the whole
+map, light every object alike: on the synthetic task's trained detector, HiResCAM's maps peak inside the explained
+box 52 times in 52, Grad-CAM's 7 times (``tests/test_dense.py``)."""
 
 IOU_THRESHOLD = 0.5
 """A box of the output stands for the explained detection when its IoU with it exceeds this and its class is the
@@ -271,6 +285,8 @@ def _on_image(grid_maps: Tensor, batch: Mapping[str, object], images: Sequence[T
     """(T, h, w) maps over the transform's padded batch cut to image ``n``'s share, at the size of the image the
     detector was given. Without a transform's sizes, the grid covers the image."""
     height, width = images[n].shape[-2:]
+    if len(grid_maps) == 0:
+        return grid_maps.new_zeros((0, height, width))
     if "sizes" in batch:
         padded_h, padded_w = batch["padded"]
         inner_h, inner_w = batch["sizes"][n]

@@ -1,0 +1,376 @@
+"""Detectors and segmenters: the explained scalars by hand on tiny nets, parity with pytorch-grad-cam on torchvision's
+own models (seeded random weights), the synthetic task's trained detector and segmenter, and the service's answers."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models import get_model_builder
+
+from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
+from camserve.cam.detection import DETECTION_METHOD, DetectionRequest, box_score, explain_detections, matched_score
+from camserve.pipeline import ExplanationService
+from camserve.tasks import task_named
+from camtools.models import BuildError, _seeded, prepare_model
+from camtools.synthetic import SIZE, dense_scenes
+from tests.conftest import encode
+from tests.helpers import assert_matches_reference
+
+# --- The explained scalars, by hand ---
+
+
+class TinyDetector(nn.Module):
+    """torchvision's detection convention in a few lines: one fixed box per image, scored σ(z) with
+    z = Σ_k w_k · mean_ij A_k,ij, where A = ``backbone``(x) is a 1x1 convolution of the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 2, 1)
+        self.w = nn.Parameter(torch.tensor([0.7, -0.3]), requires_grad=False)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for activation in self.backbone(torch.stack(images)):
+            z = (self.w[:, None, None] * activation).mean(dim=(1, 2)).sum()
+            box = torch.tensor([[1.0, 1.0, 5.0, 5.0]])
+            outputs.append({"boxes": box, "labels": torch.tensor([1]), "scores": torch.sigmoid(z)[None]})
+        return outputs
+
+
+def test_a_detection_is_explained_by_its_box_score_by_hand():
+    torch.manual_seed(0)
+    model = TinyDetector().eval().requires_grad_(False)
+    image = torch.rand(3, 6, 8)
+    request = DetectionRequest("backbone", "gradcam", score_threshold=0.0)
+    out = explain_detections(model, [image], [request], {"backbone": "nchw"})
+    activation = model.backbone(image[None])[0]
+    z = (model.w[:, None, None] * activation).mean(dim=(1, 2)).sum()
+    # s = IoU + σ(z) with a constant box: ∂s/∂A_k,ij = σ'(z)·w_k/(h·w), so α_k = σ'(z)·w_k/(h·w).
+    alpha = torch.sigmoid(z) * (1 - torch.sigmoid(z)) * model.w / (6 * 8)
+    expected = torch.relu((alpha[:, None, None] * activation).sum(dim=0))
+    torch.testing.assert_close(out.maps[0][0], expected, rtol=1e-5, atol=1e-7)
+    assert out.explained == [[0]] and out.detections[0][0].score == pytest.approx(float(torch.sigmoid(z)), abs=1e-6)
+    # The scalar itself: IoU 1 with its own box, plus the score; another class or a far box scores 0.
+    found = model([image])[0]
+    assert float(box_score(found, found["boxes"][0], 1)) == pytest.approx(1 + float(torch.sigmoid(z)), abs=1e-6)
+    assert float(box_score(found, found["boxes"][0], 2)) == 0
+    assert matched_score(found, torch.tensor([1.0, 1.0, 5.0, 6.0]), 1) == pytest.approx(float(torch.sigmoid(z)))
+    assert matched_score(found, torch.tensor([10.0, 10.0, 14.0, 14.0]), 1) == 0
+
+
+class TinySegmenter(nn.Module):
+    """A = ``backbone``(x), a 1x1 convolution to 2 channels; logits y = ``classifier``(A), 3 classes per pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 2, 1)
+        self.classifier = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+
+def test_a_segment_is_explained_by_the_sum_of_its_logits_by_hand():
+    torch.manual_seed(3)
+    model = TinySegmenter().eval().requires_grad_(False)
+    image = torch.randn(1, 3, 6, 6)
+    engine = CamEngine(model, input_size=6, default_layer="backbone", head=task_named("segmentation").head)
+    activation = model.backbone(image)[0]
+    predicted = model(image)[0].argmax(dim=0)
+    for c in range(3):
+        out = engine(image, [CamRequest(Classes([c]), "backbone")])
+        # y = Σ_{ij: argmax = c} (W_c · A_ij + b_c): ∂y/∂A_k,ij = W_ck where the pixel is predicted c, else 0.
+        weight = model.classifier.weight[c, :, 0, 0]
+        alpha = weight * (predicted == c).float().mean()
+        expected = torch.relu((alpha[:, None, None] * activation).sum(dim=0))
+        torch.testing.assert_close(out.maps[0][0], expected, rtol=1e-5, atol=1e-7)
+    shares = task_named("segmentation").head.scores(model(image))
+    torch.testing.assert_close(shares[0], torch.bincount(predicted.flatten(), minlength=3).float() / 36)
+
+
+# --- Parity with pytorch-grad-cam 1.5.7 on torchvision's models, seeded random weights ---
+
+
+def seeded(arch: str, **kwargs) -> nn.Module:
+    """torchvision's ``arch`` as the build seeds random weights: its batch-norm statistics measured on noise, so that
+    its scores are not saturated (a saturated softmax leaves gradients of rounding noise)."""
+    build = lambda: get_model_builder(arch)(weights=None, weights_backbone=None, **kwargs)  # noqa: E731
+    return _seeded(build, 0, 224).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def detection_image() -> torch.Tensor:
+    torch.manual_seed(5)
+    return torch.rand(3, 224, 224)  # a multiple of 32 at the transform's size: no padding, the grid covers it
+
+
+def reference_detection(model, method, layer: str, image, detections, reshape_transform=None) -> np.ndarray:
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+    peer = copy.deepcopy(model).requires_grad_(True)
+    cam = method(peer, [peer.get_submodule(layer)], reshape_transform=reshape_transform)
+    with torch.no_grad():
+        found = model([image])[0]  # the boxes unrounded, highest score first, as the engine explains them
+    maps = []
+    for index, detection in enumerate(detections):
+        assert int(found["labels"][index]) == detection.label
+        target = FasterRCNNBoxScoreTarget([detection.label], [found["boxes"][index].numpy()])
+        maps.append(cam(image[None], targets=[target])[0])
+    return np.stack(maps)
+
+
+def ours_detection(model, method: str, layer: str, layout: str, image, explain: int = 2):
+    request = DetectionRequest(layer, method, score_threshold=0.0, explain=explain)
+    out = explain_detections(model, [image], [request], {layer: layout})
+    return normalize_map(out.maps[0], tuple(image.shape[-2:])).numpy(), out.detections[0][:explain]
+
+
+def test_faster_rcnn_matches_the_box_score_target(detection_image):
+    from pytorch_grad_cam import EigenCAM, GradCAM
+    from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
+
+    model = seeded("fasterrcnn_resnet50_fpn", num_classes=5, min_size=224, max_size=224, box_score_thresh=0.0)
+    ours, detections = ours_detection(model, "gradcam", "backbone.body.layer4", "nchw", detection_image)
+    assert len(detections) == 2
+    expected = reference_detection(model, GradCAM, "backbone.body.layer4", detection_image, detections)
+    assert_matches_reference(ours, expected, "Faster R-CNN Grad-CAM, FasterRCNNBoxScoreTarget")
+    # The pyramid, as pytorch-grad-cam's fasterrcnn_reshape_transform brings it to one grid.
+    ours, detections = ours_detection(model, "eigencam", "backbone", "fpn", detection_image, explain=1)
+    expected = reference_detection(
+        model, EigenCAM, "backbone", detection_image, detections, reshape_transform=fasterrcnn_reshape_transform
+    )
+    assert_matches_reference(ours, expected, "Faster R-CNN EigenCAM, FPN")
+
+
+def test_retinanet_eigencam_matches(detection_image):
+    from pytorch_grad_cam import EigenCAM
+
+    model = seeded("retinanet_resnet50_fpn", num_classes=5, min_size=224, max_size=224, score_thresh=0.0)
+    ours, detections = ours_detection(model, "eigencam", "backbone.body.layer4", "nchw", detection_image, explain=1)
+    expected = reference_detection(model, EigenCAM, "backbone.body.layer4", detection_image, detections)
+    assert_matches_reference(ours, expected, "RetinaNet EigenCAM")
+
+
+def test_deeplabv3_matches_the_semantic_segmentation_target():
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    class Out(nn.Module):  # pytorch-grad-cam's tutorial wraps the model so that it returns the "out" logits
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)["out"]
+
+    model = Out(seeded("deeplabv3_resnet50", num_classes=4))
+    torch.manual_seed(7)
+    images = torch.randn(2, 3, 96, 96)
+    engine = CamEngine(model, input_size=96, default_layer="model.backbone.layer4")
+    engine.head = task_named("segmentation").head
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=1)
+    classes = [int(torch.bincount(p.flatten(), minlength=4).argmax()) for p in predicted]
+    out = engine(images, [CamRequest(Classes([c])) for c in classes])
+    ours = np.stack([normalize_map(m, (96, 96))[0].numpy() for m in out.maps])
+    peer = copy.deepcopy(model).requires_grad_(True)
+    targets = [SemanticSegmentationTarget(c, (p == c).float().numpy()) for c, p in zip(classes, predicted, strict=True)]
+    expected = GradCAM(peer, [peer.model.backbone.layer4])(input_tensor=images, targets=targets)
+    assert_matches_reference(ours, expected, "DeepLabV3 Grad-CAM, SemanticSegmentationTarget")
+
+
+# --- The build ---
+
+
+def test_detectors_and_segmenters_build_with_their_classes_labels_and_layers(tmp_path):
+    detector = prepare_model(arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights="random", progress=False)
+    spec = detector.spec
+    assert spec.task == "detection" and spec.labels[:3] == ("__background__", "person", "bicycle")
+    assert spec.default_layer == "backbone.body.16" and spec.layers["backbone"] == "fpn"
+    assert all(layer.startswith("backbone") for layer in spec.layers)  # not the heads' per-proposal maps
+    segmenter = prepare_model(arch="lraspp_mobilenet_v3_large", weights="random", progress=False)
+    assert segmenter.spec.task == "segmentation" and segmenter.spec.num_classes == 21
+    assert segmenter.spec.default_layer == "backbone.16" and segmenter.spec.output == "out"
+    # Gradient methods need one tensor: the pyramid takes the activation methods.
+    image = bytearray(encode(np.full((96, 128, 3), 100, np.uint8), "PNG"))
+    pyramid = service(detector).answer(
+        [{"data": image, "layer": "backbone", "method": "gradcam"}, {"data": image, "layer": "backbone"}]
+    )
+    assert pyramid[0].status == 400 and "feature pyramid" in pyramid[0].body["message"]
+    assert "eigencam" in pyramid[0].body["message"] and "gradcam," not in pyramid[0].body["message"]
+    assert pyramid[1].status == 200 and pyramid[1].body["explanations"] == []  # random weights: no detection at 0.5
+
+    # A fine-tuned detector's number of classes comes from its weights; its labels from the labels file.
+    five = seeded("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=5)
+    torch.save(five.state_dict(), tmp_path / "five.pt")
+    (tmp_path / "labels.txt").write_text("background\ncat\ndog\nbird\nfish\n")
+    tuned = prepare_model(
+        arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights=tmp_path / "five.pt", labels=tmp_path / "labels.txt"
+    )
+    assert tuned.spec.labels == ("background", "cat", "dog", "bird", "fish")
+    found = service(tuned).answer([{"data": image, "layer": "backbone", "score_threshold": "0"}])[0].body
+    assert [(e["method"], e["layer"]) for e in found["explanations"]] == [("eigencam", "backbone")] * 3
+    with pytest.raises(BuildError, match="is a detection model, built with --task detection"):
+        prepare_model(arch="fasterrcnn_resnet50_fpn", weights="random", task="multiclass")
+    with pytest.raises(BuildError, match="not a torchvision segmentation model"):
+        prepare_model(arch="resnet18", weights="random", task="segmentation")
+
+
+# --- The synthetic task's trained detector and segmenter ---
+
+
+def scene_inputs(count: int = 40, seed: int = 2):
+    return [scene for scene in dense_scenes(count, seed) if scene.boxes]
+
+
+def test_the_trained_detector_finds_the_shapes_and_its_maps_point_inside_each_box(dense_models):
+    prepared, score = dense_models["detection"]
+    print(f"trained detector: {score:.1%} of held-out shapes found with no false box")
+    assert score >= 0.9
+    model, spec = prepared.model, prepared.spec
+    pointing = {}
+    for method in (DETECTION_METHOD, "gradcam"):
+        hits = total = 0
+        for scene in scene_inputs():
+            image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255
+            request = DetectionRequest(spec.default_layer, method, explain=2)
+            out = explain_detections(model, [image], [request], dict(spec.layers))
+            for index, heat in zip(out.explained[0], out.maps[0], strict=True):
+                x0, y0, x1, y1 = out.detections[0][index].box
+                peak_y, peak_x = np.unravel_index(int(heat.argmax()), heat.shape)
+                hits += x0 - 1 <= peak_x <= x1 + 1 and y0 - 1 <= peak_y <= y1 + 1
+                total += 1
+        pointing[method] = (hits, total)
+        print(f"trained detector pointing, {method}: {hits}/{total} maps peak inside their box")
+    hits, total = pointing[DETECTION_METHOD]
+    assert total >= 40 and hits / total >= 0.9
+    # Why the default is not Grad-CAM: its channel weights, averaged over the map, do not stay with the box.
+    assert pointing["gradcam"][0] < hits
+
+
+def test_the_trained_segmenter_maps_each_colour_inside_its_mask(dense_models):
+    prepared, score = dense_models["segmentation"]
+    print(f"trained segmenter: mean IoU {score:.3f}")
+    assert score >= 0.8
+    spec = prepared.spec
+    engine = CamEngine(prepared.model, input_size=SIZE, default_layer=spec.default_layer)
+    engine.head = task_named("segmentation").head
+    hits = total = 0
+    for scene in scene_inputs():
+        batch = (torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.25
+        out = engine(batch, [CamRequest(Classes([colour + 1 for colour in scene.boxes]))])
+        for colour, heat in zip(scene.boxes, normalize_map(out.maps[0], (SIZE, SIZE)), strict=True):
+            peak = np.unravel_index(int(heat.argmax()), heat.shape)
+            inside = cv2.dilate((scene.mask == colour + 1).astype(np.uint8), np.ones((3, 3), np.uint8))
+            hits += bool(inside[peak])
+            total += 1
+    print(f"trained segmenter pointing: {hits}/{total} maps peak inside their colour's mask")
+    assert total >= 40 and hits / total >= 0.9
+
+
+# --- The service's answers ---
+
+
+def service(prepared) -> ExplanationService:
+    spec = prepared.spec
+    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
+    return ExplanationService(engine, spec, torch.device("cpu"))
+
+
+def decode_png(text: str) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def big_scene(scale: int = 4):
+    """A synthetic scene with two shapes, upscaled ``scale`` times: boxes must come back in its own pixels."""
+    scene = next(s for s in dense_scenes(30, seed=4) if len(s.boxes) == 2)
+    image = cv2.resize(scene.image, (SIZE * scale, SIZE * scale), interpolation=cv2.INTER_NEAREST)
+    return scene, image
+
+
+def test_the_detector_service_answers_boxes_in_the_images_pixels_and_explains_them(dense_models):
+    svc = service(dense_models["detection"][0])
+    scene, image = big_scene()
+    rows = [
+        {"body": bytearray(encode(image, "PNG"))},
+        {"data": bytearray(encode(image, "PNG")), "detection": "1", "faithfulness": "true", "faithfulness_steps": "4"},
+        {"data": bytearray(encode(image, "PNG")), "score_threshold": "0.99", "max_detections": "1"},
+        {"data": bytearray(encode(np.full((64, 64, 3), 128, np.uint8), "PNG"))},
+        {"data": bytearray(encode(image, "PNG")), "detection": "5"},
+        {"data": bytearray(encode(image, "PNG")), "topk": "3"},
+        {"data": bytearray(encode(image, "PNG")), "method": "scorecam"},
+        {"data": bytearray(encode(image, "PNG")), "layer": "backbone", "method": "eigencam"},
+    ]
+    answers = svc.answer(rows)
+    first = answers[0].body
+    assert answers[0].status == 200 and first["model"]["task"] == "detection"
+    detections = first["detections"]
+    assert [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
+    assert len(detections) == 2 and all(d["score"] >= 0.5 for d in detections)
+    for colour, box in scene.boxes.items():
+        match = next(d for d in detections if d["class"] == colour + 1)
+        assert match["label"] == ("red", "green", "blue")[colour]
+        np.testing.assert_allclose(match["box"], [4 * v for v in box], atol=4 * 3)  # in the 256-pixel image
+    assert [e["detection"] for e in first["explanations"]] == [0, 1]  # the top `explain` (3) of those kept
+    assert first["explanations"][0]["box"] == detections[0]["box"]
+    assert first["explanations"][0]["score"] == detections[0]["score"]
+    chosen = answers[1].body["explanations"]
+    assert [e["detection"] for e in chosen] == [1] and set(chosen[0]["faithfulness"]) >= {"deletion", "insertion"}
+    assert 0 <= chosen[0]["faithfulness"]["deletion"] <= chosen[0]["faithfulness"]["insertion"] + 1
+    assert len(answers[2].body["detections"]) <= 1
+    assert answers[3].status == 200 and answers[3].body["detections"] == [] and answers[3].body["explanations"] == []
+    assert answers[4].status == 400 and "detection 5 does not exist" in answers[4].body["message"]
+    assert answers[5].status == 400 and "topk fits only classification" in answers[5].body["message"]
+    assert answers[6].status == 400 and "eigencam" in answers[6].body["message"]
+    assert answers[7].status == 200 and answers[7].body["explanations"][0]["layer"] == "backbone"
+
+
+def test_the_detector_overlay_draws_the_explained_box():
+    from camserve.imaging import draw_detection
+
+    image = np.full((100, 120, 3), 90, np.uint8)
+    drawn = draw_detection(image.copy(), (20, 30, 80, 90), "red 0.99")
+    assert (drawn[60, 20] > 200).all() and (drawn[60, 50] == 90).all()  # the box's edge, not its inside
+
+
+def test_the_segmenter_service_answers_segments_a_mask_and_outlined_explanations(dense_models):
+    svc = service(dense_models["segmentation"][0])
+    scene, image = big_scene()
+    rows = [
+        {"body": bytearray(encode(image, "PNG"))},
+        {"data": bytearray(encode(image, "PNG")), "target": "[1, 2, 3]", "faithfulness": "true"},
+        {"data": bytearray(encode(np.full((64, 64, 3), 128, np.uint8), "PNG"))},
+        {"data": bytearray(encode(image, "PNG")), "detection": "0"},
+    ]
+    answers = svc.answer(rows)
+    body = answers[0].body
+    assert answers[0].status == 200 and body["model"]["task"] == "segmentation"
+    shares = {s["class"]: s["share"] for s in body["segments"]}
+    assert sum(shares.values()) == pytest.approx(1, abs=1e-5)
+    assert list(shares) == sorted(shares, key=lambda c: -shares[c])
+    mask = decode_png(body["mask"])
+    assert mask.shape == image.shape[:2]
+    truth = cv2.resize(scene.mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    assert (mask == truth).mean() > 0.95  # the PNG's values are the class indices
+    largest = max((c for c in shares if c != 0), key=shares.get)
+    (explanation,) = body["explanations"]
+    assert explanation["index"] == largest and explanation["share"] == pytest.approx(shares[largest], abs=1e-6)
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(explanation["overlay"]), np.uint8), cv2.IMREAD_COLOR)
+    edge = cv2.morphologyEx((mask == largest).astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((5, 5), np.uint8)) > 0
+    white = (overlay > 200).all(axis=2)
+    print(f"outline: {white[edge].mean():.2f} of the segment's edge is white, {white[~edge].mean():.3f} elsewhere")
+    assert white[edge].mean() > 0.15 and white[~edge].mean() < 0.005  # the white outline follows the segment
+    explained = answers[1].body["explanations"]
+    assert [e["index"] for e in explained] == [1, 2, 3]
+    present = [e for e in explained if e["share"] > 0]
+    assert all(0 <= e["faithfulness"]["drop"] <= 1 for e in present)
+    assert answers[2].status == 200 and answers[2].body["explanations"] == []  # only background: nothing to explain
+    assert answers[3].status == 400 and "detection fits only detection" in answers[3].body["message"]
