@@ -366,7 +366,9 @@ def _dense_score(task: str, model: nn.Module, scenes: list[Scene]) -> float:
             normalised = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
             predicted = model(normalised)["out"].argmax(dim=1)
             truth = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
-            ious = [((predicted == c) & (truth == c)).sum() / ((predicted == c) | (truth == c)).sum() for c in (1, 2, 3)]
+            ious = [
+                ((predicted == c) & (truth == c)).sum() / ((predicted == c) | (truth == c)).sum() for c in (1, 2, 3)
+            ]
             return float(torch.stack(ious).mean())
         outputs = model(list(images))
     found = total = 0

@@ -2,8 +2,9 @@
 
 A model file in TorchServe's --model-file convention (one nn.Module subclass, built with no arguments) that follows
 torchvision's detection convention: it takes a list of images in [0, 1] and returns a list of
-``{boxes, labels, scores}``. It is torchvision's FCOS (a head of two convolutions) on a three-stage CNN whose 16x16 map (stride 4, at
-``backbone.7``) is the one feature level; classes are 1 red, 2 green and 3 blue (0 is the background).
+``{boxes, labels, scores}``. It is torchvision's FCOS (a head of two convolutions) on a three-stage CNN whose
+16x16 map (stride 4, at ``backbone.7``) is the one feature level; classes are 1 red, 2 green and 3 blue (0 is the
+background).
 """
 
 from torch import nn
