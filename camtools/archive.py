@@ -125,6 +125,29 @@ class ServingConfig:
         }
 
 
+def check_served(prepared: PreparedModel, config: ServingConfig = ServingConfig()) -> dict[str, object]:
+    """One synthetic photo (seeded noise, 160x120 PNG) through the whole served path, as the worker will run it:
+    the service with the archive's budget decodes it, explains it and renders the answer. Returns the answer, or
+    raises a :class:`~camtools.models.BuildError` with the service's own message."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from camserve.cam import CamEngine
+    from camserve.pipeline import ExplanationService
+
+    spec = prepared.spec
+    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
+    service = ExplanationService(engine, spec, torch.device("cpu"), budget=config.budget, threads=1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (result,) = service.answer([{"body": bytearray(buffer.getvalue())}])
+    if result.status != 200 or not isinstance(result.body.get("explanations"), list):
+        raise BuildError(f"a synthetic image through the served path got {result.status}: {result.body}")
+    return result.body
+
+
 def build_archive(
     prepared: PreparedModel,
     export_dir: str | Path,

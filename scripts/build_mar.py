@@ -4,9 +4,12 @@
   python scripts/build_mar.py --arch convnext_tiny --weights imagenet
   python scripts/build_mar.py --weights finetuned.pt --labels labels.txt --model-name pets
   python scripts/build_mar.py --model-file my_net.py --weights my_net.pt --labels labels.json
+  python scripts/build_mar.py --arch fasterrcnn_resnet50_fpn_v2 --weights imagenet     # a COCO detector
+  python scripts/build_mar.py --arch deeplabv3_resnet50 --weights imagenet             # a VOC segmenter
 
 The model is validated before anything is written: weights loaded strictly, one label per class, one explanation
-of a synthetic image at the default layer. A failure exits with status 2 and says what to fix.
+of a synthetic image at the default layer, then one synthetic photo through the whole served path (decode, explain,
+render). A failure exits with status 2 and says what to fix.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from camserve.api import WorkBudget
-from camtools.archive import ServingConfig, build_archive
-from camtools.models import add_model_arguments, model_for_cli
+from camtools.archive import ServingConfig, build_archive, check_served
+from camtools.models import BuildError, add_model_arguments, model_for_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         channels_last=args.channels_last,
         budget=WorkBudget(**{item.name: getattr(args, item.name) for item in fields(WorkBudget)}),
     )
+    try:  # one synthetic photo through the served path: decode, explain, render
+        check_served(prepared, config)
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     archive = build_archive(prepared, args.export_path, config=config)
     spec = prepared.spec
     batching = f"batchSize {config.batch_size}, maxBatchDelay {config.max_batch_delay_ms} ms"
