@@ -83,10 +83,15 @@ def unpacked_mar(built_mar, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dense_models(tmp_path_factory) -> dict[str, tuple[object, float]]:
+def dense_folder(tmp_path_factory) -> Path:
+    """Where ``dense_models`` saves each task's weights and labels: ``shapes_<task>.pt``, ``labels_<task>.txt``."""
+    return tmp_path_factory.mktemp("dense_models")
+
+
+@pytest.fixture(scope="session")
+def dense_models(dense_folder) -> dict[str, tuple[object, float]]:
     """The synthetic task's detector and segmenter, trained once per session (``camtools.synthetic``): for each
-    task, the prepared model (its weights and labels saved in its folder) and its held-out score."""
+    task, the prepared model and its held-out score."""
     from camtools.synthetic import trained_dense_model
 
-    folder = tmp_path_factory.mktemp("dense_models")
-    return {task: trained_dense_model(task, folder) for task in ("detection", "segmentation")}
+    return {task: trained_dense_model(task, dense_folder) for task in ("detection", "segmentation")}

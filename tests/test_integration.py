@@ -7,6 +7,7 @@ stopped in a finalizer, even when tests fail.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from camtools.local_server import free_port, run_torchserve
 from camtools.models import prepare_model
@@ -1116,3 +1118,139 @@ def test_a_second_archive_is_registered_live_without_a_restart_or_new_keys(tmp_p
         assert serve(folder, "register", "missing.mar").returncode == 1
     finally:
         serve(folder, "stop")
+
+
+# --- Detectors and segmenters, served beside a classifier ---
+
+
+@pytest.fixture(scope="module")
+def dense_server(dense_models, dense_folder, tmp_path_factory):
+    """The synthetic task's trained detector and segmenter (model files, ``examples/shapes``) and a classifier
+    (tests/models/tiny_net.py, random weights), built with scripts/build_mar.py and served by one torchserve, with
+    batches of up to 8 requests."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("dense_store")
+    store = folder / "store"
+    builds = [["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random",
+               "--model-name", "classifier"]]  # fmt: skip
+    for task, (prepared, _) in dense_models.items():
+        builds.append([
+            "--model-file", str(prepared.model_file), "--task", task, "--input-size", "64",
+            "--weights", str(dense_folder / f"shapes_{task}.pt"), "--labels", str(dense_folder / f"labels_{task}.txt"),
+            "--model-name", f"shapes_{task}", "--batch-size", "8", "--max-batch-delay", "200",
+        ])  # fmt: skip
+    for arguments in builds:
+        command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, "--export-path", str(store)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+    with run_torchserve(store / "shapes_detection.mar", folder / "server", timeout_s=300) as running:
+        yield running
+
+
+def dense_scene(scale: int = 4) -> tuple[object, np.ndarray]:
+    """A synthetic scene with two shapes, upscaled ``scale`` times with nearest neighbours."""
+    from camtools.synthetic import SIZE, dense_scenes
+
+    scene = next(s for s in dense_scenes(30, seed=4) if len(s.boxes) == 2)
+    return scene, cv2.resize(scene.image, (SIZE * scale, SIZE * scale), interpolation=cv2.INTER_NEAREST)
+
+
+def ask_image(server, model: str, image: np.ndarray, **fields) -> requests.Response:
+    files = {"data": ("scene.png", encode(image, "PNG"))}
+    return requests.post(
+        f"{server.inference}/predictions/{model}", files=files, data=fields, headers=server.headers(), timeout=120
+    )
+
+
+def test_a_detector_answers_its_boxes_and_explains_each_through_the_server(dense_server):
+    scene, image = dense_scene()
+    response = ask_image(dense_server, "shapes_detection", image, heatmap="true")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"]["task"] == "detection" and answer["model"]["classes"] == 4
+    assert "predictions" not in answer and answer["image"] == {"width": 256, "height": 256}
+    detections = answer["detections"]
+    assert [d["index"] for d in detections] == list(range(len(detections))) == [0, 1]
+    assert [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
+    for colour, box in scene.boxes.items():
+        found = next(d for d in detections if d["class"] == colour + 1)
+        assert found["label"] == ("red", "green", "blue")[colour]
+        np.testing.assert_allclose(found["box"], [4 * v for v in box], atol=12)  # the uploaded image's pixels
+    explanations = answer["explanations"]
+    assert [(e["detection"], e["method"]) for e in explanations] == [(0, "hirescam"), (1, "hirescam")]
+    for explanation in explanations:
+        x0, y0, x1, y1 = explanation["box"]
+        heat = heatmap_of(explanation)
+        peak_y, peak_x = np.unravel_index(int(heat.argmax()), heat.shape)
+        assert x0 - 4 <= peak_x <= x1 + 4 and y0 - 4 <= peak_y <= y1 + 4  # the map peaks inside its own box
+        overlay = cv2.imdecode(np.frombuffer(base64.b64decode(explanation["overlay"]), np.uint8), cv2.IMREAD_COLOR)
+        assert overlay.shape == (256, 256, 3)
+        edge = overlay[round(y0) + 2 : round(y1) - 2, round(x0)]
+        assert (edge > 200).all(axis=1).mean() > 0.8  # the box is drawn on the overlay, in white
+
+
+def test_a_detectors_options_pick_filter_and_refuse(dense_server):
+    _, image = dense_scene()
+    picked = ask_image(dense_server, "shapes_detection", image, detection="1", method="eigencam").json()
+    assert [(e["detection"], e["method"]) for e in picked["explanations"]] == [(1, "eigencam")]
+    assert picked["explanations"][0]["box"] == picked["detections"][1]["box"]
+    one = ask_image(dense_server, "shapes_detection", image, max_detections="1").json()
+    assert len(one["detections"]) == 1 and [e["detection"] for e in one["explanations"]] == [0]
+    none = ask_image(dense_server, "shapes_detection", image, score_threshold="1").json()
+    assert none["detections"] == [] and none["explanations"] == []
+    blank = ask_image(dense_server, "shapes_detection", np.full((90, 120, 3), 128, np.uint8))
+    assert blank.status_code == 200 and blank.json()["detections"] == []  # nothing found is an answer, not an error
+    measured = ask_image(dense_server, "shapes_detection", image, faithfulness="true", faithfulness_steps="4").json()
+    assert all({"deletion", "insertion", "drop"} <= set(e["faithfulness"]) for e in measured["explanations"])
+    refusals = {
+        "detection 5 does not exist": {"detection": "5"},
+        "topk fits only classification": {"topk": "3"},
+        "target fits only classification": {"target": "1"},
+        "aug_smooth fits only classification": {"aug_smooth": "true"},
+        "method scorecam scores extra passes": {"method": "scorecam"},
+        "score_threshold must be a number from 0 to 1": {"score_threshold": "2"},
+        "max_detections must be an integer from 1 to 100": {"max_detections": "0"},
+    }
+    for expected, fields in refusals.items():
+        response = ask_image(dense_server, "shapes_detection", image, **fields)
+        assert response.status_code == 400 and expected in response.json()["message"], (fields, response.text)
+
+
+def test_a_segmenter_answers_its_segments_and_mask_through_the_server(dense_server):
+    scene, image = dense_scene()
+    response = ask_image(dense_server, "shapes_segmentation", image)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"]["task"] == "segmentation" and "predictions" not in answer
+    shares = {s["class"]: s["share"] for s in answer["segments"]}
+    assert sum(shares.values()) == pytest.approx(1, abs=1e-5) and {0} | {c + 1 for c in scene.boxes} <= set(shares)
+    mask = np.array(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+    assert mask.shape == (256, 256) and mask.dtype == np.uint8
+    truth = cv2.resize(scene.mask, (256, 256), interpolation=cv2.INTER_NEAREST)
+    assert (mask == truth).mean() > 0.95
+    (explanation,) = answer["explanations"]
+    assert explanation["index"] == max((c for c in shares if c), key=shares.get) and explanation["share"] > 0
+    chosen = ask_image(dense_server, "shapes_segmentation", image, target="[1, 2, 3]", explain=None).json()
+    assert [e["index"] for e in chosen["explanations"]] == [1, 2, 3]
+    for fields, expected in (({"detection": "0"}, "detection fits only detection"), ({"topk": "2"}, "topk fits")):
+        response = ask_image(dense_server, "shapes_segmentation", image, **fields)
+        assert response.status_code == 400 and expected in response.json()["message"]
+
+
+def test_a_classifier_beside_them_refuses_the_detectors_options(dense_server, chelsea):
+    answer = ask_image(dense_server, "classifier", chelsea).json()
+    assert answer["model"]["task"] == "multiclass" and len(answer["predictions"]) == 3
+    refused = ask_image(dense_server, "classifier", chelsea, detection="0")
+    assert refused.status_code == 400 and "detection fits only detection models" in refused.json()["message"]
+
+
+def test_concurrent_detector_requests_share_one_forward_pass(dense_server):
+    _, image = dense_scene()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: ask_image(dense_server, "shapes_detection", image), range(8)))
+    assert all(a.status_code == 200 for a in answers)
+    boxes = [[d["box"] for d in a.json()["detections"]] for a in answers]
+    assert all(b == boxes[0] for b in boxes)  # batch neighbours change nothing
+    sizes = [int(n) for n in re.findall(r"answered a batch of (\d+) requests", dense_server.model_log())]
+    assert max(sizes) > 1, "the concurrent requests were never batched"
