@@ -24,8 +24,13 @@ def render_contact_sheet(tiles: list[np.ndarray], captions: list[str], height: i
 
 def describe(item: dict[str, object]) -> str:
     """A prediction or explanation of a response in a few words: its probability (and whether a multi-label class
-    is positive), or a regression output's value; never a probability where there is none."""
+    is positive), a regression output's value, a detection's score or a segment's share; never a probability where
+    there is none."""
     if "value" in item:
         return f"value={item['value']:.4g}"
+    if "score" in item:
+        return f"score={item['score']:.3f}"
+    if "share" in item:
+        return f"share={item['share']:.1%}"
     text = f"p={item['probability']:.3f}"
     return text + (" positive" if item.get("positive") else "") if "positive" in item else text

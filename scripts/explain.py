@@ -3,25 +3,33 @@
 python scripts/explain.py demo_output/chelsea.jpg photos/ --target 281 --method gradcam --weights imagenet --show
 python scripts/explain.py photos/ --arch convnext_tiny --weights finetuned.pt --labels labels.txt
 python scripts/explain.py photos/ --model-file my_net.py --weights my_net.pt --layer features.3
+python scripts/explain.py street.jpg --arch fasterrcnn_resnet50_fpn_v2 --weights imagenet --explain 3
+python scripts/explain.py street.jpg --arch deeplabv3_resnet50 --weights imagenet
 
-The model flags are the build's (scripts/build_mar.py). For each image it prints the top-k predictions and writes
-one overlay per target and a contact sheet (the original, then each overlay labelled with its class and
-probability) into --out.
+The model flags are the build's (scripts/build_mar.py). For each image it prints the top-k predictions (a
+detector's detections, a segmenter's segments) and writes one overlay per target (per detection, per segment), a
+segmenter's class mask, and a contact sheet (the original, then each overlay labelled with its class and figure)
+into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from camserve.cam import DEFAULT_METHOD, METHODS, CamEngine
+from camserve.cam.detection import DETECTION_METHOD
 from camserve.imaging import decode_image, encode_image
 from camserve.pipeline import ExplanationService
+from camserve.tasks import task_named
 from camtools.models import add_model_arguments, model_for_cli
 from camtools.pictures import describe, render_contact_sheet
 
@@ -38,6 +46,18 @@ def image_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
+def summary(body: dict) -> str:
+    """A response's predictions, detections or segments on one line."""
+    if "detections" in body:
+        found = [
+            f"#{d['index']} {d['label']} {describe(d)} at {[round(v) for v in d['box']]}" for d in body["detections"]
+        ]
+        return ", ".join(found) or "no detection above the score threshold"
+    if "segments" in body:
+        return ", ".join(f"{s['label']} ({s['class']}) {describe(s)}" for s in body["segments"])
+    return ", ".join(f"{p['label']} ({p['index']}) {describe(p)}" for p in body["predictions"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -46,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--target", help="class index or comma-separated list (default: the top-1 class)")
     parser.add_argument("--explain", type=int, help="without --target: explain the N top classes, 1-5 (default: 1)")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="(default: %(default)s)")
-    parser.add_argument("--topk", type=int, default=5, help="predictions printed per image (default: 5)")
+    parser.add_argument(
+        "--method", choices=METHODS, help=f"(default: {DEFAULT_METHOD}; a detector's: {DETECTION_METHOD})"
+    )
+    parser.add_argument("--topk", type=int, default=5, help="a classifier's predictions printed per image (default: 5)")
+    parser.add_argument("--detection", help="a detector's detections to explain, by index: 0 or 0,2 (default: the top)")
+    parser.add_argument("--score-threshold", type=float, help="a detector's lowest score returned (default: 0.5)")
+    parser.add_argument("--max-detections", type=int, help="a detector's most detections returned (default: 20)")
     parser.add_argument("--colormap", default="jet", help="an OpenCV colormap name (default: jet)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default: 0.5)")
     parser.add_argument(
@@ -65,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     service = ExplanationService(
         engine=CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer), spec=spec, device=device
     )
-    options = {"method": args.method, "topk": args.topk, "colormap": args.colormap}
-    options |= {"alpha": args.alpha, "format": "png"}
-    options |= {"target": args.target} if args.target else {"explain": args.explain} if args.explain else {}
+    task = task_named(spec.task)
+    options = {"colormap": args.colormap, "alpha": args.alpha, "format": "png", "method": args.method}
+    options |= {"topk": args.topk} if task.classifies else {}
+    options |= {"detection": args.detection, "score_threshold": args.score_threshold}
+    options |= {"max_detections": args.max_detections, "target": args.target, "explain": args.explain}
+    options = {key: value for key, value in options.items() if value is not None}
     args.out.mkdir(parents=True, exist_ok=True)
     paths = image_paths(args.inputs)
     failures: list[str] = []  # one line per file that could not be explained, printed after the progress bar
@@ -83,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{path}: {result.body['message']}")
             continue
         tiles, captions = [decode_image(row["data"])], [f"{path.name}  ({weights} weights)"]
-        predictions = ", ".join(f"{p['label']} ({p['index']}) {describe(p)}" for p in result.body["predictions"])
-        tqdm.write(f"{path}: {predictions}")
+        tqdm.write(f"{path}: {summary(result.body)}")
+        if "mask" in result.body:  # a segmenter's classes per pixel: the PNG as served, and on the sheet
+            mask = base64.b64decode(result.body["mask"])
+            (args.out / f"{path.stem}_mask.png").write_bytes(mask)
+            tqdm.write(f"  wrote {args.out / f'{path.stem}_mask.png'}")
+            tiles.append(np.array(Image.open(io.BytesIO(mask)).convert("RGB")))
+            captions.append("classes per pixel")
         for explanation in result.body["explanations"]:
             overlay = base64.b64decode(explanation["overlay"])
-            name = f"{path.stem}_{explanation['index']}_{explanation['label'].replace(' ', '_')}.png"
+            which = f"detection{explanation['detection']}_" if "detection" in explanation else ""
+            name = f"{path.stem}_{which}{explanation['index']}_{explanation['label'].replace(' ', '_')}.png"
             (args.out / name).write_bytes(overlay)
             tqdm.write(f"  wrote {args.out / name}")
             tiles.append(decode_image(overlay))

@@ -95,3 +95,40 @@ def test_cli_takes_the_builds_model_flags(tmp_path, chelsea):
         assert f"wrote {out / 'cat_1_square.png'}" in completed.stdout
         overlays[layer] = cv2.imread(str(out / "cat_1_square.png")).astype(int)
     assert np.abs(overlays["features.4"] - overlays["features.2"]).mean() > 1.0
+
+
+def test_cli_explains_a_detectors_boxes_and_a_segmenters_segments(tmp_path, dense_models, dense_folder):
+    from camtools.synthetic import SIZE, dense_scenes
+
+    scene = next(s for s in dense_scenes(30, seed=4) if len(s.boxes) == 2)
+    image = cv2.resize(scene.image, (4 * SIZE, 4 * SIZE), interpolation=cv2.INTER_NEAREST)
+    (tmp_path / "scene.png").write_bytes(encode(image, "PNG"))
+    colours = {colour + 1: name for colour, name in enumerate(("red", "green", "blue")) if colour in scene.boxes}
+    written = {}
+    for task, (prepared, _) in dense_models.items():
+        out = tmp_path / task
+        command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(tmp_path / "scene.png")]
+        command += ["--model-file", str(prepared.model_file), "--task", task, "--input-size", str(SIZE)]
+        command += ["--weights", str(dense_folder / f"shapes_{task}.pt"), "--labels"]
+        command += [str(dense_folder / f"labels_{task}.txt"), "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25"]
+        command += ["0.25", "--out", str(out), "--explain", "2"]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        written[task] = (completed.stdout, sorted(p.name for p in out.iterdir()))
+    stdout, files = written["detection"]
+    assert all(f"{name} score=" in stdout for name in colours.values())  # each detection, with its box
+    assert sorted(files) == sorted(
+        ["scene_sheet.png"] + [f"scene_detection{i}_{c}_{colours[c]}.png" for i, c in enumerate(detected(stdout))]
+    )
+    stdout, files = written["segmentation"]
+    assert "background (0) share=" in stdout and all(f"{name} (" in stdout for name in colours.values())
+    explained = [f"scene_{c}_{name}.png" for c, name in colours.items()]  # the two largest segments not background
+    assert files == sorted(["scene_mask.png", "scene_sheet.png", *explained])
+    mask = cv2.imread(str(tmp_path / "segmentation" / "scene_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape[:2] == (4 * SIZE, 4 * SIZE)
+
+
+def detected(stdout: str) -> list[int]:
+    """The classes of the detections the CLI printed, in order: ``#0 green score=0.894 at [...]``."""
+    names = {"red": 1, "green": 2, "blue": 3}
+    return [names[part.split()[1]] for part in stdout.split("#")[1:]]
