@@ -7,6 +7,7 @@ stopped in a finalizer, even when tests fail.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -534,26 +535,31 @@ def test_kserve_storage_script_lays_out_config_and_model_store(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def page_server(server):
+@contextlib.contextmanager
+def serving_page(upstream: str, port: int):
+    """scripts/serve_page.py on ``port``, passing the page's API calls through to ``upstream``; its page's URL."""
     import subprocess
-    import sys
 
-    command = [sys.executable, str(ROOT / "scripts" / "serve_page.py"), "--port", str(PAGE_PORT)]
-    command += ["--upstream", server.inference]
+    command = [sys.executable, str(ROOT / "scripts" / "serve_page.py"), "--port", str(port), "--upstream", upstream]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"http://127.0.0.1:{PAGE_PORT}/index.html", timeout=1).ok:
+                if requests.get(f"http://127.0.0.1:{port}/index.html", timeout=1).ok:
                     break
             except requests.RequestException:
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{PAGE_PORT}/index.html"
+        yield f"http://127.0.0.1:{port}/index.html"
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page_server(server):
+    with serving_page(server.inference, PAGE_PORT) as url:
+        yield url
 
 
 def served_methods() -> list[dict[str, str]]:
@@ -1254,3 +1260,50 @@ def test_concurrent_detector_requests_share_one_forward_pass(dense_server):
     assert all(b == boxes[0] for b in boxes)  # batch neighbours change nothing
     sizes = [int(n) for n in re.findall(r"answered a batch of (\d+) requests", dense_server.model_log())]
     assert max(sizes) > 1, "the concurrent requests were never batched"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is missing: apt-get install chromium (.ci/run installs it)")
+def test_the_page_draws_a_detectors_boxes_and_a_segmenters_mask(dense_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    scene, image = dense_scene()
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"]
+    with serving_page(dense_server.inference, free_port()) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.fill("#token", dense_server.keys["inference"])
+            upload = {"name": "scene.png", "mimeType": "image/png", "buffer": encode(image, "PNG")}
+            for model in ("shapes_detection", "shapes_segmentation"):
+                page.fill("#model", model)
+                page.select_option("#method", "gradcam" if model == "shapes_segmentation" else "hirescam")
+                page.set_input_files("#image", files=[upload])
+                page.evaluate("document.body.dataset.state = ''")
+                page.click("button[type=submit]")
+                page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=90_000)
+                assert page.get_attribute("body", "data-state") == "done", page.inner_text("#status")
+                page.screenshot(path=str(tmp_path / f"{model}.png"), full_page=True)
+                if model == "shapes_detection":
+                    assert page.locator("#bars .bar").count() == 2  # one bar per detection, its score
+                    assert "detection #0, score" in page.inner_text("#overlay-caption")
+                    assert page.is_hidden("#mask-figure")
+                    # The explained box (#0)'s left edge, drawn in white on the overlay canvas.
+                    first = page.inner_text("#bars .bar >> nth=0").split()[1]  # "#0 green 0.894"
+                    colour = ("red", "green", "blue").index(first)
+                    x0, y0, _, y1 = (4 * v for v in scene.boxes[colour])
+                    data = page.evaluate(
+                        """() => Array.from(document.getElementById('overlay').getContext('2d')
+                            .getImageData(0, 0, 256, 256).data)"""
+                    )
+                    pixels = np.array(data, np.uint8).reshape(256, 256, 4)[..., :3]
+                    edge = pixels[(y0 + y1) // 2 - 5 : (y0 + y1) // 2 + 5, x0 - 3 : x0 + 4]
+                    inside = pixels[(y0 + y1) // 2 - 5 : (y0 + y1) // 2 + 5, x0 + 8 : x0 + 15]
+                    assert (edge.min(axis=2) > 230).any(axis=1).all()  # every row crosses the white edge
+                    assert not (inside.min(axis=2) > 230).any()
+                else:
+                    assert page.locator("#bars .bar").count() == 1 + len(scene.boxes)  # background and the shapes
+                    assert "of the pixels" in page.inner_text("#overlay-caption")
+                    assert page.is_visible("#mask-figure")
+        finally:
+            browser.close()
