@@ -79,7 +79,7 @@ from camserve.imaging import (
 )
 from camserve.model import images_to_batch
 from camserve.spec import ModelSpec
-from camserve.tasks import task_named
+from camserve.tasks import predicted_classes, task_named
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class ExplanationService:
         target_probabilities = [scores[n, targets].tolist() for n, targets in enumerate(output.targets)]
         measured = self._faithfulness(prepared, batch, output, target_probabilities)
         # A segmenter's class per pixel, at the model's input size, leaves the device once for the batch.
-        segmentation = output.logits.argmax(dim=1).to(torch.int32).cpu().numpy() if segmenting else None
+        segmentation = predicted_classes(output.logits).to(torch.int32).cpu().numpy() if segmenting else None
         # The maps leave the device here, at the layer's resolution: the render threads only call NumPy and OpenCV.
         maps = [m.float().cpu().numpy() for m in output.maps]
 
@@ -517,7 +517,7 @@ class ExplanationService:
             measure = None
             if self.task.kind == "segmentation":  # the segment's mean probability, over its pixels in x
                 logits = output.logits[image_of_pair]
-                measure = partial(segment_probability, (logits.argmax(dim=1) == classes.view(-1, 1, 1)), classes)
+                measure = partial(segment_probability, predicted_classes(logits) == classes.view(-1, 1, 1), classes)
                 p_x = measure(logits, torch.arange(len(classes), device=logits.device)).cpu()
             results = faithfulness(
                 self.engine.logits, batch[image_of_pair], maps, classes, p_x, steps=steps, scores=self.task.scores,

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default=defaults.arch, help="a torchvision architecture (default: resnet50)")
     parser.add_argument("--layer", help="the layer to explain (default: the model's default layer)")
     parser.add_argument("--weights", default=defaults.weights, help="imagenet, random or a state_dict path")
+    parser.add_argument("--detector", default=defaults.detector, help="the detector row's torchvision builder")
+    parser.add_argument("--segmenter", default=defaults.segmenter, help="the segmenter row's torchvision builder")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
     parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
     parser.add_argument(
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         arch=args.arch,
         layer=args.layer,
+        detector=args.detector,
+        segmenter=args.segmenter,
     )
     report = run_benchmark(config)
     paths = write_reports(report, args.out, args.stem)

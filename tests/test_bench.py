@@ -39,6 +39,11 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     assert "| target |" in (tmp_path / "bench.md").read_text()
     assert [row["batch"] for row in report["channels_last"]] == [1, 2, 4, 8]
     assert {row["step"].split(":")[0] for row in report["response_bytes"]} == {"JSON", "base64"}
+    dense = {(row["task"], row["method"]): row for row in report["dense"]}
+    assert set(dense) == {(task, method) for task in ("detection", "segmentation")
+                          for method in ("gradcam", "hirescam", "eigencam")}  # fmt: skip
+    assert all(row["ratio_to_floor"] > 0 and row["explanations"] == 3 for row in dense.values())
+    assert "Detection and segmentation" in (tmp_path / "bench.md").read_text()
     if shutil.which("java"):
         assert [level["errors"] for level in report["service"]] == [0, 0]
         assert [(d["batch_delay_ms"], d["concurrency"]) for d in report["batch_delays"]] == [

@@ -369,8 +369,9 @@ class CamEngine:
             top = max((r.count for r in requests if isinstance(r.targets, TopPredicted)), default=1)
             ranked = scores.topk(top, dim=1).indices
             pair_class = torch.where(pair_rank >= 0, ranked[pair_image, pair_rank.clamp_min(0)], pair_given)
-            seeds = self.seeds(logits[pair_image], pair_class)
-            own_seeds = {record.name: record for record in records if record.seeds is not None}
+            # The seeds of the gradients: none for activation-only work (a segmenter's objective is not free).
+            seeds = self.seeds(logits[pair_image], pair_class) if gradient_layers else None
+            own_seeds = {record.name: record for record in records if record.seeds is not None and gradient_layers}
             for record in own_seeds.values():  # a method with its own scalar in place of the objective's
                 rows = torch.tensor([records[n].name == record.name for n in pair_image_host.tolist()], device=device)
                 seeds[rows] = record.seeds(logits[pair_image[rows]], pair_class[rows]).to(seeds.dtype)

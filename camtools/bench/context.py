@@ -41,6 +41,9 @@ class BenchConfig:
     channels_last_batches: tuple[int, ...] = (1, 2, 4, 8)
     weights: str = "random"
     """imagenet, random or a state_dict path: speed does not depend on the weights, agreement does."""
+    detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    segmenter: str = "lraspp_mobilenet_v3_large"
+    """The detector's and segmenter's rows: torchvision builders, seeded random weights."""
 
 
 def sample_images(count: int) -> list[np.ndarray]:
@@ -116,6 +119,7 @@ class BenchReport:
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     photos: list[dict[str, object]] = field(default_factory=list)
+    dense: list[dict[str, object]] = field(default_factory=list)
     channels_last: list[dict[str, object]] = field(default_factory=list)
     response_bytes: list[dict[str, object]] = field(default_factory=list)
     service: list[dict[str, object]] = field(default_factory=list)

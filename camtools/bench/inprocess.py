@@ -312,3 +312,61 @@ def _floor_ms_per_image(model, spec, images, device, timed, config: BenchConfig,
     batch = images_to_batch([resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device)
     floor = partial(plain_forward, model, batch)
     return 1000 * timed({"floor": floor}, config.repeats, config.warmup)["floor"] / batch_size
+
+
+DENSE_EXPLAINED = 3
+"""Explanations per image in the detector's and segmenter's rows."""
+
+
+def _dense_tasks(ctx: BenchContext) -> list[dict[str, object]]:
+    """A detector and a segmenter (``config.detector``, ``config.segmenter``, seeded random weights) on one photo
+    (chelsea, 451x300) through the service, each against its own plain forward pass of the same input, timed
+    round-robin. With random weights no box reaches a score of 0.5: the detector's requests ask for score_threshold
+    0 and the detector has five classes (a fine-tuned one's head: over 91 random classes no box scores even the
+    model's own 0.05), so that each explains its top three boxes; the segmenter's name three classes."""
+    import tempfile
+    from pathlib import Path
+
+    from camtools.models import prepare_model
+
+    config, device, timed = ctx.config, ctx.device, ctx.timed
+    photo = encode_image(ctx.images[0], "png")
+    rows = []
+    labels = Path(tempfile.mkdtemp(prefix="bench-labels-")) / "labels.txt"
+    labels.write_text("background\ncat\ndog\nbird\nfish\n")
+    for task, arch in (("detection", config.detector), ("segmentation", config.segmenter)):
+        given = labels if task == "detection" else None
+        prepared = prepare_model(arch=arch, weights="random", task=task, progress=False, labels=given)
+        model, spec = prepared.model.to(device), prepared.spec
+        service = _service_for(model, spec, device)
+        if task == "detection":
+            extra = {"score_threshold": "0", "explain": str(DENSE_EXPLAINED)}
+            methods = ("hirescam", "gradcam", "eigencam")
+        else:
+            extra = {"target": ",".join(str(c) for c in range(1, DENSE_EXPLAINED + 1))}
+            methods = ("gradcam", "hirescam", "eigencam")
+        item = service.prepare({"data": photo, **extra})
+        image = torch.tensor(item.model_input, device=device).permute(2, 0, 1).float().div(255)
+        floor_input = [image] if task == "detection" else images_to_batch([item.model_input], spec, device)
+
+        def answer(method: str, extra: dict = extra, service: ExplanationService = service) -> None:
+            (result,) = service.answer([{"data": photo, "method": method, **extra}])
+            assert result.status == 200 and len(result.body["explanations"]) == DENSE_EXPLAINED, result.status
+
+        contenders = {"floor": partial(plain_forward, model, floor_input)}
+        contenders |= {method: partial(answer, method) for method in methods}
+        medians = timed(contenders, max(3, config.repeats // 2), 1)
+        for method in methods:
+            rows.append(
+                {
+                    "task": task,
+                    "arch": arch,
+                    "method": method,
+                    "explanations": DENSE_EXPLAINED,
+                    "input": "x".join(str(v) for v in item.model_input.shape[1::-1]),
+                    "ms": 1000 * medians[method],
+                    "floor_ms": 1000 * medians["floor"],
+                    "ratio_to_floor": medians[method] / medians["floor"],
+                }
+            )
+    return rows

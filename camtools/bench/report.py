@@ -215,6 +215,18 @@ def markdown(report: BenchReport) -> str:
         lines += ["", f"Stage shares for JPEG requests: {shares}."]
     if report.photos:
         lines += photo_lines(report.photos)
+    if report.dense:
+        lines += ["", "Detection and segmentation: one photo (451x300) through the service, 3 explanations, against "
+                  "the model's own plain forward pass of the same input (medians):"]  # fmt: skip
+        lines += _table(
+            ["task", "model", "input", "method", "ms", "plain forward ms", "× forward"],
+            "lllrrrr",
+            [
+                [d["task"], d["arch"], d["input"], d["method"], f"{d['ms']:.0f}", f"{d['floor_ms']:.0f}"]
+                + [f"{d['ratio_to_floor']:.2f}"]
+                for d in report.dense
+            ],
+        )
     if report.service:
         lines += _table(
             ["concurrency", "requests", "errors", "images / s", "p50 ms", "p95 ms", "p99 ms", "plain forward before"],

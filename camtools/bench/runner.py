@@ -12,6 +12,7 @@ from tqdm import tqdm
 from camtools.bench.context import BenchConfig, BenchContext, BenchReport, _timer, machine_info, sample_images
 from camtools.bench.inprocess import (
     _channels_last_by_batch,
+    _dense_tasks,
     _fast_paths,
     _floor_ms_per_image,
     _in_process,
@@ -42,6 +43,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         ("channels_last by batch", "channels_last", _channels_last_by_batch),
         ("decode/encode share", "stages", _stage_shares),
         ("phone photos", "photos", _photos),
+        ("detector and segmenter", "dense", _dense_tasks),
         ("response bytes", "response_bytes", _response_bytes),
     ]
     progress = tqdm(total=len(sections) + config.server, desc="benchmark", unit="step")
