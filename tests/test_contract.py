@@ -132,8 +132,9 @@ def test_every_bad_value_gets_its_message(options, message):
 def test_method_layer_and_explain_options():
     options = parse_options({"method": b"GradCAM++", "layer": b"layer3.5.conv2", "explain": b"3"})
     assert (options.method, options.layer, options.explain) == ("gradcam++", "layer3.5.conv2", 3)
-    # The layer and topk defaults are the model's (its spec's default layer; 5 or fewer classes): see the pipeline.
-    assert ExplainOptions().method == "gradcam" and ExplainOptions().layer is None and ExplainOptions().topk is None
+    # The method, layer and topk defaults are the model's (Grad-CAM, a detector's HiResCAM; its spec's default layer;
+    # 5 or fewer classes): see the pipeline.
+    assert ExplainOptions().method is None and ExplainOptions().layer is None and ExplainOptions().topk is None
 
 
 def test_unknown_options_list_the_known_ones():

@@ -374,3 +374,44 @@ def test_the_segmenter_service_answers_segments_a_mask_and_outlined_explanations
     assert all(0 <= e["faithfulness"]["drop"] <= 1 for e in present)
     assert answers[2].status == 200 and answers[2].body["explanations"] == []  # only background: nothing to explain
     assert answers[3].status == 400 and "detection fits only detection" in answers[3].body["message"]
+
+
+def test_mask_and_keypoint_rcnn_return_their_masks_and_keypoints(tmp_path):
+    (tmp_path / "labels.txt").write_text("background\nperson\ncat\n")
+    image = bytearray(encode(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8), "PNG"))
+    row = {"data": image, "score_threshold": "0", "max_detections": "3", "explain": "1", "method": "eigencam"}
+    masked = prepare_model(arch="maskrcnn_resnet50_fpn", weights="random", labels=tmp_path / "labels.txt")
+    body = service(masked).answer([row])[0].body
+    assert len(body["detections"]) == 3 and len(body["explanations"]) == 1
+    for detection in body["detections"]:
+        mask = decode_png(detection["mask"])
+        assert mask.shape == (120, 160) and set(np.unique(mask)) <= {0, 255}
+    (tmp_path / "people.txt").write_text("background\nperson\n")
+    pointed = prepare_model(arch="keypointrcnn_resnet50_fpn", weights="random", labels=tmp_path / "people.txt")
+    body = service(pointed).answer([row])[0].body
+    assert len(body["detections"]) == 3
+    assert all(len(d["keypoints"]) == 17 and all(len(k) == 3 for k in d["keypoints"]) for d in body["detections"])
+
+
+class FailingDetector(TinyDetector):
+    """TinyDetector that fails on any image brighter than 0.9 on average, as a model can fail on one input."""
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if any(float(image.mean()) > 0.9 for image in images):
+            raise RuntimeError("this input breaks the model")
+        return super().forward(images)
+
+
+def test_a_detector_failing_on_one_image_fails_only_that_request():
+    from camserve.spec import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        name="tiny", arch="FailingDetector", labels=("background", "thing"), input_size=64, mean=(0, 0, 0),
+        std=(1, 1, 1), default_layer="backbone", layers={"backbone": "nchw"}, weights="random", task="detection",
+    )  # fmt: skip
+    svc = ExplanationService(CamEngine(FailingDetector().eval(), input_size=64), spec, torch.device("cpu"))
+    dark, bright = (bytearray(encode(np.full((40, 50, 3), v, np.uint8), "PNG")) for v in (60, 250))
+    answers = svc.answer([{"data": dark, "score_threshold": "0"}, {"data": bright}, {"data": dark}])
+    assert [a.status for a in answers] == [200, 500, 200]
+    assert len(answers[0].body["detections"]) == 1 and answers[0].body["explanations"][0]["method"] == "hirescam"

@@ -377,9 +377,9 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
             "UnknownOption",
             f"unknown option(s) {', '.join(map(shown, unknown[:5]))}; known options are {', '.join(OPTION_NAMES)}",
         )
-    for chosen in ("target", "detection"):
+    for chosen, what in (("target", "classes"), ("detection", "detections")):
         if chosen in raw and "explain" in raw:
-            raise ClientError("InvalidOption", f"give either {chosen} (what to explain) or explain (top N), not both")
+            raise ClientError("InvalidOption", f"give either {chosen} ({what} to explain) or explain (top N), not both")
     return ExplainOptions(**{name: _BY_NAME[name].parse(_text(name, value)) for name, value in raw.items()})
 
 
