@@ -5,7 +5,6 @@ service's answers per task, and the build's refusals."""
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
