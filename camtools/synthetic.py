@@ -9,6 +9,7 @@ cores, it reaches about 99% accuracy, and its Grad-CAM lands on the shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,35 @@ def to_batch(images: list[np.ndarray]) -> torch.Tensor:
     return (batch - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
+def _fit(
+    model: nn.Module,
+    samples: int,
+    epochs: int,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    batch: int = 64,
+    progress: str | None = None,
+) -> None:
+    """Adam with a one-cycle schedule (peak 3·10⁻³) over ``epochs`` shuffled passes of ``samples`` samples,
+    ``batch`` at a time; ``loss_of(indices)`` is the loss of those samples. ``progress``: a progress bar's name."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps = epochs * math.ceil(samples / batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
+    loop = range(epochs)
+    if progress:
+        from tqdm import tqdm
+
+        loop = tqdm(loop, desc=progress, unit="epoch")
+    model.train()
+    for _ in loop:
+        order = torch.randperm(samples)
+        for start in range(0, samples, batch):
+            loss = loss_of(order[start : start + batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+
+
 def train_shapes_net(
     samples: int = 6000, epochs: int = 4, seed: int = 0, progress: bool = False
 ) -> tuple[nn.Module, float]:
@@ -157,24 +187,8 @@ def train_shapes_net(
         data = make_samples(samples, seed)
         images = to_batch([s.image for s in data])
         labels = torch.tensor([s.label for s in data])
-        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-        steps = epochs * math.ceil(samples / 64)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
-        loop = range(epochs)
-        if progress:
-            from tqdm import tqdm
-
-            loop = tqdm(loop, desc="training ShapesNet", unit="epoch")
-        model.train()
-        for _ in loop:
-            order = torch.randperm(samples)
-            for start in range(0, samples, 64):
-                index = order[start : start + 64]
-                loss = nn.functional.cross_entropy(model(images[index]), labels[index])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+        loss_of = lambda index: nn.functional.cross_entropy(model(images[index]), labels[index])  # noqa: E731
+        _fit(model, samples, epochs, loss_of, progress="training ShapesNet" if progress else None)
     model.eval().requires_grad_(False)
     held_out = make_samples(500, seed + 1)
     with torch.no_grad():
@@ -242,20 +256,8 @@ def trained_task_model(task: str, folder: Path, samples: int = 4000, epochs: int
         model = net_class()
         scenes, targets = task_scenes(task, samples, seed=0)
         images = to_batch([s.image for s in scenes])
-        loss_of = nn.functional.mse_loss if task == "regression" else nn.functional.binary_cross_entropy_with_logits
-        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-        steps = epochs * math.ceil(samples / 64)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(samples)
-            for start in range(0, samples, 64):
-                index = order[start : start + 64]
-                loss = loss_of(model(images[index]), targets[index])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+        criterion = nn.functional.mse_loss if task == "regression" else nn.functional.binary_cross_entropy_with_logits
+        _fit(model, samples, epochs, lambda index: criterion(model(images[index]), targets[index]))
     model.eval().requires_grad_(False)
     held_out, expected = task_scenes(task, 400, seed=1)
     with torch.no_grad():
@@ -264,10 +266,18 @@ def trained_task_model(task: str, folder: Path, samples: int = 4000, epochs: int
         score = 1 - float((predicted - expected).abs().mean() / expected.mean())
     else:
         score = float(((predicted > 0).float() == expected).all(dim=1).float().mean())
-    torch.save(model.state_dict(), folder / f"shapes_{task}.pt")
     labels = {"multilabel": CLASSES, "binary": ("no red", "red"), "regression": ("side",)}[task]
+    return _save_and_prepare(model, model_file, folder, task, labels), score
+
+
+def _save_and_prepare(
+    model: nn.Module, model_file: Path, folder: Path, task: str, labels: tuple[str, ...]
+) -> PreparedModel:
+    """The trained ``model``'s weights and ``labels`` written into ``folder`` (``shapes_<task>.pt``,
+    ``labels_<task>.txt``), and the model prepared as the build would serve it with ``--task``."""
+    torch.save(model.state_dict(), folder / f"shapes_{task}.pt")
     (folder / f"labels_{task}.txt").write_text("\n".join(labels) + "\n")
-    prepared = prepare_model(
+    return prepare_model(
         model_file=model_file,
         weights=folder / f"shapes_{task}.pt",
         labels=folder / f"labels_{task}.txt",
@@ -277,7 +287,6 @@ def trained_task_model(task: str, folder: Path, samples: int = 4000, epochs: int
         model_name=f"shapes_{task}",
         task=task,
     )
-    return prepared, score
 
 
 DENSE_MODELS = {
@@ -321,40 +330,18 @@ def trained_dense_model(task: str, folder: Path, samples: int = 2000, epochs: in
         if task == "segmentation":
             images = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
             masks = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
-        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-        batch = 32
-        steps = epochs * math.ceil(samples / batch)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps)
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(samples)
-            for start in range(0, samples, batch):
-                index = order[start : start + batch]
-                if task == "segmentation":
-                    loss = nn.functional.cross_entropy(model(images[index])["out"], masks[index])
-                else:
-                    targets = [_detection_targets(scenes[i]) for i in index.tolist()]
-                    loss = sum(model(list(images[index]), targets).values())
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+
+        def loss_of(index: torch.Tensor) -> torch.Tensor:
+            if task == "segmentation":
+                return nn.functional.cross_entropy(model(images[index])["out"], masks[index])
+            targets = [_detection_targets(scenes[i]) for i in index.tolist()]
+            return sum(model(list(images[index]), targets).values())
+
+        _fit(model, samples, epochs, loss_of, batch=32)
     model.eval().requires_grad_(False)
     held_out = dense_scenes(200, seed=1)
     score = _dense_score(task, model, held_out)
-    torch.save(model.state_dict(), folder / f"shapes_{task}.pt")
-    (folder / f"labels_{task}.txt").write_text("\n".join(DENSE_LABELS) + "\n")
-    prepared = prepare_model(
-        model_file=model_file,
-        weights=folder / f"shapes_{task}.pt",
-        labels=folder / f"labels_{task}.txt",
-        input_size=SIZE,
-        mean=MEAN,
-        std=STD,
-        model_name=f"shapes_{task}",
-        task=task,
-    )
-    return prepared, score
+    return _save_and_prepare(model, model_file, folder, task, DENSE_LABELS), score
 
 
 def _dense_score(task: str, model: nn.Module, scenes: list[Scene]) -> float:

@@ -774,8 +774,6 @@ def own_models(tmp_path_factory):
     """Three archives in one model store, built as a user would with scripts/build_mar.py, served by one torchserve
     (``load_models=all``): ``pets`` (a fine-tuned-style 2-class ResNet-50 checkpoint with a labels file),
     ``tinynet`` (tests/models/tiny_net.py, 3 classes) and ``vit_b_16`` (seeded random weights)."""
-    import subprocess
-    import sys
 
     import torch
     import torchvision
@@ -783,7 +781,6 @@ def own_models(tmp_path_factory):
     from camserve.model import model_class_from_file
 
     folder = tmp_path_factory.mktemp("own_models")
-    store = folder / "store"
     torch.manual_seed(0)
     state = {f"module.{k}": v for k, v in torchvision.models.resnet50(num_classes=2).state_dict().items()}
     torch.save({"state_dict": state}, folder / "pets.pt")
@@ -796,19 +793,27 @@ def own_models(tmp_path_factory):
          "--labels", str(folder / "tiny.json"), "--input-size", "96"],
         ["--arch", "vit_b_16", "--weights", "random"],
     ]  # fmt: skip
+    with built_and_served(builds, folder, "pets") as running:
+        yield running
+
+
+@contextlib.contextmanager
+def built_and_served(builds: list[list[str]], folder: Path, model: str):
+    """Each build's arguments through scripts/build_mar.py into ``folder``/store, then one torchserve serving them
+    all; the server's default model is ``model``."""
+    import subprocess
+
+    store = folder / "store"
     for arguments in builds:
         command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, "--export-path", str(store)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert completed.returncode == 0, completed.stderr[-2000:]
-    with run_torchserve(store / "pets.mar", folder / "server", timeout_s=300) as running:
+    with run_torchserve(store / f"{model}.mar", folder / "server", timeout_s=300) as running:
         yield running
 
 
 def ask(server, model: str, chelsea, **fields) -> requests.Response:
-    files = {"data": ("cat.jpg", encode(chelsea, "JPEG"))}
-    return requests.post(
-        f"{server.inference}/predictions/{model}", files=files, data=fields, headers=server.headers(), timeout=120
-    )
+    return ask_image(server, model, chelsea, "JPEG", **fields)
 
 
 def test_a_fine_tuned_two_class_resnet50_answers_with_its_own_labels(own_models, chelsea):
@@ -1134,10 +1139,8 @@ def dense_server(dense_models, dense_folder, tmp_path_factory):
     """The synthetic task's trained detector and segmenter (model files, ``examples/shapes``) and a classifier
     (tests/models/tiny_net.py, random weights), built with scripts/build_mar.py and served by one torchserve, with
     batches of up to 8 requests."""
-    import subprocess
 
     folder = tmp_path_factory.mktemp("dense_store")
-    store = folder / "store"
     builds = [["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random",
                "--model-name", "classifier"]]  # fmt: skip
     for task, (prepared, _) in dense_models.items():
@@ -1146,11 +1149,7 @@ def dense_server(dense_models, dense_folder, tmp_path_factory):
             "--weights", str(dense_folder / f"shapes_{task}.pt"), "--labels", str(dense_folder / f"labels_{task}.txt"),
             "--model-name", f"shapes_{task}", "--batch-size", "8", "--max-batch-delay", "200",
         ])  # fmt: skip
-    for arguments in builds:
-        command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, "--export-path", str(store)]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert completed.returncode == 0, completed.stderr[-2000:]
-    with run_torchserve(store / "shapes_detection.mar", folder / "server", timeout_s=300) as running:
+    with built_and_served(builds, folder, "shapes_detection") as running:
         yield running
 
 
@@ -1162,8 +1161,8 @@ def dense_scene(scale: int = 4) -> tuple[object, np.ndarray]:
     return scene, cv2.resize(scene.image, (SIZE * scale, SIZE * scale), interpolation=cv2.INTER_NEAREST)
 
 
-def ask_image(server, model: str, image: np.ndarray, **fields) -> requests.Response:
-    files = {"data": ("scene.png", encode(image, "PNG"))}
+def ask_image(server, model: str, image: np.ndarray, fmt: str = "PNG", **fields) -> requests.Response:
+    files = {"data": (f"image.{fmt.lower()}", encode(image, fmt))}
     return requests.post(
         f"{server.inference}/predictions/{model}", files=files, data=fields, headers=server.headers(), timeout=120
     )
