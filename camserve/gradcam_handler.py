@@ -19,13 +19,9 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 import camserve
-from camserve import settings as serving
-from camserve.api import WorkBudget, is_envelope_instance, is_v2_input
-from camserve.cam import CamEngine
-from camserve.imaging import DecodeLimits
-from camserve.model import autocast_dtype, channels_last_from, load_model, select_device
+from camserve.api import is_envelope_instance, is_v2_input
+from camserve.model import select_device
 from camserve.pipeline import ExplanationService, RowResult, internal_error
-from camserve.spec import SPEC_FILE, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -71,29 +67,15 @@ class GradCamHandler(BaseHandler):
         if self.fixed_threads and self.device.type == "cpu":
             torch.set_num_threads(self.fixed_threads)
         threads = self._share_cores()
-        channels_last = channels_last_from(settings.get("channels_last", False))
-        manifest_model = context.manifest["model"]
-        spec = ModelSpec.load(model_dir / SPEC_FILE)
-        model = load_model(
-            spec, model_dir / manifest_model["serializedFile"], model_dir, self.device, channels_last=channels_last == 1
-        )
-        precision = autocast_dtype(str(settings.get("precision", "fp32")), self.device)
-        self.service = ExplanationService(
-            engine=CamEngine(
-                model,
-                autocast_dtype=precision,
-                scorecam_channels=int(settings.get("scorecam_channels", serving.SCORECAM_CHANNELS)),
-                input_size=spec.input_size,
-                default_layer=spec.default_layer,
-            ),
-            spec=spec,
+        self.service = ExplanationService.from_archive(
+            model_dir,
+            context.manifest["model"]["serializedFile"],
+            settings,
+            self.device,
             model_name=context.model_name,
-            device=self.device,
-            limits=DecodeLimits(**settings.get("limits", {})),
-            budget=WorkBudget(**settings.get("budget", {})),
-            channels_last_from=channels_last,
             threads=threads,
         )
+        spec, model = self.service.spec, self.service.engine.model
         self.model = model
         self.context = context
         self.manifest = context.manifest

@@ -16,11 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from camserve import settings as serving
 from camserve.api import (
     DEFAULT_MAX_DETECTIONS,
     DEFAULT_SCORE_THRESHOLD,
@@ -77,8 +79,8 @@ from camserve.imaging import (
     snap_to_decode_scale,
     to_base64,
 )
-from camserve.model import images_to_batch
-from camserve.spec import ModelSpec
+from camserve.model import autocast_dtype, channels_last_from, images_to_batch, load_model
+from camserve.spec import SPEC_FILE, ModelSpec
 from camserve.tasks import predicted_classes, task_named
 
 logger = logging.getLogger(__name__)
@@ -182,6 +184,41 @@ class ExplanationService:
         if self.task.kind != "detection":
             self.engine.layers()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
+
+    @classmethod
+    def from_archive(
+        cls,
+        model_dir: str | Path,
+        serialized_file: str,
+        settings: Mapping[str, object],
+        device: torch.device,
+        model_name: str | None = None,
+        threads: int | None = None,
+    ) -> ExplanationService:
+        """The service for an unpacked archive's model, as both runtimes serve it: its spec (``model_spec.json``),
+        the weights ``serialized_file`` loaded onto ``device``, and the ``handler:`` settings of its
+        model-config.yaml (``precision``, ``channels_last``, ``scorecam_channels``, ``limits``, ``budget``)."""
+        model_dir = Path(model_dir)
+        spec = ModelSpec.load(model_dir / SPEC_FILE)
+        channels_last = channels_last_from(settings.get("channels_last", False))
+        model = load_model(spec, model_dir / serialized_file, model_dir, device, channels_last=channels_last == 1)
+        engine = CamEngine(
+            model,
+            autocast_dtype=autocast_dtype(str(settings.get("precision", "fp32")), device),
+            scorecam_channels=int(settings.get("scorecam_channels", serving.SCORECAM_CHANNELS)),
+            input_size=spec.input_size,
+            default_layer=spec.default_layer,
+        )
+        return cls(
+            engine=engine,
+            spec=spec,
+            model_name=model_name,
+            device=device,
+            limits=DecodeLimits(**settings.get("limits", {})),
+            budget=WorkBudget(**settings.get("budget", {})),
+            channels_last_from=channels_last,
+            **({"threads": threads} if threads else {}),
+        )
 
     def answer(self, rows: Sequence[Mapping[str, object]]) -> list[RowResult]:
         started = time.perf_counter()

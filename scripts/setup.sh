@@ -3,13 +3,16 @@
 #   bash scripts/setup.sh            # everything: serving, the build, the tests and the reference libraries
 #   bash scripts/setup.sh --runtime  # only what building and serving need (requirements.txt): no pytest, no
 #                                    # playwright, ruff or the test-only reference implementations
+#   bash scripts/setup.sh --kserve   # the runtime and KServe's model server (requirements-kserve.txt), for
+#                                    # python -m camserve.kserve
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requirements=requirements-dev.txt
 case "${1:-}" in
   --runtime) requirements=requirements.txt ;;
+  --kserve) requirements=requirements-kserve.txt ;;
   "") ;;
-  *) echo "usage: bash scripts/setup.sh [--runtime]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/setup.sh [--runtime | --kserve]" >&2; exit 2 ;;
 esac
 
 python_bin=${PYTHON:-}
@@ -28,7 +31,7 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.requirements.sha256
-wanted=$( (cat requirements.txt requirements-dev.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
+wanted=$( (cat requirements.txt requirements-kserve.txt requirements-dev.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
   if [ "${CAMSERVE_TORCH_CPU:-}" = 1 ]; then

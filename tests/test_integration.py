@@ -1306,3 +1306,117 @@ def test_the_page_draws_a_detectors_boxes_and_a_segmenters_mask(dense_server, tm
                     assert page.is_visible("#mask-figure")
         finally:
             browser.close()
+
+
+# --- KServe's own model server: python -m camserve.kserve ---
+
+
+@pytest.fixture(scope="module")
+def kserve_runtime(built_mar, tmp_path_factory):
+    """``python -m camserve.kserve --model-dir resnet50.mar --http-port N`` on a free loopback port, stopped after
+    the module; its URL once ``/v2/health/ready`` answers."""
+    import subprocess
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("kserve_runtime") / "server.log"
+    command = [sys.executable, "-m", "camserve.kserve", "--model-dir", str(built_mar), "--http-port", str(port)]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the KServe model server never became ready:\n" + log.read_text()[-3000:])
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_the_kserve_runtime_answers_v2_health_metadata_and_infer_to_a_real_client(kserve_runtime, chelsea):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=kserve_runtime.removeprefix("http://"), network_timeout=120)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("resnet50")
+    assert client.get_model_metadata("resnet50")["name"] == "resnet50"
+    photos = [chelsea, sample_photos()[2]]
+    images = httpclient.InferInput("image", [len(photos)], "BYTES")
+    encoded = [base64.b64encode(encode(photo, "JPEG")) for photo in photos]
+    images.set_data_from_numpy(np.array(encoded, dtype=object), binary_data=False)
+    one = httpclient.InferInput("image", [1], "BYTES")
+    one.set_data_from_numpy(np.array(encoded[:1], dtype=object), binary_data=False)
+    for inputs, expected in (([one], photos[:1]), ([images], photos)):
+        result = client.infer("resnet50", inputs, outputs=[httpclient.InferRequestedOutput("image", binary_data=False)])
+        answers = [json.loads(text) for text in result.as_numpy("image")]
+        assert [a["image"] for a in answers] == [{"width": p.shape[1], "height": p.shape[0]} for p in expected]
+        assert all(len(a["predictions"]) == 5 and a["explanations"] for a in answers)
+    assert not client.is_model_ready("nothing")
+
+
+def test_the_kserve_runtime_answers_v1_with_each_bad_instance_in_its_place(kserve_runtime, chelsea):
+    image = base64.b64encode(encode(chelsea, "JPEG")).decode()
+    instances = [{"data": image, "target": 281 + i, "topk": 2} for i in range(7)]
+    instances.insert(3, {"data": "@@@"})
+    for verb, key in (("predict", "predictions"), ("explain", "explanations")):
+        response = requests.post(
+            f"{kserve_runtime}/v1/models/resnet50:{verb}", json={"instances": instances}, timeout=300
+        )
+        assert response.status_code == 200, response.text
+        answers = response.json()[key]
+        assert len(answers) == 8 and answers[3]["type"] == "InvalidImage" and answers[3]["code"] == 400
+        good = [a for i, a in enumerate(answers) if i != 3]
+        assert [a["explanations"][0]["index"] for a in good] == list(range(281, 288))
+
+
+def test_the_kserve_runtime_answers_what_torchserve_answers(kserve_runtime, server, chelsea):
+    image = base64.b64encode(encode(chelsea, "JPEG")).decode()
+    options = {"target": [281, 282], "method": "layercam", "heatmap": True, "topk": 3}
+    ours = requests.post(
+        f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": [{"data": image, **options}]}, timeout=120
+    ).json()["predictions"][0]
+    theirs = server.predict(json={"image": image, **options}).json()
+    assert ours == theirs  # the same archive, options and image: the same JSON, byte for byte once parsed
+
+
+def test_the_kserve_runtime_exports_the_cam_stage_metrics(kserve_runtime, chelsea):
+    image = base64.b64encode(encode(chelsea, "JPEG")).decode()
+    requests.post(f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": [{"data": image}]}, timeout=120)
+    metrics = requests.get(f"{kserve_runtime}/metrics", timeout=10).text
+    for stage in ("decode", "forward", "cam", "encode"):
+        assert f'camserve_stage_seconds_count{{model_name="resnet50",stage="{stage}"}}' in metrics
+    assert 'camserve_explanations_served_total{model_name="resnet50"}' in metrics
+    assert "request_predict_seconds" in metrics  # KServe's own request histograms
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_the_kserve_runtime_refuses_adversarial_values_and_keeps_serving(kserve_runtime, chelsea, case):
+    arguments, expected = ADVERSARIAL[case]
+    image = base64.b64encode(encode(chelsea, "JPEG")).decode()
+    url = f"{kserve_runtime}/v1/models/resnet50:predict"
+    if "form" in arguments:
+        response = requests.post(url, json={"instances": [{"data": image, **arguments["form"]}]}, timeout=120)
+    else:  # the instance's JSON text as the case writes it
+        body = '{"instances": [{"data": "' + image + '", ' + arguments["json_text"][1:] + "]}"
+        response = requests.post(url, data=body, headers={"content-type": "application/json"}, timeout=120)
+    if response.status_code == 200:
+        (answer,) = response.json()["predictions"]
+        assert answer["code"] == 400 and expected in answer["message"], answer
+    else:  # KServe's own JSON parser refused the body first
+        assert 400 <= response.status_code < 500, response.text
+    after = requests.post(url, json={"instances": [{"data": image, "topk": 1}]}, timeout=120)
+    assert after.status_code == 200 and len(after.json()["predictions"][0]["predictions"]) == 1
+
+
+def test_the_kserve_runtime_applies_the_archives_work_budget(kserve_runtime, chelsea):
+    image = base64.b64encode(encode(chelsea, "JPEG")).decode()
+    greedy = {"data": image, "method": "scorecam", "aug_smooth": True, "faithfulness": True, "explain": 5}
+    response = requests.post(f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": [greedy]}, timeout=120)
+    (answer,) = response.json()["predictions"]
+    assert response.status_code == 200 and answer["type"] == "OverBudget" and "forward passes" in answer["message"]

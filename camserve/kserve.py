@@ -1,0 +1,219 @@
+"""KServe's own model server for the explanation service, the runtime that does not depend on TorchServe:
+
+    python -m camserve.kserve --model-dir PATH --http-port N
+
+PATH is a ``.mar`` or an unpacked archive directory; the model is the archive's (its ``model_spec.json``, weights
+and model file) and takes the archive's name. KServe's Python SDK (``kserve.Model``, ``kserve.ModelServer``) serves:
+
+- v1 ``POST /v1/models/{m}:predict`` and ``:explain`` with ``{"instances": [...]}``, each instance
+  ``{"data": "<base64>", ...options}``: ``{"predictions": [...]}`` (``"explanations"``), one response per instance, a
+  bad instance's error object in its place, HTTP 200;
+- v2 ``POST /v2/models/{m}/infer``: each input of datatype BYTES holds base64 images (its ``parameters`` are the
+  options), and each output of the same name and shape holds the responses as JSON text, as TorchServe's v2
+  envelope answers;
+- ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{m}``, ``/v2/models/{m}/ready``: the model is ready only
+  after its warm-up explanation;
+- Prometheus ``/metrics``: KServe's request histograms and the service's stage timings (``camserve_stage_seconds``).
+
+Every instance of one request is one forward pass (the same explanation service as the TorchServe handler); requests
+run one at a time. Concurrent single-image requests are merged into one by KServe's batcher, in the cluster
+(the InferenceService's ``batcher``). It binds 127.0.0.1 unless told ``--host``: on KServe, authentication is the
+platform's (the ingress or the service mesh), and a pod binds all its interfaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+import yaml
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.errors import InvalidInput
+from PIL import Image
+from prometheus_client import Counter, Histogram
+
+from camserve import settings as serving
+from camserve.api.options import load_json
+from camserve.errors import ClientError
+from camserve.model import select_device
+from camserve.pipeline import ExplanationService, RowResult, internal_error
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CamModel", "main", "unpacked_archive"]
+
+STAGE_SECONDS = Histogram("camserve_stage_seconds", "Each stage of an answered request batch", ["model_name", "stage"])
+EXPLANATIONS = Counter("camserve_explanations_served", "Explanations answered", ["model_name"])
+REFUSED = Counter("camserve_requests_refused", "Instances answered with an error", ["model_name"])
+
+
+def unpacked_archive(path: str | Path, workdir: str | Path) -> Path:
+    """The model directory of ``path``: the directory itself, or a ``.mar`` (a zip) unpacked into ``workdir`` as
+    TorchServe unpacks it."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"--model-dir must be a .mar or an unpacked archive directory, got {path}")
+    target = Path(workdir) / path.stem
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(target)
+    return target
+
+
+def _warm_up_image() -> bytes:
+    """A seeded noise photo, 160x120 PNG: the warm-up explanation before the model says it is ready."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class CamModel(Model):
+    """The archive's model behind KServe's protocols: the same :class:`ExplanationService` as the TorchServe
+    handler, from the same spec, weights and ``handler:`` settings."""
+
+    def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
+        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        super().__init__(manifest["model"]["modelName"])
+        self.model_dir, self.manifest = model_dir, manifest
+        self.device = device or select_device(0)
+        self.service: ExplanationService | None = None
+        self._lock = asyncio.Lock()
+
+    def load(self) -> bool:
+        """Build the service, then explain one synthetic photo: ready only when that answers 200."""
+        model = self.manifest["model"]
+        config = model.get("configFile")
+        settings = {}
+        if config and (self.model_dir / config).is_file():
+            settings = (yaml.safe_load((self.model_dir / config).read_text()) or {}).get("handler", {}) or {}
+        self.service = ExplanationService.from_archive(
+            self.model_dir, model["serializedFile"], settings, self.device, model_name=self.name
+        )
+        (warm_up,) = self.service.answer([{"body": bytearray(_warm_up_image())}])
+        if warm_up.status != 200:
+            raise RuntimeError(f"the warm-up explanation of {self.name} failed: {warm_up.body}")
+        spec = self.service.spec
+        logger.info("%s (%s, %s weights) ready on %s", self.name, spec.arch, spec.weights, self.device)
+        self.ready = True
+        return self.ready
+
+    async def _answer(self, rows: Sequence[Mapping[str, object]], request_id: str | None) -> list[dict]:
+        """Each row's body: the service's answer, with the request id on an error, off the event loop (health
+        checks stay answered) and one batch at a time."""
+        async with self._lock:
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(None, self.service.answer, list(rows))
+            except Exception:  # the service contains each row's failures; this is the last line of defence
+                logger.exception("answering %d instances failed", len(rows))
+                results = [internal_error("the batch")] * len(rows)
+        self._report(results)
+        return [self._body(result, request_id) for result in results]
+
+    @staticmethod
+    def _body(result: RowResult, request_id: str | None) -> dict:
+        if result.status == 200 or request_id is None:
+            return result.body
+        return {**result.body, "request_id": request_id}
+
+    def _report(self, results: list[RowResult]) -> None:
+        for stage, seconds in self.service.stage_seconds.items():
+            STAGE_SECONDS.labels(self.name, stage).observe(seconds)
+        EXPLANATIONS.labels(self.name).inc(sum(len(r.body["explanations"]) for r in results if r.status == 200))
+        REFUSED.labels(self.name).inc(sum(r.status != 200 for r in results))
+
+    async def predict(self, payload, headers: dict[str, str] | None = None, response_headers=None):
+        request_id = (headers or {}).get("x-request-id")
+        if isinstance(payload, InferRequest):
+            return await self._infer_v2(payload, request_id)
+        return {"predictions": await self._answer(_instances(payload), request_id)}
+
+    async def explain(self, payload, headers: dict[str, str] | None = None):
+        request_id = (headers or {}).get("x-request-id")
+        return {"explanations": await self._answer(_instances(payload), request_id)}
+
+    async def _infer_v2(self, request: InferRequest, request_id: str | None) -> InferResponse:
+        """Each BYTES element of each input is one image (base64 text) with that input's parameters as options;
+        the outputs mirror the inputs, each element the response's JSON text."""
+        rows, shapes = [], []
+        for item in request.inputs:
+            if item.datatype != "BYTES":
+                raise InvalidInput(f"input {item.name} must have datatype BYTES (base64 images), got {item.datatype}")
+            options = dict(item.parameters or {})
+            elements = [e.decode() if isinstance(e, bytes) else e for e in np.asarray(item.data, dtype=object).ravel()]
+            rows += [{"name": item.name, "datatype": "BYTES", "data": e, "parameters": options} for e in elements]
+            shapes.append((item.name, len(elements)))
+        bodies = iter(await self._answer(rows, request_id))
+        outputs = []
+        for name, count in shapes:
+            texts = [orjson.dumps(next(bodies)).decode() for _ in range(count)]
+            outputs.append(InferOutput(name=name, shape=[count], datatype="BYTES", data=texts))
+        return InferResponse(response_id=request.id, model_name=self.name, infer_outputs=outputs)
+
+
+def _instances(payload: object) -> list[dict]:
+    if isinstance(payload, (bytes, bytearray)):  # a JSON body sent without its content type
+        try:
+            payload = load_json(payload)
+        except ClientError as error:
+            raise InvalidInput(error.message) from None
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("instances"), list):
+        raise InvalidInput('a v1 request is {"instances": [{"data": "<base64 image>", ...options}, ...]}')
+    return [item if isinstance(item, Mapping) else {"image": item} for item in payload["instances"]]
+
+
+class _LoopbackServer(ModelServer):
+    """KServe's ModelServer, listening on ``host`` (the SDK binds every interface)."""
+
+    def __init__(self, host: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.host = host
+
+    def start(self, models: list[Model]) -> None:
+        from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+        from kserve.protocol.rest.server import RESTServer
+
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = RESTServer(
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            grace_period=self.grace_period,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        self._rest_server.config.host = self.host
+        self.servers.append(self._rest_server.start())
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m camserve.kserve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="a .mar, or an unpacked archive directory")
+    parser.add_argument("--http-port", type=int, default=serving.INFERENCE_PORT, help="(default: %(default)s)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: %(default)s; a pod: 0.0.0.0)"
+    )
+    parser.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when CUDA is present, else cpu)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else select_device(0)
+    with tempfile.TemporaryDirectory(prefix="camserve-kserve-") as workdir:
+        model = CamModel(unpacked_archive(args.model_dir, workdir), device)
+        model.load()
+        _LoopbackServer(args.host, http_port=args.http_port, enable_grpc=False).start([model])
+
+
+if __name__ == "__main__":
+    main()

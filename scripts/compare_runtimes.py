@@ -1,0 +1,117 @@
+"""Both runtimes side by side on one archive, in one run: TorchServe (the shipped config, its batching) and KServe's
+own model server (python -m camserve.kserve). For each: p50 of one request at a time, and images/s with 8 clients
+each sending one image per request; for KServe also one request carrying 8 instances (what KServe's batcher makes
+of 8 concurrent requests in a cluster).
+
+  python scripts/compare_runtimes.py --weights random --requests 48 --out docs/bench/runtimes.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from camserve.imaging import encode_image
+from camtools.archive import build_archive
+from camtools.bench.context import sample_images
+from camtools.local_server import free_port, run_torchserve
+from camtools.models import prepare_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(send, requests_count: int, clients: int) -> tuple[float, float]:
+    """(p50 ms, requests/s) of ``requests_count`` calls of ``send(i)`` from ``clients`` threads."""
+    latencies = []
+
+    def one(i: int) -> None:
+        started = time.perf_counter()
+        response = send(i)
+        assert response.status_code == 200, response.text[:500]
+        latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(one, range(requests_count)))
+    return 1000 * statistics.median(latencies), requests_count / (time.perf_counter() - started)
+
+
+def kserve_server(archive: Path, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "camserve.kserve", "--model-dir", str(archive), "--http-port", str(port)]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).ok:
+                return process
+        except requests.RequestException:
+            time.sleep(0.5)
+    raise RuntimeError("the KServe model server did not become ready: " + log.read_text()[-2000:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
+    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    args = parser.parse_args(argv)
+    photos = [base64.b64encode(encode_image(image, "jpeg")).decode() for image in sample_images(8)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="runtimes-") as folder:
+        folder = Path(folder)
+        archive = build_archive(prepare_model(arch=args.arch, weights=args.weights), folder / "store")
+        with run_torchserve(archive, folder / "torchserve") as server:
+            url = f"{server.inference}/predictions/{archive.stem}"
+
+            def torchserve_send(i: int) -> requests.Response:
+                return requests.post(url, json={"image": photos[i % 8]}, headers=server.headers(), timeout=300)
+
+            for clients in (1, 8):
+                p50, rate = timed(torchserve_send, args.requests, clients)
+                rows.append(("TorchServe 0.12.0", f"{clients} client(s), 1 image per request", p50, rate))
+        port = free_port()
+        process = kserve_server(archive, port, folder / "kserve.log")
+        try:
+            url = f"http://127.0.0.1:{port}/v1/models/{archive.stem}:predict"
+
+            def kserve_send(i: int, count: int = 1) -> requests.Response:
+                instances = [{"data": photos[(i + k) % 8]} for k in range(count)]
+                return requests.post(url, json={"instances": instances}, timeout=300)
+
+            for clients in (1, 8):
+                p50, rate = timed(kserve_send, args.requests, clients)
+                rows.append(("KServe 0.21.0 (camserve.kserve)", f"{clients} client(s), 1 image per request", p50, rate))
+            p50, rate = timed(lambda i: kserve_send(i, 8), max(2, args.requests // 8), 1)
+            rows.append(("KServe 0.21.0 (camserve.kserve)", "1 client, 8 instances per request", p50, 8 * rate))
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+    lines = [
+        f"{args.arch}, {args.weights} weights, {args.requests} requests per row, {os.cpu_count()} CPU cores:",
+        "",
+        "| runtime | load | p50 ms per request | images / s |",
+        "|---|---|---:|---:|",
+        *(f"| {runtime} | {load} | {p50:.0f} | {rate:.1f} |" for runtime, load, p50, rate in rows),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
