@@ -33,6 +33,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import orjson
 import torch
@@ -92,6 +93,7 @@ class CamModel(Model):
 
     def load(self) -> bool:
         """Build the service, then explain one synthetic photo: ready only when that answers 200."""
+        cv2.setNumThreads(1)  # as in the TorchServe worker: requests decode and render in parallel instead
         model = self.manifest["model"]
         config = model.get("configFile")
         settings = {}
