@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -160,7 +161,8 @@ class CamModel(Model):
         for name, count in shapes:
             texts = [orjson.dumps(next(bodies)).decode() for _ in range(count)]
             outputs.append(InferOutput(name=name, shape=[count], datatype="BYTES", data=texts))
-        return InferResponse(response_id=request.id, model_name=self.name, infer_outputs=outputs)
+        response_id = request.id or str(uuid.uuid4())  # the v2 protocol answers an id, made up when none came
+        return InferResponse(response_id=response_id, model_name=self.name, infer_outputs=outputs)
 
 
 def _instances(payload: object) -> list[dict]:
@@ -174,6 +176,22 @@ def _instances(payload: object) -> list[dict]:
     return [item if isinstance(item, Mapping) else {"image": item} for item in payload["instances"]]
 
 
+class _JsonInferBody:
+    """ASGI middleware: a v2 ``infer`` request without the binary extension's ``inference-header-content-length``
+    is all JSON, so read it as JSON whatever its content type. tritonclient sends its JSON requests with none, and
+    KServe's SDK would otherwise take the body for binary tensors and refuse it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            headers = [(key, value) for key, value in scope["headers"] if key != b"content-type"]
+            if not any(key == b"inference-header-content-length" for key, _ in headers):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 class _LoopbackServer(ModelServer):
     """KServe's ModelServer, listening on ``host`` (the SDK binds every interface)."""
 
@@ -182,10 +200,11 @@ class _LoopbackServer(ModelServer):
         self.host = host
 
     def start(self, models: list[Model]) -> None:
-        from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+        from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
         from kserve.protocol.rest.server import RESTServer
 
         self._register_and_check_atleast_one_model_is_ready(models)
+        app.add_middleware(_JsonInferBody)
         self._rest_server = RESTServer(
             FASTAPI_APP_IMPORT_STRING,
             self.dataplane,

@@ -1398,6 +1398,7 @@ def test_the_kserve_runtime_exports_the_cam_stage_metrics(kserve_runtime, chelse
 @pytest.mark.parametrize("case", sorted(ADVERSARIAL))
 def test_the_kserve_runtime_refuses_adversarial_values_and_keeps_serving(kserve_runtime, chelsea, case):
     arguments, expected = ADVERSARIAL[case]
+    expected = expected.replace(" bytes long", " characters long")  # a JSON string, where multipart sends bytes
     image = base64.b64encode(encode(chelsea, "JPEG")).decode()
     url = f"{kserve_runtime}/v1/models/resnet50:predict"
     if "form" in arguments:
@@ -1405,10 +1406,13 @@ def test_the_kserve_runtime_refuses_adversarial_values_and_keeps_serving(kserve_
     else:  # the instance's JSON text as the case writes it
         body = '{"instances": [{"data": "' + image + '", ' + arguments["json_text"][1:] + "]}"
         response = requests.post(url, data=body, headers={"content-type": "application/json"}, timeout=120)
-    if response.status_code == 200:
+    if arguments.get("raw"):  # KServe's SDK parses every v1 body itself and keeps the last duplicate key, as
+        # TorchServe does for a body declared JSON: the instance is answered with topk 2
+        assert response.status_code == 200 and len(response.json()["predictions"][0]["predictions"]) == 2
+    elif response.status_code == 200:
         (answer,) = response.json()["predictions"]
         assert answer["code"] == 400 and expected in answer["message"], answer
-    else:  # KServe's own JSON parser refused the body first
+    else:  # the whole body refused by KServe's JSON parser (nesting too deep)
         assert 400 <= response.status_code < 500, response.text
     after = requests.post(url, json={"instances": [{"data": image, "topk": 1}]}, timeout=120)
     assert after.status_code == 200 and len(after.json()["predictions"][0]["predictions"]) == 1
