@@ -509,6 +509,24 @@ def test_kserve_manifest_has_what_the_torchserve_runtime_needs():
     assert predictor["scaleMetric"] in ("concurrency", "rps", "cpu", "memory") and predictor["scaleTarget"] > 0
 
 
+def test_the_kserve_runtime_manifests_start_the_tested_command():
+    import yaml
+
+    runtime, service = yaml.safe_load_all((ROOT / "deploy" / "kserve" / "camserve-runtime.yaml").read_text())
+    assert runtime["kind"] == "ServingRuntime" and service["kind"] == "InferenceService"
+    (container,) = runtime["spec"]["containers"]
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "camserve.kserve"] and "--model-dir" in command and "--http-port" in command
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {"v1", "v2"} <= set(runtime["spec"]["protocolVersions"])
+    predictor = service["spec"]["predictor"]
+    assert predictor["model"]["runtime"] == runtime["metadata"]["name"]
+    assert predictor["model"]["modelFormat"]["name"] == runtime["spec"]["supportedModelFormats"][0]["name"]
+    assert predictor["batcher"]["maxBatchSize"] == 8 and re.match(
+        r"^(pvc|gs|s3|https?)://", predictor["model"]["storageUri"]
+    )
+
+
 def test_kserve_storage_script_lays_out_config_and_model_store(tmp_path):
     import subprocess
     import sys
@@ -1311,15 +1329,14 @@ def test_the_page_draws_a_detectors_boxes_and_a_segmenters_mask(dense_server, tm
 # --- KServe's own model server: python -m camserve.kserve ---
 
 
-@pytest.fixture(scope="module")
-def kserve_runtime(built_mar, tmp_path_factory):
-    """``python -m camserve.kserve --model-dir resnet50.mar --http-port N`` on a free loopback port, stopped after
-    the module; its URL once ``/v2/health/ready`` answers."""
+@contextlib.contextmanager
+def serving_kserve(archive: Path, log: Path):
+    """``python -m camserve.kserve --model-dir ARCHIVE --http-port N`` on a free loopback port, stopped on exit; its
+    URL once ``/v2/health/ready`` answers."""
     import subprocess
 
     port = free_port()
-    log = tmp_path_factory.mktemp("kserve_runtime") / "server.log"
-    command = [sys.executable, "-m", "camserve.kserve", "--model-dir", str(built_mar), "--http-port", str(port)]
+    command = [sys.executable, "-m", "camserve.kserve", "--model-dir", str(archive), "--http-port", str(port)]
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -1338,6 +1355,12 @@ def kserve_runtime(built_mar, tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def kserve_runtime(built_mar, tmp_path_factory):
+    with serving_kserve(built_mar, tmp_path_factory.mktemp("kserve_runtime") / "server.log") as url:
+        yield url
 
 
 def test_the_kserve_runtime_answers_v2_health_metadata_and_infer_to_a_real_client(kserve_runtime, chelsea):
@@ -1424,3 +1447,26 @@ def test_the_kserve_runtime_applies_the_archives_work_budget(kserve_runtime, che
     response = requests.post(f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": [greedy]}, timeout=120)
     (answer,) = response.json()["predictions"]
     assert response.status_code == 200 and answer["type"] == "OverBudget" and "forward passes" in answer["message"]
+
+
+def test_the_kserve_runtime_serves_every_task_and_source_as_torchserve_does(task_models, dense_server, tmp_path):
+    """Each archive that TorchServe serves in this module (a multi-label, binary and regression network, a timm
+    ConvNeXt, a Hugging Face ViT, a trained detector and segmenter), on KServe's server: the same JSON."""
+    _, image = dense_scene()
+    encoded = base64.b64encode(encode(image, "PNG")).decode()
+    servers = [task_models, dense_server]
+    archives = [
+        (server, archive) for server in servers for archive in sorted((server.workdir.parent / "store").glob("*.mar"))
+    ]
+    assert len(archives) == 8
+    for server, archive in archives:
+        theirs = requests.post(
+            f"{server.inference}/predictions/{archive.stem}", json={"image": encoded}, headers=server.headers(),
+            timeout=120,
+        ).json()  # fmt: skip
+        with serving_kserve(archive, tmp_path / f"{archive.stem}.log") as url:
+            ours = requests.post(
+                f"{url}/v1/models/{archive.stem}:predict", json={"instances": [{"data": encoded}]}, timeout=120
+            ).json()["predictions"][0]
+        assert ours == theirs, archive.stem
+        assert ours["model"]["name"] == archive.stem and ours["explanations"], archive.stem

@@ -38,4 +38,17 @@ def test_the_runtime_install_holds_no_test_tools():
     completed = subprocess.run(
         [shutil.which("bash"), str(ROOT / "scripts" / "setup.sh"), "--everything"], capture_output=True, text=True
     )
-    assert completed.returncode == 2 and "usage: bash scripts/setup.sh [--runtime]" in completed.stderr
+    assert completed.returncode == 2 and "usage: bash scripts/setup.sh [--runtime | --kserve]" in completed.stderr
+
+
+def test_the_kserve_install_is_the_runtime_and_the_sdk_alone():
+    """``setup.sh --kserve``: requirements.txt and kserve, pinned, in a file of its own; the archive's worker (its
+    requirements.txt) never gets it, and the test install includes it."""
+    lines = (ROOT / "requirements-kserve.txt").read_text().splitlines()
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert pins == ["-r requirements.txt", "kserve==0.21.0"]
+    assert "kserve" not in (ROOT / "requirements.txt").read_text()
+    assert "-r requirements-kserve.txt" in (ROOT / "requirements-dev.txt").read_text()
+    assert "--kserve) requirements=requirements-kserve.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    dockerfile = (ROOT / "deploy" / "kserve" / "Dockerfile").read_text()
+    assert "bash scripts/setup.sh --kserve" in dockerfile and '"-m", "camserve.kserve", "--model-dir"' in dockerfile
