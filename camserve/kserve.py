@@ -111,6 +111,14 @@ class CamModel(Model):
         self.ready = True
         return self.ready
 
+    def get_input_types(self) -> list[dict]:
+        """The v2 metadata's inputs: any name, BYTES, one base64 image per element; its parameters are the options."""
+        return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        """The v2 metadata's outputs: the input's name and shape, each element a response's JSON text."""
+        return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+
     async def _answer(self, rows: Sequence[Mapping[str, object]], request_id: str | None) -> list[dict]:
         """Each row's body: the service's answer, with the request id on an error, off the event loop (health
         checks stay answered) and one batch at a time."""

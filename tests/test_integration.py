@@ -1368,7 +1368,10 @@ def test_the_kserve_runtime_answers_v2_health_metadata_and_infer_to_a_real_clien
 
     client = httpclient.InferenceServerClient(url=kserve_runtime.removeprefix("http://"), network_timeout=120)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("resnet50")
-    assert client.get_model_metadata("resnet50")["name"] == "resnet50"
+    metadata = client.get_model_metadata("resnet50")
+    assert metadata["name"] == "resnet50" and metadata["inputs"] == [
+        {"name": "image", "datatype": "BYTES", "shape": [-1]}
+    ]
     photos = [chelsea, sample_photos()[2]]
     images = httpclient.InferInput("image", [len(photos)], "BYTES")
     encoded = [base64.b64encode(encode(photo, "JPEG")) for photo in photos]
