@@ -65,6 +65,10 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         assert [level.get("floor_batch") for level in report["service"]] == [1, 2]  # batch sizes 1,2: the largest
         assert 0 < profile["loaded_forward_ms_per_image"] < 1.15 * profile["loaded_handler_ms_per_image"]
         assert "Where a lone request's" in (tmp_path / "bench.md").read_text()
+        photos = [(p["photo"], p["concurrency"]) for p in report["service_photos"]]
+        assert photos == [("1080p", 1), ("1080p", 8), ("12 MP", 1)]
+        assert all(p["errors"] == 0 for p in report["service_photos"])
+        assert all(p["handler_ms"] > 0 and "over_floor_ms" in p for p in report["service_photos"][::2])
 
 
 def _report(device: str, floor_ms: dict[int, float], cam_ms: dict[int, float], service: list[dict]):
@@ -181,3 +185,42 @@ def test_the_photo_targets_are_the_excess_over_the_forward_pass():
     assert (hd["value"], hd["target"], hd["met"]) == (35.0, "<= 40", True)
     assert (twelve["value"], twelve["target"], twelve["met"]) == (135.0, "<= 100", False)
     assert "| 12 MP (4032x3024) | 1 | 90.0 | 60.0 | 2.0 | 40.0 | 195.0 | 60.0 | 135.0 |" in photo_lines(report.photos)
+
+
+def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
+    """Arithmetic on a made-up report: through TorchServe, each photo's client p50 over the plain forward pass at
+    batch 1 (40 ms for 1080p, 100 ms for 12 MP), and 1080p images/s at concurrency 8 over the forward pass's at
+    batch 8 (at least 0.8)."""
+    import torch
+
+    from camtools.bench import machine_info
+    from camtools.bench.report import _targets, service_photo_lines
+
+    report = _report("cpu", floor_ms={1: 60.0, 8: 50.0}, cam_ms={1: 61.0, 8: 50.5}, service=[])
+    report.machine = machine_info(torch.device("cpu")) | {"weights": "random"}
+    lone = {
+        "concurrency": 1,
+        "width": 1920,
+        "height": 1080,
+        "jpeg_bytes": 1,
+        "p50_ms": 110.0,
+        "floor_ms": 60.0,
+        "over_floor_ms": 50.0,
+        "target_over_floor_ms": 40.0,
+        "client_p50_ms": 110.0,
+        "handler_ms": 95.0,
+    }
+    report.service_photos = [
+        {"photo": "1080p", **lone},
+        {"photo": "1080p", "concurrency": 8, "width": 1920, "height": 1080, "jpeg_bytes": 1, "images_per_s": 16.0,
+         "p50_ms": 480.0, "floor_ms": 50.0, "ratio_to_floor": 0.8, "target_ratio": 0.8},
+        {"photo": "12 MP", **lone, "width": 4032, "height": 3024, "over_floor_ms": 90.0, "target_over_floor_ms": 100.0},
+    ]  # fmt: skip
+    targets = {t["measure"]: t for t in _targets(report)}
+    hd = targets["1080p JPEG through TorchServe, p50 at concurrency 1 - plain forward at batch 1, ms"]
+    twelve = targets["12 MP JPEG through TorchServe, p50 at concurrency 1 - plain forward at batch 1, ms"]
+    loaded = targets["1080p JPEGs at concurrency 8: images/s / plain forward at batch 8"]
+    assert (hd["value"], hd["met"], twelve["value"], twelve["met"]) == (50.0, False, 90.0, True)
+    assert (loaded["value"], loaded["target"], loaded["met"]) == (0.8, ">= 0.8", True)
+    lines = "\n".join(service_photo_lines(report.service_photos))
+    assert "1080p photos at concurrency 8: 16.0 images/s" in lines and "20.0 images/s (ratio 0.80)" in lines

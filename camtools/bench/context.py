@@ -119,6 +119,8 @@ class BenchReport:
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     photos: list[dict[str, object]] = field(default_factory=list)
+    service_photos: list[dict[str, object]] = field(default_factory=list)
+    """Phone photos through TorchServe end to end: a lone request's profile per size, 1080p at concurrency 8."""
     dense: list[dict[str, object]] = field(default_factory=list)
     channels_last: list[dict[str, object]] = field(default_factory=list)
     response_bytes: list[dict[str, object]] = field(default_factory=list)

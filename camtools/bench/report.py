@@ -42,6 +42,26 @@ def _targets(report: BenchReport) -> list[dict[str, object]]:
                 photo["target_over_floor_ms"],
             )
         )
+    for photo in report.service_photos:  # the same photos through TorchServe, end to end
+        if photo["concurrency"] == 1 and "over_floor_ms" in photo:
+            targets.append(
+                _target(
+                    f"{photo['photo']} JPEG through TorchServe, p50 at concurrency 1 - plain forward at batch 1, ms",
+                    photo["over_floor_ms"],
+                    "<=",
+                    photo["target_over_floor_ms"],
+                )
+            )
+        elif "ratio_to_floor" in photo:
+            targets.append(
+                _target(
+                    f"{photo['photo']} JPEGs at concurrency {photo['concurrency']}: images/s / plain forward at batch "
+                    f"{photo['concurrency']}",
+                    photo["ratio_to_floor"],
+                    ">=",
+                    photo["target_ratio"],
+                )
+            )
     on_gpu = str(report.machine["device"]).startswith("cuda")
     if on_gpu and (cam32 := pick("engine: Grad-CAM", 32)):
         ratio = cam32["seconds"] / pick("floor: torchvision forward", 32)["seconds"]
@@ -106,6 +126,38 @@ def photo_lines(photos: list[dict[str, object]]) -> list[str]:
             ],
         ),
     ]
+
+
+def service_photo_lines(photos: list[dict[str, object]]) -> list[str]:
+    """The report's table of phone photos through TorchServe: where a lone request's time goes, end to end, and
+    1080p under load."""
+    lone = [p for p in photos if p["concurrency"] == 1]
+    stages = ("client_p50", "http_and_frontend", "queue", "worker_protocol", "handler", "decode", "forward", "cam")
+    lines = [
+        "",
+        "Phone photos through TorchServe, one request at a time (medians, ms; max_side 2048): the client's p50 is "
+        "HTTP and the frontend, the queue, the worker protocol and the handler (decode, forward, cam, encode):",
+        *_table(
+            ["photo", "JPEG bytes", *(stage.replace("_", " ") for stage in stages), "encode", "plain forward"]
+            + ["over it"],
+            "lr" + "r" * (len(stages) + 3),
+            [
+                [f"{p['photo']} ({p['width']}x{p['height']})", p["jpeg_bytes"]]
+                + [f"{p.get(stage + '_ms', float('nan')):.1f}" for stage in stages]
+                + [f"{p.get('encode_ms', float('nan')):.1f}", f"{p.get('floor_ms', float('nan')):.1f}"]
+                + [f"{p.get('over_floor_ms', float('nan')):.1f}"]
+                for p in lone
+            ],
+        ),
+    ]
+    for p in (p for p in photos if p["concurrency"] > 1):
+        lines += [
+            "",
+            f"{p['photo']} photos at concurrency {p['concurrency']}: {p['images_per_s']:.1f} images/s, p50 "
+            f"{p['p50_ms']:.0f} ms; the plain forward pass at batch {p['concurrency']}: "
+            f"{1000 / p['floor_ms']:.1f} images/s (ratio {p.get('ratio_to_floor', float('nan')):.2f}).",
+        ]
+    return lines
 
 
 def _target(name: str, value: float, relation: str, bound: float) -> dict[str, object]:
@@ -215,6 +267,8 @@ def markdown(report: BenchReport) -> str:
         lines += ["", f"Stage shares for JPEG requests: {shares}."]
     if report.photos:
         lines += photo_lines(report.photos)
+    if report.service_photos:
+        lines += service_photo_lines(report.service_photos)
     if report.dense:
         lines += ["", "Detection and segmentation: one photo (451x300) through the service, 3 explanations, against "
                   "the model's own plain forward pass of the same input (medians):"]  # fmt: skip

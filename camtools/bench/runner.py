@@ -54,7 +54,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
     if config.server:
         progress.set_postfix_str("service")
         floor = partial(_floor_ms_per_image, model, spec, images, device, timed, config)
-        report.service, report.memory, report.batch_delays, report.profile = _service(
+        report.service, report.memory, report.batch_delays, report.profile, report.service_photos = _service(
             prepared, images, config, workdir, floor
         )
         progress.update()

@@ -35,7 +35,7 @@ def _service(
     from camtools.local_server import run_torchserve
 
     bodies = [encode_image(image, "jpeg") for image in images[:16]]
-    levels, memory, delays, profile = [], {}, [], {}
+    levels, memory, delays, profile, photos = [], {}, [], {}, []
     for index, delay in enumerate(config.batch_delays_ms):
         with tempfile.TemporaryDirectory(prefix="bench-", dir=workdir) as scratch:
             serving = ServingConfig(
@@ -59,6 +59,7 @@ def _service(
                         if concurrency == max(config.concurrency):
                             profile |= _loaded_profile(server, marks, levels[-1])
                     memory = _memory(server, bodies, config.soak_requests)
+                    photos = _photos_served(server, config, floor)
                     measured = [level for level in levels if level["concurrency"] in (1, max(config.concurrency))]
                 else:
                     measured = [
@@ -66,7 +67,44 @@ def _service(
                         for concurrency in sorted({1, max(config.concurrency)})
                     ]
                 delays += [{"batch_delay_ms": delay, **level} for level in measured]
-    return levels, memory, delays, profile
+    return levels, memory, delays, profile, photos
+
+
+PHOTO_CONCURRENCY = 8
+"""The concurrency at which the service's photo throughput is measured, against the forward pass at batch 8."""
+PHOTO_THROUGHPUT_TARGET = 0.8
+"""1080p photos at concurrency 8: at least this share of the plain forward pass's images/s at batch 8."""
+
+
+def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | None) -> list[dict[str, object]]:
+    """Phone photos through TorchServe end to end (the shipped max_side 2048): for each size, a lone request's
+    profile (the client's p50, the frontend's queue and backend times, the worker protocol, the handler's stages)
+    against the plain forward pass at batch 1 timed right before; then 1080p photos at concurrency 8 against the
+    forward pass at batch 8."""
+    from camtools.bench.inprocess import PHOTO_TARGETS_MS, PHOTOS, photo_jpeg
+
+    rows = []
+    for name, size in PHOTOS.items():
+        body = photo_jpeg(size)
+        floor_ms = floor(1) if floor else None
+        marks = _log_marks(server)
+        level = _load(server, [body], 1, max(4, config.requests_per_level // 6))
+        row = {"photo": name, "width": size[0], "height": size[1], "jpeg_bytes": len(body), **level}
+        row |= _profile(server, marks, level)
+        if floor_ms is not None:
+            row |= {"floor_ms": floor_ms, "over_floor_ms": level["p50_ms"] - floor_ms}
+            row["target_over_floor_ms"] = PHOTO_TARGETS_MS[name]
+        rows.append(row)
+        if name == "1080p":
+            floor8_ms = floor(PHOTO_CONCURRENCY) if floor else None
+            loaded = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level)
+            loaded_row = {"photo": name, "width": size[0], "height": size[1], "jpeg_bytes": len(body), **loaded}
+            if floor8_ms is not None:
+                forward_images_per_s = 1000 / floor8_ms
+                loaded_row |= {"floor_ms": floor8_ms, "ratio_to_floor": loaded["images_per_s"] / forward_images_per_s}
+                loaded_row["target_ratio"] = PHOTO_THROUGHPUT_TARGET
+            rows.append(loaded_row)
+    return rows
 
 
 def _log_marks(server) -> dict[str, int]:
