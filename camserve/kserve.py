@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import tempfile
 import uuid
@@ -38,7 +37,6 @@ import cv2
 import numpy as np
 import orjson
 import torch
-import yaml
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.errors import InvalidInput
 from PIL import Image
@@ -49,6 +47,7 @@ from camserve.api.options import load_json
 from camserve.errors import ClientError
 from camserve.model import select_device
 from camserve.pipeline import ExplanationService, RowResult, internal_error
+from camserve.spec import archive_manifest, handler_settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class CamModel(Model):
     handler, from the same spec, weights and ``handler:`` settings."""
 
     def __init__(self, model_dir: Path, device: torch.device | None = None) -> None:
-        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        manifest = archive_manifest(model_dir)
         super().__init__(manifest["model"]["modelName"])
         self.model_dir, self.manifest = model_dir, manifest
         self.device = device or select_device(0)
@@ -95,13 +94,9 @@ class CamModel(Model):
     def load(self) -> bool:
         """Build the service, then explain one synthetic photo: ready only when that answers 200."""
         cv2.setNumThreads(1)  # as in the TorchServe worker: requests decode and render in parallel instead
-        model = self.manifest["model"]
-        config = model.get("configFile")
-        settings = {}
-        if config and (self.model_dir / config).is_file():
-            settings = (yaml.safe_load((self.model_dir / config).read_text()) or {}).get("handler", {}) or {}
+        settings = handler_settings(self.model_dir, self.manifest)
         self.service = ExplanationService.from_archive(
-            self.model_dir, model["serializedFile"], settings, self.device, model_name=self.name
+            self.model_dir, self.manifest["model"]["serializedFile"], settings, self.device, model_name=self.name
         )
         (warm_up,) = self.service.answer([{"body": bytearray(_warm_up_image())}])
         if warm_up.status != 200:

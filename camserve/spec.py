@@ -11,10 +11,28 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["SPEC_FILE", "ModelSpec"]
+__all__ = ["MANIFEST_FILE", "SPEC_FILE", "ModelSpec", "archive_manifest", "handler_settings"]
 
 SPEC_FILE = "model_spec.json"
 """The spec's name inside the archive."""
+MANIFEST_FILE = "MAR-INF/MANIFEST.json"
+"""TorchServe's manifest inside the archive: the model's name, its weights file and its model-config.yaml."""
+
+
+def archive_manifest(model_dir: str | Path) -> dict[str, object]:
+    """The unpacked archive's manifest (``MAR-INF/MANIFEST.json``), as TorchServe reads it."""
+    return json.loads((Path(model_dir) / MANIFEST_FILE).read_text())
+
+
+def handler_settings(model_dir: str | Path, manifest: Mapping[str, object]) -> dict[str, object]:
+    """The ``handler:`` section of the archive's model-config.yaml (empty without one), as TorchServe gives it to
+    the handler."""
+    import yaml
+
+    config = manifest["model"].get("configFile")
+    if not config or not (Path(model_dir) / config).is_file():
+        return {}
+    return (yaml.safe_load((Path(model_dir) / config).read_text()) or {}).get("handler", {}) or {}
 
 
 @dataclass(frozen=True)
