@@ -105,7 +105,7 @@ def _match(output: Mapping[str, Tensor], box: Tensor, label: int) -> tuple[Tenso
     boxes = output["boxes"]
     if len(boxes) == 0:
         return None
-    ious = box_iou(box[None].to(boxes.dtype), boxes)
+    ious = box_iou(box[None].to(boxes.device, boxes.dtype), boxes)
     index = ious.argmax()
     if ious[0, index] > IOU_THRESHOLD and int(output["labels"][index]) == int(label):
         return ious[0, index], index
