@@ -318,6 +318,25 @@ def _fit_torchvision(arch: str, state_dict: dict[str, torch.Tensor], kwargs: dic
     raise BuildError(f"these weights do not fit --arch {arch}: {'; '.join(problems)}. {advice}")
 
 
+def _with_batch_norm_counters(
+    arch: str, state_dict: dict[str, torch.Tensor], kwargs: dict[str, object]
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` with the ``num_batches_tracked`` counters that the arch's batch norms expect and the weights
+    lack. torchvision's pretrained detectors (and models fine-tuned from them) use ``FrozenBatchNorm2d``, which keeps
+    no counter; built without weights they have ``BatchNorm2d``, whose counter is then all that a strict load misses.
+    The counters are 0: in eval mode both normalise with the same running statistics, and the counter is unused."""
+    with torch.device("meta"):
+        expected = build_network(_spec_stub(arch, kwargs)).state_dict().keys()
+    missing = [
+        key
+        for key in expected
+        if key.endswith(".num_batches_tracked")
+        and key not in state_dict
+        and key.removesuffix("num_batches_tracked") + "running_mean" in state_dict
+    ]
+    return state_dict | {key: torch.tensor(0, dtype=torch.long) for key in missing} if missing else state_dict
+
+
 def _dense_classes(arch: str, state_dict: dict[str, torch.Tensor], kwargs: dict[str, object]) -> dict[str, object]:
     """A detector's or segmenter's builder kwargs with ``num_classes`` read from the weights: the model is built on
     the meta device with 2 and with 3 classes, and each tensor whose size grows with the classes (a box predictor's
@@ -603,6 +622,7 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
         kwargs = _arch_kwargs(source.arch, source.input_size, pretrained=weights == "imagenet")
         if weights == "imagenet":
             state_dict, default_labels = _imagenet_state_dict(source.arch, request.progress)
+            state_dict = _with_batch_norm_counters(source.arch, state_dict, kwargs)
             kwargs = _fit_torchvision(source.arch, state_dict, kwargs) if default_labels is None else kwargs
             kwargs.setdefault("num_classes", len(default_labels or []) or 1000)
         elif weights == "random":
@@ -613,7 +633,7 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
             elif source.given_labels is not None or task.outputs(2) == 1:
                 kwargs["num_classes"] = task.outputs(len(source.given_labels or task.default_labels(2)))
         else:
-            state_dict = read_checkpoint(weights)
+            state_dict = _with_batch_norm_counters(source.arch, read_checkpoint(weights), kwargs)
             if not task_named(source.task).classifies:
                 kwargs = _dense_classes(source.arch, state_dict, kwargs)
             kwargs = _fit_torchvision(source.arch, state_dict, kwargs)
