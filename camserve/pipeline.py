@@ -40,7 +40,9 @@ from camserve.api import (
 )
 from camserve.cam import (
     DEFAULT_METHOD,
+    DETECTION_METHOD,
     METHODS,
+    PYRAMID_METHOD,
     CamEngine,
     CamRequest,
     Classes,
@@ -51,7 +53,6 @@ from camserve.cam import (
     normalize_map,
 )
 from camserve.cam.detection import (
-    DETECTION_METHOD,
     DetectionOutput,
     DetectionRequest,
     explain_detections,
@@ -303,10 +304,10 @@ class ExplanationService:
 
     def _default_method(self, layer: str) -> str:
         """The method of a request that names none: Grad-CAM; for a detector, HiResCAM
-        (:data:`camserve.cam.detection.DETECTION_METHOD`), or EigenCAM at a feature pyramid."""
+        (the registry's ``DETECTION_METHOD``), or EigenCAM at a feature pyramid."""
         if self.task.kind != "detection":
             return DEFAULT_METHOD
-        return "eigencam" if self.spec.layers[layer] == "fpn" else DETECTION_METHOD
+        return PYRAMID_METHOD if self.spec.layers[layer] == "fpn" else DETECTION_METHOD
 
     def _check_method(self, method: str, layer: str) -> None:
         """Refuse a method that cannot explain this task's outputs at this layer, saying why and what works."""

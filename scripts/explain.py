@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from camserve.cam import DEFAULT_METHOD, METHODS, CamEngine
-from camserve.cam.detection import DETECTION_METHOD
+from camserve.cam import DEFAULT_METHOD, DETECTION_METHOD, METHODS, CamEngine
 from camserve.imaging import decode_image, encode_image
 from camserve.pipeline import ExplanationService
 from camserve.tasks import task_named

@@ -15,8 +15,8 @@ from PIL import Image
 from torch import nn
 from torchvision.models import get_model_builder
 
-from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
-from camserve.cam.detection import DETECTION_METHOD, DetectionRequest, box_score, explain_detections, matched_score
+from camserve.cam import DETECTION_METHOD, CamEngine, CamRequest, Classes, normalize_map
+from camserve.cam.detection import DetectionRequest, box_score, explain_detections, matched_score
 from camserve.pipeline import ExplanationService
 from camserve.tasks import task_named
 from camtools.models import BuildError, _seeded, prepare_model

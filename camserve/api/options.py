@@ -12,8 +12,7 @@ import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, make_dataclass
 
-from camserve.cam import DEFAULT_METHOD, METHODS
-from camserve.cam.detection import DETECTION_METHOD
+from camserve.cam import DEFAULT_METHOD, DETECTION_METHOD, METHODS, PYRAMID_METHOD
 from camserve.errors import ClientError
 from camserve.imaging import COLORMAPS, OUTPUT_FORMATS, OVERLAYS
 
@@ -257,7 +256,7 @@ OPTIONS: tuple[Option, ...] = (
         f"one of {', '.join(METHODS)}",
         "The CAM method: " + ", ".join(f"`{name}`" for name in METHODS) + " ([docs/methods.md](docs/methods.md)).",
         choice(tuple(METHODS)),
-        shown_default=f"`{DEFAULT_METHOD}` (a detector's: `{DETECTION_METHOD}`, or `eigencam` at a feature pyramid)",
+        shown_default=f"`{DEFAULT_METHOD}` (a detector's: `{DETECTION_METHOD}`, or `{PYRAMID_METHOD}` at a pyramid)",
     ),
     Option(
         "layer",

@@ -21,12 +21,22 @@ from camserve.cam.layers import (
     find_layer,
     to_grid,
 )
-from camserve.cam.methods.registry import DEFAULT_METHOD, METHODS, Family, Method, method_record
+from camserve.cam.methods.registry import (
+    DEFAULT_METHOD,
+    DETECTION_METHOD,
+    METHODS,
+    PYRAMID_METHOD,
+    Family,
+    Method,
+    method_record,
+)
 from camserve.cam.post import normalize_map
 from camserve.cam.targets import SOFTMAX, Classes, Head, Objective, Target, TopPredicted, logit
 
 __all__ = [
     "DEFAULT_METHOD",
+    "DETECTION_METHOD",
+    "PYRAMID_METHOD",
     "LAYOUTS",
     "METHODS",
     "CamEngine",

@@ -36,7 +36,6 @@ from camserve.cam.methods.registry import Family, method_record
 from camserve.cam.post import reduce_contributions, upsample
 
 __all__ = [
-    "DETECTION_METHOD",
     "Detection",
     "DetectionOutput",
     "DetectionRequest",
@@ -44,12 +43,6 @@ __all__ = [
     "explain_detections",
     "matched_score",
 ]
-
-DETECTION_METHOD = "hirescam"
-"""The method a detector's explanations use when a request names none. A box's score reaches the backbone only
-near the box, so an element-wise method keeps it there, where Grad-CAM's channel weights, averaged over the whole
-map, light every object alike: on the synthetic task's trained detector, HiResCAM's maps peak inside the explained
-box 52 times in 52, Grad-CAM's 7 times (``tests/test_dense.py``)."""
 
 IOU_THRESHOLD = 0.5
 """A box of the output stands for the explained detection when its IoU with it exceeds this and its class is the

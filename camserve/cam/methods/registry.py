@@ -20,7 +20,7 @@ from camserve.cam.targets import TopPredicted
 if TYPE_CHECKING:
     from camserve.cam.engine import CamEngine, CamRequest
 
-__all__ = ["DEFAULT_METHOD", "Family", "METHODS", "Method", "method_record"]
+__all__ = ["DEFAULT_METHOD", "DETECTION_METHOD", "PYRAMID_METHOD", "Family", "METHODS", "Method", "method_record"]
 
 
 class Family(StrEnum):
@@ -123,6 +123,15 @@ def _activation(name: str, title: str, reference: str, combine: Callable) -> Met
 
 
 DEFAULT_METHOD = "gradcam"
+DETECTION_METHOD = "hirescam"
+"""The method a detector's explanations use when a request names none. A box's score reaches the backbone only
+near the box, so an element-wise method keeps it there, where Grad-CAM's channel weights, averaged over the whole
+map, light every object alike: on the synthetic task's trained detector, HiResCAM's maps peak inside the explained
+box 52 times in 52, Grad-CAM's 7 times (``tests/test_dense.py``)."""
+
+PYRAMID_METHOD = "eigencam"
+"""The method at a feature pyramid (an FPN detector's ``backbone``) when a request names none: gradient methods need
+one tensor, and EigenCAM reads activations alone."""
 _REFINE_INNER = "gradcam++"
 _SESS_INNER = DEFAULT_METHOD
 
