@@ -58,6 +58,7 @@ from camserve.cam.detection import (
     explain_detections,
     matched_score,
 )
+from camserve.cam.sanity import Sanity, SanityFigure, sanity_passes
 from camserve.errors import ClientError
 from camserve.faithfulness import Faithfulness, faithfulness
 from camserve.faithfulness import forward_passes as faithfulness_passes
@@ -185,6 +186,7 @@ class ExplanationService:
         if self.task.kind != "detection":
             self.engine.layers()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
+        self.sanity = Sanity(self.engine)  # its randomised copies are built on the first request that asks
 
     @classmethod
     def from_archive(
@@ -257,7 +259,8 @@ class ExplanationService:
         explanations = targets.count  # at most: a multi-label model explains only its positive classes of these
         measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
         method_passes = self._forward_passes(cam)
-        self.budget.check(explanations, output, options.method, method_passes, measuring)
+        checking = sanity_passes(self.engine, cam) if options.sanity else 0
+        self.budget.check(explanations, output, options.method, method_passes, measuring, checking)
         side = self.spec.input_size
         if task.kind == "detection":  # the image at its own size, at most side on its longer side
             model_size = fit_within(opened.width, opened.height, side)
@@ -353,7 +356,10 @@ class ExplanationService:
         started = time.perf_counter()
         channels_last = 0 < self.channels_last_from <= len(prepared)
         batch = images_to_batch([item.model_input for item in prepared], self.spec, self.device, channels_last)
-        output = self.engine(batch, [item.cam for item in prepared])
+        checked = [item.cam if item.options.sanity else None for item in prepared]
+        keep = self.sanity.keep([cam for cam in checked if cam is not None])
+        output = self.engine(batch, [item.cam for item in prepared], keep=keep)
+        checks = self.sanity.figures(batch, checked, output) if any(c is not None for c in checked) else {}
         scores = self.task.scores(output.logits).cpu()  # one copy off the device for the whole batch
         self.stage_seconds["forward"] = output.seconds["forward"]
         self.stage_seconds["cam"] = time.perf_counter() - started - output.seconds["forward"]
@@ -387,6 +393,7 @@ class ExplanationService:
                     sent,
                     measured.get(n),
                     None if segmentation is None else (segmentation[n], scores[n]),
+                    checks.get(n),
                 ),
             )
 
@@ -576,6 +583,7 @@ class ExplanationService:
         sent: _ByteCount,
         measured: list[Faithfulness] | None = None,
         segmentation: tuple[np.ndarray, torch.Tensor] | None = None,
+        checked: list[SanityFigure] | None = None,
     ) -> RowResult:
         """Render one target at a time at the output size, stopping as soon as the response would be too large."""
         response_bytes = 2048  # the predictions and the JSON around the images
@@ -596,6 +604,10 @@ class ExplanationService:
                 explanation = self._render(item, target, probability, heatmap, outline)
                 if measured is not None:
                     explanation = replace(explanation, faithfulness=asdict(measured[index]))
+                if checked is not None:
+                    figure = checked[index]
+                    sanity = {"rank_correlation": figure.rank_correlation, "randomised": list(figure.randomised)}
+                    explanation = replace(explanation, sanity=sanity)
                 response_bytes += len(explanation.overlay) + len(explanation.heatmap or "") + 512
                 self.budget.check_response(response_bytes)
                 explanations.append(explanation)

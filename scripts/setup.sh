@@ -31,7 +31,7 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.requirements.sha256
-wanted=$( (cat requirements.txt requirements-kserve.txt requirements-dev.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
+wanted=$( (cat requirements.txt requirements-kserve.txt requirements-dev.txt requirements-references.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
   if [ "${CAMSERVE_TORCH_CPU:-}" = 1 ]; then
@@ -42,6 +42,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
       --index-url https://download.pytorch.org/whl/cpu $torch_pins
   fi
   .venv/bin/python -m pip install --disable-pip-version-check --progress-bar on -r "$requirements"
+  if [ "$requirements" = requirements-dev.txt ]; then
+    .venv/bin/python -m pip install --disable-pip-version-check --no-deps -r requirements-references.txt
+  fi
   # The project itself, editable: camserve (served) and camtools (build and dev tools) import from anywhere.
   .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$wanted" >"$stamp"

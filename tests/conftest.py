@@ -26,6 +26,15 @@ def resnet50() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """ShapesNet trained on the synthetic task (about 30 s on two cores), as the build would serve it, and its
+    held-out accuracy."""
+    from camtools.synthetic import trained_shapes_model
+
+    return trained_shapes_model(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
 def chelsea() -> np.ndarray:
     """A tabby cat, 451x300 RGB, shipped inside scikit-image's wheel."""
     import skimage.data

@@ -12,10 +12,10 @@ class FaultInjectingHandler(GradCamHandler):
         engine = self.service.engine
         original = type(engine).__call__
 
-        def fail_on_white(self, images, requests):
+        def fail_on_white(self, images, requests, keep=()):
             if any(bool((image > 2.0).all()) for image in images):  # white, after ImageNet normalisation
                 raise RuntimeError("injected engine failure")
-            return original(self, images, requests)
+            return original(self, images, requests, keep)
 
         # A class made here, not at module level: TorchServe wants exactly one class in a handler module.
         engine.__class__ = type("FaultyEngine", (type(engine),), {"__call__": fail_on_white})

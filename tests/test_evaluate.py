@@ -9,15 +9,8 @@ import sys
 import pytest
 
 from camtools.evaluate import LabelledImage, evaluate, load_labelled_images, markdown
-from camtools.synthetic import CLASSES, make_samples, trained_shapes_model
+from camtools.synthetic import CLASSES, make_samples
 from tests.conftest import ROOT, encode
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """ShapesNet trained on the synthetic task (about 30 s on two cores), as the build would serve it."""
-    prepared, accuracy = trained_shapes_model(tmp_path_factory.mktemp("shapes"))
-    return prepared, accuracy
 
 
 @pytest.mark.slow

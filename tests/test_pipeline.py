@@ -83,11 +83,11 @@ class FailsOnWhiteImages(CamEngine):
 
     calls: int = 0
 
-    def __call__(self, images, requests):
+    def __call__(self, images, requests, keep=()):
         self.calls += 1
         if any(bool((image > 2.0).all()) for image in images):  # white, after ImageNet normalisation
             raise RuntimeError("injected engine failure")
-        return super().__call__(images, requests)
+        return super().__call__(images, requests, keep)
 
 
 def test_an_engine_failure_in_one_row_fails_only_that_row():

@@ -32,7 +32,11 @@ def test_the_runtime_install_holds_no_test_tools():
         line.split("==")[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line
     }
     assert {"torch", "torchserve", "opencv-python-headless", "pillow-heif", "timm", "transformers"} <= runtime
-    assert not runtime & {"pytest", "playwright", "ruff", "grad-cam", "tritonclient", "hypothesis", "scikit-image"}
+    assert not runtime & {"pytest", "playwright", "ruff", "grad-cam", "tritonclient", "hypothesis", "scikit-image",
+                          "torchcam", "captum", "quantus"}  # fmt: skip
+    # Quantus is installed apart, without its dependencies: its opencv-python would replace the headless cv2.
+    assert "--no-deps -r requirements-references.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    assert "quantus==0.6.0" in (ROOT / "requirements-references.txt").read_text()
     script = (ROOT / "scripts" / "setup.sh").read_text()
     assert "--runtime) requirements=requirements.txt" in script and "pip install" in script
     completed = subprocess.run(

@@ -23,7 +23,7 @@ class WorkBudget:
     max_output_pixels: int = settings.MAX_OUTPUT_PIXELS
     """Output pixels × explanations, per request."""
     max_forward_passes: int = settings.MAX_FORWARD_PASSES
-    """Forward passes per request, as the method records count them, plus faithfulness's."""
+    """Forward passes per request, as the method records count them, plus faithfulness's and the sanity check's."""
     max_response_bytes: int = settings.MAX_RESPONSE_BYTES
     """The largest response body: TorchServe's ``max_response_size`` in the shipped config.properties."""
 
@@ -34,7 +34,13 @@ class WorkBudget:
         return max(1, round(width * scale)), max(1, round(height * scale))
 
     def check(
-        self, explanations: int, output: tuple[int, int], method: str, method_passes: int, faithfulness_passes: int = 0
+        self,
+        explanations: int,
+        output: tuple[int, int],
+        method: str,
+        method_passes: int,
+        faithfulness_passes: int = 0,
+        sanity_passes: int = 0,
     ) -> None:
         """Refuse a request whose work is over budget, saying how much it asked for and how to fit."""
         width, height = output
@@ -49,21 +55,26 @@ class WorkBudget:
                 f"{pixels / 1e6:.1f} megapixels of output; at most {self.max_output_pixels / 1e6:g} megapixels are "
                 f"rendered per request: {advice}set max_side to {max(MIN_SIDE, side)} or less",
             )
-        passes = method_passes + faithfulness_passes
+        passes = method_passes + faithfulness_passes + sanity_passes
         if passes > self.max_forward_passes:
-            raise ClientError("OverBudget", self._passes_advice(method, method_passes, faithfulness_passes))
+            raise ClientError(
+                "OverBudget", self._passes_advice(method, method_passes, faithfulness_passes, sanity_passes)
+            )
 
-    def _passes_advice(self, method: str, method_passes: int, faithfulness_passes: int) -> str:
-        total = method_passes + faithfulness_passes
+    def _passes_advice(self, method: str, method_passes: int, faithfulness_passes: int, sanity_passes: int) -> str:
+        total = method_passes + faithfulness_passes + sanity_passes
         parts = [f"{method}: {method_passes}"] + (
             [f"faithfulness: {faithfulness_passes}"] if faithfulness_passes else []
         )
+        parts += [f"sanity: {sanity_passes}"] if sanity_passes else []
         ways = []
         if method_passes > 1:
             one_pass = ", ".join(name for name, record in METHODS.items() if record.one_pass)
             ways.append(f"a method that costs one pass ({one_pass}) and no aug_smooth")
         if faithfulness_passes:
             ways.append("fewer faithfulness_steps or no faithfulness")
+        if sanity_passes > 1:
+            ways.append("no sanity")
         ways.append(f"or an archive built with --max-forward-passes {total} or more")
         return (
             f"this request needs {total} forward passes ({'; '.join(parts)}); at most {self.max_forward_passes} are "

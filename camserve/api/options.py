@@ -348,6 +348,17 @@ OPTIONS: tuple[Option, ...] = (
         boolean,
     ),
     Option(
+        "sanity",
+        bool,
+        False,
+        "true or false",
+        "Check each explanation against the model randomised after the layer: the maps' rank correlation, near 1 "
+        "when the map does not depend on the model ([docs/methods.md](docs/methods.md#sanity)); one more pass of "
+        "the model after the layer.",
+        boolean,
+        fits=("classification", "segmentation"),
+    ),
+    Option(
         "faithfulness_steps",
         int,
         16,

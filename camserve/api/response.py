@@ -93,6 +93,9 @@ class Explanation:
     """The map as a base64 16-bit grayscale PNG; only when asked."""
     faithfulness: dict[str, object] | None = None
     """Deletion, insertion, drop, increase and steps (``camserve.faithfulness``); only when asked."""
+    sanity: dict[str, object] | None = None
+    """The rank correlation with the map of a copy of the model randomised after the layer, and the randomised
+    modules (``camserve.cam.sanity``); only when asked."""
     value: float | None = None
     """A regression output's value, in place of a probability."""
     detection: int | None = None

@@ -64,6 +64,10 @@ class CamOutput:
     targets: list[list[int]]
     maps: list[Tensor]
     seconds: dict[str, float] = field(default_factory=dict)
+    kept: dict[str, Tensor] = field(default_factory=dict)
+    """The outputs of the modules the call was asked to ``keep``, from the shared forward pass, one row per request
+    of ``kept_rows``; empty when that pass was not one plain row per image (``aug_smooth``, composite methods)."""
+    kept_rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,9 @@ class CamEngine:
 
     # --- The plan ---
 
-    def __call__(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+    def __call__(self, images: Tensor, requests: Sequence[CamRequest], keep: Sequence[str] = ()) -> CamOutput:
+        """Explain ``images``, one request each. ``keep`` names modules whose outputs in the shared forward pass are
+        returned in ``kept`` (:mod:`camserve.cam.sanity` replays them)."""
         if len(requests) != len(images):
             raise ValueError(f"got {len(requests)} requests for {len(images)} images")
         plan = self.plan(requests)
@@ -212,7 +218,7 @@ class CamEngine:
                 for method, rows in plan.apart.items()
             ]
             if plan.shared:
-                parts.append((plan.shared, self._explain_rows(images, requests, plan.shared)))
+                parts.append((plan.shared, self._explain_rows(images, requests, plan.shared, keep)))
         output = self._keep_scoring(_gather(parts, len(requests)), requests)
         forward = output.seconds["forward"]
         return replace(output, seconds={"forward": forward, "cam": time.perf_counter() - started - forward})
@@ -245,12 +251,14 @@ class CamEngine:
                 apart.setdefault(request.method, []).append(n)
         return _Plan(apart, shared)
 
-    def _explain_rows(self, images: Tensor, requests: Sequence[CamRequest], indices: list[int]) -> CamOutput:
+    def _explain_rows(
+        self, images: Tensor, requests: Sequence[CamRequest], indices: list[int], keep: Sequence[str] = ()
+    ) -> CamOutput:
         """The shared forward pass for the requests ``indices``: each adds a row per ``aug_smooth`` copy per part of
         its method, and its map is merged back from its rows' maps."""
         chosen = [requests[n] for n in indices]
         if not any(r.aug_smooth or method_record(r.method).parts for r in chosen):  # the common case: a row each
-            return self.explain_shared(images if len(indices) == len(images) else images[indices], chosen)
+            return self.explain_shared(images if len(indices) == len(images) else images[indices], chosen, keep)
         size = tuple(images.shape[-2:])
         ranking_seconds = 0.0
         ranked = [
@@ -292,9 +300,10 @@ class CamEngine:
 
     # --- The shared forward pass ---
 
-    def explain_shared(self, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+    def explain_shared(self, images: Tensor, requests: Sequence[CamRequest], keep: Sequence[str] = ()) -> CamOutput:
         """One forward pass and one gradient call for images whose methods share the forward pass, one plain row
-        each (no ``aug_smooth``, no composite method): the core that every plan ends in."""
+        each (no ``aug_smooth``, no composite method): the core that every plan ends in. The outputs of the modules
+        ``keep`` names come back in ``kept``, one row per image."""
         if len(requests) != len(images):
             raise ValueError(f"got {len(requests)} requests for {len(images)} images")
         records = [method_record(request.method) for request in requests]
@@ -351,7 +360,9 @@ class CamEngine:
         started = time.perf_counter()
         with self.autocast(device), attention:
             try:
-                stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, expand)
+                stream_logits, activations, per_pair, kept = self._split_forward(
+                    images, modules, gradient_layers, expand, keep
+                )
                 if expand is not None and len(stream_logits) != len(given):
                     raise RuntimeError(f"{len(stream_logits)} rows of logits for {len(given)} pairs")
             except RuntimeError:
@@ -361,7 +372,9 @@ class CamEngine:
                 # differentiate per target slot instead, and remember not to try again for these layers.
                 self._unexpandable.add(frozenset(layers))
                 expand = None
-                stream_logits, activations, per_pair = self._split_forward(images, modules, gradient_layers, None)
+                stream_logits, activations, per_pair, kept = self._split_forward(
+                    images, modules, gradient_layers, None, keep
+                )
             forward_done = time.perf_counter()
             logits = stream_logits[first_pair] if expand is not None else stream_logits
             scores = self.head.ranking(logits.detach())
@@ -393,18 +406,41 @@ class CamEngine:
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in counts]
         seconds = {"forward": forward_done - started}
-        return CamOutput(logits=logits.detach().float(), targets=chosen, maps=list(pair_maps), seconds=seconds)
+        return CamOutput(
+            logits=logits.detach().float(),
+            targets=chosen,
+            maps=list(pair_maps),
+            seconds=seconds,
+            kept=kept,
+            kept_rows=tuple(range(len(requests))) if kept else (),
+        )
 
     def _split_forward(
-        self, images: Tensor, modules: dict[str, nn.Module], gradient_layers: set[str], expand: Tensor | None
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, bool]]:
-        """The logits, each layer's activation, and whether that activation has one row per pair (else per image).
+        self,
+        images: Tensor,
+        modules: dict[str, nn.Module],
+        gradient_layers: set[str],
+        expand: Tensor | None,
+        keep: Sequence[str] = (),
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, bool], dict[str, Tensor]]:
+        """The logits, each layer's activation, whether that activation has one row per pair (else per image), and
+        the first output of each module ``keep`` names (as the module made it, before the layers' hooks).
 
         The logits have one row per pair from the first gradient layer on when ``expand`` (each pair's image) is
         given, and one per image otherwise.
         """
         captured: dict[str, list[Tensor]] = {layer: [] for layer in modules}
         per_pair: dict[str, bool] = {}
+        kept: dict[str, Tensor] = {}
+
+        def record(name: str) -> Callable[[nn.Module, object, Tensor], None]:
+            def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
+                # The layer's own output is copied: downstream in-place ops could rewrite it. An earlier module's
+                # is kept as it ends up: in-place ops rewrite it for every later reader alike.
+                if name not in kept:
+                    kept[name] = output.detach().clone() if name in modules else output
+
+            return hook
 
         def capture(layer: str) -> Callable[[nn.Module, object, Tensor], Tensor]:
             def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor | None:
@@ -424,12 +460,14 @@ class CamEngine:
 
             return hook
 
-        with forward_hooks((module, capture(layer)) for layer, module in modules.items()), torch.no_grad():
+        recorders = [(find_layer(self.model, name), record(name)) for name in keep]  # first: the modules' outputs
+        hooks = recorders + [(module, capture(layer)) for layer, module in modules.items()]
+        with forward_hooks(hooks), torch.no_grad():
             logits = self.model(images)
         for layer, outputs in captured.items():
             if len(outputs) != 1:
                 raise RuntimeError(f"layer {layer!r} ran {len(outputs)} times in one forward pass; expected once")
-        return logits, {layer: outputs[0] for layer, outputs in captured.items()}, per_pair
+        return logits, {layer: outputs[0] for layer, outputs in captured.items()}, per_pair, kept
 
     @staticmethod
     def _gradients(
@@ -562,8 +600,18 @@ def _gather(parts: Sequence[tuple[list[int], CamOutput]], total: int) -> CamOutp
     logits: list[Tensor | None] = [None] * total
     targets: list[list[int] | None] = [None] * total
     maps: list[Tensor | None] = [None] * total
+    kept, kept_rows = {}, ()
     for rows, output in parts:
         for i, n in enumerate(rows):
             logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
+        if output.kept:
+            kept, kept_rows = output.kept, tuple(rows[i] for i in output.kept_rows)
     forward = sum(output.seconds.get("forward", 0.0) for _, output in parts)
-    return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps, seconds={"forward": forward})
+    return CamOutput(
+        logits=torch.stack(logits),
+        targets=targets,
+        maps=maps,
+        seconds={"forward": forward},
+        kept=kept,
+        kept_rows=kept_rows,
+    )
