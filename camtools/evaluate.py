@@ -1,5 +1,6 @@
 """Which method for my model? Every method on a labelled image set: mean deletion, insertion and drop
-(``camserve.faithfulness``), and the pointing game where boxes are known. ``scripts/evaluate.py`` is its CLI.
+(``camserve.faithfulness``), the pointing game where boxes are known, and the sanity check's full cascade
+(:func:`cascade`). ``scripts/evaluate.py`` is its CLI.
 """
 
 from __future__ import annotations
@@ -13,13 +14,26 @@ import numpy as np
 import torch
 
 from camserve.cam import METHODS, CamEngine, CamRequest, Classes, normalize_map
+from camserve.cam.sanity import SANITY_SEED, at_input, randomised_copy, rank_correlation
 from camserve.faithfulness import faithfulness
 from camserve.imaging import decode_image, resize_for_model
 from camserve.model import images_to_batch
 from camserve.spec import ModelSpec
 from camserve.tasks import task_named
 
-__all__ = ["LabelledImage", "MethodScore", "evaluate", "load_labelled_images", "markdown", "plot"]
+__all__ = [
+    "CascadeStep",
+    "LabelledImage",
+    "MethodScore",
+    "cascade",
+    "cascade_blocks",
+    "cascade_markdown",
+    "evaluate",
+    "load_labelled_images",
+    "markdown",
+    "plot",
+    "plot_cascade",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 POINTING_TOLERANCE = 15
@@ -180,6 +194,110 @@ def plot(scores: list[MethodScore], path: Path, title: str) -> None:
     np.atleast_1d(axes)[0].set_yticks(range(len(rows)), names, fontsize=8)
     np.atleast_1d(axes)[0].invert_yaxis()
     figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --- The sanity check's full cascade ---
+
+
+@dataclass(frozen=True)
+class CascadeStep:
+    method: str
+    block: str
+    """The block randomised at this step, with every block above it."""
+    correlation: float
+    """The mean over the images of Spearman's rank correlation with the trained model's map (NaN maps left out)."""
+
+
+def cascade_blocks(model: torch.nn.Module) -> list[str]:
+    """The model's blocks from the top down, as the cascade randomises them: the modules with
+    ``reset_parameters``, grouped by their first two name parts (``layer4.2``, ``fc``, ``features.6``), ordered by
+    where their first module is in ``named_modules``, reversed (Quantus's top-down order, block by block)."""
+    blocks: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and hasattr(module, "reset_parameters"):
+            blocks.setdefault(".".join(name.split(".")[:2]), None)
+    return list(reversed(blocks))
+
+
+def cascade(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    images: list[LabelledImage],
+    methods: Sequence[str],
+    layer: str | None = None,
+    batch_size: int = 16,
+    seed: int = SANITY_SEED,
+    progress=None,
+) -> list[CascadeStep]:
+    """Adebayo et al.'s cascading randomisation (NeurIPS 2018), as Quantus's MPRT runs it: from the top block down
+    to the input, one more block re-initialised at each step (``torch.manual_seed(seed + 1)``, then
+    ``reset_parameters()``, as :func:`camserve.cam.sanity.randomised_copy` does), and at each step each method's map
+    at ``layer`` (the default layer) for the labelled class, compared with the trained model's by Spearman's rank
+    correlation at the model input's size. The step at the block after the layer is what the served ``sanity``
+    option reports; the steps below it randomise the layer's own activations too."""
+    task = task_named(spec.task)
+    layer = layer or spec.default_layer
+    side = spec.input_size
+    batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    inputs = [images_to_batch([resize_for_model(item.image, side) for item in chunk], spec) for chunk in batches]
+
+    def maps_of(network: torch.nn.Module, method: str) -> list[torch.Tensor]:
+        engine = CamEngine(network, input_size=side, default_layer=spec.default_layer, head=task.head)
+        found = []
+        for chunk, batch in zip(batches, inputs, strict=True):
+            requests = [CamRequest(Classes([item.label]), layer, method) for item in chunk]
+            found += [at_input(cam, (side, side))[0] for cam in engine(batch, requests).maps]
+        return found
+
+    originals = {method: torch.stack(maps_of(model, method)) for method in methods}
+    blocks = cascade_blocks(model)
+    steps = []
+    for depth in range(1, len(blocks) + 1):
+        randomised = randomised_copy(model, blocks[:depth], seed)
+        for method in methods:
+            values = rank_correlation(originals[method], torch.stack(maps_of(randomised, method)))
+            steps.append(CascadeStep(method, blocks[depth - 1], float(np.nanmean(values.numpy()))))
+            if progress is not None:
+                progress.update(len(images))
+    return steps
+
+
+def cascade_markdown(steps: list[CascadeStep]) -> str:
+    """Methods as rows, the cascade's blocks as columns (top first): each cell the mean rank correlation."""
+    blocks = list(dict.fromkeys(step.block for step in steps))
+    methods = list(dict.fromkeys(step.method for step in steps))
+    value = {(step.method, step.block): step.correlation for step in steps}
+    lines = ["| method | " + " | ".join(f"→ `{block}`" for block in blocks) + " |"]
+    lines.append("|---|" + "---:|" * len(blocks))
+    for method in methods:
+        lines.append(f"| `{method}` | " + " | ".join(f"{value[method, block]:.2f}" for block in blocks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cascade(steps: list[CascadeStep], path: Path, title: str) -> None:
+    """Adebayo et al.'s figure: each method's rank correlation as the randomisation reaches down, block by block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = list(dict.fromkeys(step.block for step in steps))
+    figure, axis = plt.subplots(figsize=(max(5.0, 0.5 * len(blocks) + 3), 3.6))
+    for method in dict.fromkeys(step.method for step in steps):
+        values = [next(s.correlation for s in steps if s.method == method and s.block == block) for block in blocks]
+        axis.plot(range(len(blocks)), values, marker="o", label=method)
+    axis.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right", fontsize=8)
+    axis.set_xlabel("randomised from the top down to")
+    axis.set_ylabel("rank correlation with the trained map")
+    axis.set_ylim(-1, 1.05)
+    axis.axhline(0, color="#999999", linewidth=0.8)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower left")
+    axis.set_title(title, fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -7,7 +7,9 @@ python scripts/evaluate.py --synthetic 200          # train ShapesNet on the syn
 The images: a folder with one subfolder per class (named by label or index), or a CSV of rows
 ``file,class[,x0,y0,x1,y1]`` (with a box, the pointing game is scored too). Each image is explained for its labelled
 class with every method, at the default layer and at each of --layers. It writes a markdown table and a plot of mean
-deletion, insertion and drop per method (and the pointing game), into --out.
+deletion, insertion and drop per method (and the pointing game), into --out; with --cascade, the sanity check's full
+cascade too (sanity.md, sanity.png): the model randomised block by block from the top down, and each method's
+rank correlation with its trained map at each step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from tqdm import tqdm
 
 from camserve.cam import METHODS
 from camserve.imaging import encode_image
-from camtools.evaluate import evaluate, load_labelled_images, markdown, plot
+from camtools.evaluate import (
+    cascade,
+    cascade_blocks,
+    cascade_markdown,
+    evaluate,
+    load_labelled_images,
+    markdown,
+    plot,
+    plot_cascade,
+)
 from camtools.models import add_model_arguments, model_for_cli
 
 
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", help="layers besides the model's default layer")
     parser.add_argument("--steps", type=int, default=16, help="deletion and insertion steps (default: 16)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="(default: evaluation/)")
+    parser.add_argument("--cascade", action="store_true", help="also run the sanity check's full cascade")
     args = parser.parse_args(argv)
     if (args.images is None) == (args.synthetic is None):
         parser.error("give a folder or CSV of labelled images, or --synthetic N")
@@ -73,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     plot(scores, args.out / "faithfulness.png", title)
     print(table)
     print(f"wrote {args.out / 'faithfulness.md'} and {args.out / 'faithfulness.png'}")
+    if args.cascade:
+        total = len(images) * len(args.methods) * len(cascade_blocks(prepared.model))
+        with tqdm(total=total, desc="randomising", unit="map") as progress:
+            steps = cascade(prepared.model, spec, images, args.methods, progress=progress)
+        explained = f"{title}, at `{spec.default_layer}`"
+        (args.out / "sanity.md").write_text(f"{explained}: mean rank correlation with the trained map\n\n"
+                                            f"{cascade_markdown(steps)}")  # fmt: skip
+        plot_cascade(steps, args.out / "sanity.png", explained)
+        print(cascade_markdown(steps))
+        print(f"wrote {args.out / 'sanity.md'} and {args.out / 'sanity.png'}")
     return 0
 
 

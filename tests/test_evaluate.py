@@ -6,10 +6,22 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
-from camtools.evaluate import LabelledImage, evaluate, load_labelled_images, markdown
-from camtools.synthetic import CLASSES, make_samples
+from camserve.cam import CamEngine, CamRequest, Classes
+from camserve.cam.sanity import Sanity
+from camtools.evaluate import (
+    LabelledImage,
+    cascade,
+    cascade_blocks,
+    cascade_markdown,
+    evaluate,
+    load_labelled_images,
+    markdown,
+)
+from camtools.synthetic import CLASSES, make_samples, to_batch
 from tests.conftest import ROOT, encode
 
 
@@ -31,6 +43,27 @@ def test_the_synthetic_task_trains_a_model_that_localises_and_faithfulness_tells
     assert "| `gradcam` | `features.7` |" in table
 
 
+def test_the_cascade_randomises_block_by_block_and_its_first_step_below_the_layer_is_the_served_figure(shapes):
+    prepared, _ = shapes
+    assert cascade_blocks(prepared.model) == ["head", "features.6", "features.3", "features.0"]
+    images = [LabelledImage(str(i), s.image, s.label) for i, s in enumerate(make_samples(12, seed=8))]
+    steps = cascade(prepared.model, prepared.spec, images, ["gradcam", "eigencam"], layer="features.5")
+    value = {(step.method, step.block): step.correlation for step in steps}
+    # Down to features.6, the model after features.5 is random: the served check's figure, averaged.
+    engine = CamEngine(prepared.model, input_size=64)
+    sanity = Sanity(engine)
+    batch = torch.stack([to_batch([item.image])[0] for item in images])
+    requests = [CamRequest(Classes([item.label]), "features.5", "gradcam") for item in images]
+    output = engine(batch, requests, keep=sanity.keep(requests))
+    served = sanity.figures(batch, requests, output)
+    found = [served[n][0].rank_correlation for n in range(len(images))]
+    assert abs(value["gradcam", "features.6"] - np.nanmean(np.array(found, dtype=float))) < 1e-5
+    assert value["eigencam", "head"] == value["eigencam", "features.6"] == 1.0  # nothing it reads is random yet
+    assert value["eigencam", "features.3"] < 1.0  # now its own activations are
+    assert value["gradcam", "features.6"] < 0.3
+    assert "| `gradcam` |" in cascade_markdown(steps) and "→ `features.0`" in cascade_markdown(steps)
+
+
 def test_evaluate_cli_on_a_folder_of_class_subfolders(tmp_path, chelsea):
     for label, name in enumerate(("circle", "square", "triangle")):
         folder = tmp_path / "images" / name
@@ -42,7 +75,7 @@ def test_evaluate_cli_on_a_folder_of_class_subfolders(tmp_path, chelsea):
     command = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path / "images")]
     command += ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random"]
     command += ["--labels", str(labels), "--input-size", "64", "--methods", "gradcam", "randomcam"]
-    command += ["--layers", "features.2", "--steps", "4", "--out", str(tmp_path / "out")]
+    command += ["--layers", "features.2", "--steps", "4", "--out", str(tmp_path / "out"), "--cascade"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     table = (tmp_path / "out" / "faithfulness.md").read_text()
@@ -50,6 +83,8 @@ def test_evaluate_cli_on_a_folder_of_class_subfolders(tmp_path, chelsea):
         for layer in ("features.4", "features.2"):
             assert f"| `{method}` | `{layer}` |" in table
     assert (tmp_path / "out" / "faithfulness.png").stat().st_size > 10_000
+    assert "| `randomcam` |" in (tmp_path / "out" / "sanity.md").read_text()
+    assert (tmp_path / "out" / "sanity.png").stat().st_size > 10_000
     assert "evaluating" in completed.stderr  # the progress bar
 
 

@@ -946,6 +946,10 @@ def test_smoothing_and_faithfulness_through_the_server(server, chelsea):
         assert np.abs(heatmap_of(explanation) - heatmap_of(plain)).max() > 0.05, option  # the map changes
         assert set(explanation["faithfulness"]) == {"deletion", "insertion", "drop", "increase", "steps"}
     assert plain["faithfulness"]["steps"] == 8 and 0 <= plain["faithfulness"]["deletion"] <= 1
+    checked = server.predict(files=files, data={"target": "281", "sanity": "true"})
+    assert checked.status_code == 200, checked.text
+    assert checked.json()["explanations"][0]["sanity"]["randomised"] == ["fc"]
+    assert -1 <= checked.json()["explanations"][0]["sanity"]["rank_correlation"] <= 1
 
 
 # --- Every task and every source, served side by side ---

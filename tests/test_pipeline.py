@@ -318,6 +318,23 @@ def test_faithfulness_is_measured_per_explanation_and_counted_in_the_budget():
     assert "faithfulness" in refused.body["message"]
 
 
+def test_the_sanity_check_is_answered_per_explanation_and_counted_in_the_budget():
+    service = make_service(WorkBudget(max_forward_passes=12))
+    base = {"data": bytearray(picture(80, 60)), "target": b"0,1,2"}
+    eigen_base = {**base, "sanity": b"1", "method": b"eigencam"}
+    checked, eigen, plain = service.answer([{**base, "sanity": b"true"}, eigen_base, dict(base)])
+    assert all(explanation["sanity"]["randomised"] == ["fc"] for explanation in checked.body["explanations"])
+    values = [explanation["sanity"]["rank_correlation"] for explanation in checked.body["explanations"]]
+    assert all(-1 <= value < 1 for value in values if value is not None), values  # None: a map ReLU left flat
+    assert any(value is not None for value in values), values
+    assert [e["sanity"]["rank_correlation"] for e in eigen.body["explanations"]] == [1.0, 1.0, 1.0]
+    assert "sanity" not in plain.body["explanations"][0]
+    # Score-CAM scores 8 channels: 9 passes, and the check runs them again on the copy: 18 > 12.
+    (refused,) = service.answer([{**base, "sanity": b"1", "method": b"scorecam"}])
+    assert refused.status == 400 and "18 forward passes" in refused.body["message"]
+    assert "sanity: 9" in refused.body["message"] and "no sanity" in refused.body["message"]
+
+
 def test_smoothing_options_reach_the_engine_and_the_budget():
     service = make_service()
     base = {"data": bytearray(picture(80, 60)), "format": b"png", "heatmap": b"true", "target": b"1"}
