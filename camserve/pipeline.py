@@ -315,6 +315,11 @@ class ExplanationService:
     def _check_method(self, method: str, layer: str) -> None:
         """Refuse a method that cannot explain this task's outputs at this layer, saying why and what works."""
         record = method_record(method)
+        why_not = (
+            record.applies(self.engine, layer) if record.applies is not None and self.task.kind != "detection" else None
+        )
+        if why_not:
+            raise ClientError("InvalidOption", f"method {method} does not apply here: {why_not}")
         if record.seeds is not None and not self.task.exclusive:
             raise ClientError(
                 "InvalidOption",

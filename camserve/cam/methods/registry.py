@@ -14,7 +14,7 @@ from enum import StrEnum
 from functools import partial
 from typing import TYPE_CHECKING
 
-from camserve.cam.methods import activation, composite, gradient, perturbation
+from camserve.cam.methods import activation, backprop, classifier, composite, gradient, perturbation
 from camserve.cam.targets import TopPredicted
 
 if TYPE_CHECKING:
@@ -30,10 +30,12 @@ class Family(StrEnum):
     """The layer's activations and the gradient of the explained scalar with respect to them."""
     ACTIVATION = "activation"
     """The layer's activations alone: one map per image, whatever the class."""
+    CLASSIFIER = "classifier"
+    """The activations weighed by the model's own linear classifier for the class: no gradient, no extra pass."""
     PERTURBATION = "perturbation"
     """The activations, scored by extra forward passes of the network (one per scored channel)."""
     COMPOSITE = "composite"
-    """Other methods' maps, or the whole network's gradients in a pass of its own."""
+    """Other methods' maps, or gradients from passes of its own: the whole network's, or noisy copies'."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Method:
     title: str
     """The method and its paper, as the docs cite it."""
     reference: str
-    """The pytorch-grad-cam class it is matched to in the parity tests."""
+    """The reference implementation it is matched to in the parity tests: a pytorch-grad-cam class, or a dotted
+    path into torchcam or Captum."""
     combine: Callable | None = None
     """Gradient family: (A, g) → each channel's contribution; activation family: A → contributions or the map;
     perturbation family: (engine, :class:`~camserve.cam.methods.perturbation.Scoring`) → contributions."""
@@ -64,6 +67,11 @@ class Method:
     """Methods that cannot share the batch's forward pass: (engine, images, requests) → their output."""
     apart_passes: Callable[[int], int] | None = None
     """With ``run_apart``: the forward passes one image's request costs, given the model's input side."""
+    channel_passes: int = 1
+    """Perturbation family: the forward passes per scored channel."""
+    applies: Callable[[CamEngine, str], str | None] | None = None
+    """For a method that needs a structure not every model has: (engine, layer) → None where it applies, else why
+    not (the server's 400)."""
 
     @property
     def shares_forward_pass(self) -> bool:
@@ -94,6 +102,8 @@ class Method:
             return "its parts' rows in the shared forward pass, with gradients"
         if self.family is Family.ACTIVATION:
             return "activations only"
+        if self.family is Family.CLASSIFIER:
+            return "activations and the classifier's weights"
         return "activations and a second-order gradient" if self.second_order else "activations and gradients"
 
     def forward_passes(self, engine: CamEngine, request: CamRequest) -> int:
@@ -106,7 +116,7 @@ class Method:
         passes = 1
         if self.family is Family.PERTURBATION:
             channels = engine.spatial_layer(request.layer).grid[0]
-            passes += perturbation.scored_channels(engine, channels)
+            passes += self.channel_passes * perturbation.scored_channels(engine, channels)
         if self.parts is not None:
             passes = len(self.parts(request, engine.default_layer))
         if request.aug_smooth:
@@ -159,6 +169,14 @@ _RECORDS = (
         "finercam", "Finer-CAM (Zhang et al., CVPR 2025)", "FinerCAM", gradient.grad_cam, seeds=gradient.finer_seeds
     ),
     _gradient("shapleycam", "ShapleyCAM (Cai et al., 2025)", "ShapleyCAM", gradient.grad_cam, second_order=True),
+    Method(
+        "cam",
+        Family.CLASSIFIER,
+        "CAM (Zhou et al., CVPR 2016)",
+        "torchcam.methods.CAM",
+        classifier.cam,
+        applies=classifier.cam_applies,
+    ),
     _activation("eigencam", "EigenCAM (Muhammad & Yeasin, IJCNN 2020)", "EigenCAM", activation.eigen_cam),
     _activation("kpcacam", "KPCA-CAM (Karmani et al., 2024)", "KPCA_CAM", activation.kpca_cam),
     _activation("fem", "FEM (Fuad et al., IPTA 2020)", "FEM", activation.fem),
@@ -169,6 +187,22 @@ _RECORDS = (
         "Score-CAM (Wang et al., CVPRW 2020)",
         "ScoreCAM",
         perturbation.score_cam,
+    ),
+    Method(
+        "sscam",
+        Family.PERTURBATION,
+        "SS-CAM, Smoothed Score-CAM (Wang et al., 2020)",
+        "torchcam.methods.SSCAM",
+        perturbation.smoothed_score_cam,
+        channel_passes=perturbation.SSCAM_SAMPLES,
+    ),
+    Method(
+        "iscam",
+        Family.PERTURBATION,
+        "IS-CAM, Integrated Score-CAM (Naidu et al., 2020)",
+        "torchcam.methods.ISCAM",
+        perturbation.integrated_score_cam,
+        channel_passes=perturbation.ISCAM_SAMPLES,
     ),
     Method(
         "ablationcam",
@@ -191,6 +225,22 @@ _RECORDS = (
         "FullGrad (Srinivas & Fleuret, NeurIPS 2019)",
         "FullGrad",
         run_apart=composite.full_grad,
+        apart_passes=lambda side: 1,
+    ),
+    Method(
+        "smoothgradcam++",
+        Family.COMPOSITE,
+        "Smooth Grad-CAM++ (Omeiza et al., 2019)",
+        "torchcam.methods.SmoothGradCAMpp",
+        run_apart=backprop.smooth_grad_cam_pp,
+        apart_passes=lambda side: 1 + backprop.SMOOTH_SAMPLES,
+    ),
+    Method(
+        "guided-gradcam",
+        Family.COMPOSITE,
+        "Guided Grad-CAM (Selvaraju et al., ICCV 2017)",
+        "captum.attr.GuidedGradCam",
+        run_apart=backprop.guided_grad_cam,
         apart_passes=lambda side: 1,
     ),
     Method(
