@@ -34,7 +34,10 @@ def test_the_methods_table_lists_every_registered_method_with_its_cost():
     rows = [row for row in rows if row.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(METHODS)
     costs = {row.split("`")[1]: row.rstrip(" |").rsplit("| ", 1)[1] for row in rows}
-    assert costs["sess"] == "not timed" and all(cost[0].isdigit() for name, cost in costs.items() if name != "sess")
+    over_budget = {"sess": 245, "sscam": 2241, "iscam": 641}  # passes per image, over the default budget of 100
+    assert {name: cost for name, cost in costs.items() if not cost[0].isdigit()} == {
+        name: f"not timed: {passes} passes" for name, passes in over_budget.items()
+    }
 
 
 def test_the_readme_is_a_front_door():

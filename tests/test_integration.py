@@ -189,17 +189,20 @@ def test_every_method_layer_and_top_n_through_the_server(server, chelsea):
 
     files = {"data": ("cat.png", encode(chelsea, "PNG"))}
     layers = ["layer4", "layer3", "layer4.2", "layer3.5.conv2", "layer2"]
+    over_budget = {"sess": 245, "sscam": 2241, "iscam": 641}  # passes per image: over the shipped budget of 100
     for index, method in enumerate(METHODS):
-        layer = layers[index % len(layers)]
+        layer = "layer4" if method == "cam" else layers[index % len(layers)]  # CAM: the layer before the pooling
         response = server.predict(files=files, data={"method": method, "layer": layer, "explain": "2"})
-        if method == "sess":  # 2 x 122 windows + 1 passes: over the shipped budget of 100, refused up front
-            assert response.status_code == 400 and "245 forward passes" in response.json()["message"]
+        if method in over_budget:  # refused up front, saying what it would cost
+            assert response.status_code == 400 and f"{over_budget[method]} forward passes" in response.json()["message"]
             continue
         assert response.status_code == 200, (method, response.text)
         answer = response.json()
         assert [(e["method"], e["layer"]) for e in answer["explanations"]] == [(method, layer)] * 2
         assert [e["index"] for e in answer["explanations"]] == [p["index"] for p in answer["predictions"][:2]]
         assert_valid_answer(answer, 451, 300)
+    refused = server.predict(files=files, data={"method": "cam", "layer": "layer3"})
+    assert refused.status_code == 400 and "no linear layer of this model takes the mean of layer3" in refused.text
 
 
 def test_unknown_layer_is_a_400_listing_the_valid_ones(server, chelsea):

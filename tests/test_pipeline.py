@@ -335,6 +335,14 @@ def test_the_sanity_check_is_answered_per_explanation_and_counted_in_the_budget(
     assert "sanity: 9" in refused.body["message"] and "no sanity" in refused.body["message"]
 
 
+def test_a_method_that_does_not_apply_at_the_layer_is_a_400_saying_why(service):
+    base = {"data": bytearray(picture()), "method": b"cam", "target": b"1"}
+    applies, refused = service.answer([dict(base), {**base, "layer": b"conv1"}])
+    assert applies.status == 200 and applies.body["explanations"][0]["method"] == "cam"
+    assert refused.status == 400 and "method cam does not apply here" in refused.body["message"]
+    assert "takes the mean of conv1's output" in refused.body["message"]
+
+
 def test_smoothing_options_reach_the_engine_and_the_budget():
     service = make_service()
     base = {"data": bytearray(picture(80, 60)), "format": b"png", "heatmap": b"true", "target": b"1"}

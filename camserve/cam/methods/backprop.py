@@ -160,7 +160,7 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
         layout = engine.spatial_layer(layer).layout
         captured: list[Tensor] = []
 
-        def keep(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+        def keep(_module: nn.Module, _inputs: object, output: Tensor, captured: list[Tensor] = captured) -> Tensor:
             captured.append(output)
             return output.clone()  # in-place ops downstream must not rewrite the kept activation
 

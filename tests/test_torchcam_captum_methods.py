@@ -1,0 +1,245 @@
+"""The methods that torchcam 0.5 and Captum 0.9 have beside pytorch-grad-cam's: each against a hand computation on a
+tiny net and against its reference implementation at two layers, the 400 where it does not apply, and Guided
+Grad-CAM's ReLU override scoped to its own pass."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
+from camserve.cam.methods import backprop, perturbation
+from camserve.cam.methods.classifier import cam_applies
+from tests.helpers import assert_matches_reference
+
+pytest.importorskip("torchcam")
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def small_cnn() -> nn.Module:
+    """Two convolutions, global average pooling and a linear head: every channel of both layers scored in seconds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+        ).eval()  # fmt: skip
+
+
+def image(seed: int, side: int) -> torch.Tensor:
+    return torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def ours(engine: CamEngine, x: torch.Tensor, target: int, layer: str, method: str) -> torch.Tensor:
+    return engine(x, [CamRequest(Classes([target]), layer, method)]).maps[0][0]
+
+
+def compare(mine: list[torch.Tensor], reference: list[torch.Tensor], side: int, what: str) -> None:
+    """Raw values to 1e-3 of the largest, and the normalised maps at the input's size to 1e-3."""
+    for a, b in zip(mine, reference, strict=True):
+        assert (a - b).abs().max() <= 1e-3 * max(float(b.abs().max()), 1e-6), what
+    assert_matches_reference(
+        np.stack([normalize_map(m[None], (side, side))[0].numpy() for m in mine]),
+        np.stack([normalize_map(m[None], (side, side))[0].numpy() for m in reference]),
+        what,
+    )
+
+
+class Tiny(nn.Module):
+    """A 1×1 convolution, ReLU, global average pooling and a linear head: every method's value has a closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+# --- CAM ---
+
+
+def test_hand_computed_cam_is_the_classifier_row_times_the_activations():
+    model = Tiny().eval()
+    x = image(1, 6)
+    activation = model.relu(model.conv(x))[0]
+    expected = torch.relu((model.fc.weight[2].detach().view(4, 1, 1) * activation).sum(0))
+    engine = CamEngine(model, input_size=6)
+    torch.testing.assert_close(ours(engine, x, 2, "relu", "cam"), expected.detach())
+    grad_cam = ours(engine, x, 2, "relu", "gradcam")
+    torch.testing.assert_close(grad_cam * 36, expected.detach(), rtol=1e-5, atol=1e-6)  # Grad-CAM = CAM / (h·w)
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer4.1"])
+def test_cam_matches_torchcam(resnet18, layer):
+    from torchcam.methods import CAM
+
+    engine, peer = CamEngine(resnet18, input_size=128), copy.deepcopy(resnet18)
+    mine, reference = [], []
+    for seed, target in enumerate((3, 7)):
+        x = image(seed, 128)
+        mine.append(ours(engine, x, target, layer, "cam"))
+        with CAM(peer, layer, "fc", input_shape=(3, 128, 128)) as extractor, torch.no_grad():
+            peer(x)
+            reference.append(extractor(target, normalized=False)[0][0].relu())  # torchcam leaves CAM's ReLU out
+    compare(mine, reference, 128, f"cam at {layer}")
+
+
+def test_cam_applies_only_where_the_layers_mean_feeds_a_linear_layer(resnet18):
+    engine = CamEngine(resnet18, input_size=64)
+    assert cam_applies(engine, "layer4") is None and cam_applies(engine, "layer4.1") is None
+    why = cam_applies(engine, "layer3")
+    assert "no linear layer of this model takes the mean of layer3's output" in why and "gradcam" in why
+    with pytest.raises(ValueError, match="takes the mean of layer3"):
+        engine(image(0, 64), [CamRequest(layer="layer3", method="cam")])
+
+
+# --- SS-CAM and IS-CAM ---
+
+
+def test_hand_computed_sscam_and_iscam():
+    model = Tiny().eval()
+    x = image(2, 4)
+    engine = CamEngine(model, input_size=4, scorecam_channels=None)
+    activation = model.relu(model.conv(x))[0].detach()
+    masks = activation - activation.amin(dim=(1, 2), keepdim=True)
+    masks = masks / (masks.amax(dim=(1, 2), keepdim=True) + 1e-8)  # already at the input's size: no upsampling
+    with torch.no_grad():
+        baseline = model(x)[0, 1]
+        generator = torch.Generator().manual_seed(perturbation.NOISE_SEED)
+        noisy = torch.zeros(4)
+        for _ in range(perturbation.SSCAM_SAMPLES):
+            noise = torch.randn(masks.shape, generator=generator) * perturbation.SSCAM_STD
+            noisy += torch.stack([model(x * (masks[k] + noise[k]))[0, 1] - baseline for k in range(4)])
+        integrated, coefficient = torch.zeros(4), 0.0
+        for step in range(perturbation.ISCAM_SAMPLES):
+            coefficient += (step + 1) / perturbation.ISCAM_SAMPLES
+            integrated += torch.stack([model(coefficient * x * masks[k])[0, 1] - baseline for k in range(4)])
+    for method, total, samples in (("sscam", noisy, perturbation.SSCAM_SAMPLES),
+                                   ("iscam", integrated, perturbation.ISCAM_SAMPLES)):  # fmt: skip
+        weights = torch.softmax(total / samples, 0)
+        expected = torch.relu((weights.view(4, 1, 1) * activation).sum(0))
+        torch.testing.assert_close(ours(engine, x, 1, "relu", method), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["4", "1"])
+@pytest.mark.parametrize("method", ["sscam", "iscam"])
+def test_sscam_and_iscam_match_torchcam_with_every_channel(layer, method):
+    from torchcam.methods import ISCAM, SSCAM
+
+    model = small_cnn()
+    engine, peer = CamEngine(model, input_size=32, scorecam_channels=None), copy.deepcopy(model)
+    mine, reference = [], []
+    for seed, target in enumerate((3, 1)):
+        x = image(seed, 32)
+        mine.append(ours(engine, x, target, layer, method))
+        kind = SSCAM if method == "sscam" else ISCAM
+        with kind(peer, layer, input_shape=(3, 32, 32)) as extractor, torch.no_grad():
+            peer(x)
+            torch.manual_seed(perturbation.NOISE_SEED)  # torchcam draws SS-CAM's noise from the global generator
+            reference.append(extractor(target, normalized=False)[0][0])
+    compare(mine, reference, 32, f"{method} at {layer}")
+
+
+# --- Smooth Grad-CAM++ ---
+
+
+def test_hand_computed_smoothgradcam_pp():
+    """After the layer the net is linear: every copy's gradient is w_c / (h·w), so D2 = g², D3 = g³."""
+    model = Tiny().eval()
+    x = image(4, 5)
+    generator = torch.Generator().manual_seed(backprop.NOISE_SEED)
+    copies = [x + torch.randn(x.shape[1:], generator=generator) * backprop.SMOOTH_STD for _ in range(4)]
+    with torch.no_grad():
+        clean, last = model.relu(model.conv(x))[0], model.relu(model.conv(copies[-1]))[0]
+    g = (model.fc.weight[0].detach() / 25).view(4, 1, 1).expand(4, 5, 5)
+    alpha = g**2 / (2 * g**2 + (g**3 * clean).sum(dim=(1, 2), keepdim=True) + 1e-8)
+    weights = (alpha * torch.relu(g)).sum(dim=(1, 2), keepdim=True)
+    expected = torch.relu((weights * last).sum(0))
+    got = ours(CamEngine(model, input_size=5), x, 0, "relu", "smoothgradcam++")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_smoothgradcam_pp_matches_torchcam(resnet18, layer):
+    from torchcam.methods import SmoothGradCAMpp
+
+    engine, peer = CamEngine(resnet18, input_size=128), copy.deepcopy(resnet18)
+    mine, reference = [], []
+    for seed, target in enumerate((3, 7)):
+        x = image(seed, 128)
+        mine.append(ours(engine, x, target, layer, "smoothgradcam++"))
+        with SmoothGradCAMpp(peer, layer, input_shape=(3, 128, 128)) as extractor:
+            peer(x)
+            torch.manual_seed(backprop.NOISE_SEED)  # the same noise: torchcam draws it from the global generator
+            reference.append(extractor(target, normalized=False)[0][0])
+    compare(mine, reference, 128, f"smoothgradcam++ at {layer}")
+
+
+# --- Guided Grad-CAM ---
+
+
+def test_hand_computed_guided_gradcam():
+    """y = w_c · mean(relu(W x + b)): Grad-CAM at the ReLU is relu(Σ_k w_ck A_k) / (h·w); guided backpropagation
+    passes back relu(w_ck / (h·w)) where the ReLU was open, through W to the input."""
+    model = Tiny().eval()
+    x = image(5, 4)
+    with torch.no_grad():
+        z = model.conv(x)[0]
+    w = model.fc.weight[1].detach()
+    grad_cam = torch.relu((w.view(4, 1, 1) * torch.relu(z)).sum(0)) / 16
+    guided = torch.relu(w / 16).view(4, 1, 1) * (z > 0)
+    input_gradient = torch.einsum("kc,khw->chw", model.conv.weight[:, :, 0, 0].detach(), guided)
+    expected = (grad_cam * input_gradient).abs().sum(0)
+    got = ours(CamEngine(model, input_size=4), x, 1, "relu", "guided-gradcam")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_guided_gradcam_matches_captum(resnet18, layer):
+    from captum.attr import GuidedGradCam
+
+    engine, peer = CamEngine(resnet18, input_size=128), copy.deepcopy(resnet18)
+    mine, reference = [], []
+    for seed, target in enumerate((3, 7)):
+        x = image(seed, 128)
+        mine.append(ours(engine, x, target, layer, "guided-gradcam"))
+        attribution = GuidedGradCam(peer, peer.get_submodule(layer)).attribute(
+            x.clone().requires_grad_(True), target=target, interpolate_mode="bilinear"
+        )
+        reference.append(attribution.detach().abs().sum(1)[0])  # Captum's visualisation: |attribution|, summed
+    compare(mine, reference, 128, f"guided-gradcam at {layer}")
+
+
+def test_guided_relus_last_only_for_the_methods_own_pass(resnet18):
+    """A batch that mixes Guided Grad-CAM with Grad-CAM and Smooth Grad-CAM++ gives each the map it gives alone,
+    and leaves no hook on any ReLU."""
+    engine = CamEngine(resnet18, input_size=64)
+    x = torch.cat([image(0, 64), image(1, 64), image(2, 64)])
+    requests = [
+        CamRequest(Classes([3, 4]), "layer4", "guided-gradcam"),
+        CamRequest(Classes([5]), "layer3", "gradcam"),
+        CamRequest(Classes([6]), "layer4", "smoothgradcam++"),
+    ]
+    together = engine(x, requests)
+    for n, request in enumerate(requests):
+        alone = engine(x[n : n + 1], [request])
+        torch.testing.assert_close(together.maps[n], alone.maps[0], rtol=1e-4, atol=1e-6)
+    assert together.maps[0].shape == (2, 64, 64) and together.targets[0] == [3, 4]
+    relus = [m for m in resnet18.modules() if isinstance(m, nn.ReLU)]
+    assert relus and not any(m._forward_pre_hooks or m._backward_hooks for m in relus)
+    assert all(p.grad is None for p in resnet18.parameters())
