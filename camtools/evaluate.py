@@ -20,6 +20,7 @@ from camserve.imaging import decode_image, resize_for_model
 from camserve.model import images_to_batch
 from camserve.spec import ModelSpec
 from camserve.tasks import task_named
+from camtools.road import road_combined
 
 __all__ = [
     "CascadeStep",
@@ -58,6 +59,7 @@ class MethodScore:
     drop: list[float] = field(default_factory=list)
     increase: list[bool] = field(default_factory=list)
     hits: list[bool] = field(default_factory=list)
+    road: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
@@ -69,6 +71,7 @@ class MethodScore:
             "drop": mean(self.drop),
             "increase": mean(self.increase),
             "pointing": mean(self.hits) if self.hits else None,
+            "road": mean(self.road) if self.road else None,
             "images": len(self.deletion),
         }
 
@@ -118,8 +121,10 @@ def evaluate(
     steps: int = 16,
     batch_size: int = 16,
     progress=None,
+    road: bool = False,
 ) -> list[MethodScore]:
-    """Every (layer, method) on every image, for its labelled class."""
+    """Every (layer, method) on every image, for its labelled class; with ``road``, ROAD too
+    (:func:`camtools.road.road_combined`, on the task's scores, a second or more per map at 224 pixels)."""
     task = task_named(spec.task)
     engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer, head=task.head)
     side = spec.input_size
@@ -141,6 +146,8 @@ def evaluate(
                 score.insertion.append(result.insertion)
                 score.drop.append(result.drop)
                 score.increase.append(result.increase)
+            if road:
+                score.road += road_combined(task.scores, batch, maps.numpy(), classes.tolist()).tolist()
             for item, cam in zip(chunk, output.maps, strict=True):
                 if item.box is not None:
                     heat = normalize_map(cam, item.image.shape[:2])[0].numpy()
@@ -154,8 +161,10 @@ def markdown(scores: list[MethodScore]) -> str:
     rows = [score.summary() for score in scores]
     rows.sort(key=lambda row: row["insertion"] - row["deletion"], reverse=True)
     pointing = any(row["pointing"] is not None for row in rows)
+    road = any(row["road"] is not None for row in rows)
     header = "| method | layer | deletion ↓ | insertion ↑ | drop ↓ | increase | " + ("pointing ↑ |" if pointing else "")
-    lines = [header, "|---|---|---:|---:|---:|---:|" + ("---:|" if pointing else "")]
+    header += " ROAD ↑ |" if road else ""
+    lines = [header, "|---|---|---:|---:|---:|---:|" + ("---:|" if pointing else "") + ("---:|" if road else "")]
     for row in rows:
         cells = [
             f"`{row['method']}`",
@@ -167,6 +176,8 @@ def markdown(scores: list[MethodScore]) -> str:
         ]
         if pointing:
             cells.append(f"{row['pointing']:.0%}" if row["pointing"] is not None else "")
+        if road:
+            cells.append(f"{row['road']:.3f}" if row["road"] is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -183,13 +194,16 @@ def plot(scores: list[MethodScore], path: Path, title: str) -> None:
     metrics.append(("drop", "average drop (lower is better)"))
     if any(row["pointing"] is not None for row in rows):
         metrics.append(("pointing", "pointing game (higher is better)"))
+    if any(row["road"] is not None for row in rows):
+        metrics.append(("road", "ROAD (higher is better)"))
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.35 * len(rows) + 1.6), sharey=True)
     for axis, (key, label) in zip(np.atleast_1d(axes), metrics, strict=True):
         values = [row[key] if row[key] is not None else 0.0 for row in rows]
         colours = ["#999999" if row["method"] == "randomcam" else "#3b75af" for row in rows]
         axis.barh(range(len(rows)), values, color=colours)
         axis.set_title(label, fontsize=10)
-        axis.set_xlim(0, 1)
+        if key != "road":  # ROAD is a change of score: it may be negative
+            axis.set_xlim(0, 1)
         axis.grid(axis="x", alpha=0.3)
     np.atleast_1d(axes)[0].set_yticks(range(len(rows)), names, fontsize=8)
     np.atleast_1d(axes)[0].invert_yaxis()

@@ -7,9 +7,9 @@ python scripts/evaluate.py --synthetic 200          # train ShapesNet on the syn
 The images: a folder with one subfolder per class (named by label or index), or a CSV of rows
 ``file,class[,x0,y0,x1,y1]`` (with a box, the pointing game is scored too). Each image is explained for its labelled
 class with every method, at the default layer and at each of --layers. It writes a markdown table and a plot of mean
-deletion, insertion and drop per method (and the pointing game), into --out; with --cascade, the sanity check's full
-cascade too (sanity.md, sanity.png): the model randomised block by block from the top down, and each method's
-rank correlation with its trained map at each step.
+deletion, insertion and drop per method (and the pointing game; with --road, ROAD), into --out; with --cascade, the
+sanity check's full cascade too (sanity.md, sanity.png): the model randomised block by block from the top down, and
+each method's rank correlation with its trained map at each step.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="deletion and insertion steps (default: 16)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"), help="(default: evaluation/)")
     parser.add_argument("--cascade", action="store_true", help="also run the sanity check's full cascade")
+    parser.add_argument("--road", action="store_true", help="also score ROAD (about 4 s per map at 224 pixels)")
     args = parser.parse_args(argv)
     if (args.images is None) == (args.synthetic is None):
         parser.error("give a folder or CSV of labelled images, or --synthetic N")
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         images = load_labelled_images(source, spec.labels)
     layers = [spec.default_layer, *(layer for layer in args.layers or [] if layer != spec.default_layer)]
     with tqdm(total=len(images) * len(args.methods) * len(layers), desc="evaluating", unit="map") as progress:
-        scores = evaluate(prepared.model, spec, images, args.methods, layers, args.steps, progress=progress)
+        scores = evaluate(
+            prepared.model, spec, images, args.methods, layers, args.steps, progress=progress, road=args.road
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(scores)
     (args.out / "faithfulness.md").write_text(f"{title}\n\n{table}")

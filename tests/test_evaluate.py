@@ -75,7 +75,7 @@ def test_evaluate_cli_on_a_folder_of_class_subfolders(tmp_path, chelsea):
     command = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(tmp_path / "images")]
     command += ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random"]
     command += ["--labels", str(labels), "--input-size", "64", "--methods", "gradcam", "randomcam"]
-    command += ["--layers", "features.2", "--steps", "4", "--out", str(tmp_path / "out"), "--cascade"]
+    command += ["--layers", "features.2", "--steps", "4", "--out", str(tmp_path / "out"), "--cascade", "--road"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     table = (tmp_path / "out" / "faithfulness.md").read_text()
@@ -84,6 +84,7 @@ def test_evaluate_cli_on_a_folder_of_class_subfolders(tmp_path, chelsea):
             assert f"| `{method}` | `{layer}` |" in table
     assert (tmp_path / "out" / "faithfulness.png").stat().st_size > 10_000
     assert "| `randomcam` |" in (tmp_path / "out" / "sanity.md").read_text()
+    assert "ROAD ↑ |" in table
     assert (tmp_path / "out" / "sanity.png").stat().st_size > 10_000
     assert "evaluating" in completed.stderr  # the progress bar
 
