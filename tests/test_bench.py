@@ -34,7 +34,8 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     }
     assert {row["precision"] for row in report["fast_paths"]} >= {"fp32", "bf16"}
     over_budget = {"sess", "sscam", "iscam"}  # 245, 2241 and 641 passes per image: counted, not timed
-    assert [row["method"] for row in report["methods"]] == [m for m in METHODS if m not in over_budget]
+    untimed = over_budget | {"legrad"}  # LeGrad: vision transformers only
+    assert [row["method"] for row in report["methods"]] == [m for m in METHODS if m not in untimed]
     assert report["machine"]["torch"] and report["targets"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "| target |" in (tmp_path / "bench.md").read_text()

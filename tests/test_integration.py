@@ -191,6 +191,10 @@ def test_every_method_layer_and_top_n_through_the_server(server, chelsea):
     layers = ["layer4", "layer3", "layer4.2", "layer3.5.conv2", "layer2"]
     over_budget = {"sess": 245, "sscam": 2241, "iscam": 641}  # passes per image: over the shipped budget of 100
     for index, method in enumerate(METHODS):
+        if method == "legrad":  # a ResNet has no attention blocks: refused, saying why
+            refused = server.predict(files=files, data={"method": method})
+            assert refused.status_code == 400 and "LeGrad reads the attention of transformer blocks" in refused.text
+            continue
         layer = "layer4" if method == "cam" else layers[index % len(layers)]  # CAM: the layer before the pooling
         response = server.predict(files=files, data={"method": method, "layer": layer, "explain": "2"})
         if method in over_budget:  # refused up front, saying what it would cost
@@ -880,6 +884,9 @@ def test_a_vit_explains_through_its_token_grid(own_models, chelsea):
     assert ask(own_models, "vit_b_16", chelsea, target="1000").status_code == 400
     block = ask(own_models, "vit_b_16", chelsea, heatmap="true", target="281", layer="encoder.layers.encoder_layer_5")
     assert block.status_code == 200 and block.json()["explanations"][0]["layer"] == "encoder.layers.encoder_layer_5"
+    legrad = ask(own_models, "vit_b_16", chelsea, target="281", method="legrad", layer="encoder.layers.encoder_layer_8")
+    assert legrad.status_code == 200, legrad.text  # LeGrad over blocks 8 to 11
+    assert legrad.json()["explanations"][0]["method"] == "legrad"
 
 
 def test_each_worker_runs_the_runtime_shipped_in_its_archive(own_models):

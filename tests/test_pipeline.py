@@ -341,6 +341,11 @@ def test_a_method_that_does_not_apply_at_the_layer_is_a_400_saying_why(service):
     assert applies.status == 200 and applies.body["explanations"][0]["method"] == "cam"
     assert refused.status == 400 and "method cam does not apply here" in refused.body["message"]
     assert "takes the mean of conv1's output" in refused.body["message"]
+    (no_attention,) = service.answer([{**base, "method": b"legrad"}])
+    assert (
+        no_attention.status == 400
+        and "LeGrad reads the attention of transformer blocks" in no_attention.body["message"]
+    )
 
 
 def test_smoothing_options_reach_the_engine_and_the_budget():

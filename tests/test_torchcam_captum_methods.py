@@ -243,3 +243,75 @@ def test_guided_relus_last_only_for_the_methods_own_pass(resnet18):
     relus = [m for m in resnet18.modules() if isinstance(m, nn.ReLU)]
     assert relus and not any(m._forward_pre_hooks or m._backward_hooks for m in relus)
     assert all(p.grad is None for p in resnet18.parameters())
+
+
+# --- LeGrad ---
+
+
+def tiny_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                  num_classes=5).eval()  # fmt: skip
+        nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: every score would be flat
+    return model
+
+
+def test_hand_computed_legrad_on_the_last_block():
+    """The last block recomputed by hand with its attention probabilities P as the leaf: s = heads(ln(mean of the
+    block's tokens)); the map is relu(∂s_c/∂P) averaged over heads and queries, the class token's key dropped."""
+    model = tiny_vit()
+    x = image(7, 32)
+    block = model.encoder.layers.encoder_layer_2
+    tokens = []
+    hook = block.register_forward_pre_hook(lambda module, inputs: tokens.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    attention, heads, embed = block.self_attention, 2, 16
+    h = block.ln_1(tokens[0])
+    q, k, v = torch.nn.functional.linear(h, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    split = lambda t: t.reshape(1, 17, heads, embed // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    probabilities = torch.softmax(q @ k.transpose(-2, -1) / (embed // heads) ** 0.5, dim=-1).detach().requires_grad_()
+    mixed = attention.out_proj((probabilities @ v).transpose(1, 2).reshape(1, 17, embed))
+    y = tokens[0] + mixed
+    y = y + block.mlp(block.ln_2(y))
+    score = model.heads(model.encoder.ln(y.mean(dim=1)))[0, 4]
+    (gradient,) = torch.autograd.grad(score, probabilities)
+    expected = gradient.relu().mean(dim=(1, 2))[0, 1:].reshape(4, 4)
+    got = ours(CamEngine(model, input_size=32), x, 4, "encoder.layers.encoder_layer_2", "legrad")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("layer", "blocks"),
+    [("encoder.layers.encoder_layer_1", ["encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2"]),
+     ("encoder.layers.encoder_layer_2.ln_1", ["encoder.layers.encoder_layer_2"])],
+)  # fmt: skip
+def test_legrad_matches_torchcam_over_the_blocks_from_the_layers_to_the_last(layer, blocks):
+    from torchcam.methods import LeGrad
+
+    model = tiny_vit()
+    engine, peer = CamEngine(model, input_size=32), copy.deepcopy(model)
+    mine, reference = [], []
+    for seed, target in enumerate((1, 3)):
+        x = image(seed, 32)
+        mine.append(ours(engine, x, target, layer, "legrad"))
+        with LeGrad(peer, blocks) as extractor:
+            peer(x)
+            reference.append(extractor(target, normalized=False)[0][0])
+    compare(mine, reference, 32, f"legrad at {layer}")
+
+
+def test_legrad_applies_only_to_attention_blocks(resnet18):
+    from camserve.cam.methods.attention import legrad_applies
+
+    assert "this model has no such head" in legrad_applies(CamEngine(resnet18, input_size=64), "layer4")
+    vit = CamEngine(tiny_vit(), input_size=32)
+    assert legrad_applies(vit, "encoder.layers.encoder_layer_0.mlp") is None  # its block: blocks 0 to 2
+    assert "is not in such a block" in legrad_applies(vit, "conv_proj")

@@ -108,9 +108,14 @@ def _method_costs(ctx: BenchContext) -> list[dict[str, object]]:
 
 def timed_methods(engine: CamEngine) -> list[str]:
     """The methods the benchmark times: those that the default work budget serves (SESS's 2 x 122 + 1 passes per
-    image are counted, not timed)."""
+    image are counted, not timed) and that apply to the model at its default layer (LeGrad needs a ViT)."""
     budget = WorkBudget().max_forward_passes
-    return [name for name in METHODS if engine.forward_passes(CamRequest(method=name)) <= budget]
+    return [
+        name
+        for name, record in METHODS.items()
+        if engine.forward_passes(CamRequest(method=name)) <= budget
+        and (record.applies is None or record.applies(engine, engine.default_layer) is None)
+    ]
 
 
 def _service_for(model, spec, device) -> ExplanationService:

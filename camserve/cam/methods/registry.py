@@ -14,7 +14,7 @@ from enum import StrEnum
 from functools import partial
 from typing import TYPE_CHECKING
 
-from camserve.cam.methods import activation, backprop, classifier, composite, gradient, perturbation
+from camserve.cam.methods import activation, attention, backprop, classifier, composite, gradient, perturbation
 from camserve.cam.targets import TopPredicted
 
 if TYPE_CHECKING:
@@ -242,6 +242,15 @@ _RECORDS = (
         "captum.attr.GuidedGradCam",
         run_apart=backprop.guided_grad_cam,
         apart_passes=lambda side: 1,
+    ),
+    Method(
+        "legrad",
+        Family.COMPOSITE,
+        "LeGrad (Bousselham et al., 2024), for vision transformers",
+        "torchcam.methods.LeGrad",
+        run_apart=attention.legrad,
+        apart_passes=lambda side: 1,
+        applies=attention.legrad_applies,
     ),
     Method(
         "sess",
