@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detection", help="a detector's detections to explain, by index: 0 or 0,2 (default: the top)")
     parser.add_argument("--score-threshold", type=float, help="a detector's lowest score returned (default: 0.5)")
     parser.add_argument("--max-detections", type=int, help="a detector's most detections returned (default: 20)")
+    parser.add_argument(
+        "--sanity",
+        action="store_true",
+        help="check each map against the model randomised after the layer (docs/methods.md, Sanity)",
+    )
     parser.add_argument("--colormap", default="jet", help="an OpenCV colormap name (default: jet)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default: 0.5)")
     parser.add_argument(
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     options |= {"topk": args.topk} if task.classifies else {}
     options |= {"detection": args.detection, "score_threshold": args.score_threshold}
     options |= {"max_detections": args.max_detections, "target": args.target, "explain": args.explain}
+    options |= {"sanity": "true"} if args.sanity else {}
     options = {key: value for key, value in options.items() if value is not None}
     args.out.mkdir(parents=True, exist_ok=True)
     paths = image_paths(args.inputs)
@@ -124,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / name).write_bytes(overlay)
             tqdm.write(f"  wrote {args.out / name}")
             tiles.append(decode_image(overlay))
-            captions.append(f"{explanation['label']} {describe(explanation)} ({explanation['method']})")
+            caption = f"{explanation['label']} {describe(explanation)} ({explanation['method']})"
+            if "sanity" in explanation:
+                figure = explanation["sanity"]["rank_correlation"]
+                shown = "flat map" if figure is None else f"{figure:.2f}"
+                randomised = ", ".join(explanation["sanity"]["randomised"])
+                tqdm.write(f"  sanity: rank correlation {shown} with the map once {randomised} are randomised")
+                caption += f" sanity {shown}"
+            captions.append(caption)
         sheet = render_contact_sheet(tiles, captions)
         sheet_path = args.out / f"{path.stem}_sheet.png"
         sheet_path.write_bytes(encode_image(sheet, "png"))

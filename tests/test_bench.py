@@ -36,6 +36,10 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     over_budget = {"sess", "sscam", "iscam"}  # 245, 2241 and 641 passes per image: counted, not timed
     untimed = over_budget | {"legrad"}  # LeGrad: vision transformers only
     assert [row["method"] for row in report["methods"]] == [m for m in METHODS if m not in untimed]
+    assert [(row["method"], row["layer"]) for row in report["sanity"]] == [
+        ("gradcam", "layer4"), ("gradcam", "layer3"), ("hirescam", "layer4"), ("eigencam", "layer4")
+    ]  # fmt: skip
+    assert all(row["with_sanity_ratio_to_floor"] > 0 for row in report["sanity"])
     assert report["machine"]["torch"] and report["targets"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "| target |" in (tmp_path / "bench.md").read_text()

@@ -20,10 +20,11 @@ def test_cli_writes_overlays_and_a_labelled_contact_sheet(tmp_path, chelsea):
     (inputs / "notes.txt").write_text("not an image: skipped by suffix")
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "scripts" / "explain.py"), str(inputs), "--target", "281,282"]
-    command += ["--weights", "random", "--method", "layercam", "--out", str(out)]
+    command += ["--weights", "random", "--method", "layercam", "--out", str(out), "--sanity"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "WARNING: --weights random" in completed.stderr
+    assert completed.stdout.count("with the map once fc are randomised") == 2  # one per explanation
     assert sorted(p.name for p in out.iterdir()) == ["cat_281_tabby.png", "cat_282_tiger_cat.png", "cat_sheet.png"]
     overlay = cv2.imread(str(out / "cat_281_tabby.png"))
     assert overlay.shape == (300, 451, 3)

@@ -116,6 +116,8 @@ class BenchReport:
     config: dict[str, object]
     in_process: list[dict[str, object]] = field(default_factory=list)
     methods: list[dict[str, object]] = field(default_factory=list)
+    sanity: list[dict[str, object]] = field(default_factory=list)
+    """The sanity check's cost: explanations with and without it, each against the plain forward pass."""
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     photos: list[dict[str, object]] = field(default_factory=list)

@@ -195,9 +195,26 @@ def methods_table(root: Path) -> str:
         "pass at the same batch (8; the perturbation methods one image, 64 channels). Not timed: the methods over "
         "the default budget of 100 passes per image (their passes at 224 pixels and 64 channels are given), and "
         "`faithfulness`, 2S + 1 extra passes per explanation (33 at S = 16); all are counted in the work budget.",
+        *_sanity_costs(run),
         COSTS_END,
     ]
     return "\n".join(lines)
+
+
+def _sanity_costs(run: dict) -> list[str]:
+    """The cost note's line on the ``sanity`` option, from the run's sanity rows (none in older runs)."""
+    rows = run.get("sanity") or []
+    if not rows:
+        return []
+    cases = "; ".join(
+        f"`{row['method']}` at `{row['layer']}` {row['ratio_to_floor']:.2f} → {row['with_sanity_ratio_to_floor']:.2f}"
+        for row in rows
+    )
+    return [
+        "",
+        f"`sanity` (one more pass of the model after the layer, batched; none for an activation-only method), in the "
+        f"same run, × forward pass without → with it at batch {rows[0]['batch']}: {cases}.",
+    ]
 
 
 class _Counting:

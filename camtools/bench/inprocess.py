@@ -106,6 +106,53 @@ def _method_costs(ctx: BenchContext) -> list[dict[str, object]]:
     return rows
 
 
+SANITY_CASES = (("gradcam", "layer4"), ("gradcam", "layer3"), ("hirescam", "layer4"), ("eigencam", "layer4"))
+"""The sanity check's cost, timed: at the default layer (the tail is the pooling and the classifier), one stage
+earlier (the tail is a whole stage), and an activation-only method (no pass)."""
+
+
+def _sanity_costs(ctx: BenchContext) -> list[dict[str, object]]:
+    """Each case's explanation with and without ``sanity``, each timed round-robin against the plain forward pass
+    at the largest batch: the sanity check's cost is the difference."""
+    from camserve.cam.sanity import Sanity
+
+    model, spec, images, config, timed = ctx.model, ctx.spec, ctx.images, ctx.config, ctx.timed
+    engine = CamEngine(model, input_size=spec.input_size)
+    sanity = Sanity(engine)
+    batch_size = max(config.batch_sizes)
+    batch = images_to_batch(
+        [resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, ctx.device
+    )
+
+    def checked(requests: list[CamRequest]) -> object:
+        output = engine(batch, requests, keep=sanity.keep(requests))
+        return sanity.figures(batch, requests, output)
+
+    rows = []
+    for method, layer in SANITY_CASES:
+        requests = [CamRequest(layer=layer, method=method)] * batch_size
+        checked(requests)  # builds the randomised copy, once, as a worker does on the first request
+        medians = timed(
+            {
+                "floor": partial(plain_forward, model, batch),
+                "plain": partial(engine, batch, requests),
+                "sanity": partial(checked, requests),
+            },
+            config.repeats,
+            min(config.warmup, 1),
+        )
+        rows.append(
+            {
+                "method": method,
+                "layer": layer,
+                "batch": batch_size,
+                "ratio_to_floor": medians["plain"] / medians["floor"],
+                "with_sanity_ratio_to_floor": medians["sanity"] / medians["floor"],
+            }
+        )
+    return rows
+
+
 def timed_methods(engine: CamEngine) -> list[str]:
     """The methods the benchmark times: those that the default work budget serves (SESS's 2 x 122 + 1 passes per
     image are counted, not timed) and that apply to the model at its default layer (LeGrad needs a ViT)."""

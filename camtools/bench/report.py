@@ -211,6 +211,21 @@ def markdown(report: BenchReport) -> str:
                 for r in report.methods
             ],
         )
+    if report.sanity:
+        lines += _table(
+            ["sanity check of", "layer", "batch", "× floor", "with sanity, × floor"],
+            "llrrr",
+            [
+                [
+                    r["method"],
+                    r["layer"],
+                    r["batch"],
+                    f"{r['ratio_to_floor']:.2f}",
+                    f"{r['with_sanity_ratio_to_floor']:.2f}",
+                ]
+                for r in report.sanity
+            ],
+        )
     if report.fast_paths:
         lines += _table(
             ["precision", "channels_last", "speed-up", "top-1 agreement", "heatmap correlation", "ships"],

@@ -19,6 +19,7 @@ from camtools.bench.inprocess import (
     _method_costs,
     _photos,
     _response_bytes,
+    _sanity_costs,
     _stage_shares,
 )
 from camtools.bench.report import _targets
@@ -39,6 +40,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
     sections = [
         ("in-process", "in_process", _in_process),
         ("methods", "methods", _method_costs),
+        ("sanity", "sanity", _sanity_costs),
         ("fast paths", "fast_paths", _fast_paths),
         ("channels_last by batch", "channels_last", _channels_last_by_batch),
         ("decode/encode share", "stages", _stage_shares),

@@ -145,12 +145,12 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
     backpropagation's input gradient, as Captum's ``GuidedGradCam`` computes it with bilinear upsampling:
     G = relu(Σ_k mean_ij(∂y_c/∂A_k) A_k), attribution_c = up(G) ⊙ ∂*y_c/∂x_c (∂* through every ReLU passing back
     only positive gradients), map = Σ_c |attribution_c|, the colour channels summed as Captum's
-    ``visualize_image_attr`` draws it.
+    ``visualize_image_attr`` draws it. Its guided-backpropagation factor barely depends on the model's upper layers
+    (Adebayo et al., NeurIPS 2018): its sanity figure stays above Grad-CAM's (docs/methods.md, "Sanity").
 
-    Guided backpropagation barely depends on the model's upper layers (Adebayo et al., NeurIPS 2018): this method
-    fails the sanity check. The ReLUs are guided only during this method's own pass (:func:`guided_relus`). Cost:
-    one forward pass with autograd from the input, and two gradient calls per target slot, with respect to the
-    layer's activation and the input. Maps come at the input's size."""
+    The ReLUs are guided only during this method's own pass (:func:`guided_relus`). Cost: one forward pass with
+    autograd from the input, and two gradient calls per target slot, with respect to the layer's activation and the
+    input. Maps come at the input's size."""
     from camserve.cam.engine import CamOutput
 
     started = time.perf_counter()
