@@ -4,7 +4,9 @@ Grad-CAM's ReLU override scoped to its own pass."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -84,21 +86,6 @@ def test_hand_computed_cam_is_the_classifier_row_times_the_activations():
     torch.testing.assert_close(grad_cam * 36, expected.detach(), rtol=1e-5, atol=1e-6)  # Grad-CAM = CAM / (h·w)
 
 
-@pytest.mark.parametrize("layer", ["layer4", "layer4.1"])
-def test_cam_matches_torchcam(resnet18, layer):
-    from torchcam.methods import CAM
-
-    engine, peer = CamEngine(resnet18, input_size=128), copy.deepcopy(resnet18)
-    mine, reference = [], []
-    for seed, target in enumerate((3, 7)):
-        x = image(seed, 128)
-        mine.append(ours(engine, x, target, layer, "cam"))
-        with CAM(peer, layer, "fc", input_shape=(3, 128, 128)) as extractor, torch.no_grad():
-            peer(x)
-            reference.append(extractor(target, normalized=False)[0][0].relu())  # torchcam leaves CAM's ReLU out
-    compare(mine, reference, 128, f"cam at {layer}")
-
-
 def test_cam_applies_only_where_the_layers_mean_feeds_a_linear_layer(resnet18):
     engine = CamEngine(resnet18, input_size=64)
     assert cam_applies(engine, "layer4") is None and cam_applies(engine, "layer4.1") is None
@@ -136,25 +123,6 @@ def test_hand_computed_sscam_and_iscam():
         torch.testing.assert_close(ours(engine, x, 1, "relu", method), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("layer", ["4", "1"])
-@pytest.mark.parametrize("method", ["sscam", "iscam"])
-def test_sscam_and_iscam_match_torchcam_with_every_channel(layer, method):
-    from torchcam.methods import ISCAM, SSCAM
-
-    model = small_cnn()
-    engine, peer = CamEngine(model, input_size=32, scorecam_channels=None), copy.deepcopy(model)
-    mine, reference = [], []
-    for seed, target in enumerate((3, 1)):
-        x = image(seed, 32)
-        mine.append(ours(engine, x, target, layer, method))
-        kind = SSCAM if method == "sscam" else ISCAM
-        with kind(peer, layer, input_shape=(3, 32, 32)) as extractor, torch.no_grad():
-            peer(x)
-            torch.manual_seed(perturbation.NOISE_SEED)  # torchcam draws SS-CAM's noise from the global generator
-            reference.append(extractor(target, normalized=False)[0][0])
-    compare(mine, reference, 32, f"{method} at {layer}")
-
-
 # --- Smooth Grad-CAM++ ---
 
 
@@ -174,22 +142,6 @@ def test_hand_computed_smoothgradcam_pp():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("layer", ["layer4", "layer3"])
-def test_smoothgradcam_pp_matches_torchcam(resnet18, layer):
-    from torchcam.methods import SmoothGradCAMpp
-
-    engine, peer = CamEngine(resnet18, input_size=128), copy.deepcopy(resnet18)
-    mine, reference = [], []
-    for seed, target in enumerate((3, 7)):
-        x = image(seed, 128)
-        mine.append(ours(engine, x, target, layer, "smoothgradcam++"))
-        with SmoothGradCAMpp(peer, layer, input_shape=(3, 128, 128)) as extractor:
-            peer(x)
-            torch.manual_seed(backprop.NOISE_SEED)  # the same noise: torchcam draws it from the global generator
-            reference.append(extractor(target, normalized=False)[0][0])
-    compare(mine, reference, 128, f"smoothgradcam++ at {layer}")
-
-
 # --- Guided Grad-CAM ---
 
 
@@ -207,22 +159,6 @@ def test_hand_computed_guided_gradcam():
     expected = (grad_cam * input_gradient).abs().sum(0)
     got = ours(CamEngine(model, input_size=4), x, 1, "relu", "guided-gradcam")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
-
-
-@pytest.mark.parametrize("layer", ["layer4", "layer3"])
-def test_guided_gradcam_matches_captum(resnet18, layer):
-    from captum.attr import GuidedGradCam
-
-    engine, peer = CamEngine(resnet18, input_size=128), copy.deepcopy(resnet18)
-    mine, reference = [], []
-    for seed, target in enumerate((3, 7)):
-        x = image(seed, 128)
-        mine.append(ours(engine, x, target, layer, "guided-gradcam"))
-        attribution = GuidedGradCam(peer, peer.get_submodule(layer)).attribute(
-            x.clone().requires_grad_(True), target=target, interpolate_mode="bilinear"
-        )
-        reference.append(attribution.detach().abs().sum(1)[0])  # Captum's visualisation: |attribution|, summed
-    compare(mine, reference, 128, f"guided-gradcam at {layer}")
 
 
 def test_guided_relus_last_only_for_the_methods_own_pass(resnet18):
@@ -288,26 +224,6 @@ def test_hand_computed_legrad_on_the_last_block():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    ("layer", "blocks"),
-    [("encoder.layers.encoder_layer_1", ["encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2"]),
-     ("encoder.layers.encoder_layer_2.ln_1", ["encoder.layers.encoder_layer_2"])],
-)  # fmt: skip
-def test_legrad_matches_torchcam_over_the_blocks_from_the_layers_to_the_last(layer, blocks):
-    from torchcam.methods import LeGrad
-
-    model = tiny_vit()
-    engine, peer = CamEngine(model, input_size=32), copy.deepcopy(model)
-    mine, reference = [], []
-    for seed, target in enumerate((1, 3)):
-        x = image(seed, 32)
-        mine.append(ours(engine, x, target, layer, "legrad"))
-        with LeGrad(peer, blocks) as extractor:
-            peer(x)
-            reference.append(extractor(target, normalized=False)[0][0])
-    compare(mine, reference, 32, f"legrad at {layer}")
-
-
 def test_legrad_applies_only_to_attention_blocks(resnet18):
     from camserve.cam.methods.attention import legrad_applies
 
@@ -315,3 +231,76 @@ def test_legrad_applies_only_to_attention_blocks(resnet18):
     vit = CamEngine(tiny_vit(), input_size=32)
     assert legrad_applies(vit, "encoder.layers.encoder_layer_0.mlp") is None  # its block: blocks 0 to 2
     assert "is not in such a block" in legrad_applies(vit, "conv_proj")
+
+
+# --- Parity: each method against its reference, at two layers ---
+
+
+def torchcam_cam(peer, x, target, layer):
+    from torchcam.methods import CAM
+
+    with CAM(peer, layer, "fc", input_shape=tuple(x.shape[1:])) as extractor, torch.no_grad():
+        peer(x)
+        return extractor(target, normalized=False)[0][0].relu()  # torchcam leaves CAM's ReLU out
+
+
+def torchcam_seeded(kind: str):
+    """A torchcam method whose noise (if any) comes from the global generator: seeded as ours is."""
+
+    def reference(peer, x, target, layer):
+        import torchcam.methods
+
+        with getattr(torchcam.methods, kind)(peer, layer, input_shape=tuple(x.shape[1:])) as extractor:
+            with torch.no_grad() if kind != "SmoothGradCAMpp" else contextlib.nullcontext():
+                peer(x)
+            torch.manual_seed(backprop.NOISE_SEED if kind == "SmoothGradCAMpp" else perturbation.NOISE_SEED)
+            return extractor(target, normalized=False)[0][0]
+
+    return reference
+
+
+def captum_guided_gradcam(peer, x, target, layer):
+    from captum.attr import GuidedGradCam
+
+    attribution = GuidedGradCam(peer, peer.get_submodule(layer)).attribute(
+        x.clone().requires_grad_(True), target=target, interpolate_mode="bilinear"
+    )
+    return attribution.detach().abs().sum(1)[0]  # as Captum's visualisation draws it: |attribution|, summed
+
+
+def torchcam_legrad(peer, x, target, layer):
+    from torchcam.methods import LeGrad
+
+    first = int(re.search(r"encoder_layer_(\d+)", layer).group(1))
+    blocks = [f"encoder.layers.encoder_layer_{n}" for n in range(first, 3)]
+    with LeGrad(peer, blocks) as extractor:
+        peer(x)
+        return extractor(target, normalized=False)[0][0]
+
+
+PARITY = {
+    # method: (model, its input side, engine settings, two layers, the reference)
+    "cam": ("resnet18", 128, {}, ("layer4", "layer4.1"), torchcam_cam),
+    "sscam": ("small_cnn", 32, {"scorecam_channels": None}, ("4", "1"), torchcam_seeded("SSCAM")),
+    "iscam": ("small_cnn", 32, {"scorecam_channels": None}, ("4", "1"), torchcam_seeded("ISCAM")),
+    "smoothgradcam++": ("resnet18", 128, {}, ("layer4", "layer3"), torchcam_seeded("SmoothGradCAMpp")),
+    "guided-gradcam": ("resnet18", 128, {}, ("layer4", "layer3"), captum_guided_gradcam),
+    # LeGrad reads the blocks from the layer's to the last: blocks 1 and 2, then block 2 alone.
+    "legrad": ("tiny_vit", 32, {}, ("encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2.ln_1"),
+               torchcam_legrad),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("method", list(PARITY))
+def test_matches_its_reference_implementation(resnet18, method, index):
+    name, side, settings, layers, reference_of = PARITY[method]
+    model = {"resnet18": lambda: resnet18, "small_cnn": small_cnn, "tiny_vit": tiny_vit}[name]()
+    engine, peer = CamEngine(model, input_size=side, **settings), copy.deepcopy(model)
+    layer = layers[index]
+    mine, reference = [], []
+    for seed, target in enumerate((3, 1)):
+        x = image(seed, side)
+        mine.append(ours(engine, x, target, layer, method))
+        reference.append(reference_of(peer, x, target, layer))
+    compare(mine, reference, side, f"{method} at {layer}")
