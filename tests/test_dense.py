@@ -6,11 +6,14 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import json
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 from torchvision.models import get_model_builder
@@ -334,6 +337,45 @@ def test_the_detector_service_answers_boxes_in_the_images_pixels_and_explains_th
     assert answers[5].status == 400 and "topk fits only classification" in answers[5].body["message"]
     assert answers[6].status == 400 and "eigencam" in answers[6].body["message"]
     assert answers[7].status == 200 and answers[7].body["explanations"][0]["layer"] == "backbone"
+
+
+DENSE_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 120), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(-1, 30), max_size=4),
+    st.sampled_from(["hirescam", "gradcam", "eigencam", "scorecam", "cam", "legrad", "guided-gradcam", "backbone",
+                     "backbone.body.layer4", "0,1", "[0, 2]", "0.0", "1", "true", "png"]),
+)  # fmt: skip
+DENSE_OPTIONS = st.sampled_from(
+    ["detection", "score_threshold", "max_detections", "explain", "target", "method", "layer", "faithfulness",
+     "faithfulness_steps", "sanity", "topk", "aug_smooth", "eigen_smooth", "max_side", "threshold"]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_fuzzed_options_on_a_detector_and_a_segmenter_are_answered_or_refused_never_hurting_a_neighbour(
+    dense_models, task
+):
+    """Drawn values for every option, the detector's own among them, against the trained detector's and segmenter's
+    services: each row is answered or refused with a 4xx that says why, and a plain neighbour is always answered."""
+    svc = service(dense_models[task][0])
+    scene = next(iter(dense_scenes(4, seed=9)))
+    picture = bytearray(encode(scene.image, "PNG"))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.dictionaries(DENSE_OPTIONS, DENSE_VALUES, max_size=4), min_size=1, max_size=3))
+    def fuzz(option_sets):
+        rows = [
+            {"data": picture, **{k: bytearray(json.dumps(v).strip('"').encode()) for k, v in options.items()}}
+            for options in option_sets
+        ]
+        results = svc.answer([*rows, {"data": picture}])
+        for result in results[:-1]:
+            assert result.status == 200 or 400 <= result.status < 500, result.body
+            if result.status != 200:
+                assert result.body["message"] and len(result.body["message"]) < 1000
+        assert results[-1].status == 200
+
+    fuzz()
 
 
 def test_the_detector_overlay_draws_the_explained_box():

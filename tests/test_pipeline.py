@@ -137,6 +137,8 @@ def test_an_unexpected_exception_while_preparing_or_rendering_fails_only_its_row
 # --- Fuzz: the real interface, adversarial values, never anything but an answer or a 4xx ---
 
 DIGITS = "0123456789\u0660\u0663\u06f5\u0966\uff13\u00b2"
+FUZZED_WORDS = ["gradcam", "scorecam", "eigencam", "cam", "legrad", "guided-gradcam", "smoothgradcam++", "layer4"]
+FUZZED_WORDS += ["layer4.1", "conv1", "png", "jet", "true"]
 numbers_as_text = st.text(alphabet=DIGITS + "+-.eE_ \t\n,[]x", max_size=30)
 values = st.one_of(
     st.integers(min_value=-(10**30), max_value=10**30),
@@ -149,7 +151,7 @@ values = st.one_of(
     st.lists(st.integers(-5, 5), max_size=12),
     st.recursive(st.integers(0, 3), lambda inner: st.lists(inner, max_size=3), max_leaves=6),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
-    st.sampled_from(["gradcam", "scorecam", "eigencam", "layer4", "layer4.1", "conv1", "png", "jet", "true"]),
+    st.sampled_from(FUZZED_WORDS),
 )
 option_names = st.one_of(st.sampled_from(OPTION_NAMES), st.text(max_size=8))
 
