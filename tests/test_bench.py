@@ -40,6 +40,10 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         ("gradcam", "layer4"), ("gradcam", "layer3"), ("hirescam", "layer4"), ("eigencam", "layer4")
     ]  # fmt: skip
     assert all(row["with_sanity_ratio_to_floor"] > 0 for row in report["sanity"])
+    assert [(row["method"], row["layer"]) for row in report["vit"]] == [
+        ("gradcam", "encoder.layers.encoder_layer_11.ln_1"), ("legrad", "encoder.layers.encoder_layer_11"),
+        ("legrad", "encoder.layers.encoder_layer_8"),
+    ]  # fmt: skip
     assert report["machine"]["torch"] and report["targets"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "| target |" in (tmp_path / "bench.md").read_text()

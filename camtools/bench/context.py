@@ -117,6 +117,8 @@ class BenchReport:
     in_process: list[dict[str, object]] = field(default_factory=list)
     methods: list[dict[str, object]] = field(default_factory=list)
     sanity: list[dict[str, object]] = field(default_factory=list)
+    vit: list[dict[str, object]] = field(default_factory=list)
+    """The methods that need a vision transformer, on ViT-B/16."""
     """The sanity check's cost: explanations with and without it, each against the plain forward pass."""
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)

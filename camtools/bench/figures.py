@@ -174,12 +174,15 @@ def methods_table(root: Path) -> str:
     run = json.loads((root / COSTS_RUN).read_text())
     machine = run["machine"]
     timed = {row["method"]: row for row in run["methods"]}
+    on_vit = {row["method"]: row for row in run.get("vit", []) if row["method"] not in timed}
     engine = _Counting(run["config"].get("scorecam_channels", 64))
     rows = []
     for record in METHODS.values():
         row = timed.get(record.name)
         if row:
             cost = f"{row['ratio_to_floor']:.2f}"
+        elif record.name in on_vit:
+            cost = f"{on_vit[record.name]['ratio_to_floor']:.2f} on ViT-B/16, at its last block"
         elif record.applies is not None:
             cost = "not timed: does not apply to a ResNet"
         else:

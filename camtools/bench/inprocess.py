@@ -153,6 +153,50 @@ def _sanity_costs(ctx: BenchContext) -> list[dict[str, object]]:
     return rows
 
 
+VIT_CASES = (
+    ("gradcam", None),
+    ("legrad", "encoder.layers.encoder_layer_11"),
+    ("legrad", "encoder.layers.encoder_layer_8"),
+)
+"""The vision transformer's methods, timed on ViT-B/16: Grad-CAM at its default layer for scale, LeGrad over the last
+block and over the last four."""
+
+
+def _vit_methods(ctx: BenchContext) -> list[dict[str, object]]:
+    """The methods that need a vision transformer (LeGrad), timed round-robin against ViT-B/16's plain forward pass
+    (seeded random weights, its head drawn from N(0, 0.01²) so that no class score is flat) at the largest batch."""
+    from camtools.models import prepare_model
+
+    config, timed, device = ctx.config, ctx.timed, ctx.device
+    prepared = prepare_model(arch="vit_b_16", weights="random", seed=0)
+    model = prepared.model.to(device)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.heads.head.weight, std=0.01, generator=torch.Generator().manual_seed(0))
+    spec = prepared.spec
+    engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer)
+    batch_size = max(config.batch_sizes)
+    inputs = [resize_for_model(image, spec.input_size) for image in ctx.images[:batch_size]]
+    batch = images_to_batch(inputs, spec, device)
+    rows = []
+    for method, layer in VIT_CASES:
+        requests = [CamRequest(layer=layer, method=method)] * batch_size
+        medians = timed(
+            {"floor": partial(plain_forward, model, batch), method: partial(engine, batch, requests)},
+            config.repeats,
+            min(config.warmup, 1),
+        )
+        rows.append(
+            {
+                "arch": "vit_b_16",
+                "method": method,
+                "layer": layer or spec.default_layer,
+                "batch": batch_size,
+                "ratio_to_floor": medians[method] / medians["floor"],
+            }
+        )
+    return rows
+
+
 def timed_methods(engine: CamEngine) -> list[str]:
     """The methods the benchmark times: those that the default work budget serves (SESS's 2 x 122 + 1 passes per
     image are counted, not timed) and that apply to the model at its default layer (LeGrad needs a ViT)."""

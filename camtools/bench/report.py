@@ -226,6 +226,12 @@ def markdown(report: BenchReport) -> str:
                 for r in report.sanity
             ],
         )
+    if report.vit:
+        lines += _table(
+            ["method (on ViT-B/16)", "layer", "batch", "× floor"],
+            "llrr",
+            [[r["method"], r["layer"], r["batch"], f"{r['ratio_to_floor']:.2f}"] for r in report.vit],
+        )
     if report.fast_paths:
         lines += _table(
             ["precision", "channels_last", "speed-up", "top-1 agreement", "heatmap correlation", "ships"],

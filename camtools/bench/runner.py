@@ -21,6 +21,7 @@ from camtools.bench.inprocess import (
     _response_bytes,
     _sanity_costs,
     _stage_shares,
+    _vit_methods,
 )
 from camtools.bench.report import _targets
 from camtools.bench.service import _service
@@ -41,6 +42,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         ("in-process", "in_process", _in_process),
         ("methods", "methods", _method_costs),
         ("sanity", "sanity", _sanity_costs),
+        ("vision transformer", "vit", _vit_methods),
         ("fast paths", "fast_paths", _fast_paths),
         ("channels_last by batch", "channels_last", _channels_last_by_batch),
         ("decode/encode share", "stages", _stage_shares),
