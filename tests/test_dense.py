@@ -337,6 +337,8 @@ def test_the_detector_service_answers_boxes_in_the_images_pixels_and_explains_th
     assert answers[5].status == 400 and "topk fits only classification" in answers[5].body["message"]
     assert answers[6].status == 400 and "eigencam" in answers[6].body["message"]
     assert answers[7].status == 200 and answers[7].body["explanations"][0]["layer"] == "backbone"
+    (refused,) = svc.answer([{"data": bytearray(encode(image, "PNG")), "sanity": "true"}])
+    assert refused.status == 400 and "sanity fits only classification models" in refused.body["message"]
 
 
 DENSE_VALUES = st.one_of(

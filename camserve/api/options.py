@@ -356,7 +356,7 @@ OPTIONS: tuple[Option, ...] = (
         "when the map does not depend on the model ([docs/methods.md](docs/methods.md#sanity)); one more pass of "
         "the model after the layer.",
         boolean,
-        fits=("classification", "segmentation"),
+        fits=("classification",),
     ),
     Option(
         "faithfulness_steps",
