@@ -27,6 +27,11 @@ def test_the_readme_options_table_lists_every_option_and_every_method():
     assert all(f"`{name}`" in method_row for name in METHODS)
 
 
+def test_the_readme_counts_the_registered_methods():
+    readme = (ROOT / "README.md").read_text()
+    assert f"one of {len(METHODS)} methods of its family" in readme and f"the {len(METHODS)} methods" in readme
+
+
 def test_the_methods_table_lists_every_registered_method_with_its_cost():
     from camtools.bench import COSTS_END, COSTS_START
 
