@@ -315,34 +315,31 @@ class ExplanationService:
     def _check_method(self, method: str, layer: str) -> None:
         """Refuse a method that cannot explain this task's outputs at this layer, saying why and what works."""
         record = method_record(method)
-        why_not = (
-            record.applies(self.engine, layer) if record.applies is not None and self.task.kind != "detection" else None
-        )
-        if why_not:
-            raise ClientError("InvalidOption", f"method {method} does not apply here: {why_not}")
         if record.seeds is not None and not self.task.exclusive:
             raise ClientError(
                 "InvalidOption",
                 f"method {method} contrasts a class with its look-alike classes under a softmax, which a "
                 f"{self.task.name} model does not have: choose another method, such as {DEFAULT_METHOD}",
             )
-        if self.task.kind != "detection":
-            return
-        pyramid = self.spec.layers[layer] == "fpn"
-        working = [
-            name
-            for name, other in METHODS.items()
-            if other.family is Family.ACTIVATION
-            or (other.family is Family.GRADIENT and not pyramid and not other.second_order and other.seeds is None)
-        ]
-        if method not in working:
-            if record.family is not Family.GRADIENT:
-                why = f"method {method} scores extra passes by a class score, which a detector's boxes do not give"
-            elif pyramid:
-                why = f"layer {layer} is a feature pyramid, which a gradient method cannot weigh as one map"
-            else:
-                why = f"method {method} needs a second derivative or a softmax over classes, which a detector lacks"
-            raise ClientError("InvalidOption", f"{why}: on this layer a detector takes {', '.join(working)}")
+        if self.task.kind == "detection":
+            pyramid = self.spec.layers[layer] == "fpn"
+            working = [
+                name
+                for name, other in METHODS.items()
+                if other.family is Family.ACTIVATION
+                or (other.family is Family.GRADIENT and not pyramid and not other.second_order and other.seeds is None)
+            ]
+            if method not in working:
+                if record.family is not Family.GRADIENT:
+                    why = f"method {method} scores extra passes by a class score, which a detector's boxes do not give"
+                elif pyramid:
+                    why = f"layer {layer} is a feature pyramid, which a gradient method cannot weigh as one map"
+                else:
+                    why = f"method {method} needs a second derivative or a softmax over classes, which a detector lacks"
+                raise ClientError("InvalidOption", f"{why}: on this layer a detector takes {', '.join(working)}")
+        why_not = record.applies(self.engine, layer) if record.applies is not None else None
+        if why_not:
+            raise ClientError("InvalidOption", f"method {method} does not apply here: {why_not}")
 
     def explain(self, prepared: list[PreparedRequest]) -> list[RowResult]:
         """One forward pass for the whole batch; if that fails, each request alone, so only the culprit fails."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.cam.layers import forward_hooks
+from camserve.cam.methods.composite import add_slot, by_layer, slot_classes
 
 if TYPE_CHECKING:
     from camserve.cam.engine import CamEngine, CamOutput, CamRequest
@@ -129,11 +130,8 @@ def legrad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) ->
     from camserve.cam.engine import CamOutput, _gather
 
     started = time.perf_counter()
-    groups: dict[str, list[int]] = {}
-    for n, request in enumerate(requests):
-        groups.setdefault(request.layer or engine.default_layer, []).append(n)
     forward_seconds, parts = 0.0, []
-    for layer, rows in groups.items():
+    for layer, rows in by_layer(engine, requests).items():
         blocks = legrad_blocks(engine.model, layer)
         if isinstance(blocks, str):
             raise ValueError(blocks)
@@ -151,7 +149,7 @@ def legrad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) ->
         slots = max(len(chosen) for chosen in classes)
         maps: list[list[Tensor]] = [[] for _ in rows]
         for slot in range(slots):
-            chosen = torch.tensor([c[min(slot, len(c) - 1)] for c in classes], device=images.device)
+            chosen = slot_classes(classes, slot, images.device)
             relevances = []
             for index, name in enumerate(blocks):
                 selected = capture.scores[name].gather(1, chosen.view(-1, 1)).sum()
@@ -162,10 +160,7 @@ def legrad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) ->
                 if side * side != relevance.shape[-1]:
                     raise ValueError(f"LeGrad needs a square patch grid; {relevance.shape[-1]} patch tokens")
                 relevances.append(relevance.reshape(len(rows), side, side))
-            cams = torch.stack(relevances).mean(0).detach()
-            for i, chosen_classes in enumerate(classes):
-                if slot < len(chosen_classes):
-                    maps[i].append(cams[i])
+            add_slot(maps, classes, slot, torch.stack(relevances).mean(0).detach())
         parts.append((rows, CamOutput(logits.detach().float(), classes, [torch.stack(m) for m in maps], {})))
     output = _gather(parts, len(requests))
     seconds = {"forward": forward_seconds, "cam": time.perf_counter() - started - forward_seconds}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.cam.layers import find_layer, forward_hooks, to_grid
+from camserve.cam.methods.composite import add_slot, by_layer, slot_classes
 from camserve.cam.post import upsample
 
 if TYPE_CHECKING:
@@ -29,24 +30,6 @@ NOISE_SEED = 0
 """Each image's noise comes from a generator seeded with this: the same request gets the same map."""
 
 
-def _by_layer(engine: CamEngine, requests: Sequence[CamRequest]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for n, request in enumerate(requests):
-        groups.setdefault(request.layer or engine.default_layer, []).append(n)
-    return groups
-
-
-def _slot_classes(classes: list[list[int]], slot: int, device: torch.device) -> Tensor:
-    """Each image's class of target slot ``slot`` (its last one where it has fewer)."""
-    return torch.tensor([chosen[min(slot, len(chosen) - 1)] for chosen in classes], device=device)
-
-
-def _gather(engine: CamEngine, requests, parts: list[tuple[list[int], CamOutput]]) -> CamOutput:
-    from camserve.cam.engine import _gather
-
-    return _gather(parts, len(requests))
-
-
 # --- Smooth Grad-CAM++ ---
 
 
@@ -60,11 +43,11 @@ def smooth_grad_cam_pp(engine: CamEngine, images: Tensor, requests: Sequence[Cam
 
     One forward pass of the clean image and its copies together, the network before the layer without autograd,
     and one gradient call per target slot, with respect to the layer's activation only."""
-    from camserve.cam.engine import CamOutput
+    from camserve.cam.engine import CamOutput, _gather
 
     started = time.perf_counter()
     forward_seconds, parts = 0.0, []
-    for layer, rows in _by_layer(engine, requests).items():
+    for layer, rows in by_layer(engine, requests).items():
         clean = images[rows]
         count = len(rows)
         noise = torch.stack([_noise(clean[0].shape, SMOOTH_SAMPLES, clean.device, clean.dtype) for _ in rows], 1)
@@ -82,7 +65,7 @@ def smooth_grad_cam_pp(engine: CamEngine, images: Tensor, requests: Sequence[Cam
         slots = max(len(chosen) for chosen in classes)
         maps: list[list[Tensor]] = [[] for _ in rows]
         for slot in range(slots):
-            pair_classes = _slot_classes(classes, slot, images.device)
+            pair_classes = slot_classes(classes, slot, images.device)
             seeds = torch.zeros_like(logits, dtype=torch.float32)
             noisy_classes = pair_classes.repeat(SMOOTH_SAMPLES)
             seeds[count:] = engine.seeds(logits[count:].detach(), noisy_classes)
@@ -97,12 +80,10 @@ def smooth_grad_cam_pp(engine: CamEngine, images: Tensor, requests: Sequence[Cam
                 weights = (alpha * F.relu(g[-1])).sum(dim=(-2, -1), keepdim=True)
                 last_copy = grid[count:].unflatten(0, (SMOOTH_SAMPLES, count))[-1]
                 cams = F.relu((weights * last_copy).sum(1))
-            for i, chosen in enumerate(classes):
-                if slot < len(chosen):
-                    maps[i].append(cams[i])
+            add_slot(maps, classes, slot, cams)
         output = CamOutput(clean_logits, classes, [torch.stack(m) for m in maps], {"forward": 0.0})
         parts.append((rows, output))
-    output = _gather(engine, requests, parts)
+    output = _gather(parts, len(requests))
     seconds = {"forward": forward_seconds, "cam": time.perf_counter() - started - forward_seconds}
     return CamOutput(output.logits, output.targets, output.maps, seconds)
 
@@ -151,12 +132,12 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
     The ReLUs are guided only during this method's own pass (:func:`guided_relus`). Cost: one forward pass with
     autograd from the input, and two gradient calls per target slot, with respect to the layer's activation and the
     input. Maps come at the input's size."""
-    from camserve.cam.engine import CamOutput
+    from camserve.cam.engine import CamOutput, _gather
 
     started = time.perf_counter()
     size = tuple(images.shape[-2:])
     forward_seconds, parts = 0.0, []
-    for layer, rows in _by_layer(engine, requests).items():
+    for layer, rows in by_layer(engine, requests).items():
         layout = engine.spatial_layer(layer).layout
         captured: list[Tensor] = []
 
@@ -179,7 +160,7 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
         slots = max(len(chosen) for chosen in classes)
         maps: list[list[Tensor]] = [[] for _ in rows]
         for slot in range(slots):
-            seeds = engine.seeds(logits.detach(), _slot_classes(classes, slot, images.device)).to(logits.dtype)
+            seeds = engine.seeds(logits.detach(), slot_classes(classes, slot, images.device)).to(logits.dtype)
             guided[0] = False
             (layer_gradient,) = torch.autograd.grad(logits, captured[0], grad_outputs=seeds, retain_graph=True)
             guided[0] = True
@@ -188,10 +169,8 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
                 grid, gradient = to_grid(captured[0].detach(), layout).float(), to_grid(layer_gradient, layout).float()
                 grad_cam = F.relu((gradient.mean(dim=(-2, -1), keepdim=True) * grid).sum(1, keepdim=True))
                 cams = (upsample(grad_cam, size) * input_gradient.float()).abs().sum(1)
-            for i, chosen in enumerate(classes):
-                if slot < len(chosen):
-                    maps[i].append(cams[i])
+            add_slot(maps, classes, slot, cams)
         parts.append((rows, CamOutput(logits.detach().float(), classes, [torch.stack(m) for m in maps], {})))
-    output = _gather(engine, requests, parts)
+    output = _gather(parts, len(requests))
     seconds = {"forward": forward_seconds, "cam": time.perf_counter() - started - forward_seconds}
     return CamOutput(output.logits, output.targets, output.maps, seconds)

@@ -22,11 +22,14 @@ if TYPE_CHECKING:
 __all__ = [
     "AUGMENTATIONS",
     "SESS_SCALES",
+    "add_slot",
     "augment",
+    "by_layer",
     "full_grad",
     "refine",
     "sess",
     "sess_windows",
+    "slot_classes",
     "undo_augmentation",
 ]
 
@@ -63,6 +66,29 @@ def refine(part_maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     for part in part_maps[1:]:
         refined = refined * normalize_map(part, size)
     return refined
+
+
+# --- Shared by the methods that run apart: requests by layer, target slots ---
+
+
+def by_layer(engine: CamEngine, requests: Sequence[CamRequest]) -> dict[str, list[int]]:
+    """The requests' indices grouped by their layer (None: the engine's default layer)."""
+    groups: dict[str, list[int]] = {}
+    for n, request in enumerate(requests):
+        groups.setdefault(request.layer or engine.default_layer, []).append(n)
+    return groups
+
+
+def slot_classes(classes: Sequence[Sequence[int]], slot: int, device: torch.device) -> Tensor:
+    """Each image's class of target slot ``slot`` (its last one where it has fewer): the rows of one gradient call."""
+    return torch.tensor([chosen[min(slot, len(chosen) - 1)] for chosen in classes], device=device)
+
+
+def add_slot(maps: list[list[Tensor]], classes: Sequence[Sequence[int]], slot: int, cams: Tensor) -> None:
+    """Append each image's map of target slot ``slot`` to its list, for the images that have that many targets."""
+    for n, chosen in enumerate(classes):
+        if slot < len(chosen):
+            maps[n].append(cams[n])
 
 
 # --- FullGrad ---
@@ -109,8 +135,7 @@ def full_grad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest])
     counts = [len(chosen) for chosen in classes]
     maps: list[list[Tensor]] = [[] for _ in requests]
     for slot in range(max(counts)):
-        pair_classes = torch.tensor([chosen[min(slot, len(chosen) - 1)] for chosen in classes], device=x.device)
-        seeds = engine.seeds(logits.detach(), pair_classes)
+        seeds = engine.seeds(logits.detach(), slot_classes(classes, slot, x.device))
         last = slot == max(counts) - 1
         gradients = torch.autograd.grad(logits, [x, *outputs], grad_outputs=seeds, retain_graph=not last)
         with torch.no_grad():
@@ -120,9 +145,7 @@ def full_grad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest])
             for bias, gradient in zip(biases, gradients[1:], strict=True):
                 summed = normalise_channels((bias.view(1, -1, 1, 1) * gradient).abs()).sum(dim=1, keepdim=True)
                 total += upsample(summed, size)[:, 0]
-        for n, count in enumerate(counts):
-            if slot < count:
-                maps[n].append(total[n].float())
+        add_slot(maps, classes, slot, total.float())
     return CamOutput(
         logits=logits.detach().float(),
         targets=classes,
