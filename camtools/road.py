@@ -77,16 +77,19 @@ def road_masks(cam: np.ndarray, percentile: float) -> tuple[np.ndarray, np.ndarr
 
 
 def road_combined(
-    scores: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Tensor],
     images: Tensor,
     cams: np.ndarray,
     classes: Sequence[int],
     percentiles: Sequence[float] = PERCENTILES,
     seed: int = 0,
+    scores: Callable[[Tensor], Tensor] = lambda outputs: outputs.float().softmax(dim=1),
 ) -> np.ndarray:
     """ROAD for each image: (mean_p LeRF_p − mean_p MoRF_p) / 2, where MoRF_p (LeRF_p) is the class's score after
     removing and imputing the pixels that the map ranks above (below) its p-th percentile, minus the score before
-    (``scores``: the batch's (N, classes) scores; pytorch-grad-cam's target's, e.g. the softmax). Higher is better:
+    (``model`` maps a batch of inputs to its outputs, ``scores`` turns those into (N, classes) scores: the softmax
+    of pytorch-grad-cam's ``ClassifierOutputSoftmaxTarget`` by default, a task's own scores in the report, as
+    :func:`camserve.faithfulness.faithfulness` takes them). Higher is better:
     removing what the map points at costs the score, removing what it ignores does not. A flat map ranks nothing:
     its ROAD is 0.
 
@@ -96,7 +99,7 @@ def road_combined(
     forward passes, batched: far over a served request's budget."""
     results = []
     with torch.no_grad():
-        before = scores(images).float()
+        before = scores(model(images)).float()
     for n, (image, cam, target) in enumerate(zip(images.cpu(), cams, classes, strict=True)):
         if np.ptp(cam) == 0:
             results.append(0.0)
@@ -106,7 +109,7 @@ def road_combined(
         perturbed = [impute(image, lerf, generator) for _, lerf in masks]
         perturbed += [impute(image, morf, generator) for morf, _ in masks]
         with torch.no_grad():
-            after = scores(torch.stack(perturbed).to(images.device)).float()[:, target]
+            after = scores(model(torch.stack(perturbed).to(images.device))).float()[:, target]
         change = (after - before[n, target]).cpu().numpy()
         lerf, morf = change[: len(percentiles)].mean(), change[len(percentiles) :].mean()
         results.append(float((lerf - morf) / 2))

@@ -1,6 +1,7 @@
 """ROAD (``camtools.road``): the noisy linear imputation by hand, pytorch-grad-cam's ``ROADCombined`` to 1e-3 (on a
 smooth map, a map that ReLU left zero on most pixels, and a flat map, where the reference solves singular systems),
-and on the trained synthetic model, where it tells Grad-CAM from the random baseline."""
+on the trained synthetic model, where it tells Grad-CAM from the random baseline, and the report's ROAD end to end
+against the reference on a model with more classes than the image has colour channels."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_road_matches_pytorch_grad_cams_road_combined(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference's singular solves on the flat map
         reference = ROADCombined()(x, cam, [ClassifierOutputSoftmaxTarget(2)], model)
-    ours = road_combined(lambda batch: torch.softmax(model(batch), 1), x, cam, [2], seed=3)
+    ours = road_combined(model, x, cam, [2], seed=3)
     assert np.isfinite(ours).all()
     np.testing.assert_allclose(ours, reference, atol=1e-3)
     if name == "flat":
@@ -69,5 +70,40 @@ def test_road_tells_gradcam_from_the_random_baseline_on_the_trained_model(shapes
     images = [LabelledImage(str(i), s.image, s.label) for i, s in enumerate(make_samples(16, seed=21))]
     scores = evaluate(prepared.model, prepared.spec, images, ["gradcam", "randomcam"], steps=4, road=True)
     road = {score.method: score.summary()["road"] for score in scores}
-    # Small on this task (the imputed colour still tells the class), but Grad-CAM's is far above the baseline's.
-    assert road["gradcam"] > road["randomcam"] + 0.01 and road["gradcam"] > 10 * abs(road["randomcam"]), road
+    # Removing what Grad-CAM points at costs the class far more than removing the rest; the random map's ranking
+    # points at the clutter as often as not, so its ROAD is near or below 0.
+    print(f"ROAD on trained ShapesNet: {road}")
+    assert road["gradcam"] > 0.2 and road["gradcam"] > road["randomcam"] + 0.3, road
+
+
+def test_the_reports_road_is_pytorch_grad_cams_on_a_model_with_more_classes_than_colours():
+    """The report runs ROAD on the model: class 281 of a 1000-class ResNet-18 (seeded weights) scores the same as
+    pytorch-grad-cam's ``ROADCombined`` on the same image, map and seed. Scoring the perturbed images themselves
+    (their softmax over 3 colour channels) cannot reach class 281 at all."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+    from skimage.data import chelsea
+
+    from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
+    from camserve.imaging import resize_for_model
+    from camserve.model import images_to_batch
+    from camtools.models import prepare_model
+
+    prepared = prepare_model(arch="resnet18", weights="random", seed=0, progress=False)
+    model, spec = prepared.model, prepared.spec
+    side, target = spec.input_size, 281
+    image = LabelledImage("chelsea", chelsea(), target)
+    (score,) = evaluate(model, spec, [image], ["gradcam"], steps=4, road=True)
+    batch = images_to_batch([resize_for_model(image.image, side)], spec)
+    engine = CamEngine(model, input_size=side, default_layer=spec.default_layer)
+    cam = normalize_map(engine(batch, [CamRequest(Classes([target]))]).maps[0], (side, side)).numpy()
+    torch.manual_seed(0)  # the report's seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = ROADCombined()(batch, cam, [ClassifierOutputSoftmaxTarget(target)], model)
+    ours = score.summary()["road"]
+    print(f"report ROAD, class {target}: ours {ours:.6e}, pytorch-grad-cam {float(reference[0]):.6e}")
+    # Random weights spread the softmax over 1000 classes, so the figure is small: compare it relatively too.
+    assert ours != 0 and ours == pytest.approx(float(reference[0]), rel=1e-4, abs=1e-9)
+    # Faithfulness in the same report reads the model's class 281 too: deletion starts at p(x).
+    assert 0 < score.summary()["deletion"] < 1
