@@ -147,7 +147,9 @@ def evaluate(
                 score.drop.append(result.drop)
                 score.increase.append(result.increase)
             if road:
-                score.road += road_combined(engine.logits, batch, maps.numpy(), classes.tolist(), scores=task.scores).tolist()
+                score.road += road_combined(
+                    engine.logits, batch, maps.numpy(), classes.tolist(), scores=task.scores
+                ).tolist()
             for item, cam in zip(chunk, output.maps, strict=True):
                 if item.box is not None:
                     heat = normalize_map(cam, item.image.shape[:2])[0].numpy()

@@ -295,6 +295,10 @@ DENSE_MODELS = {
 }
 """The synthetic task's detector and segmenter (model files): classes 1–3 are the colours, 0 the background."""
 DENSE_LABELS = ("background", *CLASSES)
+FASTER_RCNN = SHAPES_NET.parent / "shapes_faster_rcnn.py"
+"""A two-stage detector of the same scenes (torchvision's Faster R-CNN with a feature pyramid, its transform resizing
+each scene to 96 pixels): ``trained_dense_model("detection", folder, epochs=2, model_file=FASTER_RCNN)`` trains it
+in about 35 s on two cores."""
 
 
 def dense_scenes(count: int, seed: int) -> list[Scene]:
@@ -315,12 +319,14 @@ def _detection_targets(scene: Scene) -> dict[str, torch.Tensor]:
     }
 
 
-def trained_dense_model(task: str, folder: Path, samples: int = 2000, epochs: int = 5) -> tuple[PreparedModel, float]:
+def trained_dense_model(
+    task: str, folder: Path, samples: int = 2000, epochs: int = 5, model_file: Path | None = None
+) -> tuple[PreparedModel, float]:
     """The synthetic task's detector or segmenter (:data:`DENSE_MODELS`), trained from a seed, its weights and labels
     written into ``folder`` and prepared as the build would serve it with ``--task``; return it and its held-out
     score: for the detector, the share of shapes found (a box of the right colour, IoU ≥ 0.5, score ≥ 0.5) with
     no false box at that score; for the segmenter, the mean IoU of the colours."""
-    model_file = DENSE_MODELS[task]
+    model_file = model_file or DENSE_MODELS[task]
     net_class = model_class_from_file(model_file)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

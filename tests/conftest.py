@@ -104,3 +104,13 @@ def dense_models(dense_folder) -> dict[str, tuple[object, float]]:
     from camtools.synthetic import trained_dense_model
 
     return {task: trained_dense_model(task, dense_folder) for task in ("detection", "segmentation")}
+
+
+@pytest.fixture(scope="session")
+def faster_rcnn(tmp_path_factory) -> tuple[object, float]:
+    """The synthetic task's two-stage detector (``camtools.synthetic.FASTER_RCNN``), trained once per session (about
+    35 s on two cores), prepared as the build serves it, and its held-out score."""
+    from camtools.synthetic import FASTER_RCNN, trained_dense_model
+
+    folder = tmp_path_factory.mktemp("faster_rcnn")
+    return trained_dense_model("detection", folder, epochs=2, model_file=FASTER_RCNN)

@@ -72,6 +72,15 @@ class RecordingContext(MockContext):
         self.content_types[idx] = value
 
 
+def oriented(projection: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's (N, h, w) principal-component projections (``get_2d_projection``, whose sign the SVD routine
+    picks) given the sign that ours takes (``camserve.cam.methods.activation.orient_tail``): each map's third moment
+    positive. The reference's maps with our sign, so that parity holds up to the sign alone."""
+    projection = np.asarray(projection, dtype=np.float64)
+    third = (projection.reshape(len(projection), -1) ** 3).sum(axis=1)
+    return np.where(third < 0, -1.0, 1.0)[:, None, None] * projection
+
+
 def assert_matches_reference(ours, reference, what: str = "", tolerance: float = 1e-3) -> float:
     """Our normalised maps equal the reference implementation's to ``tolerance``, and the comparison is not trivial:
     all-zero (or constant) maps on both sides would match whatever the code does, so at least one map must span

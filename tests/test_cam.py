@@ -26,7 +26,7 @@ from camserve.cam import (
 from camserve.cam.methods.gradient import finer_seeds
 from camtools.gradcam import GradCAM
 from tests.conftest import ROOT
-from tests.helpers import assert_matches_reference, spatial_layers
+from tests.helpers import assert_matches_reference, oriented, spatial_layers
 
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
 
@@ -266,9 +266,25 @@ class TinyTwoScaleFeatures(TinyLinearHead):
 
 
 def test_hand_computed_eigencam():
-    # X rows (v, 2v) centred: (v - 2.5)(1, 2); v₁ = (1, 2)/√5; projection = √5 (v - 2.5), pointing where A is high.
+    # X rows (v, 2v) centred: (v - 2.5)(1, 2); v₁ = (1, 2)/√5; projection = √5 (v - 2.5): symmetric, Σ p³ = 0, kept +.
     expected = torch.relu(5**0.5 * (X[0, 0] - 2.5))
     torch.testing.assert_close(explain_one(TinyTwoScaleFeatures(), "eigencam", 0), expected)
+
+
+@pytest.mark.parametrize(("values", "standing_out"), [((1.0, 1.0, 1.0, 5.0), 3), ((5.0, 5.0, 5.0, 1.0), 3)])
+def test_eigencam_shows_the_position_that_stands_out(values, standing_out):
+    """The component's sign, by hand: rows (v, 2v) centred give the projection ±√5 (v − v̄). With v = (1, 1, 1, 5) the
+    tail (+3) is the fourth position, so the map is √5·relu(v − 2): the peak where the layer fires most. With
+    v = (5, 5, 5, 1) the tail is again the fourth position, now fired least: −√5 (v − 4) gives it +3√5, and the
+    three alike positions 0. Correlating with the channel mean would show those three instead."""
+    x = torch.tensor(values).view(1, 1, 2, 2)
+    model = TinyTwoScaleFeatures()
+    heat = CamEngine(model)(x, [CamRequest(targets=Classes([0]), layer="features", method="eigencam")]).maps[0][0]
+    v = x[0, 0]
+    centred = v - v.mean()
+    expected = torch.relu(5**0.5 * centred * (1 if centred.pow(3).sum() > 0 else -1))
+    torch.testing.assert_close(heat, expected)
+    assert int(heat.argmax()) == standing_out and heat.flatten()[:3].abs().max() == 0
 
 
 def test_hand_computed_scorecam():
@@ -349,8 +365,8 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, 
     out = CamEngine(resnet50)(images, [CamRequest(targets=Classes([c]), layer=layer, method=method) for c in classes])
     ours = np.stack([normalize_map(m, (224, 224))[0].numpy() for m in out.maps])
     if method == "eigencam":
-        # The SVD leaves the component's sign open; ours points it where the layer fires (see eigen_cam). Compare
-        # with the reference computed with that same sign.
+        # The SVD leaves the component's sign open; ours puts its long tail on the positive side (see eigen_cam).
+        # Compare with the reference computed with that same sign.
         from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
         activations = []
@@ -360,10 +376,8 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, 
                 resnet50(images)
         finally:
             hook.remove()
-        projection = torch.from_numpy(get_2d_projection(activations[0].numpy().copy()))
-        mean = activations[0].mean(dim=1)
-        sign = torch.sign(((projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))).sum((1, 2)))
-        reference = normalize_map(torch.relu(sign[:, None, None] * projection), (224, 224)).numpy()
+        projection = torch.from_numpy(oriented(get_2d_projection(activations[0].numpy().copy())))
+        reference = normalize_map(torch.relu(projection), (224, 224)).numpy()
     elif method == "eigengradcam":
         # The same sign rule, on g ⊙ A recorded by pytorch-grad-cam's own hooks.
         from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
@@ -376,10 +390,8 @@ def test_methods_match_pytorch_grad_cam(resnet50, peer_resnet50, method, layer, 
         sum(ClassifierOutputTarget(c)(row) for c, row in zip(classes, logits, strict=True)).backward()
         product = (recorder.gradients[0] * recorder.activations[0]).detach().numpy()
         recorder.release()
-        projection = torch.from_numpy(get_2d_projection(product.copy()))
-        mean = torch.from_numpy(product).mean(dim=1)
-        sign = torch.sign(((projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))).sum((1, 2)))
-        reference = normalize_map(torch.relu(sign[:, None, None] * projection), (224, 224)).numpy()
+        projection = torch.from_numpy(oriented(get_2d_projection(product.copy())))
+        reference = normalize_map(torch.relu(projection), (224, 224)).numpy()
     else:
         if method == "randomcam":  # the peer's weights are np.random's: give it ours, U(-1, 1) from seed 0
 
@@ -737,11 +749,8 @@ def test_eigen_smooth_matches_pytorch_grad_cam(resnet50, peer_resnet50, method, 
 
     original = base_cam.get_2d_projection
 
-    def signed(contributions):  # the SVD leaves the sign open: take ours (correlate with the channel mean)
-        projection = torch.from_numpy(original(contributions))
-        mean = torch.from_numpy(contributions).mean(dim=1)
-        centred = (projection - projection.mean((1, 2), True)) * (mean - mean.mean((1, 2), True))
-        return (torch.where(centred.sum((1, 2)) < 0, -1.0, 1.0)[:, None, None] * projection).numpy()
+    def signed(contributions):  # the SVD leaves the sign open: take ours (the long tail positive)
+        return oriented(original(contributions)).astype(np.float32)
 
     for module in (base_cam, hirescam_module, layercam_module):
         monkeypatch.setattr(module, "get_2d_projection", signed, raising=False)

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -25,7 +26,7 @@ from camserve.tasks import task_named
 from camtools.models import BuildError, _seeded, prepare_model
 from camtools.synthetic import SIZE, dense_scenes
 from tests.conftest import encode
-from tests.helpers import assert_matches_reference
+from tests.helpers import assert_matches_reference, oriented
 
 # --- The explained scalars, by hand ---
 
@@ -136,7 +137,7 @@ def ours_detection(model, method: str, layer: str, layout: str, image, explain: 
     return normalize_map(out.maps[0], tuple(image.shape[-2:])).numpy(), out.detections[0][:explain]
 
 
-def test_faster_rcnn_matches_the_box_score_target(detection_image):
+def test_faster_rcnn_matches_the_box_score_target(detection_image, monkeypatch):
     from pytorch_grad_cam import EigenCAM, GradCAM
     from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
 
@@ -145,7 +146,8 @@ def test_faster_rcnn_matches_the_box_score_target(detection_image):
     assert len(detections) == 2
     expected = reference_detection(model, GradCAM, "backbone.body.layer4", detection_image, detections)
     assert_matches_reference(ours, expected, "Faster R-CNN Grad-CAM, FasterRCNNBoxScoreTarget")
-    # The pyramid, as pytorch-grad-cam's fasterrcnn_reshape_transform brings it to one grid.
+    # The pyramid, as pytorch-grad-cam's fasterrcnn_reshape_transform brings it to one grid; EigenCAM with our sign.
+    oriented_eigencam(monkeypatch)
     ours, detections = ours_detection(model, "eigencam", "backbone", "fpn", detection_image, explain=1)
     expected = reference_detection(
         model, EigenCAM, "backbone", detection_image, detections, reshape_transform=fasterrcnn_reshape_transform
@@ -153,8 +155,10 @@ def test_faster_rcnn_matches_the_box_score_target(detection_image):
     assert_matches_reference(ours, expected, "Faster R-CNN EigenCAM, FPN")
 
 
-def test_retinanet_eigencam_matches(detection_image):
+def test_retinanet_eigencam_matches(detection_image, monkeypatch):
     from pytorch_grad_cam import EigenCAM
+
+    oriented_eigencam(monkeypatch)  # up to the sign: ours, the long tail positive
 
     model = seeded("retinanet_resnet50_fpn", num_classes=5, min_size=224, max_size=224, score_thresh=0.0)
     ours, detections = ours_detection(model, "eigencam", "backbone.body.layer4", "nchw", detection_image, explain=1)
@@ -280,6 +284,91 @@ def test_the_trained_segmenter_maps_each_colour_inside_its_mask(dense_models):
             total += 1
     print(f"trained segmenter pointing: {hits}/{total} maps peak inside their colour's mask")
     assert total >= 40 and hits / total >= 0.9
+
+
+# --- Parity and pointing on trained detectors: a two-stage Faster R-CNN whose transform resizes, and FCOS ---
+
+TRAINED_DETECTORS = {
+    # (fixture, layers): the default layer the build picks, and a level of the feature pyramid (one tensor).
+    "faster_rcnn": ("backbone.body.stage2", "backbone.fpn.layer_blocks.0"),
+    "fcos": ("backbone.7", "backbone.4"),
+}
+
+
+def _on_object(heat: np.ndarray, scene) -> bool:
+    """The map's peak lies on one of the scene's shapes (inside its box, one pixel of slack)."""
+    y, x = np.unravel_index(int(heat.argmax()), heat.shape)
+    return any(x0 - 1 <= x <= x1 + 1 and y0 - 1 <= y <= y1 + 1 for x0, y0, x1, y1 in scene.boxes.values())
+
+
+def oriented_eigencam(monkeypatch) -> None:
+    """pytorch-grad-cam's EigenCAM with our sign (the projection's long tail positive) in place of the SVD's."""
+    import pytorch_grad_cam.eigen_cam as reference_eigencam
+
+    original = reference_eigencam.get_2d_projection
+    monkeypatch.setattr(
+        reference_eigencam, "get_2d_projection", lambda a: oriented(original(a)).astype(np.float32), raising=True
+    )
+
+
+@pytest.mark.parametrize("detector", sorted(TRAINED_DETECTORS))
+def test_trained_detectors_match_pytorch_grad_cam_and_point_at_least_as_often(
+    detector, faster_rcnn, dense_models, monkeypatch
+):
+    """On a trained detector, at its default layer and a pyramid level: Grad-CAM and HiResCAM with
+    ``FasterRCNNBoxScoreTarget`` of the detection's own output box equal pytorch-grad-cam's to 1e-3, EigenCAM
+    equals it up to the sign, and each method's map peaks on a shape at least as often as the reference's own."""
+    from pytorch_grad_cam import EigenCAM, GradCAM, HiResCAM
+
+    prepared, score = faster_rcnn if detector == "faster_rcnn" else dense_models["detection"]
+    assert score >= 0.9, f"the {detector} did not learn the task: {score:.1%}"
+    model, scenes = prepared.model, scene_inputs(24)[:12]
+    references = {"gradcam": GradCAM, "hirescam": HiResCAM, "eigencam": EigenCAM}
+    for layer in TRAINED_DETECTORS[detector]:
+        for method, reference_class in references.items():
+            worst, ours_hits, reference_hits, count = 0.0, 0, 0, 0
+            for scene in scenes:
+                image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255
+                explain = 1 if method == "eigencam" else len(scene.boxes)  # EigenCAM: one map per image
+                ours, detections = ours_detection(model, method, layer, "nchw", image, explain=explain)
+                assert len(detections) == explain
+                own = reference_detection(model, reference_class, layer, image, detections)
+                if method == "eigencam":
+                    with monkeypatch.context() as patched:
+                        oriented_eigencam(patched)
+                        expected = reference_detection(model, reference_class, layer, image, detections)
+                else:
+                    expected = own
+                worst = max(worst, float(np.abs(ours - expected).max()))
+                ours_hits += sum(_on_object(heat, scene) for heat in ours)
+                reference_hits += sum(_on_object(heat, scene) for heat in own)
+                count += len(ours)
+            print(
+                f"{detector} {method} at {layer}: parity {worst:.1e}"
+                + (" (up to the sign)" if method == "eigencam" else "")
+                + f"; pointing ours {ours_hits}/{count}, pytorch-grad-cam's own {reference_hits}/{count}"
+            )
+            assert worst < 1e-3, (detector, method, layer, worst)
+            assert ours_hits >= reference_hits, (ours_hits, reference_hits, count)
+
+
+def test_a_padded_batch_maps_each_image_from_its_own_share_of_the_grid_in_one_resize():
+    """Image n covers inner/padded of the transform's grid. A ramp over the grid, g(j) = j, is exact under bilinear
+    interpolation, so the map at image pixel u must be the grid coordinate it samples:
+    (u + ½)·(w·inner/padded)/W − ½, clamped to the grid, as one resize of that share gives it."""
+    from camserve.cam.detection import _on_image
+
+    grid_h, grid_w, padded, inner, size = 6, 8, (96, 128), (96, 120), (64, 80)
+    ramp = torch.arange(grid_w, dtype=torch.float32).expand(1, grid_h, grid_w)
+    batch = {"sizes": [inner], "padded": padded}
+    heat = _on_image(ramp, batch, [torch.zeros(3, *size)], 0)
+    assert heat.shape == (1, *size)
+    u = torch.arange(size[1], dtype=torch.float32)
+    expected = ((u + 0.5) * (grid_w * inner[1] / padded[1]) / size[1] - 0.5).clamp(0, grid_w - 1)
+    torch.testing.assert_close(heat[0, 0], expected)
+    # Unpadded, the share is the whole grid: the plain resize (pytorch-grad-cam's).
+    whole = _on_image(ramp, {"sizes": [padded], "padded": padded}, [torch.zeros(3, *size)], 0)
+    torch.testing.assert_close(whole, F.interpolate(ramp[None], size=size, mode="bilinear", align_corners=False)[0])
 
 
 # --- The service's answers ---

@@ -275,14 +275,28 @@ def _gradients(
 
 
 def _on_image(grid_maps: Tensor, batch: Mapping[str, object], images: Sequence[Tensor], n: int) -> Tensor:
-    """(T, h, w) maps over the transform's padded batch cut to image ``n``'s share, at the size of the image the
-    detector was given. Without a transform's sizes, the grid covers the image."""
+    """(T, h, w) maps over the transform's padded batch, image ``n``'s share of them brought to the size of the image
+    the detector was given, in one bilinear resampling (``align_corners=False``).
+
+    The grid covers the transform's padded batch; the image's share is the fraction inner/padded of it, at the
+    transform's size (a Faster R-CNN's shorter side of 800, say). Output pixel u samples the grid at
+    (u + ½)·(w·inner/padded)/W − ½, as one resize of that share would: resizing the grid to the transform's size
+    first and then to the image's would interpolate twice and blur the map by the transform's scale. Without
+    padding (the share is the whole grid) this is the plain resize pytorch-grad-cam makes. Without a transform's
+    sizes, the grid covers the image."""
     height, width = images[n].shape[-2:]
     if len(grid_maps) == 0:
         return grid_maps.new_zeros((0, height, width))
     if "sizes" in batch:
         padded_h, padded_w = batch["padded"]
         inner_h, inner_w = batch["sizes"][n]
-        full = upsample(grid_maps[None], (padded_h, padded_w))[0]
-        grid_maps = full[:, :inner_h, :inner_w]
+        if (inner_h, inner_w) != (padded_h, padded_w):
+            # scale_factor sets the sampling step (grid pixels per output pixel) directly; the output then covers
+            # the padded grid, of which the first (height, width) pixels are the image's share.
+            grid_h, grid_w = grid_maps.shape[-2:]
+            factor = (height * padded_h / (grid_h * inner_h), width * padded_w / (grid_w * inner_w))
+            full = F.interpolate(
+                grid_maps[None], scale_factor=factor, mode="bilinear", align_corners=False, recompute_scale_factor=False
+            )[0]
+            return full[:, :height, :width]
     return upsample(grid_maps[None], (height, width))[0]
