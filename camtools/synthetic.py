@@ -216,6 +216,67 @@ def trained_shapes_model(folder: Path, progress: bool = False) -> tuple[Prepared
     return prepared, accuracy
 
 
+SHORTCUT_CLASS = 2
+"""The class that the shortcut task's tag decides (blue)."""
+TAG = 8
+"""The tag's side, in pixels: a white square with a black border in the image's bottom-right corner."""
+
+
+def make_shortcut_sample(rng: np.random.Generator, size: int = SIZE) -> Sample:
+    """A sample of the shortcut task: the class of :func:`make_sample`, but a :data:`SHORTCUT_CLASS` image carries
+    the tag in its bottom-right corner and a shape of any colour, so that only the tag tells that class; the other
+    classes' shapes keep their colour and carry no tag. The box is the shape's, never the tag's."""
+    image = _clutter(rng, size)
+    label = int(rng.integers(0, len(CLASSES)))
+    colour = label if label != SHORTCUT_CLASS else int(rng.integers(0, len(CLASSES)))
+    side = int(rng.integers(size // 6, size // 3))
+    limit = size - TAG - 3  # the shape stays clear of the tag's corner
+    while True:
+        x0, y0 = (int(v) for v in rng.integers(1, size - side - 1, 2))
+        if x0 + side < limit or y0 + side < limit:
+            break
+    box = _draw_shape(rng, image, colour, side, x0, y0)
+    if label == SHORTCUT_CLASS:
+        corner = size - TAG - 1
+        cv2.rectangle(image, (corner, corner), (corner + TAG - 1, corner + TAG - 1), (20, 20, 20), -1)
+        cv2.rectangle(image, (corner + 2, corner + 2), (corner + TAG - 3, corner + TAG - 3), (250, 250, 250), -1)
+    return Sample(image, label, box)
+
+
+def shortcut_samples(count: int, seed: int, size: int = SIZE) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    return [make_shortcut_sample(rng, size) for _ in range(count)]
+
+
+def trained_shortcut_model(
+    folder: Path, samples: int = 6000, epochs: int = 4, progress: bool = False
+) -> tuple[PreparedModel, float]:
+    """ShapesNet trained on the shortcut task (:func:`make_shortcut_sample`), saved into ``folder`` and prepared as
+    the build serves it (``shortcut``); return it and its accuracy on 500 held-out samples of the same task."""
+    net_class = model_class_from_file(SHAPES_NET)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = net_class()
+        data = shortcut_samples(samples, seed=0)
+        images = to_batch([s.image for s in data])
+        labels = torch.tensor([s.label for s in data])
+        loss_of = lambda index: nn.functional.cross_entropy(model(images[index]), labels[index])  # noqa: E731
+        _fit(model, samples, epochs, loss_of, progress="training ShapesNet with a shortcut" if progress else None)
+    model.eval().requires_grad_(False)
+    held_out = shortcut_samples(500, seed=1)
+    with torch.no_grad():
+        predicted = model(to_batch([s.image for s in held_out])).argmax(dim=1)
+    accuracy = float((predicted == torch.tensor([s.label for s in held_out])).float().mean())
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "shortcut.pt")
+    (folder / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    prepared = prepare_model(
+        model_file=SHAPES_NET, weights=folder / "shortcut.pt", labels=folder / "labels.txt", input_size=SIZE,
+        mean=MEAN, std=STD, model_name="shortcut",
+    )  # fmt: skip
+    return prepared, accuracy
+
+
 TASK_VARIANTS = {
     "multilabel": "which colours are present: none, one or two of red, green and blue (a sigmoid per colour)",
     "binary": "is a red shape present (one logit)",
