@@ -234,10 +234,10 @@ def _service(archive: Path, tmp_path: Path):
 def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut, tmp_path):
     archive, boxes, _ = shortcut
     many = tmp_path / "many.csv"
-    # Distinct names: 4 copies of each image under their own file names.
+    # 720 rows: 8 copies of each image under their own file names.
     images = Path(boxes).parent / "images"
     rows = [("file", "class")]
-    for copy in range(4):
+    for copy in range(8):
         for path in sorted(images.glob("*/*.png")):
             name = f"copies/{copy}-{path.parent.name}-{path.name}"
             (tmp_path / "copies").mkdir(exist_ok=True)
@@ -249,16 +249,14 @@ def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut
     pids.mkdir()
     killed = []
 
-    def kill_one() -> None:
-        deadline = time.monotonic() + 120
+    def kill_one() -> None:  # an actor that has begun its second batch, so that it dies holding work
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            found = sorted(pids.iterdir())
-            if found:
-                time.sleep(3.0)  # the actor has loaded the archive and is explaining
-                pid = int(found[0].name)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.2)
+            busy = [path for path in pids.iterdir() if len(path.read_text().splitlines()) >= 2]
+            if busy:
+                os.kill(int(busy[0].name), signal.SIGKILL)
+                killed.append(int(busy[0].name))
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
@@ -267,7 +265,7 @@ def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut
     killer.join(timeout=5)
     assert killed, "no actor was killed"
     files = [r["file"] for r in read_rows(tmp_path / "out", ["file", "status"])]
-    assert len(files) == len(rows) - 1 == 360 and len(set(files)) == 360
+    assert len(files) == len(rows) - 1 == 720 and len(set(files)) == 720
     assert summary["errors"] == 0
     assert len(list(pids.iterdir())) > 2, "the killed actor was not restarted"
 

@@ -22,10 +22,12 @@ import numpy as np
 
 from camtools.audit.analysis import analyse
 from camtools.audit.sources import SourceError, read_source
-from camtools.audit.worker import COLUMNS, THUMBNAIL, Explainer
+from camtools.audit.worker import COLUMNS, SCHEMA, THUMBNAIL, Explainer
 
 __all__ = ["AuditError", "AuditOptions", "audit", "read_rows"]
 
+ROWS_PER_FILE = 10_000
+"""Rows per Parquet file of ``DIR/explanations``."""
 CLASSIFIER_TASKS = ("multiclass", "multilabel", "binary")
 """The tasks whose archives an audit explains: a class per image (a detector's or segmenter's many are not)."""
 
@@ -77,6 +79,35 @@ def _item(row: dict) -> dict:
     return item | dict(zip(("x0", "y0", "x1", "y1"), (float(v) for v in box), strict=True))
 
 
+def _write(explained, folder: Path) -> None:
+    """Stream the explained rows into Parquet files in ``folder``, written here as they arrive: Ray Data's own
+    writer would start a worker process of its own once the actors have finished (about 10 s on two cores), for
+    no gain in a job whose rows are small. New files never replace a resumed run's."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = uuid.uuid4().hex[:8]
+    writer, part, rows = None, 0, 0
+    try:
+        for batch in explained.iter_batches(batch_size=None, batch_format="pyarrow"):
+            table = pa.Table.from_batches(batch.to_batches(), schema=SCHEMA) if batch.num_rows else None
+            if table is None:
+                continue
+            if writer is None:
+                writer = pq.ParquetWriter(folder / f"part-{run}-{part:05d}.parquet", SCHEMA)
+            writer.write_table(table)
+            rows += table.num_rows
+            if rows >= ROWS_PER_FILE:
+                writer.close()
+                writer, part, rows = None, part + 1, 0
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 def read_rows(out: Path, columns: list[str] | None = None) -> list[dict]:
     """The rows in ``out/explanations`` (all columns, or ``columns``)."""
     import pyarrow.parquet as pq
@@ -115,7 +146,7 @@ def audit(images: str, archive: Path, out: Path, options: AuditOptions = AuditOp
     """Audit ``images`` with ``archive``'s model into ``out``; return the summary (also ``out/summary.json``)."""
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy, SaveMode
+    from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()
     spec = _archive_spec(Path(archive))
@@ -152,9 +183,7 @@ def audit(images: str, archive: Path, out: Path, options: AuditOptions = AuditOp
                 max_restarts=-1,
                 max_task_retries=-1,
             )
-            # The writer takes no CPU of its own: the actors hold the cores, and a writer waiting for one would
-            # stall the stream until they are torn down.
-            explained.write_parquet(str(out / "explanations"), mode=SaveMode.APPEND, ray_remote_args={"num_cpus": 0})
+            _write(explained, out / "explanations")
         engine = {"ray": ray.__version__, "address": address, "workers": workers}
     finally:
         if temp is not None:

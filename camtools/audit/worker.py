@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["COLUMNS", "THUMBNAIL", "Explainer", "box_figures"]
+__all__ = ["COLUMNS", "SCHEMA", "THUMBNAIL", "Explainer", "box_figures"]
 
 THUMBNAIL = 32
 """The side of the map kept beside the 16-bit PNG for the class statistics and SpRAy's clustering."""
@@ -28,6 +28,22 @@ COLUMNS = (
     "energy_in_box", "deletion", "insertion", "sanity", "thumbnail",
 )  # fmt: skip
 """The columns of ``DIR/explanations``, in order (``thumbnail``: the map at THUMBNAIL², row-major float32 bytes)."""
+
+
+def _schema():
+    import pyarrow as pa
+
+    types = {
+        "file": pa.string(), "label": pa.string(), "status": pa.string(), "error": pa.string(),
+        "predicted": pa.int64(), "probability": pa.float64(), "explained": pa.int64(), "heatmap": pa.binary(),
+        "pointing": pa.bool_(), "energy_in_box": pa.float64(), "deletion": pa.float64(), "insertion": pa.float64(),
+        "sanity": pa.float64(), "thumbnail": pa.binary(),
+    }  # fmt: skip
+    return pa.schema([(column, types[column]) for column in COLUMNS])
+
+
+SCHEMA = _schema()
+"""The Parquet schema of ``DIR/explanations``: every column nullable, so that error rows and runs agree."""
 
 
 def box_figures(heat: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[bool, float]:
@@ -63,7 +79,7 @@ class Explainer:
 
     ``options`` are the request options every image is sent with (``method``, ``layer``, ``faithfulness``,
     ``sanity``, ...), as a request's fields; ``heatmap`` is always asked for. ``pid_file``, for the tests, is a
-    folder where each actor writes its process id."""
+    folder where each actor keeps a file named by its process id, a line per batch begun."""
 
     def __init__(self, archive: str, options: Mapping[str, object], pid_file: str | None = None) -> None:
         import torch
@@ -73,8 +89,9 @@ class Explainer:
         from camserve.spec import archive_manifest, handler_settings
 
         cv2.setNumThreads(1)
-        if pid_file:
-            Path(pid_file, f"{os.getpid()}").write_text(str(os.getpid()))
+        self._calls = Path(pid_file, f"{os.getpid()}") if pid_file else None
+        if self._calls is not None:
+            self._calls.write_text("")
         self._workdir = tempfile.TemporaryDirectory(prefix="camserve-audit-")
         model_dir = Path(self._workdir.name) / "model"
         with zipfile.ZipFile(archive) as packed:
@@ -87,7 +104,10 @@ class Explainer:
         self.fields = {key: str(value).encode() for key, value in options.items() if value is not None}
         self.fields["heatmap"] = b"true"
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: Mapping[str, np.ndarray]):
+        if self._calls is not None:  # for the tests: one line per batch this process has begun
+            with self._calls.open("a") as calls:
+                calls.write(f"{len(batch['file'])}\n")
         count = len(batch["file"])
         rows: list[dict | None] = [None] * count
         out = {column: [None] * count for column in COLUMNS}
@@ -114,7 +134,9 @@ class Explainer:
                 self._fill(out, n, result.body, None if np.isnan(box).any() else box)
             except Exception as error:  # a response this code cannot read is that row's error, not the batch's
                 out["status"][n], out["error"][n] = "error", f"reading the response failed: {error!r}"
-        return out
+        import pyarrow as pa
+
+        return pa.table(out, schema=SCHEMA)
 
     @staticmethod
     def _fill(out: dict[str, list], n: int, body: Mapping[str, object], box: tuple[float, ...] | None) -> None:
