@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=defaults.weights, help="imagenet, random or a state_dict path")
     parser.add_argument("--detector", default=defaults.detector, help="the detector row's torchvision builder")
     parser.add_argument("--segmenter", default=defaults.segmenter, help="the segmenter row's torchvision builder")
+    parser.add_argument(
+        "--sections",
+        type=lambda text: tuple(text.split(",")),
+        default=(),
+        help="only these in-process sections, by report field: in_process, methods, sanity, vit, fast_paths, "
+        "channels_last, stages, photos, dense, response_bytes, audit (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
     parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
     parser.add_argument(
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         layer=args.layer,
         detector=args.detector,
         segmenter=args.segmenter,
+        sections=args.sections,
     )
     report = run_benchmark(config)
     paths = write_reports(report, args.out, args.stem)

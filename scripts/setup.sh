@@ -5,14 +5,17 @@
 #                                    # playwright, ruff or the test-only reference implementations
 #   bash scripts/setup.sh --kserve   # the runtime and KServe's model server (requirements-kserve.txt), for
 #                                    # python -m camserve.kserve
+#   bash scripts/setup.sh --audit    # the runtime and the dataset audit on Ray Data (requirements-audit.txt), for
+#                                    # scripts/audit.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requirements=requirements-dev.txt
 case "${1:-}" in
   --runtime) requirements=requirements.txt ;;
   --kserve) requirements=requirements-kserve.txt ;;
+  --audit) requirements=requirements-audit.txt ;;
   "") ;;
-  *) echo "usage: bash scripts/setup.sh [--runtime | --kserve]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/setup.sh [--runtime | --kserve | --audit]" >&2; exit 2 ;;
 esac
 
 python_bin=${PYTHON:-}
@@ -31,7 +34,7 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.requirements.sha256
-wanted=$( (cat requirements.txt requirements-kserve.txt requirements-dev.txt requirements-references.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
+wanted=$( (cat requirements.txt requirements-kserve.txt requirements-audit.txt requirements-dev.txt requirements-references.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
   if [ "${CAMSERVE_TORCH_CPU:-}" = 1 ]; then

@@ -42,7 +42,10 @@ def test_the_runtime_install_holds_no_test_tools():
     completed = subprocess.run(
         [shutil.which("bash"), str(ROOT / "scripts" / "setup.sh"), "--everything"], capture_output=True, text=True
     )
-    assert completed.returncode == 2 and "usage: bash scripts/setup.sh [--runtime | --kserve]" in completed.stderr
+    assert (
+        completed.returncode == 2
+        and "usage: bash scripts/setup.sh [--runtime | --kserve | --audit]" in completed.stderr
+    )
 
 
 def test_the_kserve_install_is_the_runtime_and_the_sdk_alone():
@@ -56,3 +59,17 @@ def test_the_kserve_install_is_the_runtime_and_the_sdk_alone():
     assert "--kserve) requirements=requirements-kserve.txt" in (ROOT / "scripts" / "setup.sh").read_text()
     dockerfile = (ROOT / "deploy" / "kserve" / "Dockerfile").read_text()
     assert "bash scripts/setup.sh --kserve" in dockerfile and '"-m", "camserve.kserve", "--model-dir"' in dockerfile
+
+
+def test_the_audit_install_is_the_runtime_ray_data_and_scikit_learn_and_never_the_workers():
+    """``setup.sh --audit``: requirements.txt, ray[data], pyarrow and scikit-learn, pinned exactly, in a file of its
+    own; the test install includes it; an archive's worker requirements never name Ray."""
+    from camtools.archive import worker_requirements
+
+    lines = (ROOT / "requirements-audit.txt").read_text().splitlines()
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert pins == ["-r requirements.txt", "ray[data]==2.60.0", "pyarrow==26.0.1", "scikit-learn==1.9.1"]
+    assert "-r requirements-audit.txt" in (ROOT / "requirements-dev.txt").read_text()
+    assert "--audit) requirements=requirements-audit.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    for needs in (set(), {"timm"}, {"transformers"}):
+        assert "ray" not in worker_requirements(needs).lower()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from camserve.cam import DEFAULT_METHOD
 from camtools.audit.analysis import analyse
 from camtools.audit.sources import SourceError, read_source
 from camtools.audit.worker import COLUMNS, SCHEMA, THUMBNAIL, Explainer
@@ -180,9 +181,7 @@ def audit(images: str, archive: Path, out: Path, options: AuditOptions = AuditOp
                 compute=ActorPoolStrategy(size=workers),
                 num_gpus=options.gpus_per_worker or None,
                 num_cpus=1,
-                max_restarts=-1,
-                max_task_retries=-1,
-            )
+            )  # Ray Data restarts a dead actor and retries its tasks by default (max_restarts, max_task_retries −1)
             _write(explained, out / "explanations")
         engine = {"ray": ray.__version__, "address": address, "workers": workers}
     finally:
@@ -219,7 +218,7 @@ def summarise(
         "images": len(rows),
         "errors": len(rows) - len(ok),
         "accuracy": round(float(np.mean([r["predicted"] == r["target"] for r in labelled])), 4) if labelled else None,
-        "method": options.method or "the archive's default",
+        "method": options.method or DEFAULT_METHOD,
         "layer": options.layer or spec["default_layer"],
         "model": {"name": spec.get("name"), "arch": spec.get("arch"), "weights": spec.get("weights")},
         "classes": [item.summary() for item in findings],

@@ -112,8 +112,9 @@ class Explainer:
         rows: list[dict | None] = [None] * count
         out = {column: [None] * count for column in COLUMNS}
         for n in range(count):
-            out["file"][n] = batch["file"][n]
-            out["label"][n] = batch["label"][n]
+            out["file"][n] = str(batch["file"][n])
+            label = batch["label"][n]
+            out["label"][n] = label if isinstance(label, str) else None  # a column of no labels comes as NaN
             try:
                 data = _read(str(batch["path"][n]))
             except OSError as error:

@@ -44,6 +44,8 @@ class BenchConfig:
     detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"
     segmenter: str = "lraspp_mobilenet_v3_large"
     """The detector's and segmenter's rows: torchvision builders, seeded random weights."""
+    sections: tuple[str, ...] = ()
+    """Run only these in-process sections (their report fields: ``methods``, ``audit``, ...); () runs every one."""
 
 
 def sample_images(count: int) -> list[np.ndarray]:
@@ -133,6 +135,8 @@ class BenchReport:
     profile: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     targets: list[dict[str, object]] = field(default_factory=list)
+    audit: dict[str, object] = field(default_factory=dict)
+    """The dataset audit on Ray Data: its marginal throughput against the plain forward pass at batch 8."""
 
 
 @dataclass(frozen=True)

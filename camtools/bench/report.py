@@ -202,6 +202,15 @@ def markdown(report: BenchReport) -> str:
             for r in report.in_process
         ],
     )
+    if report.audit:
+        a = report.audit
+        lines.append(
+            f"Dataset audit (Ray Data, {a['images'][0]} and {a['images'][1]} JPEG photos): "
+            f"{a['marginal_images_per_s']:.2f} images/s at the margin against {a['forward_images_per_s']:.2f} for "
+            f"the plain forward pass at batch 8, **{a['ratio']:.2f}x** (target {a['target']}); runs of "
+            f"{a['seconds'][0]:.1f} s and {a['seconds'][1]:.1f} s, fixed cost {a['fixed_s']:.1f} s per run, "
+            f"ray.init alone {a['ray_init_s']:.1f} s."
+        )
     if report.methods:
         lines += _table(
             [f"method (at {report.methods[0]['layer']})", "batch", "ms / image", "× floor"],

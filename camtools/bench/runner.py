@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from camtools.bench.audit import _audit
 from camtools.bench.context import BenchConfig, BenchContext, BenchReport, _timer, machine_info, sample_images
 from camtools.bench.inprocess import (
     _channels_last_by_batch,
@@ -49,7 +50,10 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         ("phone photos", "photos", _photos),
         ("detector and segmenter", "dense", _dense_tasks),
         ("response bytes", "response_bytes", _response_bytes),
+        ("dataset audit", "audit", _audit),
     ]
+    if config.sections:
+        sections = [section for section in sections if section[1] in config.sections]
     progress = tqdm(total=len(sections) + config.server, desc="benchmark", unit="step")
     for step, field_name, section in sections:
         progress.set_postfix_str(step)
