@@ -171,7 +171,10 @@ def write_reports(report: BenchReport, out_dir: Path, stem: str = "bench") -> di
     paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("json", "md", "png")}
     paths["json"].write_text(json.dumps(asdict(report), indent=2))
     paths["md"].write_text(markdown(report))
-    _plot(report, paths["png"])
+    if report.in_process:  # the plot draws the in-process contenders; a run of other sections has none
+        _plot(report, paths["png"])
+    else:
+        del paths["png"]
     return paths
 
 
@@ -188,19 +191,23 @@ def markdown(report: BenchReport) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; "
         f"torch {m['torch']}, device {m['device']}, {m['weights']} weights."
     ]
-    lines += _table(
-        ["contender", "batch", "ms / image", "images / s", "× floor"],
-        "lrrrr",
-        [
+    lines += (
+        []
+        if not report.in_process
+        else _table(
+            ["contender", "batch", "ms / image", "images / s", "× floor"],
+            "lrrrr",
             [
-                r["contender"],
-                r["batch"],
-                f"{r['ms_per_image']:.1f}",
-                f"{r['images_per_s']:.1f}",
-                f"{r['ratio_to_floor']:.2f}",
-            ]
-            for r in report.in_process
-        ],
+                [
+                    r["contender"],
+                    r["batch"],
+                    f"{r['ms_per_image']:.1f}",
+                    f"{r['images_per_s']:.1f}",
+                    f"{r['ratio_to_floor']:.2f}",
+                ]
+                for r in report.in_process
+            ],
+        )
     )
     if report.audit:
         a = report.audit
