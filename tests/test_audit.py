@@ -214,6 +214,36 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(shortcut, tmp_path):
     assert isinstance(service, ExplanationService)
 
 
+def test_the_requests_options_reach_every_row_as_the_service_answers_them(shortcut, tmp_path):
+    """--method, --layer, --faithfulness and --sanity: each row holds what /explanations answers with the same
+    options (the service in process: the heatmap to 1e-3, deletion, insertion and the sanity figure)."""
+    archive, boxes, _ = shortcut
+    options = AuditOptions(object_store_mb=80, limit=6, method="hirescam", layer="features.4", faithfulness=True,
+                           sanity=True)  # fmt: skip
+    summary = audit(str(boxes), archive, tmp_path / "out", options)
+    assert summary["method"] == "hirescam" and summary["layer"] == "features.4" and summary["errors"] == 0
+    service = _service(archive, tmp_path)
+    for row in read_rows(tmp_path / "out"):
+        data = (Path(boxes).parent / row["file"]).read_bytes()
+        fields = {"method": "hirescam", "layer": "features.4", "faithfulness": "true", "sanity": "true",
+                  "heatmap": "true", "target": str(row["explained"])}  # fmt: skip
+        answer = service.answer([{"data": bytearray(data), **fields}])[0].body
+        explanation = answer["explanations"][0]
+        # One image alone against six in a batch: the same figures up to float32 rounding (they are given to 1e-6).
+        assert row["deletion"] == pytest.approx(explanation["faithfulness"]["deletion"], abs=1e-4)
+        assert row["insertion"] == pytest.approx(explanation["faithfulness"]["insertion"], abs=1e-4)
+        assert row["sanity"] == pytest.approx(explanation["sanity"]["rank_correlation"], abs=1e-4)
+        ours = cv2.imdecode(np.frombuffer(row["heatmap"], np.uint8), cv2.IMREAD_UNCHANGED) / 65535.0
+        theirs = base64.b64decode(explanation["heatmap"])
+        theirs = cv2.imdecode(np.frombuffer(theirs, np.uint8), cv2.IMREAD_UNCHANGED) / 65535.0
+        assert np.abs(ours - theirs).max() <= 1e-3
+    # The default method at the default layer gives other maps: the options did reach the actors.
+    default = audit(str(boxes), archive, tmp_path / "default", AuditOptions(object_store_mb=80, limit=6))
+    assert default["method"] == "gradcam" and default["layer"] != "features.4"
+    plain = {r["file"]: r["heatmap"] for r in read_rows(tmp_path / "default")}
+    assert all(plain[r["file"]] != r["heatmap"] for r in read_rows(tmp_path / "out"))
+
+
 def _service(archive: Path, tmp_path: Path):
     import zipfile
 

@@ -175,7 +175,12 @@ def audit(images: str, archive: Path, out: Path, options: AuditOptions = AuditOp
             dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(todo) // options.batch_size, 200)))
             explained = dataset.map_batches(
                 Explainer,
-                fn_constructor_args=(str(Path(archive).resolve()), request, options.pid_folder),
+                fn_constructor_args=(
+                    str(Path(archive).resolve()),
+                    request,
+                    options.gpus_per_worker > 0,
+                    options.pid_folder,
+                ),
                 batch_size=options.batch_size,
                 batch_format="numpy",
                 compute=ActorPoolStrategy(size=workers),

@@ -78,10 +78,13 @@ class Explainer:
     none)) and returns the rows of :data:`COLUMNS`.
 
     ``options`` are the request options every image is sent with (``method``, ``layer``, ``faithfulness``,
-    ``sanity``, ...), as a request's fields; ``heatmap`` is always asked for. ``pid_file``, for the tests, is a
+    ``sanity``, ...), as a request's fields; ``heatmap`` is always asked for. ``gpu``: run on the actor's GPU
+    (Ray's ``num_gpus``). ``pid_file``, for the tests, is a
     folder where each actor keeps a file named by its process id, a line per batch begun."""
 
-    def __init__(self, archive: str, options: Mapping[str, object], pid_file: str | None = None) -> None:
+    def __init__(
+        self, archive: str, options: Mapping[str, object], gpu: bool = False, pid_file: str | None = None
+    ) -> None:
         import torch
 
         from camserve.model import select_device
@@ -97,7 +100,8 @@ class Explainer:
         with zipfile.ZipFile(archive) as packed:
             packed.extractall(model_dir)
         manifest = archive_manifest(model_dir)
-        device = select_device(0) if torch.cuda.is_available() else torch.device("cpu")
+        # With GPUs, Ray makes the actor's own the only visible ones; without, the CPU even on a GPU node.
+        device = select_device(0) if gpu and torch.cuda.is_available() else torch.device("cpu")
         self.service = ExplanationService.from_archive(
             model_dir, manifest["model"]["serializedFile"], handler_settings(model_dir, manifest), device
         )
