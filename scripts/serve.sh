@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 state="$PWD/.torchserve"
-# TorchServe keeps its pid file and worker sockets in the temp dir: one of this checkout's own.
-export TMPDIR="$state/tmp"
+# TorchServe keeps its pid file (Python's tempfile: TMPDIR), its worker sockets and unpacked models (the frontend's
+# java.io.tmpdir, which torchserve sets from TEMP) in the temp dir: both are this checkout's own.
+export TMPDIR="$state/tmp" TEMP="$state/tmp"
 
 inference=${CAMSERVE_INFERENCE_PORT:-8080}
 management=${CAMSERVE_MANAGEMENT_PORT:-8081}

@@ -1074,6 +1074,13 @@ def checkout(folder: Path, archives: list[Path]) -> Path:
     return folder
 
 
+def _server_files(folder: Path) -> set[str]:
+    """The worker sockets and unpacked models in a checkout's TorchServe temp folder, relative to it."""
+    tmp = folder / ".torchserve" / "tmp"
+    found = {path.relative_to(tmp).as_posix() for path in tmp.rglob("*")}
+    return {name for name in found if ".ts.sock" in name or (name.startswith("models/") and name.count("/") == 1)}
+
+
 def serve(folder: Path, *arguments: str, ports: tuple[int, int, int] | None = None):
     import subprocess
 
@@ -1109,8 +1116,14 @@ def test_two_checkouts_serve_side_by_side_and_stopping_one_leaves_the_other(tmp_
             assert started.returncode == 0, started.stderr[-2000:]
             assert f"http://127.0.0.1:{chosen[0]}/predictions/one" in started.stdout
             assert (folder / ".torchserve" / "tmp" / ".model_server.pid").is_file()  # its own pid file
+        # Each server's worker sockets and unpacked models are in its own checkout, none in the machine's /tmp.
+        owned = {folder: _server_files(folder) for folder in (first, second)}
+        for folder, files in owned.items():
+            assert any(".ts.sock" in name for name in files), files
+            assert any(name.startswith("models/") for name in files), files
         stopped = serve(first, "stop")
         assert stopped.returncode == 0, stopped.stderr
+        assert owned[second] <= _server_files(second)  # the other server's sockets and models are untouched
         key = json.loads((second / "key_file.json").read_text())["inference"]["key"]
         answer = requests.post(
             f"http://127.0.0.1:{ports[1][0]}/predictions/one",
