@@ -919,13 +919,20 @@ def readme_request_blocks() -> list[str]:
 
 
 def test_the_readmes_request_blocks_run_as_written_after_the_demo(server, chelsea, tmp_path):
+    """The blocks as written, with a phone-sized photo of over 1 MB in place of the demo's cat: its base64 would not
+    fit on curl's command line, so the JSON request must send its body from a file. Every file lands in
+    demo_output/, none in the checkout's root."""
     import subprocess
 
     import cv2
 
-    # What the demo leaves behind: key_file.json where TorchServe started, and the photo it wrote.
+    # What the demo leaves behind: key_file.json where TorchServe started, and the photo (here a noisy 2255x1500).
     (tmp_path / "demo_output").mkdir()
-    cv2.imwrite(str(tmp_path / "demo_output" / "chelsea.jpg"), cv2.cvtColor(chelsea, cv2.COLOR_RGB2BGR))
+    big = cv2.resize(chelsea, (2255, 1500), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    big = np.clip(big + np.random.default_rng(0).normal(0, 8, big.shape), 0, 255).astype(np.uint8)
+    photo = tmp_path / "demo_output" / "chelsea.jpg"
+    cv2.imwrite(str(photo), cv2.cvtColor(big, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert photo.stat().st_size > 1_000_000
     shutil.copy(server.workdir / "key_file.json", tmp_path / "key_file.json")
     blocks = readme_request_blocks()
     assert len(blocks) >= 2 and sum(block.count("curl ") for block in blocks) >= 3
@@ -936,13 +943,16 @@ def test_the_readmes_request_blocks_run_as_written_after_the_demo(server, chelse
     completed = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout == ""  # every response is saved with -o, none printed to the terminal
-    answers = [json.loads((tmp_path / name).read_text()) for name in ("raw.json", "multipart.json", "response.json")]
-    assert all(answer["image"] == {"width": 451, "height": 300} for answer in answers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_output", "key_file.json"]  # nothing else in the root
+    names = ("raw.json", "multipart.json", "response.json")
+    answers = [json.loads((tmp_path / "demo_output" / name).read_text()) for name in names]
+    assert all(answer["image"] == {"width": 2255, "height": 1500} for answer in answers), answers[0].get("message")
     assert [len(answer["predictions"]) for answer in answers] == [5, 3, 5]
     assert [e["index"] for e in answers[1]["explanations"]] == [281]
     assert [e["index"] for e in answers[2]["explanations"]] == [281, 282] and "heatmap" in answers[2]["explanations"][0]
-    overlay = cv2.imread(str(tmp_path / "overlay.jpg"))  # the decode line wrote the first overlay
-    assert overlay is not None and overlay.shape == (300, 451, 3)
+    first = answers[2]["explanations"][0]
+    overlay = cv2.imread(str(tmp_path / "demo_output" / "overlay.jpg"))  # the decode line wrote the first overlay
+    assert overlay is not None and overlay.shape == (first["height"], first["width"], 3)
 
 
 def test_smoothing_and_faithfulness_through_the_server(server, chelsea):
@@ -1118,7 +1128,7 @@ def test_two_checkouts_serve_side_by_side_and_stopping_one_leaves_the_other(tmp_
             assert (folder / ".torchserve" / "tmp" / ".model_server.pid").is_file()  # its own pid file
         # Each server's worker sockets and unpacked models are in its own checkout, none in the machine's /tmp.
         owned = {folder: _server_files(folder) for folder in (first, second)}
-        for folder, files in owned.items():
+        for files in owned.values():
             assert any(".ts.sock" in name for name in files), files
             assert any(name.startswith("models/") for name in files), files
         stopped = serve(first, "stop")
