@@ -770,6 +770,13 @@ RANDOM_WARNING = """
 """
 
 
+RANDOM_DETECTOR = """#  A DETECTOR on random weights scores no box at the default score_threshold   #
+#  of 0.5: its responses say "detections": [] and explain nothing. Send        #
+#  -F score_threshold=0 to see its boxes (as meaningless as its scores).       #
+################################################################################
+"""
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say which model: the same in the build, the offline CLI, the KServe layout and the bench."""
     group = parser.add_argument_group("the model")
@@ -834,11 +841,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_for_cli(args: argparse.Namespace, model_name: str | None = None, version: str = "1.0") -> PreparedModel:
     """:func:`prepare_model` from :func:`add_model_arguments`' flags: a loud warning for random weights, and the
-    error's message with exit status 2 when the model cannot be served."""
-    if args.weights == "random":
-        print(RANDOM_WARNING, file=sys.stderr)
+    error's message with exit status 2 when the model cannot be served. The arguments are checked first: the warning
+    comes only for a model that builds."""
     try:
-        return prepare_model(
+        prepared = prepare_model(
             arch=args.arch,
             model_file=args.model_file,
             weights=args.weights,
@@ -858,3 +864,6 @@ def model_for_cli(args: argparse.Namespace, model_name: str | None = None, versi
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.weights == "random":
+        print(RANDOM_WARNING + (RANDOM_DETECTOR if prepared.spec.task == "detection" else ""), file=sys.stderr)
+    return prepared

@@ -64,7 +64,20 @@ def test_random_weights_come_with_a_loud_warning(tmp_path):
     completed = run_build("--weights", "random", "--export-path", str(tmp_path))
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "WARNING: --weights random" in completed.stderr and "mean NOTHING" in completed.stderr
+    assert "DETECTOR" not in completed.stderr
     assert (tmp_path / "resnet50.mar").is_file()
+    # The arguments are checked first: a build that fails says why, with no warning before it.
+    refused = run_build("--weights", "random", "--arch", "resnet18", "--task", "detection", "--export-path",
+                        str(tmp_path))  # fmt: skip
+    assert refused.returncode == 2 and "WARNING" not in refused.stderr, refused.stderr
+    assert refused.stderr.startswith("error: ")
+
+
+def test_a_random_detector_is_told_that_it_finds_no_box_at_the_default_threshold(tmp_path):
+    completed = run_build("--weights", "random", "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn", "--export-path",
+                          str(tmp_path))  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "A DETECTOR on random weights scores no box" in completed.stderr and "score_threshold=0" in completed.stderr
 
 
 def test_a_fine_tuned_two_class_resnet50_builds_with_its_labels(tmp_path, two_class_checkpoint):
