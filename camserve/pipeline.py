@@ -286,13 +286,13 @@ class ExplanationService:
         if options.target is not None and max(options.target) >= classes:
             raise ClientError(
                 "InvalidOption",
-                f"target must be a class index from 0 to {classes - 1} (this model has {classes} classes), "
-                f"got {list(options.target)}",
+                f"target must be {'an output' if self.task.what == 'outputs' else 'a class'} index from 0 to "
+                f"{classes - 1} (this model has {classes} {self.task.what}), got {list(options.target)}",
             )
         if options.target is None and (options.explain or 1) > classes:
             raise ClientError(
                 "InvalidOption",
-                f"explain must be at most {classes} (this model has {classes} classes), got {options.explain}",
+                f"explain must be at most {classes} (this model has {classes} {self.task.what}), got {options.explain}",
             )
         if options.target is not None:
             return Classes(options.target)

@@ -381,12 +381,19 @@ def _imagenet_state_dict(arch: str, progress: bool) -> tuple[dict[str, torch.Ten
         state_dict = weights.get_state_dict(progress=progress, check_hash=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
         raise WeightsUnavailableError(
-            f"could not download the ImageNet weights of {arch} ({weights.url}): {error}.\n"
+            f"could not download the {_trained_on(weights)} weights of {arch} ({weights.url}): {error}.\n"
             "Offline, choose one of the other two: --weights PATH (a state_dict file, e.g. one copied from "
             "torch.hub's cache on a machine that has it) or --weights random (seeded, for tests only: its "
             "predictions mean nothing)."
         ) from error
     return state_dict, list(weights.meta["categories"])
+
+
+def _trained_on(weights) -> str:
+    """What torchvision's ``weights`` were trained on, in words: ImageNet-1K, COCO, COCO with VOC's labels."""
+    metric = next(iter(weights.meta.get("_metrics", {})), "")
+    name = metric.split("-val")[0] if metric else "pretrained"
+    return f"{name} (VOC's labels)" if "VOC" in metric else name
 
 
 def _file_label(path: str | Path) -> str:
@@ -515,8 +522,11 @@ def _resolve(request: BuildRequest) -> _Source:
         name, names = arch.removeprefix(TIMM_PREFIX), timm.list_models()
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
-            raise BuildError(f"--arch {arch} is not a timm model: {hint}(timm.list_models() has {len(names)})")
+            hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else "no name is close."
+            raise BuildError(
+                f"--arch {arch} is not a timm model: {hint} timm has {len(names)}; list them by pattern with "
+                f"python -c \"import timm; print(timm.list_models('*{name[:4] or 'resnet'}*'))\""
+            )
     else:
         kinds = {kind: torchvision_archs(kind) for kind in ("classification", "detection", "segmentation")}
         if request.task is None:  # a detector's or segmenter's builder says its task
@@ -530,9 +540,12 @@ def _resolve(request: BuildRequest) -> _Source:
             if other:
                 flag = other if other != "classification" else "multiclass"
                 hint = f"it is a {other} model, built with --task {flag}; "
+            if kind == "classification":  # 80 names: say where they are listed
+                names = "docs/architectures.md lists them; a timm model is --arch timm:NAME"
+            else:
+                names = ", ".join(sorted(kinds[kind]))
             raise BuildError(
-                f"--arch {arch} is not a torchvision {kind} model: {hint}(one of {len(kinds[kind])}"
-                + ("; a timm model is --arch timm:NAME)" if kind == "classification" else ")")
+                f"--arch {arch} is not a torchvision {kind} model: {hint}the {len(kinds[kind])} are: {names}"
             )
     default_size, default_mean, default_std = _input_defaults(None if model_path else arch)
     return _Source(
@@ -699,8 +712,8 @@ def _probe_side(source: _Source) -> int:
 
 def _label(source: _Source, request: BuildRequest, default_labels: list[str] | None, outputs: int) -> list[str]:
     """One name per class a request may name, after the task's check of the outputs: the labels file's, the
-    weights' own, ImageNet's for 1000 classes, a binary model's ``negative`` and ``positive``, else ``class_i``
-    (``output_i`` for a regression model)."""
+    weights' own, ImageNet's for a single-label model of 1000 classes, a binary model's ``negative`` and
+    ``positive``, else ``class_i`` (``output_i`` for a regression model)."""
     task = task_named(source.task)
     problem = task.check_outputs(outputs, source.arch)
     if problem:
@@ -808,7 +821,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         type=Path,
         help='class names: a JSON list, {"0": "cat"}, index_to_name.json or one name per line '
-        "(default: ImageNet's for 1000 classes, else class_0, class_1, ...)",
+        "(default: ImageNet's for a single-label model of 1000 classes, else class_0, class_1, ...)",
     )
     group.add_argument("--layer", help="the layer explained by default (default: found for the model)")
     group.add_argument(

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = {"data": data, **{key: str(value).encode() for key, value in options.items()}}
         (result,) = service.answer([row])
-        if result.status != 200:
-            failures.append(f"{path}: {result.body['message']}")
+        if result.status != 200:  # the service speaks of a request's body; here the body is the file
+            failures.append(f"{path}: {result.body['message'].replace('the body is not', 'the file is not')}")
             continue
         tiles, captions = [decode_image(row["data"])], [f"{path.name}  ({weights} weights)"]
         tqdm.write(f"{path}: {summary(result.body)}")

@@ -50,7 +50,7 @@ def test_imagenet_offline_fails_naming_the_other_two_choices(tmp_path):
         TORCH_HOME=str(tmp_path / "cache"), https_proxy=unreachable, HTTPS_PROXY=unreachable,
     )  # fmt: skip
     assert completed.returncode == 2
-    assert "could not download the ImageNet weights of convnext_tiny" in completed.stderr
+    assert "could not download the ImageNet-1K weights of convnext_tiny" in completed.stderr
     assert "--weights PATH" in completed.stderr and "--weights random" in completed.stderr
     assert not list(tmp_path.glob("*.mar"))
 
@@ -209,3 +209,28 @@ def test_the_torchserve_dockerfile_installs_each_archives_own_requirements(built
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == worker_requirements().strip()
     assert "pillow-heif==" in completed.stdout and "torch==" not in completed.stdout
+
+
+def test_a_detector_offline_names_the_coco_weights(tmp_path):
+    unreachable = "http://127.0.0.1:9"
+    completed = run_build(
+        "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn", "--weights", "imagenet", "--export-path", str(tmp_path),
+        TORCH_HOME=str(tmp_path / "cache"), https_proxy=unreachable, HTTPS_PROXY=unreachable,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "could not download the COCO weights of fasterrcnn_mobilenet_v3_large_320_fpn" in completed.stderr
+    assert "ImageNet" not in completed.stderr
+
+
+def test_an_unknown_architecture_says_what_there_is():
+    from camtools.models import BuildError, prepare_model
+
+    with pytest.raises(BuildError) as caught:
+        prepare_model(arch="timm:not_a_model", weights="random", progress=False)
+    message = str(caught.value)
+    assert "is not a timm model: no name is close." in message and "timm.list_models('*not_*')" in message
+    with pytest.raises(BuildError) as caught:
+        prepare_model(arch="resnet18", weights="random", task="detection", progress=False)
+    message = str(caught.value)
+    assert "it is a classification model, built with --task multiclass" in message
+    assert "fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, fcos_resnet50_fpn" in message  # the list itself

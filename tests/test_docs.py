@@ -72,3 +72,15 @@ def test_the_layout_names_every_module():
         for path in (ROOT / package).rglob("*.py"):
             if path.name != "__init__.py":
                 assert path.name in layout, f"docs/development.md's layout misses {path.relative_to(ROOT)}"
+
+
+def test_the_labels_default_the_docs_give_is_the_builds():
+    """ImageNet's names are the default of a single-label model of 1000 classes only: a multi-label one of 1000
+    outputs gets class_0, ..., and the README and the build's help say so."""
+    from camtools.models import prepare_model
+
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `--labels FILE`"))
+    assert "ImageNet's for a single-label (multiclass) model of 1000 classes" in row
+    multilabel = prepare_model(arch="resnet18", weights="random", task="multilabel", progress=False)
+    multiclass = prepare_model(arch="resnet18", weights="random", progress=False)
+    assert multilabel.spec.labels[:2] == ("class_0", "class_1") and multiclass.spec.labels[281] == "tabby"

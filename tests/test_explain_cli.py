@@ -47,7 +47,7 @@ def test_cli_reports_each_bad_file_on_one_line_after_the_others_and_fails(tmp_pa
     assert (tmp_path / "out" / "cat_sheet.png").is_file()  # the good file after the bad ones is still explained
     lines = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
     assert lines == [
-        f"error: {bad}: the body is not a decodable image; accepted: {ACCEPTED_INPUTS}",
+        f"error: {bad}: the file is not a decodable image; accepted: {ACCEPTED_INPUTS}",
         f"error: {missing}: cannot be read: No such file or directory",
     ]
     assert "Traceback" not in completed.stderr and "2 of 3 images could not be explained" in completed.stderr

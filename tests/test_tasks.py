@@ -443,3 +443,20 @@ def test_timm_imagenet_weights_offline_fail_with_the_other_choices(tmp_path):
     assert completed.returncode == 2 and not list(tmp_path.iterdir())
     assert "could not download the pretrained weights of timm's resnet18" in completed.stderr
     assert "--weights PATH" in completed.stderr and "--weights random" in completed.stderr
+
+
+def test_a_regression_model_speaks_of_outputs_and_refuses_a_threshold(tmp_path):
+    """Its indices count outputs, not classes; ``threshold`` (a multi-label model's) does not apply and is refused
+    as other options are where they do not fit."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("width\nheight\n")
+    prepared = prepare_model(arch="resnet18", weights="random", task="regression", labels=labels, progress=False)
+    spec = prepared.spec
+    service = ExplanationService(CamEngine(prepared.model, input_size=spec.input_size), spec, torch.device("cpu"))
+    picture = bytearray(encode(np.full((64, 64, 3), 90, np.uint8), "PNG"))
+    (wrong,) = service.answer([{"data": picture, "target": b"5"}])
+    assert wrong.status == 400 and "an output index from 0 to 1 (this model has 2 outputs)" in wrong.body["message"]
+    (refused,) = service.answer([{"data": picture, "threshold": b"0.3"}])
+    assert refused.status == 400, refused.body
+    assert "option threshold fits only multilabel models; this model is a regression model" in refused.body["message"]
+    assert service.answer([{"data": picture}])[0].status == 200

@@ -62,8 +62,9 @@ class Option:
     shown_default: str | None = None
     """The default as the docs show it, when its value alone would not say it."""
     fits: tuple[str, ...] | None = None
-    """The kinds of task it fits (``camserve.tasks``: classification, detection, segmentation); None: every one.
-    A request that gives it another value than its default for a model of another kind gets a 400."""
+    """The kinds of task (``camserve.tasks``: classification, detection, segmentation) or the tasks (multilabel, ...)
+    it fits; None: every one. A request that gives it another value than its default for a model it does not fit
+    gets a 400."""
 
     def parse(self, value: object) -> object:
         parsed = self.read(value)
@@ -247,7 +248,7 @@ OPTIONS: tuple[Option, ...] = (
         "A multi-label model's probability from which a class is positive, 0–1.",
         number(0.0, 1.0),
         shown_default="the build's `--threshold` (0.5)",
-        fits=("classification",),
+        fits=("multilabel",),
     ),
     Option(
         "method",
@@ -396,7 +397,8 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
 def check_fit(options: ExplainOptions, kind: str, task: str) -> None:
     """Refuse an option given for a model of a kind of task that it does not fit, naming those it fits."""
     for option in OPTIONS:
-        if option.fits is not None and kind not in option.fits and getattr(options, option.name) != option.default:
+        fits_this = option.fits is None or kind in option.fits or task in option.fits
+        if not fits_this and getattr(options, option.name) != option.default:
             fits = " and ".join(f"{fit} models" for fit in option.fits)
             raise ClientError(
                 "InvalidOption", f"option {option.name} fits only {fits}; this model is a {task} model: leave it out"
