@@ -29,6 +29,7 @@ import io
 import logging
 import tempfile
 import uuid
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ import cv2
 import numpy as np
 import orjson
 import torch
+from fastapi.exceptions import FastAPIDeprecationWarning
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.errors import InvalidInput
 from PIL import Image
@@ -232,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", help="cpu or cuda:N (default: cuda:0 when CUDA is present, else cpu)")
     args = parser.parse_args(argv)
+    # KServe's SDK answers v1 with FastAPI's ORJSONResponse, which FastAPI now deprecates: a warning on the first
+    # request about the SDK's code, not ours, that its users cannot act on. This one warning alone is silenced.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated", category=FastAPIDeprecationWarning)
     device = torch.device(args.device) if args.device else select_device(0)
     with tempfile.TemporaryDirectory(prefix="camserve-kserve-") as workdir:
         model = CamModel(unpacked_archive(args.model_dir, workdir), device)

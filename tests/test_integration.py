@@ -1366,6 +1366,10 @@ def test_the_page_draws_a_detectors_boxes_and_a_segmenters_mask(dense_server, tm
 # --- KServe's own model server: python -m camserve.kserve ---
 
 
+KSERVE_LOGS: dict[str, Path] = {}
+"""Each KServe model server's log, by its URL."""
+
+
 @contextlib.contextmanager
 def serving_kserve(archive: Path, log: Path):
     """``python -m camserve.kserve --model-dir ARCHIVE --http-port N`` on a free loopback port, stopped on exit; its
@@ -1377,6 +1381,7 @@ def serving_kserve(archive: Path, log: Path):
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    KSERVE_LOGS[url] = log
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -1436,6 +1441,8 @@ def test_the_kserve_runtime_answers_v1_with_each_bad_instance_in_its_place(kserv
         assert len(answers) == 8 and answers[3]["type"] == "InvalidImage" and answers[3]["code"] == 400
         good = [a for i, a in enumerate(answers) if i != 3]
         assert [a["explanations"][0]["index"] for a in good] == list(range(281, 288))
+    log = KSERVE_LOGS[kserve_runtime].read_text()
+    assert "FastAPIDeprecationWarning" not in log and "ORJSONResponse" not in log  # the SDK's, silenced
 
 
 def test_the_kserve_runtime_answers_what_torchserve_answers(kserve_runtime, server, chelsea):
