@@ -107,8 +107,23 @@ case "$command" in
     torchserve --stop
     rm -f "$state/ports"
     ;;
-  status)
-    curl -s -H "Authorization: Bearer $(token management)" "http://127.0.0.1:$management/models/${1:-}"
+  status)  # each model (or MODEL) with its workers' states: READY when it answers
+    [ -f key_file.json ] || { echo "not running: no key_file.json (bash scripts/serve.sh start)" >&2; exit 1; }
+    if ! models=$(curl -sf -H "Authorization: Bearer $(token management)" "http://127.0.0.1:$management/models"); then
+      echo "not running: nothing answers on http://127.0.0.1:$management (bash scripts/serve.sh start)" >&2
+      exit 1
+    fi
+    names=${1:-$(echo "$models" | .venv/bin/python -c "import json,sys; print(' '.join(m['modelName'] for m in json.load(sys.stdin)['models']))")}
+    for name in $names; do
+      curl -sf -H "Authorization: Bearer $(token management)" "http://127.0.0.1:$management/models/$name" \
+        | .venv/bin/python -c "
+import json, sys
+(model,) = json.load(sys.stdin)[:1]
+states = [worker['status'] for worker in model.get('workers', [])]
+ready = 'ready' if 'READY' in states else 'NOT READY'
+print(f\"{model['modelName']}: {ready} ({', '.join(states) or 'no workers'}), http://127.0.0.1:$inference/predictions/{model['modelName']}\")
+" || echo "$name: not registered"
+    done
     ;;
   register)
     archive=${1:?usage: scripts/serve.sh register NAME.mar (a file in model_store/)}

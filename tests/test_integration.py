@@ -1164,6 +1164,12 @@ def test_a_second_archive_is_registered_live_without_a_restart_or_new_keys(tmp_p
         shutil.copy(tiny_archives[1], folder / "model_store")
         registered = serve(folder, "register", "two.mar")  # the running server's ports, from .torchserve/ports
         assert registered.returncode == 0, registered.stderr[-2000:]
+        status = serve(folder, "status")  # every model, and whether it answers
+        assert status.returncode == 0, status.stderr
+        lines = status.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["one", "two"], status.stdout
+        assert all(": ready (READY)" in line for line in lines), status.stdout
+        assert serve(folder, "status", "two").stdout.startswith("two: ready (READY), http://127.0.0.1:")
         assert json.loads((folder / "key_file.json").read_text()) == keys  # the same keys
         assert (folder / ".torchserve" / "tmp" / ".model_server.pid").read_text() == pid  # the same server
         headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
