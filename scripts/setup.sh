@@ -33,9 +33,25 @@ if [ -z "$python_bin" ]; then
 fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+# The install record: the requirement files' hash, then the sets installed with it. The test install (the default,
+# requirements-dev.txt) holds every other set, and --kserve and --audit each hold the runtime's, so asking for a set
+# that an installed one holds installs nothing.
 stamp=.venv/.requirements.sha256
-wanted=$( (cat requirements.txt requirements-kserve.txt requirements-audit.txt requirements-dev.txt requirements-references.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-} $requirements") | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+files=$( (cat requirements.txt requirements-kserve.txt requirements-audit.txt requirements-dev.txt requirements-references.txt pyproject.toml; echo "cpu=${CAMSERVE_TORCH_CPU:-}") | sha256sum | cut -d' ' -f1)
+holds() {  # holds INSTALLED WANTED: whether the installed set includes the wanted one
+  case "$1" in
+    requirements-dev.txt) return 0 ;;
+    requirements-kserve.txt | requirements-audit.txt) [ "$2" = "$1" ] || [ "$2" = requirements.txt ] ;;
+    *) [ "$2" = "$1" ] ;;
+  esac
+}
+installed=
+[ "$(sed -n 1p "$stamp" 2>/dev/null)" = "$files" ] && installed=$(sed -n 2p "$stamp")
+needed=1
+for set in $installed; do
+  if holds "$set" "$requirements"; then needed=; fi
+done
+if [ -n "$needed" ]; then
   echo "Installing requirements into .venv (first run: a few minutes) ..."
   if [ "${CAMSERVE_TORCH_CPU:-}" = 1 ]; then
     # Opt-in: PyTorch's CPU-only wheels of the pinned versions (about 4 GB less than PyPI's, which bundle CUDA).
@@ -50,5 +66,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   fi
   # The project itself, editable: camserve (served) and camtools (build and dev tools) import from anywhere.
   .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
-  echo "$wanted" >"$stamp"
+  printf '%s\n%s\n' "$files" "$(echo $installed "$requirements")" >"$stamp"
 fi

@@ -73,3 +73,34 @@ def test_the_audit_install_is_the_runtime_ray_data_and_scikit_learn_and_never_th
     assert "--audit) requirements=requirements-audit.txt" in (ROOT / "scripts" / "setup.sh").read_text()
     for needs in (set(), {"timm"}, {"transformers"}):
         assert "ray" not in worker_requirements(needs).lower()
+
+
+def test_an_installed_set_that_holds_the_asked_one_installs_nothing(tmp_path):
+    """The install record names the sets installed: after the test install, --kserve, --audit and --runtime install
+    nothing, and the test install after --kserve does not start over; a set not held is installed."""
+    for name in ("requirements.txt", "requirements-kserve.txt", "requirements-audit.txt", "requirements-dev.txt",
+                 "requirements-references.txt", "pyproject.toml"):  # fmt: skip
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    log = tmp_path / "pip.log"
+    python = tmp_path / ".venv" / "bin" / "python"  # a stand-in that records each install it is asked for
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$@" >>{log}\n')
+    python.chmod(0o755)
+
+    def setup(*flags: str) -> list[str]:
+        before = log.read_text().splitlines() if log.exists() else []
+        completed = subprocess.run([shutil.which("bash"), str(tmp_path / "scripts" / "setup.sh"), *flags],
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        after = log.read_text().splitlines() if log.exists() else []
+        return [line.split(" -r ")[1] for line in after[len(before) :] if " -r " in line]
+
+    assert setup("--kserve") == ["requirements-kserve.txt"]
+    assert setup("--runtime") == []  # the KServe set holds the runtime's
+    assert setup() == ["requirements-dev.txt", "requirements-references.txt"]
+    assert setup("--kserve") == [] and setup("--audit") == [] and setup() == []
+    (tmp_path / "requirements.txt").write_text((ROOT / "requirements.txt").read_text() + "# changed\n")
+    assert setup("--runtime") == ["requirements.txt"]  # a changed file starts the record over
+    assert setup("--audit") == ["requirements-audit.txt"]
