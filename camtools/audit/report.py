@@ -40,8 +40,9 @@ def _map_tile(heat: np.ndarray, region: Sequence[float] | None = None, side: int
     return tile
 
 
-def _overlay(path: str, heatmap: bytes) -> np.ndarray | None:
-    """The image at ``path`` with its stored map blended over it, as a tile; None if it cannot be read now."""
+def _overlay(path: str, heatmap: bytes, box: Sequence[float] | None = None) -> np.ndarray | None:
+    """The image at ``path`` with its stored map blended over it, and its object's ``box`` (in the image's pixels)
+    drawn in white, as a tile; None if it cannot be read now."""
     try:
         rgb = decode_image(_read(path))
     except Exception:  # the report goes on without this picture
@@ -50,7 +51,12 @@ def _overlay(path: str, heatmap: bytes) -> np.ndarray | None:
     display = resize_image(rgb, (heat.shape[1], heat.shape[0]))
     blended = render_overlay(display, heat, 0.5, "jet")
     scale = TILE / max(blended.shape[:2])
-    return cv2.resize(blended, (max(1, round(blended.shape[1] * scale)), max(1, round(blended.shape[0] * scale))))
+    tile = cv2.resize(blended, (max(1, round(blended.shape[1] * scale)), max(1, round(blended.shape[0] * scale))))
+    if box is not None:
+        sx, sy = tile.shape[1] / rgb.shape[1], tile.shape[0] / rgb.shape[0]
+        corners = (round(box[0] * sx), round(box[1] * sy)), (round(box[2] * sx) - 1, round(box[3] * sy) - 1)
+        cv2.rectangle(tile, *corners, (255, 255, 255), 1)
+    return tile
 
 
 def _heatmaps(out: Path, files: set[str]) -> dict[str, bytes]:
@@ -92,9 +98,11 @@ def write_report(
     rows: Sequence[dict],
     thumbnails: np.ndarray,
     paths: Mapping[str, str],
+    boxes: Mapping[str, Sequence[float]] | None = None,
 ) -> None:
     """``report.html``, ``report.md`` and ``summary.png`` in ``out``. ``rows`` are the ok rows (their order is the
-    thumbnails'), ``paths`` each file's location, to draw example overlays."""
+    thumbnails'), ``paths`` each file's location and ``boxes`` its object's box, if any, to draw example overlays."""
+    boxes = boxes or {}
     examples = {item.name: _examples(item) for item in findings}
     misclassified = [r for r in rows if r.get("target") is not None and r["predicted"] != r["target"]][:WORST]
     lowest = sorted((r for r in rows if r.get("energy_in_box") is not None), key=lambda r: r["energy_in_box"])[:WORST]
@@ -103,7 +111,7 @@ def write_report(
     heatmaps = _heatmaps(out, wanted)
     overlays = {}
     for file in wanted:
-        tile = _overlay(paths[file], heatmaps[file]) if file in paths and file in heatmaps else None
+        tile = _overlay(paths[file], heatmaps[file], boxes.get(file)) if file in paths and file in heatmaps else None
         overlays[file] = _png(tile) if tile is not None else None
     picture = summary_picture(findings)
     cv2.imwrite(str(out / "summary.png"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
@@ -161,11 +169,14 @@ def _markdown(summary, findings, misclassified, lowest) -> str:
 def _html(summary, findings, rows, examples, overlays, misclassified, lowest, picture) -> str:
     e = html.escape
     image = lambda src, title="": f'<img src="{src}" title="{e(title)}">' if src else ""  # noqa: E731
+    figure = lambda src, caption: f"<figure>{image(src, caption)}<figcaption>{e(caption)}</figcaption></figure>"  # noqa: E731
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Dataset audit</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
         ".flag{background:#fde0e0}.strip img{margin:2px;vertical-align:top}h3{margin-bottom:4px}"
+        "figure{display:inline-block;margin:2px;vertical-align:top;width:160px}"
+        "figcaption{font-size:11px;color:#444}"
         "</style></head><body><h1>Dataset audit</h1>",
         f"<p>{summary['images']} images ({summary['errors']} errors), accuracy {_cell(summary['accuracy'])}, "
         f"method <b>{e(str(summary['method']))}</b> at layer <code>{e(str(summary['layer']))}</code>; "
@@ -189,10 +200,10 @@ def _html(summary, findings, rows, examples, overlays, misclassified, lowest, pi
                  "count: each strategy's prototype (mean map), its size and tightness, and examples.</p>")  # fmt: skip
     for item in findings:
         parts.append(f"<h3>{e(item.name)}{' (flagged)' if item.flagged else ''}</h3><div class='strip'>")
-        parts.append(image(_png(_map_tile(item.mean_map, item.peak_region)), "mean map, peak region"))
-        for strategy, members in zip(item.strategies, examples[item.name], strict=True):
-            caption = f"{len(strategy.members)} maps, tightness {strategy.tightness:.2f}"
-            parts.append(image(_png(_map_tile(strategy.prototype, side=96)), caption))
+        parts.append(figure(_png(_map_tile(item.mean_map, item.peak_region)), "mean map, peak region"))
+        for number, (strategy, members) in enumerate(zip(item.strategies, examples[item.name], strict=True), 1):
+            caption = f"strategy {number}: {len(strategy.members)} maps, tightness {strategy.tightness:.2f}"
+            parts.append(figure(_png(_map_tile(strategy.prototype, side=96)), caption))
             parts += [image(overlays.get(rows[n]["file"]), rows[n]["file"]) for n in members]
         parts.append("</div>")
     parts.append("<h2>Worst cases</h2><h3>Misclassified</h3><div class='strip'>")

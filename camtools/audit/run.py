@@ -194,7 +194,9 @@ def audit(images: str, archive: Path, out: Path, options: AuditOptions = AuditOp
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
     seconds = time.perf_counter() - started
-    summary = summarise(out, spec, options, engine, seconds, len(todo), {row["file"]: row["path"] for row in rows})
+    paths = {row["file"]: row["path"] for row in rows}
+    boxes = {row["file"]: row["box"] for row in rows if row["box"] is not None}
+    summary = summarise(out, spec, options, engine, seconds, len(todo), paths, boxes)
     progress(
         f"audited {len(todo)} image{'s' if len(todo) != 1 else ''} ({summary['images']} in {out}): "
         f"{summary['errors']} error{'s' if summary['errors'] != 1 else ''}, {seconds:.1f} s, "
@@ -204,10 +206,17 @@ def audit(images: str, archive: Path, out: Path, options: AuditOptions = AuditOp
 
 
 def summarise(
-    out: Path, spec: dict, options: AuditOptions, engine: dict, seconds: float, new: int, paths: dict[str, str]
+    out: Path,
+    spec: dict,
+    options: AuditOptions,
+    engine: dict,
+    seconds: float,
+    new: int,
+    paths: dict[str, str],
+    boxes: dict[str, tuple[float, ...]],
 ) -> dict:
     """``summary.json``, ``report.html`` and ``report.md`` from every row in ``out/explanations``; ``paths``, each
-    file's location, for the report's example overlays."""
+    file's location, and ``boxes``, its object's box, for the report's example overlays."""
     from camtools.audit.report import write_report
 
     rows = read_rows(out, [c for c in COLUMNS if c != "heatmap"])
@@ -233,5 +242,5 @@ def summarise(
         "new_images": new,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(out, summary, findings, ok, thumbnails, paths)
+    write_report(out, summary, findings, ok, thumbnails, paths, boxes)
     return summary
