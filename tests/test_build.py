@@ -42,16 +42,20 @@ def two_class_checkpoint(tmp_path_factory):
     return folder
 
 
-def test_imagenet_offline_fails_naming_the_other_two_choices(tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "trained_on"), [("convnext_tiny", "ImageNet-1K"), ("fasterrcnn_mobilenet_v3_large_320_fpn", "COCO")]
+)
+def test_pretrained_weights_offline_fail_naming_them_and_the_other_two_choices(tmp_path, arch, trained_on):
     # An unreachable proxy and an empty cache: torchvision's download must fail here, whatever the network.
     unreachable = "http://127.0.0.1:9"
     completed = run_build(
-        "--arch", "convnext_tiny", "--weights", "imagenet", "--export-path", str(tmp_path),
+        "--arch", arch, "--weights", "imagenet", "--export-path", str(tmp_path),
         TORCH_HOME=str(tmp_path / "cache"), https_proxy=unreachable, HTTPS_PROXY=unreachable,
     )  # fmt: skip
     assert completed.returncode == 2
-    assert "could not download the ImageNet-1K weights of convnext_tiny" in completed.stderr
+    assert f"could not download the {trained_on} weights of {arch}" in completed.stderr
     assert "--weights PATH" in completed.stderr and "--weights random" in completed.stderr
+    assert trained_on == "ImageNet-1K" or "ImageNet" not in completed.stderr  # a detector's are COCO's
     assert not list(tmp_path.glob("*.mar"))
 
 
@@ -209,17 +213,6 @@ def test_the_torchserve_dockerfile_installs_each_archives_own_requirements(built
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == worker_requirements().strip()
     assert "pillow-heif==" in completed.stdout and "torch==" not in completed.stdout
-
-
-def test_a_detector_offline_names_the_coco_weights(tmp_path):
-    unreachable = "http://127.0.0.1:9"
-    completed = run_build(
-        "--arch", "fasterrcnn_mobilenet_v3_large_320_fpn", "--weights", "imagenet", "--export-path", str(tmp_path),
-        TORCH_HOME=str(tmp_path / "cache"), https_proxy=unreachable, HTTPS_PROXY=unreachable,
-    )  # fmt: skip
-    assert completed.returncode == 2
-    assert "could not download the COCO weights of fasterrcnn_mobilenet_v3_large_320_fpn" in completed.stderr
-    assert "ImageNet" not in completed.stderr
 
 
 def test_an_unknown_architecture_says_what_there_is():
