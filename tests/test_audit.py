@@ -163,6 +163,7 @@ def _ok(summary: dict) -> dict:
     return {item["class"]: item for item in summary["classes"]}
 
 
+@pytest.mark.slow
 def test_the_audit_flags_exactly_the_shortcut_class_and_its_corner_with_and_without_boxes(shortcut, tmp_path):
     archive, boxes, folders = shortcut
     for source, name in ((boxes, "boxes"), (folders, "folders")):
@@ -191,6 +192,7 @@ def test_the_audit_flags_exactly_the_shortcut_class_and_its_corner_with_and_with
         assert picture is not None and picture.shape[1] > 3 * 150
 
 
+@pytest.mark.slow
 def test_bad_files_become_error_rows_and_the_job_goes_on(shortcut, tmp_path):
     archive, boxes, _ = shortcut
     folder = tmp_path / "mixed"
@@ -214,6 +216,7 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(shortcut, tmp_path):
     assert isinstance(service, ExplanationService)
 
 
+@pytest.mark.slow
 def test_the_requests_options_reach_every_row_as_the_service_answers_them(shortcut, tmp_path):
     """--method, --layer, --faithfulness and --sanity: each row holds what /explanations answers with the same
     options (the service in process: the heatmap to 1e-3, deletion, insertion and the sanity figure)."""
@@ -261,6 +264,7 @@ def _service(archive: Path, tmp_path: Path):
     )
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut, tmp_path):
     archive, boxes, _ = shortcut
     many = tmp_path / "many.csv"
@@ -300,6 +304,7 @@ def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut
     assert len(list(pids.iterdir())) > 2, "the killed actor was not restarted"
 
 
+@pytest.mark.slow
 def test_resume_writes_only_the_rest(shortcut, tmp_path):
     archive, boxes, _ = shortcut
     out = tmp_path / "out"
@@ -321,6 +326,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_wrong_archive_or_path_is_one_line_and_exit_2(shortcut, tmp_path):
     archive, boxes, _ = shortcut
     for args, message in (
@@ -336,6 +342,7 @@ def test_a_wrong_archive_or_path_is_one_line_and_exit_2(shortcut, tmp_path):
         audit(str(tmp_path / "nowhere"), archive, tmp_path / "out", SMALL)
 
 
+@pytest.mark.slow
 def test_the_audit_joins_a_cluster_by_address(shortcut, tmp_path):
     archive, boxes, _ = shortcut
     port = free_port()
@@ -365,6 +372,7 @@ def test_the_audit_joins_a_cluster_by_address(shortcut, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_stored_heatmaps_equal_torchserves_for_the_same_images(shortcut, tmp_path):
     import requests
 

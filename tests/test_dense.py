@@ -311,6 +311,7 @@ def oriented_eigencam(monkeypatch) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("detector", sorted(TRAINED_DETECTORS))
 def test_trained_detectors_match_pytorch_grad_cam_and_point_at_least_as_often(
     detector, faster_rcnn, dense_models, monkeypatch
