@@ -286,7 +286,7 @@ class ExplanationService:
         if options.target is not None and max(options.target) >= classes:
             raise ClientError(
                 "InvalidOption",
-                f"target must be {'an output' if self.task.what == 'outputs' else 'a class'} index from 0 to "
+                f"target must be {self.task.one} index from 0 to "
                 f"{classes - 1} (this model has {classes} {self.task.what}), got {list(options.target)}",
             )
         if options.target is None and (options.explain or 1) > classes:

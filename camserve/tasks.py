@@ -130,6 +130,11 @@ class Task:
         """What its class indices count, in words: ``classes``, or a regression model's ``outputs``."""
         return "classes" if self.probabilities else "outputs"
 
+    @property
+    def one(self) -> str:
+        """One of :attr:`what`, in words: ``a class``, or a regression model's ``an output``."""
+        return "a class" if self.probabilities else "an output"
+
     def default_target(self, explain: int | None, threshold: float, classes: int) -> Target:
         """What a request without ``target`` explains, for a model of ``classes`` classes."""
         count = min(explain or self.default_explain, classes)

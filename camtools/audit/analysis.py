@@ -210,7 +210,7 @@ def analyse(rows: Sequence[dict], thumbnails: np.ndarray, labels: Sequence[str],
                 rows=members,
             )
         )
-    _flag(found, rows, thumbnails)
+    _flag(found, thumbnails)
     return found
 
 
@@ -219,13 +219,12 @@ def _median(values: Sequence[float | None]) -> float | None:
     return float(np.median(known)) if known else None
 
 
-def _flag(found: list[ClassFindings], rows: Sequence[dict], thumbnails: np.ndarray) -> None:
+def _flag(found: list[ClassFindings], thumbnails: np.ndarray) -> None:
     for item in found:
         if item.images < MIN_IMAGES:
             continue
         others = [other for other in found if other is not item]
-        peaks = _peaks_in(thumbnails[item.rows], item.peak_region)
-        where = f"{100 * peaks.mean():.0f}% of the maps peak in {_where(item.peak_region)}"
+        where = f"{100 * item.concentration:.0f}% of the maps peak in {_where(item.peak_region)}"
         reasons = []
         if item.pointing is not None:
             pointing = _median([o.pointing for o in others])

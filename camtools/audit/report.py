@@ -13,7 +13,7 @@ import numpy as np
 
 from camserve.imaging import decode_image, render_overlay, resize_image
 from camtools.audit.analysis import ClassFindings
-from camtools.audit.worker import _read
+from camtools.audit.worker import read_file
 
 __all__ = ["write_report"]
 
@@ -44,7 +44,7 @@ def _overlay(path: str, heatmap: bytes, box: Sequence[float] | None = None) -> n
     """The image at ``path`` with its stored map blended over it, and its object's ``box`` (in the image's pixels)
     drawn in white, as a tile; None if it cannot be read now."""
     try:
-        rgb = decode_image(_read(path))
+        rgb = decode_image(read_file(path))
     except Exception:  # the report goes on without this picture
         return None
     heat = cv2.imdecode(np.frombuffer(heatmap, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float32) / 65535.0

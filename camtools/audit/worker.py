@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["COLUMNS", "SCHEMA", "THUMBNAIL", "Explainer", "box_figures"]
+__all__ = ["COLUMNS", "SCHEMA", "THUMBNAIL", "Explainer", "box_figures", "read_file"]
 
 THUMBNAIL = 32
 """The side of the map kept beside the 16-bit PNG for the class statistics and SpRAy's clustering."""
@@ -61,7 +61,7 @@ def box_figures(heat: np.ndarray, box: tuple[float, float, float, float], size: 
     return bool(x0 <= peak_x < x1 and y0 <= peak_y < y1), (inside / total if total > 0 else 0.0)
 
 
-def _read(path: str) -> bytes:
+def read_file(path: str) -> bytes:
     """The file's bytes, local or any filesystem pyarrow knows (``s3://``, ``gs://``, ...)."""
     if "://" not in path:
         return Path(path).read_bytes()
@@ -120,7 +120,7 @@ class Explainer:
             label = batch["label"][n]
             out["label"][n] = label if isinstance(label, str) else None  # a column of no labels comes as NaN
             try:
-                data = _read(str(batch["path"][n]))
+                data = read_file(str(batch["path"][n]))
             except OSError as error:
                 out["status"][n], out["error"][n] = "error", f"the file could not be read: {error.strerror or error}"
                 continue
