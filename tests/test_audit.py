@@ -281,9 +281,12 @@ def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut
         csv.writer(target).writerows(rows)
     pids = tmp_path / "pids"
     pids.mkdir()
-    killed = []
+    killed: list[int] = []
+    restarted: list[int] = []
 
-    def kill_one() -> None:  # an actor that has begun its second batch, so that it dies holding work
+    def kill_one() -> None:
+        """Kill an actor that has begun its second batch, so that it dies holding work, then stop the others until
+        its restarted process has begun a batch: the run can only finish through the restarted actor."""
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             busy = [path for path in pids.iterdir() if len(path.read_text().splitlines()) >= 2]
@@ -291,6 +294,19 @@ def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut
                 os.kill(int(busy[0].name), signal.SIGKILL)
                 killed.append(int(busy[0].name))
             time.sleep(0.05)
+        others = [int(path.name) for path in pids.iterdir() if int(path.name) not in killed]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            while time.monotonic() < deadline:
+                fresh = [p for p in pids.iterdir() if int(p.name) not in killed + others and p.read_text().strip()]
+                if fresh:
+                    restarted.append(int(fresh[0].name))
+                    return
+                time.sleep(0.05)
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
@@ -301,7 +317,7 @@ def test_an_actor_killed_mid_run_is_retried_and_every_row_is_there_once(shortcut
     files = [r["file"] for r in read_rows(tmp_path / "out", ["file", "status"])]
     assert len(files) == len(rows) - 1 == 720 and len(set(files)) == 720
     assert summary["errors"] == 0
-    assert len(list(pids.iterdir())) > 2, "the killed actor was not restarted"
+    assert restarted, "the killed actor was not restarted, or its new process never began a batch"
 
 
 @pytest.mark.slow
