@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camserve.cam.layers import find_layer, forward_hooks, to_grid
-from camserve.cam.methods.registry import Family, method_record
+from camserve.cam.capture import MapGroup, captured_pass
+from camserve.cam.layers import find_layer, to_grid
+from camserve.cam.methods.registry import Method, method_record
 from camserve.cam.post import reduce_contributions, upsample
 
 __all__ = [
@@ -130,12 +131,6 @@ def _kept(output: Mapping[str, Tensor], request: DetectionRequest) -> Tensor:
     return order[: request.max_detections]
 
 
-def _detach(output: object) -> object:
-    if isinstance(output, Tensor):
-        return output.detach()
-    return type(output)((key, value.detach()) for key, value in output.items())
-
-
 def explain_detections(
     model: nn.Module,
     images: Sequence[Tensor],
@@ -151,99 +146,83 @@ def explain_detections(
     if len(images) != len(requests):
         raise ValueError(f"got {len(requests)} requests for {len(images)} images")
     records = [method_record(request.method) for request in requests]
-    layers = list(dict.fromkeys(request.layer for request in requests))
-    modules = {layer: find_layer(model, layer) for layer in layers}
-    gradient_layers = {r.layer for r, record in zip(requests, records, strict=True) if record.family is Family.GRADIENT}
+    modules = {layer: find_layer(model, layer) for layer in dict.fromkeys(request.layer for request in requests)}
+    gradient_layers = {r.layer for r, record in zip(requests, records, strict=True) if record.uses_gradients}
     for layer in gradient_layers:
         if layouts[layer] == "fpn":
             raise ValueError(f"layer {layer} is a feature pyramid: a gradient method needs a layer of one tensor")
-    captured: dict[str, list[object]] = {layer: [] for layer in layers}
     batch: dict[str, object] = {}
-
-    def capture(layer: str):
-        def hook(module: nn.Module, inputs: object, output: object) -> object:
-            if torch.is_grad_enabled():  # inside the graph already: keep this output, pass a clone downstream
-                captured[layer].append(output)
-                return output.clone()
-            if layer in gradient_layers:  # the first gradient layer to run starts the graph
-                leaf = output.detach().requires_grad_(True)
-                captured[layer].append(leaf)
-                torch.set_grad_enabled(True)  # the enclosing no_grad() restores the mode on exit
-                return leaf.clone()
-            captured[layer].append(_detach(output))
-            return None
-
-        return hook
 
     def remember_batch(module: nn.Module, inputs: object, output: object) -> None:
         image_list = output[0]
         batch["sizes"] = [tuple(size) for size in image_list.image_sizes]
         batch["padded"] = tuple(image_list.tensors.shape[-2:])
 
-    hooks = [(module, capture(layer)) for layer, module in modules.items()]
     transform = getattr(model, "transform", None)
-    if isinstance(transform, nn.Module):
-        hooks.append((transform, remember_batch))
+    extra = [(transform, remember_batch)] if isinstance(transform, nn.Module) else []
     started = time.perf_counter()
     with torch.inference_mode(False):
         images = [image.clone() if image.is_inference() else image for image in images]
-        with forward_hooks(hooks), torch.no_grad(), autocast or torch.autocast("cpu", enabled=False):
-            outputs = model(list(images))
+        with autocast or torch.autocast("cpu", enabled=False):
+            captured = captured_pass(model, list(images), modules, gradient_layers, extra_hooks=extra)
         forward_done = time.perf_counter()
-        for layer, values in captured.items():
-            if len(values) != 1:
-                raise RuntimeError(f"layer {layer!r} ran {len(values)} times in one forward pass; expected once")
-        activations = {layer: values[0] for layer, values in captured.items()}
-
-        detections, explained, errors, kept_rows = [], [], [], []
-        for output, request in zip(outputs, requests, strict=True):
-            kept = _kept(output, request)
-            kept_rows.append(kept)
-            boxes = output["boxes"].detach().float()[kept]
-            labels, scores = output["labels"][kept].tolist(), output["scores"].detach().float()[kept].tolist()
-            detections.append(
-                [
-                    Detection(tuple(round(v, 2) for v in box.tolist()), label, round(score, 6))
-                    for box, label, score in zip(boxes, labels, scores, strict=True)
-                ]
-            )
-            error, chosen = None, list(range(min(request.explain, len(kept))))
-            if request.chosen is not None:
-                missing = [i for i in request.chosen if i >= len(kept)]
-                chosen = [] if missing else list(request.chosen)
-                if missing:
-                    error = (
-                        f"detection {missing[0]} does not exist: this image has {len(kept)} detection"
-                        f"{'' if len(kept) == 1 else 's'} at or above score_threshold {request.score_threshold}"
-                        + (f" (indices 0 to {len(kept) - 1})" if len(kept) else "")
-                    )
-            explained.append(chosen)
-            errors.append(error)
+        outputs = captured.outputs
+        found = [_found(output, request) for output, request in zip(outputs, requests, strict=True)]
         targets = [
             [(output["boxes"].detach()[kept[d]], int(output["labels"][kept[d]])) for d in chosen]
-            for output, kept, chosen in zip(outputs, kept_rows, explained, strict=True)
+            for output, (kept, _, chosen, _) in zip(outputs, found, strict=True)
         ]
-        gradients = _gradients(outputs, targets, activations, {layer: layouts[layer] for layer in gradient_layers})
+        gradient_layouts = {layer: layouts[layer] for layer in gradient_layers}
+        gradients = _gradients(outputs, targets, captured.activations, gradient_layouts)
     maps = []
     for n, request in enumerate(requests):
-        record, count = records[n], len(explained[n])
-        grid = to_grid(activations[request.layer], layouts[request.layer])[n : n + 1].detach().float()
-        with torch.no_grad():
-            if record.family is Family.GRADIENT:
-                gradient = gradients[request.layer][n] if count else grid[:0]
-                contributions = record.combine(grid.expand(count, -1, -1, -1), gradient)
-            else:
-                contributions = record.combine(grid)
-            grid_maps = F.relu(reduce_contributions(contributions, request.eigen_smooth))
-        if record.family is not Family.GRADIENT:
-            grid_maps = grid_maps.expand(count, -1, -1)
+        count = len(found[n][2])
+        grid = to_grid(captured.activations[request.layer], layouts[request.layer])[n : n + 1].detach().float()
+        gradient = gradients[request.layer][n] if request.layer in gradients else None
+        grid_maps = _grid_maps(records[n], grid, gradient, count, request.eigen_smooth)
         maps.append(_on_image(grid_maps, batch, images, n))
+    kept_rows = [kept for kept, _, _, _ in found]
     masks = [output["masks"].detach()[kept, 0].float() if "masks" in output else None
              for output, kept in zip(outputs, kept_rows, strict=True)]  # fmt: skip
     keypoints = [output["keypoints"].detach()[kept].float() if "keypoints" in output else None
                  for output, kept in zip(outputs, kept_rows, strict=True)]  # fmt: skip
     seconds = {"forward": forward_done - started, "cam": time.perf_counter() - forward_done}
+    detections, explained, errors = ([item[i] for item in found] for i in (1, 2, 3))
     return DetectionOutput(detections, explained, maps, masks, keypoints, errors, seconds)
+
+
+def _found(output: Mapping[str, Tensor], request: DetectionRequest):
+    """One image's kept indices, its detections, the indices of those it explains, and its error (a chosen
+    detection that does not exist) or None."""
+    kept = _kept(output, request)
+    boxes = output["boxes"].detach().float()[kept]
+    labels, scores = output["labels"][kept].tolist(), output["scores"].detach().float()[kept].tolist()
+    detections = [
+        Detection(tuple(round(v, 2) for v in box.tolist()), label, round(score, 6))
+        for box, label, score in zip(boxes, labels, scores, strict=True)
+    ]
+    if request.chosen is None:
+        return kept, detections, list(range(min(request.explain, len(kept)))), None
+    missing = [i for i in request.chosen if i >= len(kept)]
+    if not missing:
+        return kept, detections, list(request.chosen), None
+    error = (
+        f"detection {missing[0]} does not exist: this image has {len(kept)} detection"
+        f"{'' if len(kept) == 1 else 's'} at or above score_threshold {request.score_threshold}"
+        + (f" (indices 0 to {len(kept) - 1})" if len(kept) else "")
+    )
+    return kept, detections, [], error
+
+
+def _grid_maps(record: Method, grid: Tensor, gradient: Tensor | None, count: int, eigen_smooth: bool) -> Tensor:
+    """One image's (count, h, w) maps of its explained detections at the layer's grid, as the method's record
+    computes them from its (1, K, h, w) ``grid`` and the detections' (count, K, h, w) gradients."""
+    if count == 0:
+        return grid.new_zeros((0, *grid.shape[-2:]))
+    rows = torch.zeros(count, dtype=torch.long, device=grid.device)
+    group = MapGroup(activations=grid, rows=rows, classes=rows, gradients=gradient)
+    with torch.no_grad():
+        return F.relu(reduce_contributions(record.maps(None, group), eigen_smooth))
 
 
 def _gradients(

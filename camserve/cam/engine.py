@@ -8,66 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from camserve.cam.layers import LayerInfo, LayerNotFoundError, describe_layers, find_layer, forward_hooks, to_grid
+from camserve.cam.capture import (
+    CamOutput,
+    CamRequest,
+    Captured,
+    MapGroup,
+    captured_pass,
+    gather,
+    layer_gradients,
+)
+from camserve.cam.layers import LayerInfo, LayerNotFoundError, describe_layers, find_layer, to_grid
 from camserve.cam.layers import default_layer as find_default_layer
-from camserve.cam.methods.composite import AUGMENTATIONS, IDENTITY, augment, undo_augmentation
-from camserve.cam.methods.gradient import minus_half_hvp
-from camserve.cam.methods.perturbation import Scoring
-from camserve.cam.methods.registry import DEFAULT_METHOD, Family, method_record
+from camserve.cam.methods.registry import method_record
 from camserve.cam.post import reduce_contributions
-from camserve.cam.targets import SOFTMAX, Classes, Head, Target, TopPredicted, objective_seeds
+from camserve.cam.rows import Pairs, explain_copies
+from camserve.cam.targets import SOFTMAX, Classes, Head, TopPredicted, objective_seeds
 
 __all__ = ["CamEngine", "CamOutput", "CamRequest"]
-
-
-@dataclass(frozen=True)
-class CamRequest:
-    """What to explain for one image: its ``targets``, at ``layer``, with ``method``."""
-
-    targets: Target = TopPredicted(1)
-    layer: str | None = None
-    """A dotted module path; None: the engine's default layer."""
-    method: str = DEFAULT_METHOD
-    eigen_smooth: bool = False
-    """The first principal component of the channels' contributions instead of their sum (see
-    :func:`camserve.cam.post.reduce_contributions`)."""
-    aug_smooth: bool = False
-    """Average the maps of flipped and brightened copies (see
-    :data:`camserve.cam.methods.composite.AUGMENTATIONS`)."""
-
-    @property
-    def count(self) -> int:
-        """How many maps the request asks for."""
-        return self.targets.count
-
-
-@dataclass(frozen=True)
-class CamOutput:
-    """What the engine returns for a batch of N images.
-
-    ``logits`` is (N, classes). For image ``n``, ``targets[n]`` lists the explained classes in order, and
-    ``maps[n]`` is a (len(targets[n]), h, w) tensor at its layer's resolution (or the input's, for methods that
-    combine maps), after ReLU, not yet normalised. ``seconds`` holds the call's wall time: ``forward`` (the
-    forward passes up to the logits) and ``cam`` (gradients and maps); on a GPU these are launch times unless the
-    caller synchronises.
-    """
-
-    logits: Tensor
-    targets: list[list[int]]
-    maps: list[Tensor]
-    seconds: dict[str, float] = field(default_factory=dict)
-    kept: dict[str, Tensor] = field(default_factory=dict)
-    """The outputs of the modules the call was asked to ``keep``, from the shared forward pass, one row per request
-    of ``kept_rows``; empty when that pass was not one plain row per image (``aug_smooth``, composite methods)."""
-    kept_rows: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,7 +184,7 @@ class CamEngine:
             ]
             if plan.shared:
                 parts.append((plan.shared, self._explain_rows(images, requests, plan.shared, keep)))
-        output = self._keep_scoring(_gather(parts, len(requests)), requests)
+        output = self._keep_scoring(gather(parts, len(requests)), requests)
         forward = output.seconds["forward"]
         return replace(output, seconds={"forward": forward, "cam": time.perf_counter() - started - forward})
 
@@ -259,359 +224,159 @@ class CamEngine:
         chosen = [requests[n] for n in indices]
         if not any(r.aug_smooth or method_record(r.method).parts for r in chosen):  # the common case: a row each
             return self.explain_shared(images if len(indices) == len(images) else images[indices], chosen, keep)
-        size = tuple(images.shape[-2:])
-        ranking_seconds = 0.0
-        ranked = [
-            i for i, request in enumerate(chosen) if request.aug_smooth and not isinstance(request.targets, Classes)
-        ]
-        if ranked:  # aug_smooth explains the original image's classes: rank them once
-            started = time.perf_counter()
-            logits = self.logits(images[[indices[i] for i in ranked]]).float()
-            ranking_seconds = time.perf_counter() - started
-            for i, classes in zip(ranked, self.resolve_targets(logits, [chosen[i] for i in ranked]), strict=True):
-                chosen[i] = replace(chosen[i], targets=Classes(classes))
-        row_images, row_requests, spans = [], [], []
-        for n, request in zip(indices, chosen, strict=True):
-            record = method_record(request.method)
-            copies = AUGMENTATIONS if request.aug_smooth else ((False, 1.0),)
-            request_spans = []
-            for part in record.parts(request, self.default_layer) if record.parts else [request]:
-                request_spans.append(list(range(len(row_requests), len(row_requests) + len(copies))))
-                row_images += [
-                    augment(images[n], flip, factor) if request.aug_smooth else images[n] for flip, factor in copies
-                ]
-                row_requests += [replace(part, aug_smooth=False)] * len(copies)
-            spans.append(request_spans)
-        output = self.explain_shared(torch.stack(row_images), row_requests)
-        logits, targets, maps = [], [], []
-        for request, request_spans in zip(chosen, spans, strict=True):
-            first = request_spans[0]
-            if request.aug_smooth:
-                part_maps = [undo_augmentation([output.maps[r] for r in rows], size) for rows in request_spans]
-                logits.append(output.logits[first[IDENTITY]])
-            else:
-                part_maps = [output.maps[rows[0]] for rows in request_spans]
-                logits.append(output.logits[first[0]])
-            merge = method_record(request.method).merge
-            maps.append(merge(part_maps, size) if merge else part_maps[0])
-            targets.append(output.targets[first[0]])
-        seconds = {"forward": output.seconds["forward"] + ranking_seconds}
-        return CamOutput(logits=torch.stack(logits), targets=targets, maps=maps, seconds=seconds)
+        return explain_copies(self, images, chosen, indices)
 
     # --- The shared forward pass ---
+
+    def captured_pass(
+        self, images: Tensor, layers: Sequence[str], gradient_layers: set[str], keep: Sequence[str] = ()
+    ) -> Captured:
+        """One forward pass of ``images`` with the activations of ``layers`` captured under the engine's autocast,
+        the network before the first of ``gradient_layers`` without autograd (:func:`.capture.captured_pass`)."""
+        modules = {layer: find_layer(self.model, layer) for layer in layers}
+        with self.autocast(images.device):
+            return captured_pass(self.model, images, modules, gradient_layers, keep=keep)
+
+    def with_model(self, model: nn.Module) -> CamEngine:
+        """An engine like this one for another model of the same architecture (a randomised copy)."""
+        return CamEngine(
+            model,
+            autocast_dtype=self.autocast_dtype,
+            scorecam_channels=self.scorecam_channels,
+            scorecam_batch=self.scorecam_batch,
+            input_size=self.input_size,
+            default_layer=self.default_layer,
+            head=self.head,
+        )
 
     def explain_shared(self, images: Tensor, requests: Sequence[CamRequest], keep: Sequence[str] = ()) -> CamOutput:
         """One forward pass and one gradient call for images whose methods share the forward pass, one plain row
         each (no ``aug_smooth``, no composite method): the core that every plan ends in. The outputs of the modules
         ``keep`` names come back in ``kept``, one row per image."""
-        if len(requests) != len(images):
-            raise ValueError(f"got {len(requests)} requests for {len(images)} images")
+        requests = self._shared_requests(images, requests)
         records = [method_record(request.method) for request in requests]
-        if any(record.parts or not record.shares_forward_pass for record in records):
-            raise ValueError("explain_shared takes methods that share the forward pass; call the engine instead")
-        self.layers(images)
-        requests = [
-            request if request.layer is not None else replace(request, layer=self.default_layer) for request in requests
-        ]
-        records = [method_record(request.method) for request in requests]
-        layouts = {request.layer: self.spatial_layer(request.layer).layout for request in requests}
-        counts = [request.count for request in requests]
         layers = list(dict.fromkeys(request.layer for request in requests))
         modules = {layer: find_layer(self.model, layer) for layer in layers}
-        gradient_layers = {
-            r.layer for r, record in zip(requests, records, strict=True) if record.family is Family.GRADIENT
-        }
-        shapley_layers = {r.layer for r, record in zip(requests, records, strict=True) if record.second_order}
-
-        # One row per (image, target) pair: a given class, or the image's r-th predicted one (ranked after the pass).
-        device = images.device
-        pairs_of_image = torch.tensor(counts)
-        pair_image_host = torch.repeat_interleave(torch.arange(len(requests)), pairs_of_image)
-        first_pair_host = torch.cumsum(pairs_of_image, 0) - pairs_of_image
-        given, ranks = [], []
-        for request in requests:
-            if isinstance(request.targets, Classes):
-                given += request.targets.indices
-                ranks += [-1] * request.count
-            else:
-                given += [0] * request.count
-                ranks += range(request.count)
-        # Pairs that share a layer, a method and eigen_smooth are computed together. Indices go to the device now: a
-        # copy from host memory after the forward pass is queued would wait for it and leave the GPU idle.
-        groups: dict[tuple[str, str, bool], list[int]] = {}
-        for pair, n in enumerate(pair_image_host.tolist()):
-            groups.setdefault((requests[n].layer, requests[n].method, requests[n].eigen_smooth), []).append(pair)
-        pair_slot_host = torch.arange(len(given)) - first_pair_host[pair_image_host]
-        pair_image, first_pair, pair_slot, pair_given, pair_rank = (
-            t.to(device)
-            for t in (
-                pair_image_host,
-                first_pair_host,
-                pair_slot_host,
-                torch.tensor(given, dtype=torch.long),
-                torch.tensor(ranks, dtype=torch.long),
-            )
-        )
-        group_index = {key: torch.tensor(pairs).to(device) for key, pairs in groups.items()}
-        wanted_expansion = bool(gradient_layers) and len(given) > len(requests)
-        expand = pair_image if wanted_expansion and frozenset(layers) not in self._unexpandable else None
+        gradient_layers = {r.layer for r, record in zip(requests, records, strict=True) if record.uses_gradients}
+        corrections = {r.layer: rec.second_order for r, rec in zip(requests, records, strict=True) if rec.second_order}
+        pairs = Pairs.of(requests, images.device)
         # ShapleyCAM differentiates twice: fused attention kernels have no second derivative, the math one does.
-        attention = sdpa_kernel([SDPBackend.MATH]) if shapley_layers else contextlib.nullcontext()
+        attention = sdpa_kernel([SDPBackend.MATH]) if corrections else contextlib.nullcontext()
         started = time.perf_counter()
-        with self.autocast(device), attention:
-            try:
-                stream_logits, activations, per_pair, kept = self._split_forward(
-                    images, modules, gradient_layers, expand, keep
-                )
-                if expand is not None and len(stream_logits) != len(given):
-                    raise RuntimeError(f"{len(stream_logits)} rows of logits for {len(given)} pairs")
-            except RuntimeError:
-                if expand is None:
-                    raise
-                # Repeating rows inside a block breaks it (a residual branch meets the unrepeated input):
-                # differentiate per target slot instead, and remember not to try again for these layers.
-                self._unexpandable.add(frozenset(layers))
-                expand = None
-                stream_logits, activations, per_pair, kept = self._split_forward(
-                    images, modules, gradient_layers, None, keep
-                )
+        with self.autocast(images.device), attention:
+            captured, expanded = self._forward_pairs(images, modules, gradient_layers, pairs, keep)
             forward_done = time.perf_counter()
-            logits = stream_logits[first_pair] if expand is not None else stream_logits
-            scores = self.head.ranking(logits.detach())
-            self._check_targets(scores.shape[1], requests)
-            top = max((r.count for r in requests if isinstance(r.targets, TopPredicted)), default=1)
-            ranked = scores.topk(top, dim=1).indices
-            pair_class = torch.where(pair_rank >= 0, ranked[pair_image, pair_rank.clamp_min(0)], pair_given)
-            # The seeds of the gradients: none for activation-only work (a segmenter's objective is not free).
-            seeds = self.seeds(logits[pair_image], pair_class) if gradient_layers else None
-            own_seeds = {record.name: record for record in records if record.seeds is not None and gradient_layers}
-            for record in own_seeds.values():  # a method with its own scalar in place of the objective's
-                rows = torch.tensor([records[n].name == record.name for n in pair_image_host.tolist()], device=device)
-                seeds[rows] = record.seeds(logits[pair_image[rows]], pair_class[rows]).to(seeds.dtype)
-            gradients, corrected = self._gradients(
-                stream_logits, activations, gradient_layers, seeds, pair_image, pair_slot, expand is not None,
-                shapley_layers,
+            logits = captured.outputs[pairs.first] if expanded else captured.outputs
+            pair_class = self._pair_classes(logits.detach(), requests, pairs)
+            seeds = self._pair_seeds(logits, pair_class, records, pairs) if gradient_layers else None
+            gradients, corrected = layer_gradients(
+                captured.outputs, captured.activations, gradient_layers, seeds, pairs.image, pairs.slot, expanded,
+                corrections,
             )  # fmt: skip
-        rows = {  # for each layer, the row of its activations that belongs to each pair
-            layer: torch.arange(len(given), device=device) if per_pair[layer] else pair_image for layer in layers
-        }
-        raw_activations = {layer: activation.detach() for layer, activation in activations.items()}
-        activations = {layer: to_grid(activation.detach(), layouts[layer]) for layer, activation in activations.items()}
-        gradients = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in gradients.items()}
-        corrected = {layer: to_grid(gradient, layouts[layer]) for layer, gradient in corrected.items()}
-        context = _MapContext(raw_activations, logits.detach().float(), modules, layouts, corrected)
-        pair_maps = self._pair_maps(
-            images, counts, activations, gradients, rows, pair_image, pair_class, groups, group_index, context
-        )
+        groups = self._groups(images, requests, pairs, captured, gradients, corrected, logits.detach().float())
+        pair_maps = self._pair_maps(pairs, groups, pair_class)
         classes = iter(pair_class.tolist())
-        chosen = [[next(classes) for _ in range(count)] for count in counts]
+        chosen = [[next(classes) for _ in range(count)] for count in pairs.counts]
+        kept_rows = tuple(range(len(requests))) if captured.kept else ()
         seconds = {"forward": forward_done - started}
-        return CamOutput(
-            logits=logits.detach().float(),
-            targets=chosen,
-            maps=list(pair_maps),
-            seconds=seconds,
-            kept=kept,
-            kept_rows=tuple(range(len(requests))) if kept else (),
-        )
+        return CamOutput(logits.detach().float(), chosen, list(pair_maps), seconds, captured.kept, kept_rows)
 
-    def _split_forward(
+    def _shared_requests(self, images: Tensor, requests: Sequence[CamRequest]) -> list[CamRequest]:
+        """The requests with their layers filled in, after checking that each shares the forward pass in one row."""
+        if len(requests) != len(images):
+            raise ValueError(f"got {len(requests)} requests for {len(images)} images")
+        if any(method_record(r.method).parts or not method_record(r.method).shares_forward_pass for r in requests):
+            raise ValueError("explain_shared takes methods that share the forward pass; call the engine instead")
+        self.layers(images)
+        requests = [r if r.layer is not None else replace(r, layer=self.default_layer) for r in requests]
+        for request in requests:
+            self.spatial_layer(request.layer)
+        return requests
+
+    def _forward_pairs(
         self,
         images: Tensor,
         modules: dict[str, nn.Module],
         gradient_layers: set[str],
-        expand: Tensor | None,
-        keep: Sequence[str] = (),
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, bool], dict[str, Tensor]]:
-        """The logits, each layer's activation, whether that activation has one row per pair (else per image), and
-        the first output of each module ``keep`` names (as the module made it, before the layers' hooks).
+        pairs: Pairs,
+        keep: Sequence[str],
+    ) -> tuple[Captured, bool]:
+        """The captured pass, with the leaf repeated once per pair when several targets share an image and the
+        layer allows it; else (once; the engine remembers) one row per image. Whether the rows are pairs."""
+        layers = frozenset(modules)
+        wanted = bool(gradient_layers) and len(pairs.image) > len(pairs.counts)
+        expand = pairs.image if wanted and layers not in self._unexpandable else None
+        try:
+            captured = captured_pass(self.model, images, modules, gradient_layers, expand, keep)
+            if expand is not None and len(captured.outputs) != len(pairs.image):
+                raise RuntimeError(f"{len(captured.outputs)} rows of logits for {len(pairs.image)} pairs")
+        except RuntimeError:
+            if expand is None:
+                raise
+            # Repeating rows inside a block breaks it (a residual branch meets the unrepeated input): differentiate
+            # per target slot instead, and remember not to try again for these layers.
+            self._unexpandable.add(layers)
+            expand = None
+            captured = captured_pass(self.model, images, modules, gradient_layers, None, keep)
+        return captured, expand is not None
 
-        The logits have one row per pair from the first gradient layer on when ``expand`` (each pair's image) is
-        given, and one per image otherwise.
-        """
-        captured: dict[str, list[Tensor]] = {layer: [] for layer in modules}
-        per_pair: dict[str, bool] = {}
-        kept: dict[str, Tensor] = {}
+    def _pair_classes(self, logits: Tensor, requests: Sequence[CamRequest], pairs: Pairs) -> Tensor:
+        """Each pair's class: its given one, or its image's r-th highest by the head's ranking."""
+        scores = self.head.ranking(logits)
+        self._check_targets(scores.shape[1], requests)
+        top = max((r.count for r in requests if isinstance(r.targets, TopPredicted)), default=1)
+        ranked = scores.topk(top, dim=1).indices
+        return torch.where(pairs.ranked, ranked[pairs.image, pairs.rank], pairs.given)
 
-        def record(name: str) -> Callable[[nn.Module, object, Tensor], None]:
-            def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
-                # The layer's own output is copied: downstream in-place ops could rewrite it. An earlier module's
-                # is kept as it ends up: in-place ops rewrite it for every later reader alike.
-                if name not in kept:
-                    kept[name] = output.detach().clone() if name in modules else output
+    def _pair_seeds(self, logits: Tensor, pair_class: Tensor, records: list, pairs: Pairs) -> Tensor:
+        """∂scalar/∂logits for each pair: the head's objective, or a method's own scalar (Finer-CAM's)."""
+        seeds = self.seeds(logits[pairs.image], pair_class)
+        own = {record.name: record for record in records if record.seeds is not None}
+        for record in own.values():
+            rows = torch.tensor(
+                [records[n].name == record.name for n in pairs.image_host.tolist()], device=seeds.device
+            )
+            seeds[rows] = record.seeds(logits[pairs.image[rows]], pair_class[rows]).to(seeds.dtype)
+        return seeds
 
-            return hook
+    def _groups(self, images, requests, pairs, captured, gradients, corrected, logits) -> dict[tuple, MapGroup]:
+        """What each group of pairs (one layer, method and ``eigen_smooth``) reads, as its method record takes it."""
+        groups = {}
+        for key, index in pairs.group_index.items():
+            layer = key[0]
+            layout = self.spatial_layer(layer).layout
+            every = torch.arange(len(pairs.image), device=images.device)
+            rows = (every if captured.per_pair[layer] else pairs.image)[index]
+            raw = captured.activations[layer].detach()
+            groups[key] = MapGroup(
+                activations=to_grid(raw, layout),
+                rows=rows,
+                classes=None,
+                gradients=to_grid(gradients[layer], layout)[index] if layer in gradients else None,
+                corrected=to_grid(corrected[layer], layout)[index] if layer in corrected else None,
+                pair_image=pairs.image[index],
+                images=images,
+                raw=raw,
+                logits=logits,
+                module=find_layer(self.model, layer),
+                layout=layout,
+            )
+        return groups
 
-        def capture(layer: str) -> Callable[[nn.Module, object, Tensor], Tensor]:
-            def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor | None:
-                if torch.is_grad_enabled():  # inside the graph: keep this tensor, pass a clone downstream
-                    captured[layer].append(output)
-                    per_pair[layer] = expand is not None
-                    return output.clone()
-                if layer in gradient_layers:  # the first gradient layer to run starts the graph
-                    leaf = output.detach() if expand is None else output.detach()[expand]
-                    captured[layer].append(leaf.requires_grad_(True))
-                    per_pair[layer] = expand is not None
-                    torch.set_grad_enabled(True)  # the enclosing no_grad() restores the mode on exit
-                    return leaf.clone()
-                captured[layer].append(output.detach().clone())  # activation-only work: no gradient needed
-                per_pair[layer] = False
-                return None
-
-            return hook
-
-        recorders = [(find_layer(self.model, name), record(name)) for name in keep]  # first: the modules' outputs
-        hooks = recorders + [(module, capture(layer)) for layer, module in modules.items()]
-        with forward_hooks(hooks), torch.no_grad():
-            logits = self.model(images)
-        for layer, outputs in captured.items():
-            if len(outputs) != 1:
-                raise RuntimeError(f"layer {layer!r} ran {len(outputs)} times in one forward pass; expected once")
-        return logits, {layer: outputs[0] for layer, outputs in captured.items()}, per_pair, kept
-
-    @staticmethod
-    def _gradients(
-        logits: Tensor,
-        activations: dict[str, Tensor],
-        gradient_layers: set[str],
-        seeds: Tensor,
-        pair_image: Tensor,
-        pair_slot: Tensor,
-        rows_are_pairs: bool,
-        shapley_layers: set[str] = frozenset(),
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """∂t_p/∂A for every pair p and gradient layer, each a (pairs, K, h, w) tensor, where pair p's target t_p
-        has gradient ``seeds[p]`` with respect to its image's logits (one-hot for a class's raw logit y_c).
-
-        When the logits have one row per pair (see :meth:`_split_forward`), row p takes seed p, and one
-        ``autograd.grad`` call serves every pair. Else the logits have one row per image, and seed slot t holds each
-        image's t-th target, differentiated together through ``is_grads_batched``.
-
-        For ``shapley_layers`` it also returns g − ½·H·A, the gradient minus half the Hessian-vector product
-        Σ_ab A_ab ∂g/∂A_ab (ShapleyCAM, Cai et al., 2025: the Shapley-value view of CAM), from a second
-        differentiation of the first gradient; a layer after which the network is piecewise linear has H = 0.
-        """
-        if not gradient_layers:
-            return {}, {}
-        layers = [layer for layer in activations if layer in gradient_layers]
-        inputs = [activations[layer] for layer in layers]
-        second_order = bool(shapley_layers)
-        if rows_are_pairs or len(seeds) == len(logits):
-            grad_outputs = seeds.to(logits.dtype)
-            gradients = torch.autograd.grad(logits, inputs, grad_outputs=grad_outputs, create_graph=second_order)
-            corrected = {
-                layer: minus_half_hvp(g, activations[layer]).float()
-                for layer, g in zip(layers, gradients, strict=True)
-                if layer in shapley_layers
-            }
-            return {layer: g.detach().float() for layer, g in zip(layers, gradients, strict=True)}, corrected
-        slots = int(pair_slot.max()) + 1
-        grad_outputs = torch.zeros((slots, *logits.shape), dtype=logits.dtype, device=logits.device)
-        grad_outputs[pair_slot, pair_image] = seeds.to(logits.dtype)
-        if not second_order:
-            gradients = torch.autograd.grad(logits, inputs, grad_outputs=grad_outputs, is_grads_batched=True)
-            return {layer: g[pair_slot, pair_image].float() for layer, g in zip(layers, gradients, strict=True)}, {}
-        # Second order, one target slot at a time (is_grads_batched does not nest with a double backward).
-        per_slot = [
-            torch.autograd.grad(logits, inputs, grad_outputs=grad_outputs[slot], create_graph=True, retain_graph=True)
-            for slot in range(slots)
-        ]
-        gradients = {layer: torch.stack([g[i] for g in per_slot]) for i, layer in enumerate(layers)}
-        corrected = {
-            layer: torch.stack([minus_half_hvp(g[i], activations[layer]) for g in per_slot])[pair_slot, pair_image]
-            for i, layer in enumerate(layers)
-            if layer in shapley_layers
-        }
-        return {layer: g.detach()[pair_slot, pair_image].float() for layer, g in gradients.items()}, corrected
-
-    def _pair_maps(
-        self,
-        images: Tensor,
-        counts: list[int],
-        activations: dict[str, Tensor],
-        gradients: dict[str, Tensor],
-        rows: dict[str, Tensor],
-        pair_image: Tensor,
-        pair_class: Tensor,
-        groups: dict[tuple[str, str, bool], list[int]],
-        group_index: dict[tuple[str, str, bool], Tensor],
-        context: _MapContext,
-    ) -> list[Tensor]:
-        """Each image's (T, h, w) maps, computed one (layer, method, eigen_smooth) group at a time, by the method's
-        family: a gradient method per pair; the others once per distinct image, then back to pairs."""
-        maps: list[Tensor | None] = [None] * len(pair_image)
+    def _pair_maps(self, pairs: Pairs, groups: dict[tuple, MapGroup], pair_class: Tensor) -> list[Tensor]:
+        """Each image's (T, h, w) maps, one group at a time, as each group's method record computes them."""
+        maps: list[Tensor | None] = [None] * len(pairs.image)
         with torch.no_grad():
-            for (layer, method, eigen_smooth), pairs in groups.items():
-                record = method_record(method)
-                index = group_index[(layer, method, eigen_smooth)]
-                pair_rows = rows[layer][index]
-                if record.family is Family.GRADIENT:
-                    gradient = (context.corrected if record.second_order else gradients)[layer][index]
-                    group_maps = record.combine(activations[layer].detach()[pair_rows].float(), gradient)
-                else:  # class-independent work, once per image: unique rows, then back to pairs
-                    unique_rows, pair_to_unique = pair_rows.unique(return_inverse=True)
-                    unique_activations = activations[layer].detach()[unique_rows].float()
-                    if record.family is Family.ACTIVATION:
-                        group_maps = record.combine(unique_activations)[pair_to_unique]
-                    else:
-                        images_of_rows = pair_image[index].unique()
-                        scoring = Scoring(
-                            module=context.modules[layer],
-                            layout=context.layouts[layer],
-                            images=images[images_of_rows],
-                            activations=unique_activations,
-                            raw=context.raw[layer][unique_rows],
-                            logits=context.logits[images_of_rows],
-                            pair_to_image=pair_to_unique,
-                            classes=pair_class[index],
-                        )
-                        group_maps = record.combine(self, scoring)
-                group_maps = reduce_contributions(group_maps, eigen_smooth)
+            for (layer, method, eigen_smooth), group in groups.items():
+                index = pairs.group_index[(layer, method, eigen_smooth)]
+                group = replace(group, classes=pair_class[index])
+                group_maps = F.relu(reduce_contributions(method_record(method).maps(self, group), eigen_smooth))
                 if len(groups) == 1:  # the common case: every pair, in order; split into views, no copies
-                    return list(F.relu(group_maps).split(counts))
-                for pair, pair_map in zip(pairs, F.relu(group_maps), strict=True):
+                    return list(group_maps.split(pairs.counts))
+                for pair, pair_map in zip(pairs.groups[(layer, method, eigen_smooth)], group_maps, strict=True):
                     maps[pair] = pair_map
         per_image, start = [], 0
-        for count in counts:
+        for count in pairs.counts:
             per_image.append(torch.stack(maps[start : start + count]))
             start += count
         return per_image
-
-
-@dataclass
-class _MapContext:
-    """What some methods need beyond the (grid) activations and gradients."""
-
-    raw: dict[str, Tensor]
-    """Each layer's output as the network made it (tokens, NHWC)."""
-    logits: Tensor
-    """(images, classes)."""
-    modules: dict[str, nn.Module]
-    layouts: dict[str, str]
-    corrected: dict[str, Tensor]
-    """ShapleyCAM's g − ½·H·A per layer."""
-
-
-def _gather(parts: Sequence[tuple[list[int], CamOutput]], total: int) -> CamOutput:
-    """The outputs of a plan's parts, each for some of the batch's requests, back in the requests' order; their
-    forward times add up."""
-    if len(parts) == 1 and parts[0][0] == list(range(total)):
-        return parts[0][1]
-    logits: list[Tensor | None] = [None] * total
-    targets: list[list[int] | None] = [None] * total
-    maps: list[Tensor | None] = [None] * total
-    kept, kept_rows = {}, ()
-    for rows, output in parts:
-        for i, n in enumerate(rows):
-            logits[n], targets[n], maps[n] = output.logits[i], output.targets[i], output.maps[i]
-        if output.kept:
-            kept, kept_rows = output.kept, tuple(rows[i] for i in output.kept_rows)
-    forward = sum(output.seconds.get("forward", 0.0) for _, output in parts)
-    return CamOutput(
-        logits=torch.stack(logits),
-        targets=targets,
-        maps=maps,
-        seconds={"forward": forward},
-        kept=kept,
-        kept_rows=kept_rows,
-    )

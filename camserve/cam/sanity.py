@@ -34,12 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from camserve.cam.layers import find_layer, forward_hooks
-from camserve.cam.methods.registry import Family, method_record
+from camserve.cam.methods.registry import method_record
 from camserve.cam.post import upsample
 from camserve.cam.targets import Classes
 
 if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine, CamOutput, CamRequest
+    from camserve.cam.capture import CamOutput, CamRequest
+    from camserve.cam.engine import CamEngine
 
 __all__ = [
     "MAX_COPIES",
@@ -176,8 +177,6 @@ class _Copy:
     """The randomised copy for one layer: its engine, and the modules before the layer that can replay."""
 
     def __init__(self, engine: CamEngine, layer: str, seed: int) -> None:
-        from camserve.cam.engine import CamEngine
-
         device = next(engine.model.parameters()).device
         sample = torch.zeros(1, 3, engine.input_size, engine.input_size, device=device)
         self.split = split_at(engine.model, layer, sample)
@@ -186,15 +185,7 @@ class _Copy:
         self.replay: dict[str, Tensor] = {}
         for name in self.replayed:
             self._replayable(find_layer(model, name), name)
-        self.engine = CamEngine(
-            model,
-            autocast_dtype=engine.autocast_dtype,
-            scorecam_channels=engine.scorecam_channels,
-            scorecam_batch=engine.scorecam_batch,
-            input_size=engine.input_size,
-            default_layer=engine.default_layer,
-            head=engine.head,
-        )
+        self.engine = engine.with_model(model)
 
     def _replayable(self, module: nn.Module, name: str) -> None:
         """The module returns its replayed output while one is set, and runs as itself otherwise."""
@@ -243,7 +234,7 @@ class Sanity:
             if request is None:
                 continue
             layer = self._layer(request)
-            if method_record(request.method).family is Family.ACTIVATION:
+            if method_record(request.method).activations_only:
                 randomised = self.copy_for(layer).split.after
                 figures[n] = [SanityFigure(1.0, randomised)] * len(output.targets[n])
             elif tail_only(request) and n in output.kept_rows:
@@ -283,7 +274,7 @@ class Sanity:
 def sanity_passes(engine: CamEngine, request: CamRequest) -> int:
     """The passes the check of one image's ``request`` adds: none for an activation-only method; one pass of the
     model after the layer when it replays; else the method's own passes again, on the copy."""
-    if method_record(request.method).family is Family.ACTIVATION:
+    if method_record(request.method).activations_only:
         return 0
     return 1 if tail_only(request) else engine.forward_passes(request)
 

@@ -7,17 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from math import isqrt
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camserve.cam.capture import CamOutput, CamRequest, MethodEngine, add_slot, run_by_layer, slot_classes
 from camserve.cam.layers import forward_hooks
-from camserve.cam.methods.composite import add_slot, by_layer, slot_classes
-
-if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine, CamOutput, CamRequest
 
 __all__ = ["PREFIX_TOKENS", "legrad", "legrad_applies", "legrad_blocks"]
 
@@ -54,7 +50,7 @@ def legrad_blocks(model: nn.Module, layer: str) -> list[str] | str:
     return f"{why}; {layer} is not in such a block: name one, such as an encoder block"
 
 
-def legrad_applies(engine: CamEngine, layer: str) -> str | None:
+def legrad_applies(engine: MethodEngine, layer: str) -> str | None:
     found = legrad_blocks(engine.model, layer)
     return found if isinstance(found, str) else None
 
@@ -107,6 +103,18 @@ class _Capture:
 
         return keep
 
+    def relevance(self, name: str, classes: Tensor, last_slot: bool) -> Tensor:
+        """Block ``name``'s map for each image's class: mean over heads and queries of relu(∂s_c/∂P), the prefix
+        tokens' keys left out, on the square patch grid."""
+        selected = self.scores[name].gather(1, classes.view(-1, 1)).sum()
+        last = last_slot and name == self.blocks[-1]
+        (gradient,) = torch.autograd.grad(selected, self.probabilities[name], retain_graph=not last)
+        relevance = gradient.float().relu().mean(dim=(1, 2))[:, PREFIX_TOKENS:]
+        side = isqrt(relevance.shape[-1])
+        if side * side != relevance.shape[-1]:
+            raise ValueError(f"LeGrad needs a square patch grid; {relevance.shape[-1]} patch tokens")
+        return relevance.reshape(len(relevance), side, side)
+
     def block_hooks(self) -> list:
         def project(name: str):
             def hook(_module: nn.Module, _inputs: object, tokens: Tensor) -> None:
@@ -118,7 +126,7 @@ class _Capture:
         return [(self.model.get_submodule(name), project(name)) for name in self.blocks]
 
 
-def legrad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+def legrad(engine: MethodEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
     """LeGrad (Bousselham et al., 2024: "LeGrad: An Explainability Method for Vision Transformers via Feature
     Formation Sensitivity"), as torchcam's ``LeGrad``: for each block l from the layer's block to the last, s_l =
     heads(ln(mean of its output tokens)), the class's score read at that depth, and P_l its attention probabilities
@@ -127,11 +135,8 @@ def legrad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) ->
 
     Cost: one forward pass with autograd from the first block read, and one gradient call per block and target slot,
     with respect to the attention probabilities only. torchvision's ViT blocks (``self_attention``), and its head."""
-    from camserve.cam.engine import CamOutput, _gather
 
-    started = time.perf_counter()
-    forward_seconds, parts = 0.0, []
-    for layer, rows in by_layer(engine, requests).items():
+    def run(layer: str, given: Tensor, chosen: list[CamRequest]):
         blocks = legrad_blocks(engine.model, layer)
         if isinstance(blocks, str):
             raise ValueError(blocks)
@@ -140,28 +145,20 @@ def legrad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) ->
         began = time.perf_counter()
         try:
             with forward_hooks(capture.block_hooks()), torch.enable_grad(), engine.autocast(images.device):
-                logits = engine.model(images[rows])
+                logits = engine.model(given)
         finally:
             for handle in handles:
                 handle.remove()
-        forward_seconds += time.perf_counter() - began
-        classes = engine.resolve_targets(logits.detach().float(), [requests[n] for n in rows])
-        slots = max(len(chosen) for chosen in classes)
-        maps: list[list[Tensor]] = [[] for _ in rows]
+        forward_seconds = time.perf_counter() - began
+        classes = engine.resolve_targets(logits.detach().float(), chosen)
+        slots = max(len(targets) for targets in classes)
+        maps: list[list[Tensor]] = [[] for _ in chosen]
         for slot in range(slots):
-            chosen = slot_classes(classes, slot, images.device)
-            relevances = []
-            for index, name in enumerate(blocks):
-                selected = capture.scores[name].gather(1, chosen.view(-1, 1)).sum()
-                last = slot == slots - 1 and index == len(blocks) - 1
-                (gradient,) = torch.autograd.grad(selected, capture.probabilities[name], retain_graph=not last)
-                relevance = gradient.float().relu().mean(dim=(1, 2))[:, PREFIX_TOKENS:]
-                side = isqrt(relevance.shape[-1])
-                if side * side != relevance.shape[-1]:
-                    raise ValueError(f"LeGrad needs a square patch grid; {relevance.shape[-1]} patch tokens")
-                relevances.append(relevance.reshape(len(rows), side, side))
+            relevances = [
+                capture.relevance(name, slot_classes(classes, slot, images.device), slot == slots - 1)
+                for name in blocks
+            ]
             add_slot(maps, classes, slot, torch.stack(relevances).mean(0).detach())
-        parts.append((rows, CamOutput(logits.detach().float(), classes, [torch.stack(m) for m in maps], {})))
-    output = _gather(parts, len(requests))
-    seconds = {"forward": forward_seconds, "cam": time.perf_counter() - started - forward_seconds}
-    return CamOutput(output.logits, output.targets, output.maps, seconds)
+        return logits.detach().float(), classes, [torch.stack(m) for m in maps], forward_seconds
+
+    return run_by_layer(engine, images, requests, run)

@@ -7,33 +7,36 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camserve.cam.capture import (
+    CamOutput,
+    CamRequest,
+    MethodEngine,
+    add_slot,
+    captured_pass,
+    run_by_layer,
+    slot_classes,
+)
 from camserve.cam.layers import find_layer, forward_hooks, to_grid
-from camserve.cam.methods.composite import add_slot, by_layer, slot_classes
+from camserve.cam.methods.perturbation import NOISE_SEED
 from camserve.cam.post import upsample
 
-if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine, CamOutput, CamRequest
-
-__all__ = ["NOISE_SEED", "SMOOTH_SAMPLES", "SMOOTH_STD", "guided_grad_cam", "smooth_grad_cam_pp"]
+__all__ = ["SMOOTH_SAMPLES", "SMOOTH_STD", "guided_grad_cam", "smooth_grad_cam_pp"]
 
 SMOOTH_SAMPLES = 4
 """Smooth Grad-CAM++'s noisy copies per image, torchcam's default."""
 SMOOTH_STD = 0.3
 """The noise's standard deviation, on the normalised input, torchcam's default."""
-NOISE_SEED = 0
-"""Each image's noise comes from a generator seeded with this: the same request gets the same map."""
 
 
 # --- Smooth Grad-CAM++ ---
 
 
-def smooth_grad_cam_pp(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+def smooth_grad_cam_pp(engine: MethodEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
     """Smooth Grad-CAM++ (Omeiza et al., 2019: Grad-CAM++ with SmoothGrad's noisy copies), as torchcam's
     ``SmoothGradCAMpp`` computes it: n = 4 copies x + ε, ε ~ N(0, 0.3²) on the normalised input; with g_i the
     gradient of y_c at the layer for copy i, D2 = mean_i g_i², D3 = mean_i g_i³ and A the clean image's activations:
@@ -43,31 +46,25 @@ def smooth_grad_cam_pp(engine: CamEngine, images: Tensor, requests: Sequence[Cam
 
     One forward pass of the clean image and its copies together, the network before the layer without autograd,
     and one gradient call per target slot, with respect to the layer's activation only."""
-    from camserve.cam.engine import CamOutput, _gather
 
-    started = time.perf_counter()
-    forward_seconds, parts = 0.0, []
-    for layer, rows in by_layer(engine, requests).items():
-        clean = images[rows]
-        count = len(rows)
-        noise = torch.stack([_noise(clean[0].shape, SMOOTH_SAMPLES, clean.device, clean.dtype) for _ in rows], 1)
+    def run(layer: str, clean: Tensor, chosen: list[CamRequest]):
+        count = len(chosen)
+        noise = torch.stack([_noise(clean[0].shape, SMOOTH_SAMPLES, clean.device, clean.dtype) for _ in chosen], 1)
         batch = torch.cat([clean, (clean[None] + noise).flatten(0, 1)])  # clean, then copy i of each image
-        module = find_layer(engine.model, layer)
         layout = engine.spatial_layer(layer).layout
         began = time.perf_counter()
         with engine.autocast(images.device):
-            logits, activations, _, _ = engine._split_forward(batch, {layer: module}, {layer}, None)
-        forward_seconds += time.perf_counter() - began
-        activation = activations[layer]
+            captured = captured_pass(engine.model, batch, {layer: find_layer(engine.model, layer)}, {layer})
+        forward_seconds = time.perf_counter() - began
+        logits, activation = captured.outputs, captured.activations[layer]
         clean_logits = logits[:count].detach().float()
-        classes = engine.resolve_targets(clean_logits, [requests[n] for n in rows])
+        classes = engine.resolve_targets(clean_logits, chosen)
         grid = to_grid(activation.detach(), layout).float()
-        slots = max(len(chosen) for chosen in classes)
-        maps: list[list[Tensor]] = [[] for _ in rows]
+        slots = max(len(targets) for targets in classes)
+        maps: list[list[Tensor]] = [[] for _ in chosen]
         for slot in range(slots):
-            pair_classes = slot_classes(classes, slot, images.device)
             seeds = torch.zeros_like(logits, dtype=torch.float32)
-            noisy_classes = pair_classes.repeat(SMOOTH_SAMPLES)
+            noisy_classes = slot_classes(classes, slot, images.device).repeat(SMOOTH_SAMPLES)
             seeds[count:] = engine.seeds(logits[count:].detach(), noisy_classes)
             (gradient,) = torch.autograd.grad(
                 logits, activation, grad_outputs=seeds.to(logits.dtype), retain_graph=slot < slots - 1
@@ -75,17 +72,13 @@ def smooth_grad_cam_pp(engine: CamEngine, images: Tensor, requests: Sequence[Cam
             with torch.no_grad():
                 g = to_grid(gradient, layout).float()[count:].unflatten(0, (SMOOTH_SAMPLES, count))
                 second, third = g.pow(2).mean(0), g.pow(3).mean(0)
-                clean_grid = grid[:count]
-                alpha = second / (2 * second + (third * clean_grid).sum(dim=(-2, -1), keepdim=True) + 1e-8)
+                alpha = second / (2 * second + (third * grid[:count]).sum(dim=(-2, -1), keepdim=True) + 1e-8)
                 weights = (alpha * F.relu(g[-1])).sum(dim=(-2, -1), keepdim=True)
                 last_copy = grid[count:].unflatten(0, (SMOOTH_SAMPLES, count))[-1]
-                cams = F.relu((weights * last_copy).sum(1))
-            add_slot(maps, classes, slot, cams)
-        output = CamOutput(clean_logits, classes, [torch.stack(m) for m in maps], {"forward": 0.0})
-        parts.append((rows, output))
-    output = _gather(parts, len(requests))
-    seconds = {"forward": forward_seconds, "cam": time.perf_counter() - started - forward_seconds}
-    return CamOutput(output.logits, output.targets, output.maps, seconds)
+                add_slot(maps, classes, slot, F.relu((weights * last_copy).sum(1)))
+        return clean_logits, classes, [torch.stack(m) for m in maps], forward_seconds
+
+    return run_by_layer(engine, images, requests, run)
 
 
 def _noise(shape: torch.Size, samples: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -98,17 +91,23 @@ def _noise(shape: torch.Size, samples: int, device: torch.device, dtype: torch.d
 # --- Guided Grad-CAM ---
 
 
+class _Switch:
+    """Whether guided backpropagation is on, for the hooks of :func:`guided_relus`."""
+
+    on = False
+
+
 @contextlib.contextmanager
-def guided_relus(model: nn.Module, guided: list[bool]) -> Iterator[None]:
+def guided_relus(model: nn.Module, guided: _Switch) -> Iterator[None]:
     """For the duration of the block, every ``nn.ReLU`` of ``model`` passes back only positive gradients while
-    ``guided[0]`` is True (guided backpropagation, Springenberg et al., 2015, as Captum's ``GuidedBackprop``:
+    ``guided.on`` is True (guided backpropagation, Springenberg et al., 2015, as Captum's ``GuidedBackprop``:
     ∂/∂x = relu(∂/∂x of the ReLU)); its input is cloned so that an in-place ReLU leaves the hooked tensor alone.
     Only forward passes run inside the block are affected: other requests' passes are not."""
 
     def clone_and_guide(_module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         given = inputs[0]
         if given.requires_grad:
-            given.register_hook(lambda gradient: F.relu(gradient) if guided[0] else None)
+            given.register_hook(lambda gradient: F.relu(gradient) if guided.on else None)
         return (given.clone(), *inputs[1:])
 
     handles = [
@@ -121,7 +120,7 @@ def guided_relus(model: nn.Module, guided: list[bool]) -> Iterator[None]:
             handle.remove()
 
 
-def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+def guided_grad_cam(engine: MethodEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
     """Guided Grad-CAM (Selvaraju et al., ICCV 2017, section 3): Grad-CAM upsampled to the input, times guided
     backpropagation's input gradient, as Captum's ``GuidedGradCam`` computes it with bilinear upsampling:
     G = relu(Σ_k mean_ij(∂y_c/∂A_k) A_k), attribution_c = up(G) ⊙ ∂*y_c/∂x_c (∂* through every ReLU passing back
@@ -132,20 +131,17 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
     The ReLUs are guided only during this method's own pass (:func:`guided_relus`). Cost: one forward pass with
     autograd from the input, and two gradient calls per target slot, with respect to the layer's activation and the
     input. Maps come at the input's size."""
-    from camserve.cam.engine import CamOutput, _gather
-
-    started = time.perf_counter()
     size = tuple(images.shape[-2:])
-    forward_seconds, parts = 0.0, []
-    for layer, rows in by_layer(engine, requests).items():
+
+    def run(layer: str, given: Tensor, chosen: list[CamRequest]):
         layout = engine.spatial_layer(layer).layout
         captured: list[Tensor] = []
 
-        def keep(_module: nn.Module, _inputs: object, output: Tensor, captured: list[Tensor] = captured) -> Tensor:
+        def keep(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
             captured.append(output)
             return output.clone()  # in-place ops downstream must not rewrite the kept activation
 
-        guided = [False]
+        guided = _Switch()
         began = time.perf_counter()
         with (
             guided_relus(engine.model, guided),
@@ -153,24 +149,22 @@ def guided_grad_cam(engine: CamEngine, images: Tensor, requests: Sequence[CamReq
             torch.enable_grad(),
             engine.autocast(images.device),
         ):
-            x = images[rows].detach().requires_grad_(True)
+            x = given.detach().requires_grad_(True)
             logits = engine.model(x)
-        forward_seconds += time.perf_counter() - began
-        classes = engine.resolve_targets(logits.detach().float(), [requests[n] for n in rows])
-        slots = max(len(chosen) for chosen in classes)
-        maps: list[list[Tensor]] = [[] for _ in rows]
+        forward_seconds = time.perf_counter() - began
+        classes = engine.resolve_targets(logits.detach().float(), chosen)
+        slots = max(len(targets) for targets in classes)
+        maps: list[list[Tensor]] = [[] for _ in chosen]
         for slot in range(slots):
             seeds = engine.seeds(logits.detach(), slot_classes(classes, slot, images.device)).to(logits.dtype)
-            guided[0] = False
+            guided.on = False
             (layer_gradient,) = torch.autograd.grad(logits, captured[0], grad_outputs=seeds, retain_graph=True)
-            guided[0] = True
+            guided.on = True
             (input_gradient,) = torch.autograd.grad(logits, x, grad_outputs=seeds, retain_graph=slot < slots - 1)
             with torch.no_grad():
                 grid, gradient = to_grid(captured[0].detach(), layout).float(), to_grid(layer_gradient, layout).float()
                 grad_cam = F.relu((gradient.mean(dim=(-2, -1), keepdim=True) * grid).sum(1, keepdim=True))
-                cams = (upsample(grad_cam, size) * input_gradient.float()).abs().sum(1)
-            add_slot(maps, classes, slot, cams)
-        parts.append((rows, CamOutput(logits.detach().float(), classes, [torch.stack(m) for m in maps], {})))
-    output = _gather(parts, len(requests))
-    seconds = {"forward": forward_seconds, "cam": time.perf_counter() - started - forward_seconds}
-    return CamOutput(output.logits, output.targets, output.maps, seconds)
+                add_slot(maps, classes, slot, (upsample(grad_cam, size) * input_gradient.float()).abs().sum(1))
+        return logits.detach().float(), classes, [torch.stack(m) for m in maps], forward_seconds
+
+    return run_by_layer(engine, images, requests, run)

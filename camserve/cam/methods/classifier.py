@@ -3,17 +3,14 @@ model, for the explained class: no gradient and no extra pass."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 
+from camserve.cam.capture import MethodEngine
 from camserve.cam.layers import find_layer, forward_hooks, to_grid
-
-if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine
-    from camserve.cam.methods.perturbation import Scoring
+from camserve.cam.methods.perturbation import Scoring
 
 __all__ = ["cam", "cam_applies", "classifier_after"]
 
@@ -21,7 +18,7 @@ _FOUND: WeakKeyDictionary[nn.Module, Tensor | str] = WeakKeyDictionary()
 """Per explained module: its classifier's weights (classes, K), or why CAM does not apply there."""
 
 
-def classifier_after(engine: CamEngine, layer: str) -> Tensor | str:
+def classifier_after(engine: MethodEngine, layer: str) -> Tensor | str:
     """The weights (classes, K) of the linear layer that takes the spatial mean of ``layer``'s output as its input,
     as CAM needs it; or, when no linear layer does, why not. Found once per layer module, from one forward pass of a
     seeded random image: the first ``nn.Linear`` whose input equals that mean."""
@@ -60,13 +57,13 @@ def classifier_after(engine: CamEngine, layer: str) -> Tensor | str:
     return found
 
 
-def cam_applies(engine: CamEngine, layer: str) -> str | None:
+def cam_applies(engine: MethodEngine, layer: str) -> str | None:
     """None where CAM applies at ``layer``; else why not."""
     found = classifier_after(engine, layer)
     return found if isinstance(found, str) else None
 
 
-def cam(engine: CamEngine, work: Scoring) -> Tensor:
+def cam(engine: MethodEngine, work: Scoring) -> Tensor:
     """CAM (Zhou et al., CVPR 2016, "Learning Deep Features for Discriminative Localization"): with w_c the row of
     the linear classifier that follows global average pooling, map = Σ_k w_c,k A_k (the bias left out), as
     torchcam's ``CAM``. No gradient and no extra pass; Grad-CAM equals it up to the factor 1/(h·w) at such a layer.

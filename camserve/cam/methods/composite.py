@@ -1,58 +1,21 @@
-"""Composite methods and smoothing: maps built from other methods' maps (RefineCAM, SESS, ``aug_smooth``) and
-FullGrad, which differentiates the whole network. SESS and FullGrad run apart from the batch's shared forward
-pass; RefineCAM and ``aug_smooth`` add rows to it."""
+"""Composite methods: maps built from other methods' maps (RefineCAM, SESS) and FullGrad, which differentiates
+the whole network. SESS and FullGrad run apart from the batch's shared forward pass; RefineCAM adds rows to it."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from camserve.cam.capture import CamOutput, CamRequest, MethodEngine, add_slot, slot_classes
 from camserve.cam.layers import forward_hooks
 from camserve.cam.post import normalise_channels, normalize_map, upsample
 from camserve.cam.targets import Classes
 
-if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine, CamOutput, CamRequest
-
-__all__ = [
-    "AUGMENTATIONS",
-    "SESS_SCALES",
-    "add_slot",
-    "augment",
-    "by_layer",
-    "full_grad",
-    "refine",
-    "sess",
-    "sess_windows",
-    "slot_classes",
-    "undo_augmentation",
-]
-
-AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
-"""``aug_smooth``'s copies, as pytorch-grad-cam makes them with ttach: a horizontal flip or not, times the
-normalised input multiplied by 0.9, 1 or 1.1. Each map is undone (flipped back), min–max normalised at the input's
-size, and the maps are averaged; the classes and logits are the original image's."""
-
-IDENTITY = AUGMENTATIONS.index((False, 1.0))
-"""The copy that is the image itself."""
-
-
-def augment(image: Tensor, flip: bool, factor: float) -> Tensor:
-    """One of :data:`AUGMENTATIONS` of a normalised (C, H, W) image."""
-    return (image.flip(-1) if flip else image) * factor
-
-
-def undo_augmentation(maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """``aug_smooth``'s map from the maps of the :data:`AUGMENTATIONS` copies, in their order."""
-    undone = [
-        normalize_map(cam.flip(-1) if flip else cam, size) for cam, (flip, _) in zip(maps, AUGMENTATIONS, strict=True)
-    ]
-    return torch.stack(undone).mean(0)
+__all__ = ["SESS_SCALES", "full_grad", "refine", "sess", "sess_windows"]
 
 
 def refine(part_maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
@@ -68,29 +31,6 @@ def refine(part_maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     return refined
 
 
-# --- Shared by the methods that run apart: requests by layer, target slots ---
-
-
-def by_layer(engine: CamEngine, requests: Sequence[CamRequest]) -> dict[str, list[int]]:
-    """The requests' indices grouped by their layer (None: the engine's default layer)."""
-    groups: dict[str, list[int]] = {}
-    for n, request in enumerate(requests):
-        groups.setdefault(request.layer or engine.default_layer, []).append(n)
-    return groups
-
-
-def slot_classes(classes: Sequence[Sequence[int]], slot: int, device: torch.device) -> Tensor:
-    """Each image's class of target slot ``slot`` (its last one where it has fewer): the rows of one gradient call."""
-    return torch.tensor([chosen[min(slot, len(chosen) - 1)] for chosen in classes], device=device)
-
-
-def add_slot(maps: list[list[Tensor]], classes: Sequence[Sequence[int]], slot: int, cams: Tensor) -> None:
-    """Append each image's map of target slot ``slot`` to its list, for the images that have that many targets."""
-    for n, chosen in enumerate(classes):
-        if slot < len(chosen):
-            maps[n].append(cams[n])
-
-
 # --- FullGrad ---
 
 
@@ -101,7 +41,7 @@ def _effective_bias(layer: nn.Module) -> Tensor:
     return layer.bias
 
 
-def full_grad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
+def full_grad(engine: MethodEngine, images: Tensor, requests: Sequence[CamRequest]) -> CamOutput:
     """FullGrad (Srinivas & Fleuret, NeurIPS 2019), as pytorch-grad-cam computes it: the input gradient and every
     bias gradient, each channel normalised and upsampled to the input, summed: map = Σ_c norm(|x_c · ∂y/∂x_c|) +
     Σ_layers Σ_k up(norm(|b_k · ∂y/∂z_k|)).
@@ -111,8 +51,6 @@ def full_grad(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest])
     whole network differentiated, from the input on: these images get their own forward pass with autograd,
     and one gradient call per target slot. Gradients are taken with respect to the input and the layers'
     outputs, never the parameters. The request's layer does not apply. Maps come at the input's size."""
-    from camserve.cam.engine import CamOutput
-
     size = tuple(images.shape[-2:])
     layers = [
         module
@@ -177,7 +115,7 @@ def sess_windows(side: int) -> int:
     return sum(len(_window_starts(side + step * i, side)) ** 2 for i in range(SESS_SCALES))
 
 
-def sess(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest], inner: str) -> CamOutput:
+def sess(engine: MethodEngine, images: Tensor, requests: Sequence[CamRequest], inner: str) -> CamOutput:
     """SESS (Tursun et al., 2022: Saliency Enhancing with Scaling and Sliding), as pytorch-grad-cam's ``SESS``
     over ``GradCAM`` (``inner``) computes it with its defaults. The image (side S) is resized so that its shorter
     side is each of 12 scales S, S + r, …, S + 11r (r = round(2S/7)); S×S windows slide over each with stride S
@@ -189,8 +127,6 @@ def sess(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest], inne
 
     Cost: for every window one forward pass to score it and one forward and gradient pass to explain it, 122
     windows per image at the defaults, so 2·122 + 1 passes. Maps come at the input's size."""
-    from camserve.cam.engine import CamOutput
-
     started = time.perf_counter()
     logits = engine.logits(images).float()
     forward_seconds = time.perf_counter() - started
@@ -202,7 +138,7 @@ def sess(engine: CamEngine, images: Tensor, requests: Sequence[CamRequest], inne
     return CamOutput(logits=logits, targets=targets, maps=maps, seconds={"forward": forward_seconds})
 
 
-def _sess_map(engine: CamEngine, image: Tensor, request: CamRequest, target: int, inner: str, batch: int = 32):
+def _sess_map(engine: MethodEngine, image: Tensor, request: CamRequest, target: int, inner: str, batch: int = 32):
     """One image's SESS map for one class (see :func:`sess`); the windows' Grad-CAM keeps the request's layer and
     ``eigen_smooth``."""
     from torchvision.transforms.functional import gaussian_blur, resize

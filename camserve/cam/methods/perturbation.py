@@ -5,16 +5,13 @@ image, and every target of that image is scored from their outputs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from camserve.cam.capture import MethodEngine
 from camserve.cam.layers import forward_hooks, to_grid
 from camserve.cam.post import min_max, upsample
-
-if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine
 
 __all__ = [
     "ISCAM_SAMPLES",
@@ -56,7 +53,7 @@ class Scoring:
     """For each pair, the explained class."""
 
 
-def channels_to_score(engine: CamEngine, activation: Tensor) -> Tensor:
+def channels_to_score(engine: MethodEngine, activation: Tensor) -> Tensor:
     """The channels a perturbation method scores: every one, or the engine's ``scorecam_channels`` with the highest
     mean activation (sorted), the rest getting weight 0."""
     channels = activation.shape[0]
@@ -65,12 +62,12 @@ def channels_to_score(engine: CamEngine, activation: Tensor) -> Tensor:
     return torch.arange(channels, device=activation.device)
 
 
-def scored_channels(engine: CamEngine, channels: int) -> int:
+def scored_channels(engine: MethodEngine, channels: int) -> int:
     """How many channels of a layer with ``channels`` channels a perturbation method scores, one pass each."""
     return min(channels, engine.scorecam_channels) if engine.scorecam_channels else channels
 
 
-def score_cam(engine: CamEngine, work: Scoring) -> Tensor:
+def score_cam(engine: MethodEngine, work: Scoring) -> Tensor:
     """Score-CAM (Wang et al., CVPRW 2020): each channel, upsampled and min–max normalised, masks the input, and the
     class's logit on the masked input scores it: M_k = norm(up(A_k)), s_k = y_c(x ⊙ M_k), w = softmax(s),
     map = Σ_k w_k A_k.
@@ -108,7 +105,7 @@ def _torchcam_masks(activation: Tensor, size: tuple[int, int]) -> Tensor:
     return upsample(masks[None], size)[0]
 
 
-def _smoothed_scores(engine: CamEngine, work: Scoring, masked_inputs) -> Tensor:
+def _smoothed_scores(engine: MethodEngine, work: Scoring, masked_inputs) -> Tensor:
     """For each pair: its channels' weights, softmax over the scored channels of mean_i (y_c(masked_i) − y_c(x)),
     where ``masked_inputs(image_row, image, masks, chosen)`` yields the masked batches of each sample i; the
     channels left unscored get 0. Returns (pairs, K)."""
@@ -132,7 +129,7 @@ def _smoothed_scores(engine: CamEngine, work: Scoring, masked_inputs) -> Tensor:
     return weights
 
 
-def smoothed_score_cam(engine: CamEngine, work: Scoring) -> Tensor:
+def smoothed_score_cam(engine: MethodEngine, work: Scoring) -> Tensor:
     """SS-CAM, Smoothed Score-CAM (Wang et al., 2020), as torchcam's ``SSCAM``: each channel's mask M_k =
     up(norm(A_k)) (norm: minus its minimum, over its maximum), plus noise δ ~ N(0, 2²) drawn at the input's size,
     masks the input 35 times: w = softmax_k(mean_i (y_c(x ⊙ (M_k + δ_i)) − y_c(x))), map = Σ_k w_k A_k.
@@ -150,7 +147,7 @@ def smoothed_score_cam(engine: CamEngine, work: Scoring) -> Tensor:
     return weights[:, :, None, None] * work.activations[work.pair_to_image]
 
 
-def integrated_score_cam(engine: CamEngine, work: Scoring) -> Tensor:
+def integrated_score_cam(engine: MethodEngine, work: Scoring) -> Tensor:
     """IS-CAM, Integrated Score-CAM (Naidu et al., 2020), as torchcam's ``ISCAM``: with M_k = up(norm(A_k)) as in
     SS-CAM, the input is masked at 10 growing scales, s_i = Σ_{j≤i} j/10: w = softmax_k(mean_i (y_c(s_i · x ⊙ M_k)
     − y_c(x))), map = Σ_k w_k A_k.
@@ -167,7 +164,7 @@ def integrated_score_cam(engine: CamEngine, work: Scoring) -> Tensor:
     return weights[:, :, None, None] * work.activations[work.pair_to_image]
 
 
-def ablation_cam(engine: CamEngine, work: Scoring) -> Tensor:
+def ablation_cam(engine: MethodEngine, work: Scoring) -> Tensor:
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020), as pytorch-grad-cam computes it: channel k's weight is the
     relative fall of the class's logit when the layer's channel k is ablated, w_k = (y_c − y_c(A with channel k
     ablated)) / y_c, and map = Σ_k w_k A_k.
@@ -206,7 +203,7 @@ def ablation_cam(engine: CamEngine, work: Scoring) -> Tensor:
     return torch.stack(maps)
 
 
-def _logits_with_layer_output(engine: CamEngine, module: nn.Module, image: Tensor, outputs: Tensor) -> Tensor:
+def _logits_with_layer_output(engine: MethodEngine, module: nn.Module, image: Tensor, outputs: Tensor) -> Tensor:
     """The logits when ``module``'s output is replaced by each row of ``outputs`` in turn, for one image."""
 
     def replace_output(_module: nn.Module, _inputs: object, _output: Tensor) -> Tensor:

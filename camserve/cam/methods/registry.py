@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import partial
-from typing import TYPE_CHECKING
 
+from torch import Tensor
+
+from camserve.cam.augment import AUGMENTATIONS
+from camserve.cam.capture import DEFAULT_METHOD, CamRequest, MapGroup, MethodEngine
 from camserve.cam.methods import activation, attention, backprop, classifier, composite, gradient, perturbation
 from camserve.cam.targets import TopPredicted
-
-if TYPE_CHECKING:
-    from camserve.cam.engine import CamEngine, CamRequest
 
 __all__ = ["DEFAULT_METHOD", "DETECTION_METHOD", "PYRAMID_METHOD", "Family", "METHODS", "Method", "method_record"]
 
@@ -53,8 +53,9 @@ class Method:
     combine: Callable | None = None
     """Gradient family: (A, g) → each channel's contribution; activation family: A → contributions or the map;
     perturbation family: (engine, :class:`~camserve.cam.methods.perturbation.Scoring`) → contributions."""
-    second_order: bool = False
-    """Its gradient is g − ½·H·A, from a second differentiation (ShapleyCAM)."""
+    second_order: Callable[[Tensor, Tensor], Tensor] | None = None
+    """Its gradient corrected from a second differentiation: (g, A) → the gradient it combines (ShapleyCAM's
+    g − ½·H·A)."""
     seeds: Callable | None = None
     """Its own scalar in place of the task's: (output rows, classes) → ∂scalar/∂outputs (Finer-CAM, which contrasts
     a class with its look-alikes under a softmax: it needs classes that exclude each other)."""
@@ -63,13 +64,13 @@ class Method:
     the model's default layer."""
     merge: Callable | None = None
     """With ``parts``: (the parts' maps, the input's size) → the map."""
-    run_apart: Callable[[CamEngine, object, Sequence[CamRequest]], object] | None = None
+    run_apart: Callable[[MethodEngine, object, Sequence[CamRequest]], object] | None = None
     """Methods that cannot share the batch's forward pass: (engine, images, requests) → their output."""
     apart_passes: Callable[[int], int] | None = None
     """With ``run_apart``: the forward passes one image's request costs, given the model's input side."""
     channel_passes: int = 1
     """Perturbation family: the forward passes per scored channel."""
-    applies: Callable[[CamEngine, str], str | None] | None = None
+    applies: Callable[[MethodEngine, str], str | None] | None = None
     """For a method that needs a structure not every model has: (engine, layer) → None where it applies, else why
     not (the server's 400)."""
 
@@ -83,10 +84,50 @@ class Method:
         return self.run_apart is None and self.parts is None and self.family is not Family.PERTURBATION
 
     @property
+    def uses_gradients(self) -> bool:
+        """It reads the gradient of the explained scalar at the layer, from the shared pass."""
+        return self.family is Family.GRADIENT
+
+    @property
+    def activations_only(self) -> bool:
+        """It reads the layer's activations alone: one map per image whatever the class, and nothing after the
+        layer (its sanity figure is 1 by construction)."""
+        return self.family is Family.ACTIVATION
+
+    @property
+    def any_scalar(self) -> bool:
+        """It explains any differentiable scalar of the output (a detection's box score), with no class scores: an
+        activation-only method, or a gradient method with neither its own scalar nor a second derivative."""
+        return self.activations_only or (self.uses_gradients and self.seeds is None and self.second_order is None)
+
+    def maps(self, engine: MethodEngine, group: MapGroup) -> Tensor:
+        """Each pair's contributions (pairs, K, h, w) or map (pairs, h, w) of one group of the shared pass, before
+        ``eigen_smooth``'s reduction and the ReLU: a gradient method per pair; the others once per distinct image,
+        then back to pairs."""
+        if self.family is Family.GRADIENT:
+            gradients = group.corrected if self.second_order else group.gradients
+            return self.combine(group.activations[group.rows].float(), gradients)
+        unique_rows, pair_to_unique = group.rows.unique(return_inverse=True)
+        unique = group.activations[unique_rows].float()
+        if self.family is Family.ACTIVATION:
+            return self.combine(unique)[pair_to_unique]
+        images_of_rows = group.pair_image.unique()
+        scoring = perturbation.Scoring(
+            module=group.module,
+            layout=group.layout,
+            images=group.images[images_of_rows],
+            activations=unique,
+            raw=group.raw[unique_rows],
+            logits=group.logits[images_of_rows],
+            pair_to_image=pair_to_unique,
+            classes=group.classes,
+        )
+        return self.combine(engine, scoring)
+
+    @property
     def formula(self) -> str:
         """The first paragraph of the docstring that carries the method's formula and paper, for the docs."""
-        source = self.seeds or (gradient.minus_half_hvp if self.second_order else None)
-        source = source or self.merge or self.run_apart or self.combine
+        source = self.seeds or self.second_order or self.merge or self.run_apart or self.combine
         source = getattr(source, "func", source)  # a functools.partial
         text = " ".join((source.__doc__ or "").split("\n\n")[0].split())
         return re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text).replace("``", "`")
@@ -106,7 +147,7 @@ class Method:
             return "activations and the classifier's weights"
         return "activations and a second-order gradient" if self.second_order else "activations and gradients"
 
-    def forward_passes(self, engine: CamEngine, request: CamRequest) -> int:
+    def forward_passes(self, engine: MethodEngine, request: CamRequest) -> int:
         """The forward passes one image's ``request`` costs: 1 for most methods; a perturbation method's 1 plus one
         per scored channel; a composite's per part; its own count for a method that runs apart. ``aug_smooth``
         multiplies a method that shares the forward pass by its 6 copies, plus one pass to rank the classes when
@@ -120,7 +161,7 @@ class Method:
         if self.parts is not None:
             passes = len(self.parts(request, engine.default_layer))
         if request.aug_smooth:
-            passes = len(composite.AUGMENTATIONS) * passes + isinstance(request.targets, TopPredicted)
+            passes = len(AUGMENTATIONS) * passes + isinstance(request.targets, TopPredicted)
         return passes
 
 
@@ -132,7 +173,6 @@ def _activation(name: str, title: str, reference: str, combine: Callable) -> Met
     return Method(name, Family.ACTIVATION, title, reference, combine)
 
 
-DEFAULT_METHOD = "gradcam"
 DETECTION_METHOD = "hirescam"
 """The method a detector's explanations use when a request names none. A box's score reaches the backbone only
 near the box, so an element-wise method keeps it there, where Grad-CAM's channel weights, averaged over the whole
@@ -168,7 +208,13 @@ _RECORDS = (
     _gradient(
         "finercam", "Finer-CAM (Zhang et al., CVPR 2025)", "FinerCAM", gradient.grad_cam, seeds=gradient.finer_seeds
     ),
-    _gradient("shapleycam", "ShapleyCAM (Cai et al., 2025)", "ShapleyCAM", gradient.grad_cam, second_order=True),
+    _gradient(
+        "shapleycam",
+        "ShapleyCAM (Cai et al., 2025)",
+        "ShapleyCAM",
+        gradient.grad_cam,
+        second_order=gradient.minus_half_hvp,
+    ),
     Method(
         "cam",
         Family.CLASSIFIER,
