@@ -76,13 +76,8 @@ def faithfulness(
     probability, a detection's matched score. ``fill`` is what deletion puts in place of a pixel: 0 in normalised
     space, or a (C,) colour for a model that normalises its input itself (a detector: its transform's mean).
     """
-    count, _, height, width = inputs.shape
-    pixels = height * width
-    order = torch.argsort(maps.reshape(count, pixels), dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, pixels))
-    kept = torch.tensor([round(i * pixels / steps) for i in range(steps + 1)], device=inputs.device)
-    blurred = gaussian_blur(inputs, kernel_size=11, sigma=5.0)
+    count = len(inputs)
+    perturbations = _Perturbations(inputs, maps, steps, fill)
     # Work items: (explanation, kind, step); kind 0 deletion (steps 1..S), 1 insertion (steps 0..S-1), 2 x·m.
     items = [(p, 0, i) for p in range(count) for i in range(1, steps + 1)]
     items += [(p, 1, i) for p in range(count) for i in range(steps)]
@@ -92,15 +87,7 @@ def faithfulness(
         for start in range(0, len(items), batch):
             chunk = items[start : start + batch]
             rows = torch.tensor([p for p, _, _ in chunk], device=inputs.device)
-            kinds = torch.tensor([k for _, k, _ in chunk], device=inputs.device).view(-1, 1, 1, 1)
-            step = torch.tensor([i for _, _, i in chunk], device=inputs.device)
-            top = (rank[rows] < kept[step].unsqueeze(1)).view(-1, 1, height, width)
-            x = inputs[rows]
-            deleted = torch.where(top, torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1), x)
-            inserted = torch.where(top, x, blurred[rows])
-            weighted = x * maps[rows].unsqueeze(1).to(x.dtype)
-            perturbed = torch.where(kinds == 0, deleted, torch.where(kinds == 1, inserted, weighted))
-            outputs = model(perturbed)
+            outputs = model(perturbations.of(chunk, rows))
             if measure is not None:
                 measured[start : start + len(chunk)] = measure(outputs, rows).float()
             else:
@@ -118,3 +105,30 @@ def faithfulness(
             deletion_auc, insertion_auc, drop.tolist(), weighted.tolist(), p_x.tolist(), strict=True
         )
     ]
+
+
+class _Perturbations:
+    """The perturbed inputs of P explanations: the top pixels of each map deleted (set to ``fill``) or inserted
+    (into the blurred input) at each step, and the input weighed by the map."""
+
+    def __init__(self, inputs: Tensor, maps: Tensor, steps: int, fill: Tensor | float) -> None:
+        count, _, height, width = inputs.shape
+        pixels = height * width
+        order = torch.argsort(maps.reshape(count, pixels), dim=1, descending=True, stable=True)
+        self.rank = torch.empty_like(order)
+        self.rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(count, pixels))
+        self.kept = torch.tensor([round(i * pixels / steps) for i in range(steps + 1)], device=inputs.device)
+        self.blurred = gaussian_blur(inputs, kernel_size=11, sigma=5.0)
+        self.inputs, self.maps, self.fill, self.size = inputs, maps, fill, (height, width)
+
+    def of(self, chunk: list[tuple[int, int, int]], rows: Tensor) -> Tensor:
+        """The inputs of the work items ``chunk`` ((explanation, kind, step)), whose explanations are ``rows``."""
+        device = self.inputs.device
+        kinds = torch.tensor([k for _, k, _ in chunk], device=device).view(-1, 1, 1, 1)
+        step = torch.tensor([i for _, _, i in chunk], device=device)
+        top = (self.rank[rows] < self.kept[step].unsqueeze(1)).view(-1, 1, *self.size)
+        x = self.inputs[rows]
+        deleted = torch.where(top, torch.as_tensor(self.fill, dtype=x.dtype, device=device).view(1, -1, 1, 1), x)
+        inserted = torch.where(top, x, self.blurred[rows])
+        weighted = x * self.maps[rows].unsqueeze(1).to(x.dtype)
+        return torch.where(kinds == 0, deleted, torch.where(kinds == 1, inserted, weighted))

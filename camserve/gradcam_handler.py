@@ -19,9 +19,10 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 import camserve
-from camserve.api import is_envelope_instance, is_v2_input
+from camserve.api import Request, is_envelope_instance, is_v2_input
 from camserve.model import select_device
-from camserve.pipeline import ExplanationService, RowResult, internal_error
+from camserve.pipeline import ExplanationService
+from camserve.work import RowResult, internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +98,23 @@ class GradCamHandler(BaseHandler):
         45x slower), except the instances of a KServe v1 request, which its envelope serialises together."""
         started = time.perf_counter()
         request_ids = getattr(context, "request_ids", None) or {}
+        # Behind a KServe envelope the rows are one request's instances, under that request's id.
+        one_row_per_request = not any(is_envelope_instance(row) for row in data)
+        requests = [
+            Request.torchserve(row, request_ids.get(index if one_row_per_request else 0))
+            for index, row in enumerate(data)
+        ]
         try:
             self._share_cores()
-            results = self.service.answer(data)
+            results = self.service.answer(requests)
         except Exception:  # the service contains each row's failures; this is the last line of defence
             logger.exception("answering a batch of %d requests failed", len(data))
             results = [internal_error("the batch")] * len(data)
-        # Behind a KServe envelope the rows are one request's instances: a refused instance answers with its error
-        # object inside the envelope's list, and the HTTP status stays 200, alone or beside good instances.
-        one_row_per_request = not any(is_envelope_instance(row) for row in data)
+        # A refused instance of a KServe envelope answers with its error object inside the envelope's list, and the
+        # HTTP status stays 200, alone or beside good instances.
         bodies = []
         for index, result in enumerate(results):
-            request_id = request_ids.get(index if one_row_per_request else 0)
-            body = self._body(result, request_id)
+            body = result.with_id(requests[index].id)
             if is_v2_input(data[index]):  # a v2 output of datatype BYTES holds strings: the response's JSON text
                 bodies.append(orjson.dumps(body).decode())
             elif one_row_per_request:  # the JSON bytes themselves: TorchServe passes bytes through untouched
@@ -131,12 +136,6 @@ class GradCamHandler(BaseHandler):
             "answered a batch of %d requests (%d refused) in %.1f ms (%s ms)", len(data), refused, elapsed_ms, stages
         )
         return bodies
-
-    @staticmethod
-    def _body(result: RowResult, request_id: str | None) -> dict:
-        if result.status == HTTPStatus.OK or request_id is None:
-            return result.body
-        return {**result.body, "request_id": request_id}
 
     def _share_cores(self) -> int:
         """workers × threads ≤ cores, also after workers are scaled through the management API: every 10 s, count

@@ -45,11 +45,13 @@ from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from camserve import settings as serving
-from camserve.api.options import load_json
+from camserve.api import Request
+from camserve.api.readers import load_json
 from camserve.errors import ClientError
 from camserve.model import select_device
-from camserve.pipeline import ExplanationService, RowResult, internal_error
+from camserve.pipeline import ExplanationService
 from camserve.spec import archive_manifest, handler_settings
+from camserve.work import RowResult, internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class CamModel(Model):
         self.service = ExplanationService.from_archive(
             self.model_dir, self.manifest["model"]["serializedFile"], settings, self.device, model_name=self.name
         )
-        (warm_up,) = self.service.answer([{"body": bytearray(_warm_up_image())}])
+        (warm_up,) = self.service.answer([Request.torchserve({"body": bytearray(_warm_up_image())})])
         if warm_up.status != 200:
             raise RuntimeError(f"the warm-up explanation of {self.name} failed: {warm_up.body}")
         spec = self.service.spec
@@ -116,23 +118,17 @@ class CamModel(Model):
         """The v2 metadata's outputs: the input's name and shape, each element a response's JSON text."""
         return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
 
-    async def _answer(self, rows: Sequence[Mapping[str, object]], request_id: str | None) -> list[dict]:
-        """Each row's body: the service's answer, with the request id on an error, off the event loop (health
+    async def _answer(self, requests: Sequence[Request]) -> list[dict]:
+        """Each request's body: the service's answer, with the request id on an error, off the event loop (health
         checks stay answered) and one batch at a time."""
         async with self._lock:
             try:
-                results = await asyncio.get_running_loop().run_in_executor(None, self.service.answer, list(rows))
-            except Exception:  # the service contains each row's failures; this is the last line of defence
-                logger.exception("answering %d instances failed", len(rows))
-                results = [internal_error("the batch")] * len(rows)
+                results = await asyncio.get_running_loop().run_in_executor(None, self.service.answer, list(requests))
+            except Exception:  # the service contains each request's failures; this is the last line of defence
+                logger.exception("answering %d instances failed", len(requests))
+                results = [internal_error("the batch")] * len(requests)
         self._report(results)
-        return [self._body(result, request_id) for result in results]
-
-    @staticmethod
-    def _body(result: RowResult, request_id: str | None) -> dict:
-        if result.status == 200 or request_id is None:
-            return result.body
-        return {**result.body, "request_id": request_id}
+        return [result.with_id(request.id) for result, request in zip(results, requests, strict=True)]
 
     def _report(self, results: list[RowResult]) -> None:
         for stage, seconds in self.service.stage_seconds.items():
@@ -144,24 +140,24 @@ class CamModel(Model):
         request_id = (headers or {}).get("x-request-id")
         if isinstance(payload, InferRequest):
             return await self._infer_v2(payload, request_id)
-        return {"predictions": await self._answer(_instances(payload), request_id)}
+        return {"predictions": await self._answer(_instances(payload, request_id))}
 
     async def explain(self, payload, headers: dict[str, str] | None = None):
         request_id = (headers or {}).get("x-request-id")
-        return {"explanations": await self._answer(_instances(payload), request_id)}
+        return {"explanations": await self._answer(_instances(payload, request_id))}
 
     async def _infer_v2(self, request: InferRequest, request_id: str | None) -> InferResponse:
         """Each BYTES element of each input is one image (base64 text) with that input's parameters as options;
         the outputs mirror the inputs, each element the response's JSON text."""
-        rows, shapes = [], []
+        requests, shapes = [], []
         for item in request.inputs:
             if item.datatype != "BYTES":
                 raise InvalidInput(f"input {item.name} must have datatype BYTES (base64 images), got {item.datatype}")
             options = dict(item.parameters or {})
             elements = [e.decode() if isinstance(e, bytes) else e for e in np.asarray(item.data, dtype=object).ravel()]
-            rows += [{"name": item.name, "datatype": "BYTES", "data": e, "parameters": options} for e in elements]
+            requests += [Request.v2_element(e, options, request_id) for e in elements]
             shapes.append((item.name, len(elements)))
-        bodies = iter(await self._answer(rows, request_id))
+        bodies = iter(await self._answer(requests))
         outputs = []
         for name, count in shapes:
             texts = [orjson.dumps(next(bodies)).decode() for _ in range(count)]
@@ -170,7 +166,7 @@ class CamModel(Model):
         return InferResponse(response_id=response_id, model_name=self.name, infer_outputs=outputs)
 
 
-def _instances(payload: object) -> list[dict]:
+def _instances(payload: object, request_id: str | None) -> list[Request]:
     if isinstance(payload, (bytes, bytearray)):  # a JSON body sent without its content type
         try:
             payload = load_json(payload)
@@ -178,7 +174,7 @@ def _instances(payload: object) -> list[dict]:
             raise InvalidInput(error.message) from None
     if not isinstance(payload, Mapping) or not isinstance(payload.get("instances"), list):
         raise InvalidInput('a v1 request is {"instances": [{"data": "<base64 image>", ...options}, ...]}')
-    return [item if isinstance(item, Mapping) else {"image": item} for item in payload["instances"]]
+    return [Request.v1_instance(item, request_id) for item in payload["instances"]]
 
 
 class _JsonInferBody:
@@ -198,7 +194,8 @@ class _JsonInferBody:
 
 
 class _LoopbackServer(ModelServer):
-    """KServe's ModelServer, listening on ``host`` (the SDK binds every interface)."""
+    """KServe's ModelServer, listening on ``host``. No public way exists: KServe 0.21's ``RESTServer`` hard-codes
+    ``host="0.0.0.0"`` (kserve/protocol/rest/server.py), so ``start`` is the SDK's own, the host set before it runs."""
 
     def __init__(self, host: str, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -34,14 +34,24 @@ MAX_REQUEST_BYTES = 25 * MiB
 """TorchServe's max_request_size: a 20 MB photo as multipart, or base64 JSON of a 15 MB one."""
 
 # --- The work budget: what one request may ask of a worker ---
-MAX_SIDE = 2048
+DEFAULT_OUTPUT_SIDE = 2048
 """The overlays' longer side when a request gives no ``max_side``."""
+MIN_OUTPUT_SIDE, MAX_OUTPUT_SIDE = 16, 16384
+"""The ``max_side`` a request may give."""
 MAX_OUTPUT_PIXELS = 40_000_000
 """Output pixels × explanations, per request."""
 MAX_FORWARD_PASSES = 100
 """Forward passes per request, as the method records count them."""
 MAX_RESPONSE_BYTES = 100 * MiB
 """The largest response body: TorchServe's max_response_size."""
+
+# --- A detector's detections, when a request gives no score_threshold or max_detections ---
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS = 20, 100
+
+# --- Response size accounting: the JSON around a response's images, and around each explanation's ---
+RESPONSE_OVERHEAD_BYTES = 2048
+EXPLANATION_OVERHEAD_BYTES = 512
 
 # --- Addresses (loopback by default) ---
 INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT = 8080, 8081, 8082

@@ -20,8 +20,6 @@ import torch
 from torch import nn
 
 from camserve.cam import (
-    DEFAULT_METHOD,
-    PYRAMID_METHOD,
     CamEngine,
     CamRequest,
     Classes,
@@ -757,8 +755,7 @@ def _validate(
         mean, std = torch.tensor(source.mean).view(1, 3, 1, 1), torch.tensor(source.std).view(1, 3, 1, 1)
         image = (torch.rand(1, 3, side, side) - mean) / std
     if task.kind == "detection":  # one synthetic image through the whole path: detections, and one explained
-        method = DEFAULT_METHOD if spatial[layer] != "fpn" else PYRAMID_METHOD
-        request = DetectionRequest(layer, method, score_threshold=0.0, explain=1)
+        request = DetectionRequest(layer, task.default_method(spatial[layer]), score_threshold=0.0, explain=1)
         found = explain_detections(model, [image[0]], [request], spatial)
         if not all(torch.isfinite(m).all() for m in found.maps):
             raise BuildError(f"the explanation at layer {layer} is not finite")

@@ -111,10 +111,10 @@ def test_nothing_escapes_handle_and_a_500_carries_its_request_id(served, chelsea
     context.request_ids = {0: "id-good", 1: "id-broken", 2: "id-bad"}
     original = handler.service.prepare
 
-    def prepare(row):
-        if "broken" in row:
+    def prepare(request):
+        if request.id == "id-broken":
             raise RecursionError("injected")
-        return original(row)
+        return original(request)
 
     monkeypatch.setattr(handler.service, "prepare", prepare)
     rows = [

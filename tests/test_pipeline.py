@@ -17,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import camserve.pipeline as pipeline
+from camserve import work
 from camserve.api import OPTION_NAMES, WorkBudget
 from camserve.cam import METHODS, CamEngine, CamRequest, describe_layers
 from camserve.pipeline import ExplanationService
 from camserve.spec import ModelSpec
+from camserve.tasks import base
 from tests.conftest import encode
 
 LABELS = ["red", "green", "blue"]
@@ -108,7 +109,7 @@ def test_an_engine_failure_in_one_row_fails_only_that_row():
 
 
 def test_an_unexpected_exception_while_preparing_or_rendering_fails_only_its_row(monkeypatch, service):
-    original_load, original_render = pipeline.load_rgb, pipeline.render_overlay
+    original_load, original_render = base.load_rgb, work.render_overlay
 
     def load(opened, at_least=None):
         if opened.width == 33:
@@ -120,8 +121,8 @@ def test_an_unexpected_exception_while_preparing_or_rendering_fails_only_its_row
             raise KeyError("injected")
         return original_render(rgb, heat, alpha, *args)
 
-    monkeypatch.setattr(pipeline, "load_rgb", load)
-    monkeypatch.setattr(pipeline, "render_overlay", render)
+    monkeypatch.setattr(base, "load_rgb", load)
+    monkeypatch.setattr(work, "render_overlay", render)
     rows = [
         {"data": bytearray(picture(width=33))},
         {"data": bytearray(picture()), "alpha": b"0.125"},
@@ -211,7 +212,7 @@ def test_the_server_cap_applies_when_a_request_gives_no_max_side():
 
 def test_a_request_over_the_pixel_budget_is_refused_before_decoding_with_how_to_fit(monkeypatch):
     service = make_service(budget=WorkBudget(max_output_pixels=100_000))
-    monkeypatch.setattr(pipeline, "load_rgb", lambda *a, **k: pytest.fail("decoded an over-budget request"))
+    monkeypatch.setattr(base, "load_rgb", lambda *a, **k: pytest.fail("decoded an over-budget request"))
     row = {"data": bytearray(picture(400, 300)), "target": b"0,1,2", "max_side": b"1000"}
     (result,) = service.answer([row])
     assert result.status == 400 and result.body["type"] == "OverBudget"

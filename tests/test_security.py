@@ -61,7 +61,15 @@ def test_shipped_config_keeps_auth_on_binds_loopback_and_limits_sizes():
 
 
 def runtime_sources() -> dict[str, ast.Module]:
-    return {path.name: ast.parse(path.read_text()) for path in sorted(RUNTIME_PACKAGE.glob("*.py"))}
+    """Every module of the served package, in every subpackage (``cam/``, ``api/``, ``tasks/``), by its path."""
+    paths = sorted(RUNTIME_PACKAGE.rglob("*.py"))
+    return {path.relative_to(RUNTIME_PACKAGE).as_posix(): ast.parse(path.read_text()) for path in paths}
+
+
+def test_the_checks_read_every_served_module():
+    names = set(runtime_sources())
+    assert {"pipeline.py", "cam/engine.py", "cam/methods/registry.py", "api/transports.py", "tasks/base.py"} <= names
+    assert len(names) == len(list(RUNTIME_PACKAGE.rglob("*.py")))
 
 
 def test_no_eval_exec_or_pickle_in_the_served_code():

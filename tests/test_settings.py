@@ -53,12 +53,13 @@ def test_the_archive_model_config_and_the_limits_default_to_the_settings():
     assert handler["channels_last"] == settings.CHANNELS_LAST_FROM
     assert handler["limits"] == {"max_bytes": settings.MAX_IMAGE_BYTES, "max_pixels": settings.MAX_IMAGE_PIXELS}
     assert handler["budget"] == {
-        "max_side": settings.MAX_SIDE,
+        "max_side": settings.DEFAULT_OUTPUT_SIDE,
         "max_output_pixels": settings.MAX_OUTPUT_PIXELS,
         "max_forward_passes": settings.MAX_FORWARD_PASSES,
         "max_response_bytes": settings.MAX_RESPONSE_BYTES,
     }
-    assert DecodeLimits().max_bytes == settings.MAX_IMAGE_BYTES and WorkBudget().max_side == settings.MAX_SIDE
+    assert DecodeLimits().max_bytes == settings.MAX_IMAGE_BYTES
+    assert WorkBudget().max_side == settings.DEFAULT_OUTPUT_SIDE
 
 
 def test_the_build_cli_help_shows_the_settings():

@@ -10,11 +10,10 @@ from camserve.api.options import (
     OPTIONS,
     ExplainOptions,
     Option,
-    check_fit,
     parse_options,
 )
 from camserve.api.response import DetectionItem, ExplainResponse, Explanation, ModelInfo, Prediction, Segment
-from camserve.api.transports import ExplainRequest, is_envelope_instance, is_v2_input, parse_request
+from camserve.api.transports import ExplainRequest, Request, is_envelope_instance, is_v2_input, parse_request
 
 __all__ = [
     "DEFAULT_MAX_DETECTIONS",
@@ -33,9 +32,9 @@ __all__ = [
     "Prediction",
     "Segment",
     "WorkBudget",
-    "check_fit",
     "is_envelope_instance",
     "is_v2_input",
     "parse_options",
     "parse_request",
+    "Request",
 ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from camserve import settings
-from camserve.api.options import MIN_SIDE
 from camserve.cam import METHODS
 from camserve.errors import ClientError
 
@@ -18,7 +17,7 @@ class WorkBudget:
     """Set at build time (``scripts/build_mar.py --max-side ...``); the defaults (:mod:`camserve.settings`) keep a
     full batch of the largest allowed requests well inside the response timeout on two CPU cores."""
 
-    max_side: int = settings.MAX_SIDE
+    max_side: int = settings.DEFAULT_OUTPUT_SIDE
     """The longer side of the overlays and heatmaps when a request gives no ``max_side``."""
     max_output_pixels: int = settings.MAX_OUTPUT_PIXELS
     """Output pixels × explanations, per request."""
@@ -53,7 +52,7 @@ class WorkBudget:
                 "OverBudget",
                 f"this request asks for {explanations} explanation(s) of {width}x{height} pixels = "
                 f"{pixels / 1e6:.1f} megapixels of output; at most {self.max_output_pixels / 1e6:g} megapixels are "
-                f"rendered per request: {advice}set max_side to {max(MIN_SIDE, side)} or less",
+                f"rendered per request: {advice}set max_side to {max(settings.MIN_OUTPUT_SIDE, side)} or less",
             )
         passes = method_passes + faithfulness_passes + sanity_passes
         if passes > self.max_forward_passes:

@@ -1,17 +1,20 @@
-"""The five input forms a request row arrives in, to image bytes and options: a raw body, multipart fields, a JSON
-body, a KServe v1 instance and a KServe v2 input."""
+"""The five input forms a request arrives in, to image bytes and options: a raw body, multipart fields, a JSON
+body, a KServe v1 instance and a KServe v2 input. Each door turns its runtime's request into a :class:`Request`, the
+service's own, runtime-neutral type; the service reads it inside its containment, so a bad one gets its own 4xx."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
-from camserve.api.options import ExplainOptions, load_json, parse_options
+from camserve.api.options import ExplainOptions, parse_options
+from camserve.api.readers import load_json
 from camserve.errors import ClientError
 
-__all__ = ["IMAGE_FIELDS", "ExplainRequest", "is_envelope_instance", "is_v2_input", "parse_request"]
+__all__ = ["IMAGE_FIELDS", "ExplainRequest", "Request", "is_envelope_instance", "is_v2_input", "parse_request"]
 
 IMAGE_FIELDS = ("data", "image")
 """Where the image may travel: a multipart field, or a key of a JSON body or KServe instance (base64)."""
@@ -20,8 +23,41 @@ KSERVE_V2_KEYS = {"name", "datatype", "data"}
 
 @dataclass(frozen=True)
 class ExplainRequest:
+    """A request read: the image's bytes and its options, parsed."""
+
     image: bytes
     options: ExplainOptions
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the service takes it, whatever the runtime: how to read it (into an
+    :class:`ExplainRequest`, or a ClientError that names what is wrong) and the runtime's id for it."""
+
+    read: Callable[[], ExplainRequest]
+    id: str | None = None
+
+    @classmethod
+    def torchserve(cls, row: Mapping[str, object], id: str | None = None) -> Request:
+        """A TorchServe request row (a raw, JSON or multipart body, or one instance of a KServe envelope)."""
+        return cls(partial(parse_request, row), id)
+
+    @classmethod
+    def v1_instance(cls, instance: object, id: str | None = None) -> Request:
+        """One instance of a KServe v1 request: ``{"data": "<base64>", ...options}``, or the base64 text alone."""
+        fields = instance if isinstance(instance, Mapping) else {"image": instance}
+        return cls(partial(_parse_fields, fields, image_is_base64=True), id)
+
+    @classmethod
+    def v2_element(cls, data: object, parameters: object, id: str | None = None) -> Request:
+        """One BYTES element of a KServe v2 input, with that input's parameters as its options."""
+        return cls(partial(_v2_fields, data, parameters), id)
+
+
+def _v2_fields(data: object, parameters: object) -> ExplainRequest:
+    if not isinstance(parameters, Mapping):
+        raise ClientError("InvalidRequest", "a v2 input's parameters must be an object")
+    return _parse_fields({"data": data, **parameters}, image_is_base64=True)
 
 
 def parse_request(row: Mapping[str, object]) -> ExplainRequest:
@@ -35,10 +71,7 @@ def parse_request(row: Mapping[str, object]) -> ExplainRequest:
     if is_v2_input(row):
         if row["datatype"] != "BYTES":
             raise ClientError("InvalidRequest", f"a v2 input must have datatype BYTES, got {row['datatype']!r}")
-        parameters = row.get("parameters") or {}
-        if not isinstance(parameters, Mapping):
-            raise ClientError("InvalidRequest", "a v2 input's parameters must be an object")
-        return _parse_fields({"data": row["data"], **parameters}, image_is_base64=True)
+        return _v2_fields(row["data"], row.get("parameters") or {})
     body = row.get("body")
     if isinstance(body, (bytes, bytearray)) and body.lstrip()[:1] in (b"{", b"["):
         body = load_json(body)

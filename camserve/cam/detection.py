@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camserve.cam.capture import MapGroup, captured_pass
-from camserve.cam.layers import find_layer, to_grid
+from camserve.cam.layers import Layout, find_layer, to_grid
 from camserve.cam.methods.registry import Method, method_record
 from camserve.cam.post import reduce_contributions, upsample
+from camserve.settings import DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD
 
 __all__ = [
     "Detection",
@@ -67,8 +68,8 @@ class DetectionRequest:
     layer: str
     method: str
     eigen_smooth: bool = False
-    score_threshold: float = 0.5
-    max_detections: int = 20
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    max_detections: int = DEFAULT_MAX_DETECTIONS
     explain: int = 1
     """Explain the top ``explain`` detections kept, when ``chosen`` is None."""
     chosen: tuple[int, ...] | None = None
@@ -149,7 +150,7 @@ def explain_detections(
     modules = {layer: find_layer(model, layer) for layer in dict.fromkeys(request.layer for request in requests)}
     gradient_layers = {r.layer for r, record in zip(requests, records, strict=True) if record.uses_gradients}
     for layer in gradient_layers:
-        if layouts[layer] == "fpn":
+        if Layout(layouts[layer]).pyramid:
             raise ValueError(f"layer {layer} is a feature pyramid: a gradient method needs a layer of one tensor")
     batch: dict[str, object] = {}
 

@@ -189,18 +189,15 @@ class CamEngine:
         return replace(output, seconds={"forward": forward, "cam": time.perf_counter() - started - forward})
 
     def _keep_scoring(self, output: CamOutput, requests: Sequence[CamRequest]) -> CamOutput:
-        """Drop the explained classes of a ``TopPredicted(at_least=...)`` request that score below it, keeping its
-        top class when none reaches it (unless ``or_top`` is False): the pairs were explained as its top ``count``,
-        in the same pass."""
-        filtered = [n for n, r in enumerate(requests) if getattr(r.targets, "at_least", None) is not None]
+        """Drop the explained classes that a filtering ``TopPredicted`` (``at_least``, ``above``) does not keep: the
+        pairs were explained as its top ``count``, in the same pass."""
+        filtered = [n for n, r in enumerate(requests) if isinstance(r.targets, TopPredicted) and r.targets.filters]
         if not filtered:
             return output
         scores = self.head.ranking(output.logits[filtered]).cpu()
         targets, maps = list(output.targets), list(output.maps)
         for row, n in enumerate(filtered):
-            wanted = requests[n].targets
-            keep = [i for i, c in enumerate(targets[n]) if scores[row, c] >= wanted.at_least]
-            keep = keep or ([0] if wanted.or_top else [])
+            keep = requests[n].targets.kept([float(scores[row, c]) for c in targets[n]])
             targets[n] = [targets[n][i] for i in keep]
             maps[n] = maps[n][keep]
         return replace(output, targets=targets, maps=maps)

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYOUTS",
+    "PYRAMID",
+    "Layout",
     "LayerInfo",
     "LayerNotFoundError",
     "NoSpatialLayerError",
@@ -67,7 +69,8 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise LayerNotFoundError(name, [layer for layer, _ in model.named_modules() if layer])
 
 
-LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens", "fpn")
+PYRAMID = "fpn"
+LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens", "prefix_tokens:P", PYRAMID)
 """How a layer's output becomes the (N, K, h, w) grid that every method reads (the reshape-transform idea of
 pytorch-grad-cam, as a property of the layer):
 
@@ -87,26 +90,47 @@ The map is linear in the tokens, so gradients take the same reshape.
 """
 
 
+class Layout(str):
+    """A layer's layout as a typed value: one of :data:`LAYOUTS` (``prefix_tokens:P`` with P a count), checked
+    once when it is made. It is the string the spec stores, so it compares and serialises as one."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> Layout:
+        if isinstance(text, Layout):
+            return text
+        if text not in LAYOUTS[:4] + (PYRAMID,) and _prefix_tokens(text) is None:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {text!r}")
+        return super().__new__(cls, text)
+
+    @property
+    def pyramid(self) -> bool:
+        """A feature pyramid: a mapping of levels, which only activation methods read."""
+        return self == PYRAMID
+
+    @property
+    def prefix(self) -> int | None:
+        """How many leading tokens a token layout drops; None for a layout that is not tokens."""
+        return _prefix_tokens(self)
+
+
 def to_grid(tensor: Tensor | Mapping[str, Tensor], layout: str) -> Tensor:
     """A layer's output (or its gradient) as an (N, K, h, w) grid; see :data:`LAYOUTS`."""
     if layout == "nchw":
         return tensor
-    if layout == "fpn":
+    layout = Layout(layout)
+    if layout.pyramid:
         levels = list(tensor.values())
         size = min((level.shape[-2:] for level in levels), key=lambda shape: shape[0] * shape[1])
         return torch.cat([F.interpolate(level.abs(), tuple(size), mode="bilinear") for level in levels], dim=1)
     if layout == "nhwc":
         return tensor.permute(0, 3, 1, 2)
-    prefix = _prefix_tokens(layout)
-    if prefix is not None:
-        tokens = tensor[:, prefix:]
-        side = math.isqrt(tokens.shape[1])
-        return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
-    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} or prefix_tokens:P, got {layout!r}")
+    tokens = tensor[:, layout.prefix :]
+    side = math.isqrt(tokens.shape[1])
+    return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 def _prefix_tokens(layout: str) -> int | None:
-    """How many leading tokens a token layout drops; None for a layout that is not tokens."""
     if layout in ("cls_tokens", "tokens"):
         return int(layout == "cls_tokens")
     name, _, count = layout.partition(":")
@@ -156,8 +180,9 @@ class LayerInfo:
     """How the output becomes a grid (:data:`LAYOUTS`); None: not a spatial map."""
     grid: tuple[int, int, int] | None
     """(K, h, w) of the grid."""
-    output_id: int
-    """Equal for modules that return the very same tensor (a container and its last child, an in-place op)."""
+    output_id: int | None
+    """Equal for modules that return the very same tensor (a container and its last child, an in-place op); None
+    when the output is not a tensor."""
     takes_image: bool
     """The module's input is the network's input: it is the whole trunk, not a layer of it."""
 
@@ -194,12 +219,14 @@ def describe_layers(model: nn.Module, image_size: int = 224, image: Tensor | Non
         shape, tensor, takes_image = calls[name][0]
         layout = _layout_of(shape) if shape else None
         if name in pyramids:
-            shape, tensor = tuple(to_grid(pyramids[name], "fpn").shape), pyramids[name]
-            layout = "fpn" if min(shape[-2:]) > 1 else None  # an SSD's pyramid ends in 1x1: no map
+            shape, tensor = tuple(to_grid(pyramids[name], PYRAMID).shape), pyramids[name]
+            layout = PYRAMID if min(shape[-2:]) > 1 else None  # an SSD's pyramid ends in 1x1: no map
         grid = None
         if layout:
-            grid = shape[1:] if layout == "fpn" else tuple(to_grid(torch.empty(shape, device="meta"), layout).shape[1:])
-        layers[name] = LayerInfo(name, shape, layout, grid, id(tensor) if tensor is not None else -1, takes_image)
+            grid = (
+                shape[1:] if layout == PYRAMID else tuple(to_grid(torch.empty(shape, device="meta"), layout).shape[1:])
+            )
+        layers[name] = LayerInfo(name, shape, layout, grid, None if tensor is None else id(tensor), takes_image)
     return layers
 
 
@@ -218,7 +245,7 @@ def backbone_stage(layers: Mapping[str, LayerInfo], image_size: int) -> str | No
         stages = [
             info
             for name, info in layers.items()
-            if info.layout not in (None, "fpn")
+            if info.layout not in (None, PYRAMID)
             and name.startswith(trunk + ".")
             and image_size / info.grid[-1] <= MAX_BACKBONE_STRIDE
         ]

@@ -42,8 +42,24 @@ class TopPredicted:
 
     count: int = 1
     at_least: float | None = None
+    above: float | None = None
+    """Only those whose score is greater than this (a segmenter's segments that have pixels), with no top one when
+    none is."""
     or_top: bool = True
     """With ``at_least``: when no class reaches it, explain the top one (True) or none (False)."""
+
+    def kept(self, scores: Sequence[float]) -> list[int]:
+        """Which of the explained classes' ``scores``, in order, this target keeps."""
+        if self.above is not None:
+            return [i for i, score in enumerate(scores) if score > self.above]
+        if self.at_least is None:
+            return list(range(len(scores)))
+        kept = [i for i, score in enumerate(scores) if score >= self.at_least]
+        return kept or ([0] if self.or_top else [])
+
+    @property
+    def filters(self) -> bool:
+        return self.at_least is not None or self.above is not None
 
     def __post_init__(self) -> None:
         if self.count < 1:

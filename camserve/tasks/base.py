@@ -1,0 +1,163 @@
+"""What every task is asked: how its outputs read, which targets and options a request may give, which methods it
+takes and what they cost, and how its batch is explained and its response shaped. The defaults here are a
+classifier's; each task module overrides what differs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from torch import Tensor
+
+from camserve.api import ExplainOptions, Prediction
+from camserve.batch import explain_with_engine
+from camserve.cam import DEFAULT_METHOD, CamEngine, CamRequest, Classes, Head, Method, Target, TopPredicted
+from camserve.errors import ClientError
+from camserve.imaging import OpenedImage, load_rgb, resize_for_model
+from camserve.work import PreparedRequest, RowResult, Section, ServiceView
+
+__all__ = ["Task"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: how its outputs read, and what an explanation of it explains."""
+
+    name: str
+    head: Head | None
+    """The engine's head: the explained scalar and the per-class scores; None for a task the engine's shared pass
+    does not explain (a detector's boxes)."""
+    probabilities: bool = True
+    """Its scores are probabilities (not regression values)."""
+    exclusive: bool = False
+    """Its classes exclude each other under a softmax (what Finer-CAM's contrast with look-alikes needs)."""
+    default_explain: int = 1
+    """How many classes a request without ``target`` or ``explain`` explains."""
+
+    kind: ClassVar[str] = "classification"
+    """What it is, in words: ``classification``, ``detection`` or ``segmentation`` (the docs, error messages)."""
+    options: ClassVar[frozenset[str]] = frozenset({"topk", "target", "aug_smooth", "sanity"})
+    """The options of :data:`TASK_OPTIONS` it takes; a request that gives another one a value is refused."""
+    probes_layers: ClassVar[bool] = True
+    """Its layers' shapes are probed once, at a square input (a detector's images come at their own sizes)."""
+    figure: ClassVar[str] = "probability"
+    """The name of the explained class's own figure in an explanation."""
+
+    @property
+    def classifies(self) -> bool:
+        """Whether it gives each image one score per class (predictions and ``topk``)."""
+        return "topk" in self.options
+
+    # --- Its outputs ---
+
+    def classes(self, outputs: int) -> int:
+        """How many classes a request may name, for a model with ``outputs`` outputs."""
+        return outputs
+
+    def outputs(self, classes: int) -> int:
+        """How many outputs a model of ``classes`` classes has (the inverse of :meth:`classes`)."""
+        return classes
+
+    def check_outputs(self, outputs: int, arch: str) -> str | None:
+        """Why a model with ``outputs`` outputs cannot be served as this task, with the fix; None when it can."""
+        return None
+
+    def default_labels(self, classes: int) -> list[str]:
+        """Names for classes that no labels file names."""
+        return [f"class_{i}" for i in range(classes)]
+
+    @property
+    def what(self) -> str:
+        """What its class indices count, in words."""
+        return "classes"
+
+    @property
+    def one(self) -> str:
+        """One of :attr:`what`, in words."""
+        return "a class"
+
+    def scores(self, outputs: Tensor) -> Tensor:
+        """(N, classes) per-class scores: probabilities, or a regression's values."""
+        return self.head.scores(outputs)
+
+    def predictions(self, scores: Tensor, topk: int, labels: Sequence[str], threshold: float) -> list[Prediction]:
+        """One image's predictions from its (classes,) scores: the top ``topk`` by probability."""
+        values, indices = scores.float().cpu().topk(min(topk, len(scores)))
+        return [
+            Prediction(i, labels[i], probability=round(p, 6))
+            for i, p in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+
+    def explained(self, score: float) -> dict[str, float]:
+        """The explained class's own figure in an explanation (its probability, a segment's share, ...)."""
+        return {self.figure: round(score, 6)}
+
+    # --- A request ---
+
+    def default_target(self, explain: int | None, threshold: float, classes: int) -> Target:
+        """What a request without ``target`` explains, for a model of ``classes`` classes."""
+        return TopPredicted(min(explain or self.default_explain, classes))
+
+    def targets(self, options: ExplainOptions, classes: int) -> Target:
+        """What a request explains: the classes it names, or the task's default; a ClientError says why not."""
+        if options.target is not None and max(options.target) >= classes:
+            raise ClientError(
+                "InvalidOption",
+                f"target must be {self.one} index from 0 to {classes - 1} (this model has {classes} {self.what}), "
+                f"got {list(options.target)}",
+            )
+        if options.target is None and (options.explain or 1) > classes:
+            raise ClientError(
+                "InvalidOption",
+                f"explain must be at most {classes} (this model has {classes} {self.what}), got {options.explain}",
+            )
+        if options.target is not None:
+            return Classes(options.target)
+        return self.default_target(options.explain, options.threshold, classes)
+
+    def model_input(self, opened: OpenedImage, output: tuple[int, int], side: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded image (at least the output's size) and the model's input: a ``side`` square."""
+        rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
+        return rgb, resize_for_model(rgb, side)
+
+    def default_method(self, layout: str) -> str:
+        """The method of a request that names none, at a layer of this ``layout``."""
+        return DEFAULT_METHOD
+
+    def check_method(self, record: Method, layer: str, layout: str) -> None:
+        """Refuse a method that cannot explain this task's outputs at this layer, saying why and what works."""
+        if record.seeds is not None and not self.exclusive:
+            raise ClientError(
+                "InvalidOption",
+                f"method {record.name} contrasts a class with its look-alike classes under a softmax, which a "
+                f"{self.name} model does not have: choose another method, such as {DEFAULT_METHOD}",
+            )
+
+    def forward_passes(self, engine: CamEngine, cam: CamRequest) -> int:
+        """The passes one request costs (its method record's count)."""
+        return engine.forward_passes(cam)
+
+    # --- Its batch and its response ---
+
+    def explain(self, service: ServiceView, prepared: list[PreparedRequest]) -> list[RowResult]:
+        """A batch of prepared requests explained with one pass of the engine (:mod:`camserve.batch`)."""
+        return explain_with_engine(service, self, prepared)
+
+    def image_predictions(self, scores: Tensor, options: ExplainOptions, labels: Sequence[str]):
+        """One image's ``predictions`` section, or None when the task has none."""
+        return self.predictions(scores, options.topk, labels, options.threshold)
+
+    def pixel_classes(self, logits: Tensor) -> np.ndarray | None:
+        """A batch's class per pixel, for a task that has one."""
+        return None
+
+    def measure(self, logits: Tensor, classes: Tensor):
+        """For faithfulness, a task whose score of an explained class is not its per-class score: (the measure of
+        masked outputs, p(x)); None: its :meth:`scores`."""
+        return None
+
+    def section(self, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int], labels: Sequence[str]):
+        """The task's own part of one image's response, beside its explanations (a segmenter's segments)."""
+        return Section()
