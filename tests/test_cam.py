@@ -23,6 +23,9 @@ from camserve.cam import (
     normalize_map,
     to_grid,
 )
+from camserve.cam.layers import (
+    Layout,
+)
 from camserve.cam.methods.gradient import finer_seeds
 from camtools.gradcam import GradCAM
 from tests.conftest import ROOT
@@ -570,6 +573,17 @@ def test_token_layouts_become_grids():
     nhwc = torch.randn(2, 4, 4, 6)
     assert torch.equal(to_grid(nhwc, "nhwc"), nhwc.permute(0, 3, 1, 2))
     assert torch.equal(to_grid(tokens[:, 1:], "tokens"), grid)
+    registers = torch.cat([tokens[:, :1], tokens[:, :1], tokens[:, :1], tokens[:, 1:]], dim=1)  # 3 prefix tokens
+    assert torch.equal(to_grid(registers, "prefix_tokens:3"), grid)
+
+
+def test_a_layout_is_a_typed_value_checked_once():
+    assert Layout("prefix_tokens:4").prefix == 4 and Layout("cls_tokens").prefix == 1 and Layout("nchw").prefix is None
+    assert Layout("fpn").pyramid and not Layout("nhwc").pyramid
+    assert Layout("tokens") == "tokens"  # the spec's string, as it is stored
+    for wrong in ("nwhc", "prefix_tokens:", "prefix_tokens:x", "FPN"):
+        with pytest.raises(ValueError, match="layout must be one of"):
+            Layout(wrong)
 
 
 def vit_reshape(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from camserve.api import (
     Explanation,
     ModelInfo,
     Prediction,
+    Request,
     parse_options,
     parse_request,
 )
@@ -28,6 +29,25 @@ IMAGE = b"\x89PNG-not-really-but-bytes"
 def test_raw_body_uses_default_options():
     request = parse_request({"body": bytearray(IMAGE)})
     assert request.image == IMAGE and request.options == ExplainOptions()
+
+
+def test_each_door_makes_the_same_runtime_neutral_request():
+    """A TorchServe row, a KServe v1 instance (an object, or the base64 text alone) and a v2 element with its input's
+    parameters read as the same request; a bad one is refused only when the service reads it, in its own row."""
+    text = base64.b64encode(IMAGE).decode()
+    made = [
+        Request.torchserve({"body": {"image": text, "target": [3]}}, "a"),
+        Request.v1_instance({"data": text, "target": 3}, "b"),
+        Request.v2_element(text, {"target": 3}, "c"),
+    ]
+    assert [request.id for request in made] == ["a", "b", "c"]
+    assert {request.read() for request in made} == {parse_request({"body": {"image": text, "target": [3]}})}
+    assert Request.v1_instance(text).read().image == IMAGE
+    bad = Request.v2_element(text, ["not", "an", "object"])  # made without a fuss: the door never raises
+    with pytest.raises(ClientError, match="parameters must be an object"):
+        bad.read()
+    with pytest.raises(ClientError, match="not valid base64"):
+        Request.v1_instance({"data": "%%%"}).read()
 
 
 def test_multipart_fields_arrive_as_bytes():

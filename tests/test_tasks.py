@@ -460,3 +460,15 @@ def test_a_regression_model_speaks_of_outputs_and_refuses_a_threshold(tmp_path):
     assert refused.status == 400, refused.body
     assert "option threshold fits only multilabel models; this model is a regression model" in refused.body["message"]
     assert service.answer([{"data": picture}])[0].status == 200
+
+
+def test_a_filtering_target_keeps_what_its_scores_reach():
+    """``at_least`` keeps scores from it on, else the top one (or none without ``or_top``); ``above`` keeps only
+    scores greater than it (a segmenter's segments that have pixels) and never falls back to the top one."""
+    scores = [0.9, 0.5, 0.2]
+    assert TopPredicted(3, at_least=0.5).kept(scores) == [0, 1]
+    assert TopPredicted(3, at_least=0.95).kept(scores) == [0]
+    assert TopPredicted(3, at_least=0.95, or_top=False).kept(scores) == []
+    assert TopPredicted(3, above=0.2).kept(scores) == [0, 1]
+    assert TopPredicted(3, above=0.0).kept([0.4, 0.0, 0.0]) == [0]
+    assert TopPredicted(2).kept(scores[:2]) == [0, 1] and not TopPredicted(2).filters

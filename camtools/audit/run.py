@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from camserve.cam import DEFAULT_METHOD
+from camserve.tasks import TASKS
 from camtools.audit.analysis import analyse
 from camtools.audit.sources import SourceError, read_source
 from camtools.audit.worker import COLUMNS, SCHEMA, THUMBNAIL, Explainer
@@ -29,8 +30,9 @@ __all__ = ["AuditError", "AuditOptions", "audit", "read_rows"]
 
 ROWS_PER_FILE = 10_000
 """Rows per Parquet file of ``DIR/explanations``."""
-CLASSIFIER_TASKS = ("multiclass", "multilabel", "binary")
-"""The tasks whose archives an audit explains: a class per image (a detector's or segmenter's many are not)."""
+AUDITED_TASKS = tuple(name for name, task in TASKS.items() if task.classifies and task.probabilities)
+"""The tasks whose archives an audit explains: a class per image, by probability (a detector's or segmenter's many
+are not, nor a regression model's values)."""
 
 
 class AuditError(ValueError):
@@ -64,10 +66,10 @@ def _archive_spec(archive: Path) -> dict:
         if "model_spec.json" not in names or "MAR-INF/MANIFEST.json" not in names:
             raise AuditError(f"--archive {archive} has no model_spec.json: build it with scripts/build_mar.py")
         spec = json.loads(packed.read("model_spec.json"))
-    if spec.get("task", "multiclass") not in CLASSIFIER_TASKS:
+    if spec.get("task", "multiclass") not in AUDITED_TASKS:
         raise AuditError(
             f"--archive {archive} is a {spec['task']} model: the audit explains classifiers "
-            f"({', '.join(CLASSIFIER_TASKS)}), one class per image"
+            f"({', '.join(AUDITED_TASKS)}), one class per image"
         )
     return spec
 
