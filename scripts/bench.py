@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", default=defaults.detector, help="the detector row's torchvision builder")
     parser.add_argument("--segmenter", default=defaults.segmenter, help="the segmenter row's torchvision builder")
     parser.add_argument(
+        "--audit-images",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        default=defaults.audit_images,
+        help="the audit section's two runs, in images (default: 48,240)",
+    )
+    parser.add_argument(
         "--sections",
         type=lambda text: tuple(text.split(",")),
         default=(),
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         layer=args.layer,
         detector=args.detector,
         segmenter=args.segmenter,
+        audit_images=args.audit_images,
         sections=args.sections,
     )
     report = run_benchmark(config)

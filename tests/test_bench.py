@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 @pytest.mark.timing
 def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
     command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-sizes", "1,2", "--repeats", "1"]
-    command += ["--warmup", "0", "--agreement-images", "2", "--out", str(tmp_path)]
+    command += ["--warmup", "0", "--agreement-images", "2", "--audit-images", "8,16", "--out", str(tmp_path)]
     if shutil.which("java"):
         command += ["--concurrency", "1,2", "--requests", "2", "--soak", "2", "--batch-delays", "1,5"]
     else:
@@ -54,6 +54,8 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
                           for method in ("gradcam", "hirescam", "eigencam")}  # fmt: skip
     assert all(row["ratio_to_floor"] > 0 and row["explanations"] == 3 for row in dense.values())
     assert "Detection and segmentation" in (tmp_path / "bench.md").read_text()
+    audit = report["audit"]
+    assert audit["images"] == [8, 16] and audit["marginal_images_per_s"] > 0 and audit["forward_images_per_s"] > 0
     if shutil.which("java"):
         assert [level["errors"] for level in report["service"]] == [0, 0]
         assert [(d["batch_delay_ms"], d["concurrency"]) for d in report["batch_delays"]] == [

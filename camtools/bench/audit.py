@@ -12,16 +12,14 @@ from camserve.imaging import encode_image, resize_for_model
 from camserve.model import images_to_batch
 from camtools.bench.context import BenchContext, plain_forward, sample_images
 
-__all__ = ["AUDIT_SIZES", "_audit"]
-
-AUDIT_SIZES = (48, 240)
-"""The audit's two runs: their difference, 192 images, cancels Ray's start-up and the actors' loading."""
+__all__ = ["audit_section"]
 
 
-def _audit(ctx: BenchContext) -> dict[str, object]:
-    """Images per second of the audit at the margin, (240 − 48) / (t₂₄₀ − t₄₈), and of the plain forward pass at
-    batch 8 on the same model, timed in the same run; Ray's start-up (``ray.init`` alone) and the fixed cost of a run
-    (t₄₈ less 48 images at the marginal rate). The images are photos saved as JPEG (the overlays' encoder) at their
+def audit_section(ctx: BenchContext) -> dict[str, object]:
+    """Images per second of the audit at the margin, (L − S) / (t_L − t_S) for the config's ``audit_images`` (S, L),
+    48 and 240 by default, and of the plain forward pass at batch 8 on the same model, timed in the same run; Ray's
+    start-up (``ray.init`` alone) and the fixed cost of a run (t_S less S images at the marginal rate).
+    The images are photos saved as JPEG (the overlays' encoder) at their
     own sizes, so the audit pays their decoding and its heatmaps' and overlays' encoding."""
     import ray
 
@@ -30,7 +28,7 @@ def _audit(ctx: BenchContext) -> dict[str, object]:
     from camtools.models import prepare_model
 
     config, spec = ctx.config, ctx.spec
-    small, large = AUDIT_SIZES
+    small, large = config.audit_images
     with tempfile.TemporaryDirectory(prefix="audit-bench-") as folder:
         folder = Path(folder)
         prepared = prepare_model(arch=config.arch, weights=config.weights, layer=config.layer)
@@ -46,7 +44,7 @@ def _audit(ctx: BenchContext) -> dict[str, object]:
         ray_init = time.perf_counter() - started
         ray.shutdown()
         seconds = {}
-        for count in AUDIT_SIZES:
+        for count in config.audit_images:
             options = AuditOptions(batch_size=8, limit=count)
             started = time.perf_counter()
             summary = audit(str(folder / "all.csv"), archive, folder / f"out{count}", options, progress=lambda _: None)
@@ -57,8 +55,8 @@ def _audit(ctx: BenchContext) -> dict[str, object]:
     forward_per_s = 8 / forward["forward"]
     marginal = (large - small) / (seconds[large] - seconds[small])
     return {
-        "images": list(AUDIT_SIZES),
-        "seconds": [round(seconds[count], 2) for count in AUDIT_SIZES],
+        "images": list(config.audit_images),
+        "seconds": [round(seconds[count], 2) for count in config.audit_images],
         "marginal_images_per_s": round(marginal, 2),
         "forward_images_per_s": round(forward_per_s, 2),
         "ratio": round(marginal / forward_per_s, 3),

@@ -44,6 +44,8 @@ class BenchConfig:
     detector: str = "fasterrcnn_mobilenet_v3_large_320_fpn"
     segmenter: str = "lraspp_mobilenet_v3_large"
     """The detector's and segmenter's rows: torchvision builders, seeded random weights."""
+    audit_images: tuple[int, int] = (48, 240)
+    """The audit section's two runs: their difference cancels Ray's start-up and the actors' loading."""
     sections: tuple[str, ...] = ()
     """Run only these in-process sections (their report fields: ``methods``, ``audit``, ...); () runs every one."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from camtools.bench.audit import _audit
+from camtools.bench.audit import audit_section
 from camtools.bench.context import BenchConfig, BenchContext, BenchReport, _timer, machine_info, sample_images
 from camtools.bench.inprocess import (
     _channels_last_by_batch,
@@ -50,7 +50,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         ("phone photos", "photos", _photos),
         ("detector and segmenter", "dense", _dense_tasks),
         ("response bytes", "response_bytes", _response_bytes),
-        ("dataset audit", "audit", _audit),
+        ("dataset audit", "audit", audit_section),
     ]
     if config.sections:
         sections = [section for section in sections if section[1] in config.sections]
