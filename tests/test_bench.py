@@ -54,8 +54,9 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
                           for method in ("gradcam", "hirescam", "eigencam")}  # fmt: skip
     assert all(row["ratio_to_floor"] > 0 and row["explanations"] == 3 for row in dense.values())
     assert "Detection and segmentation" in (tmp_path / "bench.md").read_text()
-    audit = report["audit"]
-    assert audit["images"] == [8, 16] and audit["marginal_images_per_s"] > 0 and audit["forward_images_per_s"] > 0
+    audit = report["audit"]  # 8 and 16 images: too few for a meaningful margin, enough to run the section
+    assert audit["images"] == [8, 16] and all(s > 0 for s in audit["seconds"]) and audit["forward_images_per_s"] > 0
+    assert audit["ratio"] == pytest.approx(audit["marginal_images_per_s"] / audit["forward_images_per_s"], abs=2e-3)
     if shutil.which("java"):
         assert [level["errors"] for level in report["service"]] == [0, 0]
         assert [(d["batch_delay_ms"], d["concurrency"]) for d in report["batch_delays"]] == [
