@@ -44,6 +44,11 @@ class Task:
     """Its layers' shapes are probed once, at a square input (a detector's images come at their own sizes)."""
     figure: ClassVar[str] = "probability"
     """The name of the explained class's own figure in an explanation."""
+    unit: ClassVar[str] = "class"
+    what: ClassVar[str] = "classes"
+    """What its class indices count, in words (error messages)."""
+    one: ClassVar[str] = "a class"
+    """One of :attr:`what`, in words."""
 
     @property
     def classifies(self) -> bool:
@@ -65,18 +70,8 @@ class Task:
         return None
 
     def default_labels(self, classes: int) -> list[str]:
-        """Names for classes that no labels file names."""
-        return [f"class_{i}" for i in range(classes)]
-
-    @property
-    def what(self) -> str:
-        """What its class indices count, in words."""
-        return "classes"
-
-    @property
-    def one(self) -> str:
-        """One of :attr:`what`, in words."""
-        return "a class"
+        """Names for classes that no labels file names: ``class_i`` (a regression model's ``output_i``)."""
+        return [f"{self.unit}_{i}" for i in range(classes)]
 
     def scores(self, outputs: Tensor) -> Tensor:
         """(N, classes) per-class scores: probabilities, or a regression's values."""

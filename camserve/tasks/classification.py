@@ -96,17 +96,9 @@ class Regression(Task):
 
     probabilities: bool = False
     figure: ClassVar[str] = "value"
-
-    def default_labels(self, classes: int) -> list[str]:
-        return [f"output_{i}" for i in range(classes)]
-
-    @property
-    def what(self) -> str:
-        return "outputs"
-
-    @property
-    def one(self) -> str:
-        return "an output"
+    unit: ClassVar[str] = "output"
+    what: ClassVar[str] = "outputs"
+    one: ClassVar[str] = "an output"
 
     def default_target(self, explain: int | None, threshold: float, classes: int) -> Target:
         """Output 0; with ``explain`` N, outputs 0 to N − 1."""
