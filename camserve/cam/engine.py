@@ -225,15 +225,6 @@ class CamEngine:
 
     # --- The shared forward pass ---
 
-    def captured_pass(
-        self, images: Tensor, layers: Sequence[str], gradient_layers: set[str], keep: Sequence[str] = ()
-    ) -> Captured:
-        """One forward pass of ``images`` with the activations of ``layers`` captured under the engine's autocast,
-        the network before the first of ``gradient_layers`` without autograd (:func:`.capture.captured_pass`)."""
-        modules = {layer: find_layer(self.model, layer) for layer in layers}
-        with self.autocast(images.device):
-            return captured_pass(self.model, images, modules, gradient_layers, keep=keep)
-
     def with_model(self, model: nn.Module) -> CamEngine:
         """An engine like this one for another model of the same architecture (a randomised copy)."""
         return CamEngine(
@@ -270,13 +261,15 @@ class CamEngine:
                 captured.outputs, captured.activations, gradient_layers, seeds, pairs.image, pairs.slot, expanded,
                 corrections,
             )  # fmt: skip
-        groups = self._groups(images, requests, pairs, captured, gradients, corrected, logits.detach().float())
-        pair_maps = self._pair_maps(pairs, groups, pair_class)
+        groups = self._groups(
+            images, modules, pairs, pair_class, captured, gradients, corrected, logits.detach().float()
+        )
+        pair_maps = self._pair_maps(pairs, groups)
         classes = iter(pair_class.tolist())
         chosen = [[next(classes) for _ in range(count)] for count in pairs.counts]
         kept_rows = tuple(range(len(requests))) if captured.kept else ()
         seconds = {"forward": forward_done - started}
-        return CamOutput(logits.detach().float(), chosen, list(pair_maps), seconds, captured.kept, kept_rows)
+        return CamOutput(logits, chosen, list(pair_maps), seconds, captured.kept, kept_rows)
 
     def _shared_requests(self, images: Tensor, requests: Sequence[CamRequest]) -> list[CamRequest]:
         """The requests with their layers filled in, after checking that each shares the forward pass in one row."""
@@ -336,37 +329,40 @@ class CamEngine:
             seeds[rows] = record.seeds(logits[pairs.image[rows]], pair_class[rows]).to(seeds.dtype)
         return seeds
 
-    def _groups(self, images, requests, pairs, captured, gradients, corrected, logits) -> dict[tuple, MapGroup]:
-        """What each group of pairs (one layer, method and ``eigen_smooth``) reads, as its method record takes it."""
+    def _groups(
+        self, images, modules, pairs, pair_class, captured, gradients, corrected, logits
+    ) -> dict[tuple, MapGroup]:
+        """What each group of pairs (one layer, method and ``eigen_smooth``) reads, as its method record takes it:
+        each layer's grids made once, then each group's rows of them."""
+        layouts = {layer: self.spatial_layer(layer).layout for layer in modules}
+        raw = {layer: captured.activations[layer].detach() for layer in modules}
+        grids = {layer: to_grid(raw[layer], layouts[layer]) for layer in modules}
+        gradients = {layer: to_grid(g, layouts[layer]) for layer, g in gradients.items()}
+        corrected = {layer: to_grid(g, layouts[layer]) for layer, g in corrected.items()}
+        every = torch.arange(len(pairs.image), device=images.device)
         groups = {}
         for key, index in pairs.group_index.items():
             layer = key[0]
-            layout = self.spatial_layer(layer).layout
-            every = torch.arange(len(pairs.image), device=images.device)
-            rows = (every if captured.per_pair[layer] else pairs.image)[index]
-            raw = captured.activations[layer].detach()
             groups[key] = MapGroup(
-                activations=to_grid(raw, layout),
-                rows=rows,
-                classes=None,
-                gradients=to_grid(gradients[layer], layout)[index] if layer in gradients else None,
-                corrected=to_grid(corrected[layer], layout)[index] if layer in corrected else None,
+                activations=grids[layer],
+                rows=(every if captured.per_pair[layer] else pairs.image)[index],
+                classes=pair_class[index],
+                gradients=gradients[layer][index] if layer in gradients else None,
+                corrected=corrected[layer][index] if layer in corrected else None,
                 pair_image=pairs.image[index],
                 images=images,
-                raw=raw,
+                raw=raw[layer],
                 logits=logits,
-                module=find_layer(self.model, layer),
-                layout=layout,
+                module=modules[layer],
+                layout=layouts[layer],
             )
         return groups
 
-    def _pair_maps(self, pairs: Pairs, groups: dict[tuple, MapGroup], pair_class: Tensor) -> list[Tensor]:
+    def _pair_maps(self, pairs: Pairs, groups: dict[tuple, MapGroup]) -> list[Tensor]:
         """Each image's (T, h, w) maps, one group at a time, as each group's method record computes them."""
         maps: list[Tensor | None] = [None] * len(pairs.image)
         with torch.no_grad():
             for (layer, method, eigen_smooth), group in groups.items():
-                index = pairs.group_index[(layer, method, eigen_smooth)]
-                group = replace(group, classes=pair_class[index])
                 group_maps = F.relu(reduce_contributions(method_record(method).maps(self, group), eigen_smooth))
                 if len(groups) == 1:  # the common case: every pair, in order; split into views, no copies
                     return list(group_maps.split(pairs.counts))
