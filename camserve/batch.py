@@ -35,9 +35,8 @@ def explain_with_engine(service: ServiceView, task, prepared: list[PreparedReque
     service.stage_seconds["forward"] = output.seconds["forward"]
     service.stage_seconds["cam"] = time.perf_counter() - started - output.seconds["forward"]
     started = time.perf_counter()
-    labels = service.spec.labels
     predictions = [
-        task.image_predictions(row, item.options, labels) for item, row in zip(prepared, scores, strict=True)
+        task.image_predictions(row, item.options, item.terms.labels) for item, row in zip(prepared, scores, strict=True)
     ]
     target_scores = [scores[n, targets].tolist() for n, targets in enumerate(output.targets)]
     measured = _faithfulness(service, task, prepared, batch, output, target_scores)
@@ -107,13 +106,14 @@ def _respond(
     size = ResponseSize(service.budget)
     try:
         shape = (item.display.shape[0], item.display.shape[1])
-        section = task.section(*pixels, shape, service.spec.labels)
+        section = task.section(item, *pixels, shape)
         size.add(section.mask)
         explanations = []
         for index, (target, score, cam) in enumerate(zip(targets, target_scores, maps, strict=True)):
             outline = None if section.outline is None else section.outline(target)
             figure = task.explained(score)
-            explanation = render(item, target, service.spec.labels[target], figure, map_at(cam, shape), outline)
+            own = target - item.first  # the request's own index of the explained column
+            explanation = render(item, own, item.terms.labels[own], figure, map_at(cam, shape), outline)
             if measured is not None:
                 explanation = replace(explanation, faithfulness=asdict(measured[index]))
             if checked is not None:
@@ -127,6 +127,6 @@ def _respond(
         item.display = None  # the image is rendered (or refused): release it before the batch is done
     response = ExplainResponse(
         service.model_info, item.width, item.height, predictions, explanations, segments=section.segments,
-        mask=section.mask,
+        mask=section.mask, similarities=section.similarities, embedding=section.embedding,
     )  # fmt: skip
     return RowResult(200, response.to_dict())

@@ -56,7 +56,21 @@ def model_class_from_file(path: str | Path) -> type[nn.Module]:
 
 def build_network(spec: ModelSpec, model_dir: str | Path | None = None) -> nn.Module:
     """The spec's network with fresh (untrained) parameters, returning its logits as a tensor: ``model_dir`` holds
-    the spec's model file or Hugging Face config, if any."""
+    the spec's model file or Hugging Face config, if any. A zero-shot or embedding model returns its scores against
+    the columns its task sets (:class:`camserve.embeddings.ColumnScores`)."""
+    if spec.embedding is None:
+        return _build_source(spec, model_dir)
+    from camserve.embeddings import ColumnScores
+
+    encoder = str(spec.embedding["encoder"])
+    return ColumnScores(_build_source(spec, model_dir), encoder, scaled=spec.embedding.get("scores") == "logits")
+
+
+def _build_source(spec: ModelSpec, model_dir: str | Path | None) -> nn.Module:
+    if spec.arch.startswith(OPEN_CLIP_PREFIX):
+        import open_clip
+
+        return open_clip.create_model(spec.arch.removeprefix(OPEN_CLIP_PREFIX), pretrained=None)
     if spec.model_file:
         model = model_class_from_file(Path(model_dir or ".") / spec.model_file)()
     elif spec.arch.startswith(TIMM_PREFIX):
@@ -67,7 +81,12 @@ def build_network(spec: ModelSpec, model_dir: str | Path | None = None) -> nn.Mo
         from transformers import AutoConfig, AutoModelForImageClassification
 
         config = AutoConfig.from_pretrained(Path(model_dir or ".") / spec.hf_config, local_files_only=True)
-        model = AutoModelForImageClassification.from_config(config)
+        if spec.embedding is not None:  # CLIPModel, SiglipModel, or a vision model's pooled output
+            from transformers import AutoModel
+
+            model = AutoModel.from_config(config)
+        else:
+            model = AutoModelForImageClassification.from_config(config)
     else:
         from torchvision.models import get_model_builder
 
@@ -75,9 +94,9 @@ def build_network(spec: ModelSpec, model_dir: str | Path | None = None) -> nn.Mo
     return select_output(model, spec.output)
 
 
-TIMM_PREFIX, HF_PREFIX = "timm:", "hf:"
-"""How the spec's ``arch`` names a timm model (``timm:convnext_tiny``) and a Hugging Face class
-(``hf:ViTForImageClassification``)."""
+TIMM_PREFIX, HF_PREFIX, OPEN_CLIP_PREFIX = "timm:", "hf:", "open_clip:"
+"""How the spec's ``arch`` names a timm model (``timm:convnext_tiny``), a Hugging Face class
+(``hf:ViTForImageClassification``) and an open_clip model (``open_clip:ViT-B-32``)."""
 
 
 def output_part(output: object, key: str) -> object:
@@ -116,6 +135,11 @@ def load_model(
     model = build_network(spec, model_dir)
     model.load_state_dict(read_state_dict(weights))
     model = model.to(device)
+    if spec.embedding is not None:  # a zero-shot model's prompts, through its own tokenizer
+        from camserve import settings
+        from camserve.embeddings import with_prompts
+
+        with_prompts(model, spec.embedding, Path(model_dir or ".") / (spec.hf_config or ""), settings.PROMPT_CACHE_SIZE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)

@@ -60,7 +60,7 @@ class ExplanationService:
 
     def __post_init__(self) -> None:
         spec = self.spec
-        self.task = task_named(spec.task)
+        self.task = task_named(spec.task).serving(self.engine.model)
         self.engine.head = self.task.head or self.engine.head  # the task decides what an explanation differentiates
         self.model_info = ModelInfo(
             self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes, spec.task
@@ -124,17 +124,19 @@ class ExplanationService:
         """Read, check the budget from the header, then decode one request; a :class:`ClientError` says why not."""
         request = (given if isinstance(given, Request) else Request.torchserve(given)).read()
         task, options = self.task, self._options(request.options)
-        targets = task.targets(options, self.spec.num_classes)
+        terms = task.terms(options, self)
+        targets = task.targets(options, len(terms.labels))
         cam = CamRequest(targets, options.layer, options.method, options.eigen_smooth, options.aug_smooth)
         opened = open_image(request.image, self.limits)
         output = snap_to_decode_scale(opened, self.budget.output_size(opened.width, opened.height, options.max_side))
         explanations = targets.count  # at most: a multi-label model explains only its positive classes of these
         measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
-        method_passes = task.forward_passes(self.engine, cam)
+        method_passes = task.forward_passes(self.engine, cam) + terms.passes
         checking = sanity_passes(self.engine, cam) if options.sanity else 0
         self.budget.check(explanations, output, options.method, method_passes, measuring, checking)
         rgb, model_input = task.model_input(opened, output, self.spec.input_size)
-        return PreparedRequest(options, cam, resize_image(rgb, output), model_input, opened.width, opened.height)
+        display = resize_image(rgb, output)
+        return PreparedRequest(options, cam, display, model_input, opened.width, opened.height, terms)
 
     def _options(self, given):
         """A request's options with the model's defaults filled in, after checking that the task takes them and
@@ -143,7 +145,7 @@ class ExplanationService:
         options = replace(
             given,
             layer=given.layer or self.spec.default_layer,
-            topk=min(given.topk or DEFAULT_TOPK, self.spec.num_classes),
+            topk=given.topk or DEFAULT_TOPK,  # at most the classes (or prompts) there are: the predictions' own
             threshold=self.spec.threshold if given.threshold is None else given.threshold,
             score_threshold=serving.DEFAULT_SCORE_THRESHOLD if given.score_threshold is None else given.score_threshold,
             max_detections=given.max_detections or serving.DEFAULT_MAX_DETECTIONS,

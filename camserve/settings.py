@@ -49,6 +49,19 @@ MAX_RESPONSE_BYTES = 100 * MiB
 DEFAULT_SCORE_THRESHOLD = 0.5
 DEFAULT_MAX_DETECTIONS, MAX_DETECTIONS = 20, 100
 
+# --- Zero-shot prompts and similarity references (camserve.tasks.zero_shot, camserve.tasks.embedding) ---
+MAX_PROMPTS = 64
+"""Prompts one request may give a zero-shot model."""
+MAX_PROMPT_CHARACTERS = 300
+"""The longest prompt, in characters, before tokenising (its tokens are checked against the model's context)."""
+PROMPT_CACHE_SIZE = 4096
+"""Text embeddings a worker keeps, one per distinct prompt, least recently used first out: a repeated prompt
+costs no text forward pass."""
+MAX_REFERENCES = 8
+"""References (images and embeddings together) one request may give an embedding model; each is explained."""
+MAX_EMBEDDING_SIZE = 16384
+"""The longest ``reference_embedding`` read: longer lists are refused before any number is parsed."""
+
 # --- Response size accounting: the JSON around a response's images, and around each explanation's ---
 RESPONSE_OVERHEAD_BYTES = 2048
 EXPLANATION_OVERHEAD_BYTES = 512

@@ -46,7 +46,8 @@ class ModelSpec:
     ``hf:<class>`` for a Hugging Face one, or, with ``model_file``, its class name."""
     labels: tuple[str, ...]
     """One name per class a request may explain: a binary model's two (negative first), a regression model's
-    outputs; their number is the number of classes."""
+    outputs, a zero-shot model's default prompts (none for an embedding model); their number is the number of
+    classes."""
     input_size: int
     """The side of the square image the network takes, in pixels."""
     mean: tuple[float, float, float]
@@ -72,7 +73,13 @@ class ModelSpec:
     """Which part of the network's output holds the logits, when it is not a tensor: a key or attribute name
     (``logits``) or a tuple index (``0``); None: the output is the logits."""
     hf_config: str | None = None
-    """The folder inside the archive that holds a Hugging Face model's ``config.json``."""
+    """The folder inside the archive that holds a Hugging Face model's ``config.json`` (and a CLIP model's
+    tokenizer)."""
+    embedding: Mapping[str, object] | None = None
+    """A zero-shot or embedding model's image embedding (``camserve.embeddings``): ``encoder`` (``hf``,
+    ``open_clip`` or ``vector``), ``size`` (its length), ``scores`` (``logits``: a CLIP model's image–text logits;
+    ``cosine``: cosine similarities), and for a model with a text tower ``context`` (its
+    tokens per prompt) and ``open_clip`` (open_clip's model name)."""
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +94,8 @@ class ModelSpec:
         for key in ("labels", "mean", "std"):
             values[key] = tuple(values[key])
         values["layers"] = dict(values["layers"])
+        if values.get("embedding") is not None:
+            values["embedding"] = dict(values["embedding"])
         return cls(**values)
 
     def save(self, path: str | Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +30,7 @@ __all__ = [
     "RowResult",
     "Section",
     "ServiceView",
+    "Terms",
     "contained",
     "internal_error",
     "render",
@@ -66,6 +67,17 @@ def contained(step: str, work: Callable[[], object]) -> object | RowResult:
         return internal_error(step)
 
 
+@dataclass(frozen=True)
+class Terms:
+    """What one request names beside its image, as its task reads it: the names of the indices that its targets
+    run over (a classifier's labels, a zero-shot request's prompts, an embedding request's references), the forward
+    passes they cost beside the explanation's, and the task's own data of them (reference images, decoded)."""
+
+    labels: Sequence[str]
+    passes: int = 0
+    data: object = None
+
+
 @dataclass
 class PreparedRequest:
     """A decoded request: its options, what the engine explains, the image at output size (released once rendered)
@@ -78,6 +90,10 @@ class PreparedRequest:
     width: int
     """The uploaded image's upright size."""
     height: int
+    terms: Terms
+    first: int = 0
+    """The model output's column of its index 0: an embedding request's references follow those of the requests
+    before it in the batch (:mod:`camserve.tasks.embedding`)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,10 @@ class Section:
     segments: list[Segment] | None = None
     mask: str | None = None
     outline: Callable[[int], Callable[[np.ndarray], np.ndarray]] | None = None
+    similarities: list[dict[str, object]] | None = None
+    """An embedding model's cosine similarity to each reference."""
+    embedding: list[float] | None = None
+    """An embedding model's embedding of the image, when asked."""
 
 
 class ServiceView(Protocol):

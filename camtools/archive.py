@@ -20,7 +20,7 @@ import yaml
 import camserve
 from camserve import settings
 from camserve.api import WorkBudget
-from camserve.model import HF_PREFIX, TIMM_PREFIX
+from camserve.model import HF_PREFIX, OPEN_CLIP_PREFIX, TIMM_PREFIX
 from camserve.spec import SPEC_FILE
 from camtools.models import BuildError, PreparedModel
 
@@ -33,7 +33,7 @@ REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
 SERVER_PROVIDED = {"torch", "torchvision", "torchserve", "torch-model-archiver", "pyyaml"}
 """What a TorchServe image already has: the archive's requirements leave these out, so that installing them never
 replaces the server's own torch."""
-MODEL_SOURCES = {"timm", "transformers", "safetensors"}
+MODEL_SOURCES = {"timm", "transformers", "safetensors", "open-clip-torch", "ftfy"}
 """Requirements a worker installs only when its model needs them (see :func:`model_needs`)."""
 
 
@@ -63,6 +63,7 @@ def model_needs(prepared: PreparedModel) -> set[str]:
     spec = prepared.spec
     needs = {"timm"} if spec.arch.startswith(TIMM_PREFIX) else set()
     needs |= {"transformers"} if spec.arch.startswith(HF_PREFIX) else set()
+    needs |= {"open-clip-torch", "ftfy", "timm"} if spec.arch.startswith(OPEN_CLIP_PREFIX) else set()
     if prepared.model_file is not None:
         available = set(sys.stdlib_module_names) | {"torch", "torchvision", "numpy", "cv2", "PIL", "camserve"}
         for name in _imports(prepared.model_file):
@@ -142,7 +143,10 @@ def check_served(prepared: PreparedModel, config: ServingConfig = ServingConfig(
     service = ExplanationService(engine, spec, torch.device("cpu"), budget=config.budget, threads=1)
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "PNG")
-    (result,) = service.answer([{"body": bytearray(buffer.getvalue())}])
+    row = {"data": bytearray(buffer.getvalue())}
+    if "reference" in service.task.options:  # an embedding model: the image's similarity to itself
+        row["reference"] = row["data"]
+    (result,) = service.answer([row])
     if result.status != 200 or not isinstance(result.body.get("explanations"), list):
         raise BuildError(f"a synthetic image through the served path got {result.status}: {result.body}")
     return result.body
@@ -170,6 +174,8 @@ def build_archive(
         if prepared.hf_config is not None:  # the worker builds a Hugging Face model from its config
             (extra / spec.hf_config).mkdir()
             shutil.copy2(prepared.hf_config, extra / spec.hf_config / "config.json")
+            for side_file in prepared.hf_files:  # a CLIP or SigLIP model's tokenizer
+                shutil.copy2(side_file, extra / spec.hf_config / side_file.name)
         torch.save(prepared.state_dict, staging / STATE_DICT_NAME)
         config_file = staging / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config.model_config(), sort_keys=False))

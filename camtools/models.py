@@ -30,7 +30,15 @@ from camserve.cam import (
 )
 from camserve.cam.detection import DetectionRequest, explain_detections
 from camserve.cam.layers import backbone_stage
-from camserve.model import HF_PREFIX, TIMM_PREFIX, build_network, model_class_from_file, output_part, select_output
+from camserve.model import (
+    HF_PREFIX,
+    OPEN_CLIP_PREFIX,
+    TIMM_PREFIX,
+    build_network,
+    model_class_from_file,
+    output_part,
+    select_output,
+)
 from camserve.spec import ModelSpec
 from camserve.tasks import TASKS, task_named
 
@@ -75,6 +83,8 @@ class PreparedModel:
     model_file: Path | None = None
     hf_config: Path | None = None
     """A Hugging Face model's ``config.json``, packed into the archive's ``spec.hf_config`` folder."""
+    hf_files: tuple[Path, ...] = ()
+    """Further files packed beside it: a CLIP or SigLIP model's tokenizer."""
 
 
 def torchvision_archs(kind: str = "classification") -> list[str]:
@@ -425,7 +435,12 @@ class BuildRequest:
     output: str | None = None
     """Which part of a non-tensor output holds the logits; None: found (a tuple's first item, ``logits``)."""
     hf: str | Path | None = None
-    """A directory written by ``save_pretrained`` for an ``AutoModelForImageClassification`` model."""
+    """A directory written by ``save_pretrained`` for an ``AutoModelForImageClassification`` model, a ``CLIPModel``
+    or ``SiglipModel`` (zero-shot), or a vision model whose pooled output is an embedding."""
+    prompts: str | Path | None = None
+    """A zero-shot model's default prompts, one per line."""
+    template: str | None = None
+    """A zero-shot model's prompt made of each label, ``{}`` for the label (default: CLIP's ``a photo of a {}.``)."""
 
 
 @dataclass
@@ -443,6 +458,11 @@ class _Source:
     task: str = "multiclass"
     hf_dir: Path | None = None
     hf_labels: list[str] | None = None
+    encoder: str | None = None
+    """How an image–text model gives its image embedding (``camserve.embeddings.ENCODERS``): ``hf``, ``open_clip``;
+    None for any other network."""
+    context: int | None = None
+    """An image–text model's tokens per prompt."""
 
 
 def prepare_model(**flags) -> PreparedModel:
@@ -456,6 +476,8 @@ def prepare_model(**flags) -> PreparedModel:
     request = BuildRequest(**flags)
     source = _resolve(request)
     model, kwargs, default_labels = _load(source, request)
+    if task_named(source.task).kind in SIMILARITY_KINDS:
+        return _prepare_similarity(request, source, model, kwargs)
     layers, outputs, output_key = _probe(model, source, request.output)
     select_output(model, output_key)
     if task_named(source.task).kind == "detection":  # its classes: the builder's, the weights' or the labels'
@@ -465,9 +487,7 @@ def prepare_model(**flags) -> PreparedModel:
     names = _label(source, request, default_labels or source.hf_labels, outputs)
     layer, spatial = _validate(model, source, request.layer, layers, len(names))
     default_name = source.hf_dir.resolve().name if source.hf_dir else source.arch.removeprefix(TIMM_PREFIX)
-    name = request.model_name or re.sub(r"[^a-z0-9_-]", "_", default_name.lower())
-    if not _MODEL_NAME.fullmatch(name):
-        raise BuildError(f"--model-name must be a letter then letters, digits, '_' or '-' (64 at most), got {name!r}")
+    name = _model_name(request, default_name)
     spec = ModelSpec(
         name=name,
         arch=source.arch,
@@ -477,7 +497,7 @@ def prepare_model(**flags) -> PreparedModel:
         std=source.std,
         default_layer=layer,
         layers=spatial,
-        weights=request.weights if request.weights in ("imagenet", "random") else _file_label(request.weights),
+        weights=_weights_label(request),
         version=request.version,
         model_file=source.model_path.name if source.model_path else None,
         arch_kwargs=kwargs,
@@ -488,6 +508,86 @@ def prepare_model(**flags) -> PreparedModel:
     )
     hf_config = source.hf_dir / "config.json" if source.hf_dir else None
     return PreparedModel(spec, model, model.state_dict(), source.model_path, hf_config)
+
+
+SIMILARITY_KINDS = ("zero-shot", "embedding")
+"""The tasks without a fixed class list (:mod:`camtools.similarity`)."""
+
+
+def _prepare_similarity(request: BuildRequest, source: _Source, model: nn.Module, kwargs) -> PreparedModel:
+    """A zero-shot or embedding model: wrapped to be scored against columns, its layers probed, its embedding's
+    size measured, its default prompts made, one explanation validated."""
+    from camtools import similarity
+
+    scored = task_named(source.task).kind == "zero-shot"
+    if scored and source.encoder is None:
+        raise BuildError(
+            "--task zero-shot needs an image–text model: --hf DIR of a CLIPModel or SiglipModel, or --arch "
+            "open_clip:NAME"
+        )
+    side, output_key = source.input_size, None
+    if source.encoder is None:  # the network's output is the embedding: a tensor, or the part --output names
+        output_key = request.output or _vector_output(model, side)
+        select_output(model, output_key)
+    wrapped = similarity.wrap(model, source.encoder or "vector", scored)
+    layers = describe_layers(wrapped, side)
+    spatial = {name: info.layout for name, info in layers.items() if info.layout}
+    if request.layer is not None and request.layer not in spatial:
+        raise BuildError(
+            f"layer {request.layer} gives no spatial map; {LayerNotFoundError(request.layer, list(spatial))}"
+        )
+    layer = request.layer or default_layer(wrapped, side, layers)
+    embedding = {"encoder": source.encoder or "vector", "size": similarity.embedding_size(wrapped, side)}
+    embedding["scores"] = "logits" if scored else "cosine"
+    if source.context is not None:
+        embedding["context"] = source.context
+    if source.encoder == "open_clip":
+        embedding["open_clip"] = source.arch.removeprefix(OPEN_CLIP_PREFIX)
+    prompts = similarity.default_prompts(request.prompts, source.given_labels, request.template) if scored else []
+    similarity.validate(wrapped, embedding, source.hf_dir, prompts, layer, side)
+    default_name = source.hf_dir.resolve().name if source.hf_dir else source.arch.removeprefix(OPEN_CLIP_PREFIX)
+    spec = ModelSpec(
+        name=_model_name(request, default_name), arch=source.arch, labels=tuple(prompts), input_size=side,
+        mean=source.mean, std=source.std, default_layer=layer, layers=spatial, weights=_weights_label(request),
+        version=request.version, model_file=source.model_path.name if source.model_path else None,
+        arch_kwargs=kwargs, task=source.task, output=output_key, hf_config=HF_CONFIG_DIR if source.hf_dir else None,
+        embedding=embedding,
+    )  # fmt: skip
+    hf_config = source.hf_dir / "config.json" if source.hf_dir else None
+    hf_files = similarity.hf_files(source.hf_dir) if source.hf_dir else ()
+    return PreparedModel(spec, wrapped, wrapped.state_dict(), source.model_path, hf_config, hf_files)
+
+
+def _vector_output(model: nn.Module, side: int) -> str | None:
+    """Which part of an embedding network's output is the embedding: None for a tensor, a tuple's first item, or a
+    transformers model's ``image_embeds`` or ``pooler_output``."""
+    with torch.no_grad():
+        probe = model(torch.zeros(1, 3, side, side))
+    if isinstance(probe, torch.Tensor):
+        return None
+    if isinstance(probe, (tuple, list)):
+        return "0"
+    keys = set(probe.keys()) if hasattr(probe, "keys") else set()
+    found = next((key for key in ("image_embeds", "pooler_output") if key in keys), None)
+    if found is None:
+        raise BuildError(
+            f"this network returns a {type(probe).__name__}, not an embedding: name the part that holds it with "
+            "--output"
+        )
+    return found
+
+
+def _model_name(request: BuildRequest, default_name: str) -> str:
+    name = request.model_name or re.sub(r"[^a-z0-9_-]", "_", default_name.lower())
+    if not _MODEL_NAME.fullmatch(name):
+        raise BuildError(f"--model-name must be a letter then letters, digits, '_' or '-' (64 at most), got {name!r}")
+    return name
+
+
+def _weights_label(request: BuildRequest) -> str:
+    if request.weights in ("imagenet", "random") or not Path(request.weights).is_file():
+        return request.weights  # a named set of pretrained weights (open_clip's tags)
+    return _file_label(request.weights)
 
 
 def _resolve(request: BuildRequest) -> _Source:
@@ -503,6 +603,8 @@ def _resolve(request: BuildRequest) -> _Source:
         raise BuildError(f"--threshold must be a probability from 0 to 1, got {request.threshold}")
     if request.hf:
         return _resolve_hf(request)
+    if (arch or "").startswith(OPEN_CLIP_PREFIX):
+        return _resolve_open_clip(request)
     if request.model_file:
         model_path = Path(request.model_file)
         if not model_path.is_file():
@@ -558,6 +660,34 @@ def _resolve(request: BuildRequest) -> _Source:
     )
 
 
+def _resolve_open_clip(request: BuildRequest) -> _Source:
+    """An open_clip model by name (``--arch open_clip:ViT-B-32``): its input from its config, its tokenizer's
+    context; zero-shot unless ``--task embedding``."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    name = request.arch.removeprefix(OPEN_CLIP_PREFIX)
+    config = open_clip.get_model_config(name)
+    if config is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        hint = f"did you mean {', '.join(OPEN_CLIP_PREFIX + c for c in close)}? " if close else ""
+        raise BuildError(f"--arch {request.arch} is not an open_clip model: {hint}open_clip.list_models() lists them")
+    task = request.task or "zero-shot"
+    if task not in SIMILARITY_KINDS:
+        raise BuildError(f"an open_clip model is built with --task zero-shot or --task embedding, not {task}")
+    vision, text = config["vision_cfg"], config.get("text_cfg", {})
+    side = vision.get("image_size", DEFAULT_INPUT_SIZE)
+    preprocess = config.get("preprocess_cfg", {})
+    return _Source(
+        arch=request.arch, model_path=None, model_class=None,
+        input_size=request.input_size or (side if isinstance(side, int) else side[0]),
+        mean=tuple(request.mean or preprocess.get("mean", OPENAI_DATASET_MEAN)),
+        std=tuple(request.std or preprocess.get("std", OPENAI_DATASET_STD)),
+        given_labels=read_labels(request.labels) if request.labels is not None else None,
+        task=task, encoder="open_clip", context=int(text.get("context_length", 77)),
+    )  # fmt: skip
+
+
 def _resolve_hf(request: BuildRequest) -> _Source:
     """A ``save_pretrained`` directory, read with no network access: the architecture and labels from its
     ``config.json`` (``id2label``), the task from its ``problem_type``, the input from its image processor's
@@ -575,6 +705,20 @@ def _resolve_hf(request: BuildRequest) -> _Source:
     if request.weights not in ("imagenet", "random"):
         raise BuildError("--hf reads the weights from its directory: leave out --weights")
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    image_text = config.model_type in similarity_types()
+    if image_text or request.task in SIMILARITY_KINDS:  # a CLIP or SigLIP model, or a vision model's embedding
+        task = request.task or similarity_types()[config.model_type]
+        size, mean, std = _hf_input(AutoImageProcessor, directory)
+        if image_text and config.vision_config.image_size:
+            size = config.vision_config.image_size
+        return _Source(
+            arch=HF_PREFIX + (config.architectures or [type(config).__name__.removesuffix("Config") + "Model"])[0],
+            model_path=None, model_class=None, input_size=request.input_size or size,
+            mean=tuple(request.mean or mean), std=tuple(request.std or std),
+            given_labels=read_labels(request.labels) if request.labels is not None else None, task=task,
+            hf_dir=directory, encoder="hf" if image_text else None,
+            context=config.text_config.max_position_embeddings if image_text else None,
+        )  # fmt: skip
     problem = {"multi_label_classification": "multilabel", "single_label_classification": "multiclass"}
     task = problem.get(config.problem_type, "regression" if config.problem_type == "regression" else None)
     task = request.task or task or ("regression" if config.num_labels == 1 else "multiclass")
@@ -594,6 +738,12 @@ def _resolve_hf(request: BuildRequest) -> _Source:
     )
 
 
+def similarity_types() -> dict[str, str]:
+    from camtools.similarity import IMAGE_TEXT_TYPES
+
+    return IMAGE_TEXT_TYPES
+
+
 def _hf_input(processor_class, directory: Path) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """(side, mean, std) from the directory's image processor config, else 224 and ImageNet's."""
     if not (directory / "preprocessor_config.json").is_file():
@@ -611,13 +761,16 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
     arguments; the weights' own labels, if they carry any."""
     weights, default_labels = request.weights, None
     if source.hf_dir is not None:
-        from transformers import AutoModelForImageClassification
+        from transformers import AutoModel, AutoModelForImageClassification
 
+        loader = AutoModel if task_named(source.task).kind in SIMILARITY_KINDS else AutoModelForImageClassification
         try:
-            model = AutoModelForImageClassification.from_pretrained(source.hf_dir, local_files_only=True)
+            model = loader.from_pretrained(source.hf_dir, local_files_only=True)
         except (OSError, ValueError) as error:
             raise BuildError(f"--hf {source.hf_dir} could not be loaded: {error}") from None
         return model.eval().requires_grad_(False), {}, None
+    if source.encoder == "open_clip":
+        return _load_open_clip(source, request), {}, None
     if source.model_class is not None:
         kwargs: dict[str, object] = {}
         if weights == "random":
@@ -632,6 +785,8 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
                 ) from None
     else:
         kwargs = _arch_kwargs(source.arch, source.input_size, pretrained=weights == "imagenet")
+        if source.arch.startswith(TIMM_PREFIX) and task_named(source.task).kind == "embedding":
+            kwargs["num_classes"] = 0  # timm's pooled features: the embedding
         if weights == "imagenet":
             state_dict, default_labels = _imagenet_state_dict(source.arch, request.progress)
             state_dict = _with_batch_norm_counters(source.arch, state_dict, kwargs)
@@ -656,6 +811,35 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
             model = build_network(stub)
             model.load_state_dict(state_dict)
     return model.eval().requires_grad_(False), kwargs, default_labels
+
+
+def _load_open_clip(source: _Source, request: BuildRequest) -> nn.Module:
+    """``open_clip.create_model(NAME)`` with ``--weights``: a state_dict file, ``random`` (seeded), or one of
+    open_clip's pretrained tags for the model, downloaded through open_clip."""
+    import open_clip
+
+    name = source.arch.removeprefix(OPEN_CLIP_PREFIX)
+    weights, tags = request.weights, open_clip.list_pretrained_tags_by_model(name)
+    if weights == "random":
+        return _seeded(lambda: open_clip.create_model(name, pretrained=None), request.seed, source.input_size)
+    if weights in tags:
+        try:
+            return open_clip.create_model(name, pretrained=weights)
+        except Exception as error:  # the Hub client raises its own connection and lookup errors
+            raise WeightsUnavailableError(
+                f"could not download open_clip's {name} weights {weights!r}: {type(error).__name__}: "
+                f"{str(error)[:300]}.\nOffline, give --weights PATH (the model's state_dict, saved where it was "
+                "downloaded) or --weights random (tests only: its predictions mean nothing)."
+            ) from None
+    if weights == "imagenet" or not Path(weights).is_file():
+        offered = f"one of its pretrained tags ({', '.join(tags[:6])})" if tags else "no pretrained tag (it has none)"
+        raise BuildError(f"--arch {source.arch} takes --weights PATH (a state_dict), random or {offered}")
+    model = open_clip.create_model(name, pretrained=None)
+    try:
+        model.load_state_dict(read_checkpoint(weights))
+    except RuntimeError as error:
+        raise BuildError(f"these weights do not fit open_clip's {name}: {str(error)[:600]}") from None
+    return model
 
 
 def _probe(model: nn.Module, source: _Source, output: str | None) -> tuple[dict[str, LayerInfo], int, str | None]:
@@ -793,7 +977,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--arch",
         help=f"a torchvision classification model, e.g. resnet50, convnext_tiny, vit_b_16, swin_t, or a timm model "
-        f"as timm:NAME, e.g. timm:convnext_tiny (default: {DEFAULT_ARCH} unless --model-file or --hf)",
+        f"as timm:NAME, e.g. timm:convnext_tiny, or an open_clip model as open_clip:NAME, e.g. open_clip:ViT-B-32 "
+        f"(default: {DEFAULT_ARCH} unless --model-file or --hf)",
     )
     group.add_argument(
         "--hf",
@@ -820,12 +1005,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help='class names: a JSON list, {"0": "cat"}, index_to_name.json or one name per line '
         "(default: ImageNet's for a single-label model of 1000 classes, else class_0, class_1, ...)",
     )
+    group.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="a zero-shot model's default prompts, one sentence per line (default: each --labels label in --template)",
+    )
+    group.add_argument(
+        "--template",
+        help="a zero-shot model's prompt made of each label, {} for the label (default: 'a photo of a {}.')",
+    )
     group.add_argument("--layer", help="the layer explained by default (default: found for the model)")
     group.add_argument(
         "--task",
         choices=tuple(TASKS),
-        help="how the outputs read: multiclass (softmax), multilabel (a sigmoid per class), binary (one logit) or "
-        "regression (default: multiclass, or what an --hf directory's problem_type says)",
+        help="how the outputs read: multiclass (softmax), multilabel (a sigmoid per class), binary (one logit), "
+        "regression, detection, segmentation, zero-shot (a CLIP or SigLIP model scoring prompts) or embedding "
+        "(similarity to references) (default: multiclass, what an --hf directory's problem_type says, zero-shot for "
+        "a CLIP or SigLIP model)",
     )
     group.add_argument(
         "--threshold",
@@ -870,6 +1067,8 @@ def model_for_cli(args: argparse.Namespace, model_name: str | None = None, versi
             threshold=args.threshold,
             output=args.output,
             hf=args.hf,
+            prompts=args.prompts,
+            template=args.template,
         )
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,13 +12,17 @@ from dataclasses import dataclass, make_dataclass
 
 from camserve.api.readers import (
     MAX_LAYER_NAME,
+    MAX_OPTION_TEXT,
     MAX_TARGETS,
     boolean,
     choice,
+    embeddings,
     integer,
     layer_name,
     number,
     percentiles,
+    references,
+    sentences,
     shown,
     targets,
     text_of,
@@ -30,7 +34,11 @@ from camserve.settings import (
     DEFAULT_MAX_DETECTIONS,
     DEFAULT_SCORE_THRESHOLD,
     MAX_DETECTIONS,
+    MAX_EMBEDDING_SIZE,
     MAX_OUTPUT_SIDE,
+    MAX_PROMPT_CHARACTERS,
+    MAX_PROMPTS,
+    MAX_REFERENCES,
     MIN_OUTPUT_SIDE,
 )
 
@@ -67,6 +75,14 @@ class Option:
     """The value as given (JSON, or multipart text) to its parsed value; None when it is not accepted."""
     shown_default: str | None = None
     """The default as the docs show it, when its value alone would not say it."""
+    longest: int = MAX_OPTION_TEXT
+    """The longest value as text (a multipart field, a JSON string), refused before any parsing."""
+    raw: bool = False
+    """Its value is read as given, bytes included (an image file in a multipart field), not as UTF-8 text."""
+
+    def read_given(self, value: object) -> object:
+        """The value as a request gives it (JSON, or a multipart field's bytes) to its parsed value."""
+        return self.parse(value if self.raw else text_of(self.name, value, self.longest))
 
     def parse(self, value: object) -> object:
         parsed = self.read(value)
@@ -96,6 +112,47 @@ OPTIONS: tuple[Option, ...] = (
         "segments of these classes.",
         targets,
         shown_default="the top `explain` predicted classes",
+    ),
+    Option(
+        "prompts",
+        tuple[str, ...] | None,
+        None,
+        f"a list of 1 to {MAX_PROMPTS} sentences of at most {MAX_PROMPT_CHARACTERS} characters each (in a multipart "
+        'form, the list as JSON text: ["a photo of a cat", "a photo of a dog"])',
+        f"A zero-shot model's sentences to score the image against, 1–{MAX_PROMPTS}; `target` names them by index "
+        "([docs/zero-shot.md](docs/zero-shot.md)).",
+        sentences(MAX_PROMPTS, MAX_PROMPT_CHARACTERS),
+        shown_default="the archive's prompts",
+        longest=MAX_PROMPTS * (MAX_PROMPT_CHARACTERS + 8),
+    ),
+    Option(
+        "reference",
+        tuple[bytes, ...] | None,
+        None,
+        f"an image file (a multipart field), its base64 text, or a JSON list of at most {MAX_REFERENCES} base64 images",
+        "An embedding model's reference images: each gets its cosine similarity and an explanation of it "
+        "([docs/zero-shot.md](docs/zero-shot.md#similarity)).",
+        references(MAX_REFERENCES),
+        shown_default="none",
+        raw=True,
+    ),
+    Option(
+        "reference_embedding",
+        tuple[tuple[float, ...], ...] | None,
+        None,
+        f"a list of finite numbers of the model's embedding size, or a list of at most {MAX_REFERENCES} such lists",
+        "An embedding model's reference embeddings, explained as reference images are.",
+        embeddings(MAX_REFERENCES, MAX_EMBEDDING_SIZE),
+        shown_default="none",
+        longest=MAX_REFERENCES * MAX_EMBEDDING_SIZE * 32,
+    ),
+    Option(
+        "return_embedding",
+        bool,
+        False,
+        "true or false",
+        "An embedding model's image embedding in the response, as `embedding`.",
+        boolean,
     ),
     Option(
         "detection",
@@ -283,7 +340,7 @@ def parse_options(raw: Mapping[str, object]) -> ExplainOptions:
     for chosen, what in (("target", "classes"), ("detection", "detections")):
         if chosen in raw and "explain" in raw:
             raise ClientError("InvalidOption", f"give either {chosen} ({what} to explain) or explain (top N), not both")
-    return ExplainOptions(**{name: _BY_NAME[name].parse(text_of(name, value)) for name, value in raw.items()})
+    return ExplainOptions(**{name: _BY_NAME[name].read_given(value) for name, value in raw.items()})
 
 
 def options_table() -> str:

@@ -3,7 +3,10 @@ hardened against what a request could send (duplicate keys, huge integers, deep 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import re
 import reprlib
 from collections.abc import Callable, Mapping
@@ -16,11 +19,14 @@ __all__ = [
     "MAX_TARGETS",
     "boolean",
     "choice",
+    "embeddings",
     "integer",
     "layer_name",
     "load_json",
     "number",
     "percentiles",
+    "references",
+    "sentences",
     "shown",
     "targets",
     "text_of",
@@ -112,6 +118,82 @@ def targets(value: object) -> tuple[int, ...] | None:
     return None if any(i is None or i < 0 for i in indices) else tuple(indices)
 
 
+def _json_list(value: object, what: str) -> object:
+    """A JSON list as JSON gives it, or as multipart text gives it (``["a", "b"]``); anything else as it is."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return load_json(value, what)
+        except ClientError:
+            return None
+    return value
+
+
+def sentences(most: int, longest: int) -> Callable[[object], tuple[str, ...] | None]:
+    """A list of 1 to ``most`` sentences of 1 to ``longest`` characters each, not blank: a JSON list, or in a
+    multipart form the list as JSON text (one sentence alone is a list of one)."""
+
+    def read(value: object) -> tuple[str, ...] | None:
+        items = _json_list(value, "prompts")
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not 1 <= len(items) <= most:
+            return None
+        if not all(isinstance(item, str) and item.strip() and len(item) <= longest for item in items):
+            return None
+        return tuple(item.strip() for item in items)
+
+    return read
+
+
+def embeddings(most: int, longest: int) -> Callable[[object], tuple[tuple[float, ...], ...] | None]:
+    """One vector of 1 to ``longest`` finite numbers, or a list of at most ``most`` of them, as JSON or multipart
+    JSON text."""
+
+    def read(value: object) -> tuple[tuple[float, ...], ...] | None:
+        items = _json_list(value, "reference_embedding")
+        if isinstance(items, list) and items and not isinstance(items[0], list):
+            items = [items]
+        if not isinstance(items, list) or not 1 <= len(items) <= most:
+            return None
+        vectors = []
+        for item in items:
+            if not isinstance(item, list) or not 1 <= len(item) <= longest:
+                return None
+            numbers = [_as_float(number) if not isinstance(number, str) else None for number in item]
+            if any(number is None or not math.isfinite(number) for number in numbers):
+                return None  # NaN and infinities, strings, nested lists
+            vectors.append(tuple(numbers))
+        return tuple(vectors)
+
+    return read
+
+
+def references(most: int) -> Callable[[object], tuple[bytes, ...] | None]:
+    """Reference images: one file's bytes (a multipart field) or base64 text, or a JSON list of at most ``most``
+    base64 texts; their pixels are read where the model is known."""
+
+    def read(value: object) -> tuple[bytes, ...] | None:
+        items = value if isinstance(value, list) else [value]
+        if not 1 <= len(items) <= most:
+            return None
+        files = []
+        for item in items:
+            if isinstance(item, (bytes, bytearray)):
+                files.append(bytes(item))
+                continue
+            if not isinstance(item, str):
+                return None
+            if item.startswith("data:") and "," in item:  # a data URL, as browsers make them
+                item = item.split(",", 1)[1]
+            try:
+                files.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError):
+                return None
+        return tuple(files)
+
+    return read
+
+
 def layer_name(value: object) -> str | None:
     """A dotted module path; whether the model has that layer is checked where the model is known."""
     valid = isinstance(value, str) and len(value) <= MAX_LAYER_NAME and _LAYER_NAME.fullmatch(value) is not None
@@ -147,20 +229,19 @@ def shown(value: object) -> str:
     return _REPR.repr(value)
 
 
-def text_of(name: str, value: object) -> object:
-    """Multipart fields arrive as bytes: read them as UTF-8 text; JSON values pass through."""
+def text_of(name: str, value: object, longest: int = MAX_OPTION_TEXT) -> object:
+    """Multipart fields arrive as bytes: read them as UTF-8 text; JSON values pass through. A value longer than
+    ``longest`` characters is refused before any parsing."""
     if isinstance(value, (bytes, bytearray)):
-        if len(value) > MAX_OPTION_TEXT:
-            raise ClientError(
-                "InvalidOption", f"{name} is {len(value)} bytes long; no option value exceeds {MAX_OPTION_TEXT}"
-            )
+        if len(value) > longest:
+            raise ClientError("InvalidOption", f"{name} is {len(value)} bytes long; its value may not exceed {longest}")
         try:
             return value.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise ClientError("InvalidOption", f"{name} is not UTF-8 text, got {shown(bytes(value))}") from None
-    if isinstance(value, str) and len(value) > MAX_OPTION_TEXT:
+    if isinstance(value, str) and len(value) > longest:
         raise ClientError(
-            "InvalidOption", f"{name} is {len(value)} characters long; no option value exceeds {MAX_OPTION_TEXT}"
+            "InvalidOption", f"{name} is {len(value)} characters long; its value may not exceed {longest}"
         )
     return value
 

@@ -106,6 +106,8 @@ class Explanation:
     """The explained detection's score."""
     share: float | None = None
     """The explained segment's share of the pixels."""
+    similarity: float | None = None
+    """An embedding model's cosine similarity to the explained reference."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class ExplainResponse:
     mask: str | None = None
     """A segmenter's class per pixel: a base64 PNG at the overlay's size, 8-bit with a palette where each pixel's
     value is its class index (16-bit grayscale for more than 256 classes)."""
+    similarities: list[dict[str, object]] | None = None
+    """An embedding model's cosine similarity to each reference: ``{"index", "label", "similarity"}``."""
+    embedding: list[float] | None = None
+    """An embedding model's embedding of the image, when the request asks for it."""
 
     def to_dict(self) -> dict[str, object]:
         body: dict[str, object] = {"model": asdict(self.model), "image": {"width": self.width, "height": self.height}}
@@ -131,5 +137,9 @@ class ExplainResponse:
         if self.segments is not None:
             body["segments"] = [s.to_dict() for s in self.segments]
             body["mask"] = self.mask
+        if self.similarities is not None:
+            body["similarities"] = self.similarities
+        if self.embedding is not None:
+            body["embedding"] = self.embedding
         body["explanations"] = [_without_none(e) for e in self.explanations]
         return body

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +20,8 @@ __all__ = ["IMAGE_FIELDS", "ExplainRequest", "Request", "is_envelope_instance", 
 IMAGE_FIELDS = ("data", "image")
 """Where the image may travel: a multipart field, or a key of a JSON body or KServe instance (base64)."""
 KSERVE_V2_KEYS = {"name", "datatype", "data"}
+_MORE_REFERENCES = re.compile(r"reference_[1-9]")
+"""A multipart form's further reference images, beside ``reference``: ``reference_1`` to ``reference_9``."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ def _parse_fields(fields_: Mapping[str, object], image_is_base64: bool) -> Expla
         )
     image = fields_[image_keys[0]]
     options = {key: value for key, value in fields_.items() if key not in IMAGE_FIELDS}
+    extra = sorted((key for key in options if _MORE_REFERENCES.fullmatch(key)), key=lambda key: int(key[10:]))
+    if extra:  # a multipart form's further reference files: reference, reference_1, reference_2, ...
+        given = options.pop("reference", None)
+        options["reference"] = [*([] if given is None else [given]), *(options.pop(key) for key in extra)]
     if image_is_base64 or isinstance(image, str):  # a KServe v1 instance carries its image as base64 text
         image = _decode_base64(image)
     elif not isinstance(image, (bytes, bytearray)):

@@ -1,4 +1,5 @@
-"""What a model's output means: multiclass, multilabel, binary or regression; detection or segmentation.
+"""What a model's output means: multiclass, multilabel, binary or regression; detection or segmentation; zero-shot
+prompts or similarity to references.
 
 A task is an object that owns its behaviour (:class:`~camserve.tasks.base.Task`): it reads outputs into
 predictions, says which targets and options a request may give and which methods it takes, gives the engine its
@@ -16,6 +17,7 @@ from camserve.tasks.base import Task
 from camserve.tasks.classification import CLASSIFIERS
 from camserve.tasks.detection import DETECTION
 from camserve.tasks.segmentation import SEGMENTATION, predicted_classes, segment_objective, segment_shares
+from camserve.tasks.similarity import EMBEDDING, ZERO_SHOT
 
 __all__ = [
     "TASKS",
@@ -28,7 +30,7 @@ __all__ = [
     "task_named",
 ]
 
-TASKS: dict[str, Task] = {task.name: task for task in (*CLASSIFIERS, SEGMENTATION, DETECTION)}
+TASKS: dict[str, Task] = {task.name: task for task in (*CLASSIFIERS, SEGMENTATION, DETECTION, ZERO_SHOT, EMBEDDING)}
 """Every task, by the name the spec and ``--task`` use."""
 
 TASK_OPTIONS = frozenset().union(*(task.options for task in TASKS.values()))

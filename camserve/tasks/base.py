@@ -16,7 +16,7 @@ from camserve.batch import explain_with_engine
 from camserve.cam import DEFAULT_METHOD, CamEngine, CamRequest, Classes, Head, Method, Target, TopPredicted
 from camserve.errors import ClientError
 from camserve.imaging import OpenedImage, load_rgb, resize_for_model
-from camserve.work import PreparedRequest, RowResult, Section, ServiceView
+from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms
 
 __all__ = ["Task"]
 
@@ -89,7 +89,17 @@ class Task:
         """The explained class's own figure in an explanation (its probability, a segment's share, ...)."""
         return {self.figure: round(score, 6)}
 
+    def serving(self, model) -> Task:
+        """The task as it serves this loaded ``model`` (a zero-shot model's scores read through a softmax or a
+        sigmoid, as the model was trained); itself for most."""
+        return self
+
     # --- A request ---
+
+    def terms(self, options: ExplainOptions, service: ServiceView) -> Terms:
+        """What a request names beside its image (:class:`~camserve.work.Terms`): a classifier's classes are the
+        model's labels. A ClientError says what is wrong with them."""
+        return Terms(service.spec.labels)
 
     def default_target(self, explain: int | None, threshold: float, classes: int) -> Target:
         """What a request without ``target`` explains, for a model of ``classes`` classes."""
@@ -153,6 +163,8 @@ class Task:
         masked outputs, p(x)); None: its :meth:`scores`."""
         return None
 
-    def section(self, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int], labels: Sequence[str]):
+    def section(
+        self, item: PreparedRequest, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int]
+    ) -> Section:
         """The task's own part of one image's response, beside its explanations (a segmenter's segments)."""
         return Section()

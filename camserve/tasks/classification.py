@@ -14,7 +14,7 @@ from camserve.api import Prediction
 from camserve.cam import SOFTMAX, Classes, Head, Target, TopPredicted, logit
 from camserve.tasks.base import Task
 
-__all__ = ["Binary", "Multiclass", "Multilabel", "Regression", "CLASSIFIERS"]
+__all__ = ["Binary", "Multiclass", "Multilabel", "Regression", "CLASSIFIERS", "RAW", "SIGMOID"]
 
 
 def _sigmoid_scores(outputs: Tensor) -> Tensor:
@@ -109,9 +109,14 @@ class Regression(Task):
         return [Prediction(i, labels[i], value=round(v, 6)) for i, v in enumerate(scores.float().cpu().tolist())]
 
 
+SIGMOID = Head(objective=logit, scores=_sigmoid_scores)
+"""The logit y_c, p = σ(y_c): a multi-label classifier's head."""
+RAW = Head(objective=logit, scores=_raw_scores)
+"""The output itself, read as it is: a regression's value, a cosine similarity."""
+
 CLASSIFIERS: tuple[Task, ...] = (
     Multiclass("multiclass", SOFTMAX, exclusive=True),  # the logit y_c, classes ranked by softmax
-    Multilabel("multilabel", Head(objective=logit, scores=_sigmoid_scores), default_explain=5),
+    Multilabel("multilabel", SIGMOID, default_explain=5),
     Binary("binary", Head(objective=_binary_objective, scores=_binary_scores)),  # z or −z; p = σ(z)
-    Regression("regression", Head(objective=logit, scores=_raw_scores)),  # the output itself
+    Regression("regression", RAW),  # the output itself
 )

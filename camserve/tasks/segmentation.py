@@ -4,7 +4,6 @@ background; faithfulness measures a segment's mean probability over its pixels."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -95,8 +94,9 @@ class Segmentation(Task):
         measure = partial(segment_probability, predicted_classes(logits) == classes.view(-1, 1, 1), classes)
         return measure, measure(logits, torch.arange(len(classes), device=logits.device)).cpu()
 
-    def section(self, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int], labels: Sequence[str]):
+    def section(self, item, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int]) -> Section:
         """The segments present, largest first, the class mask at the overlay's ``size`` and each segment's outline."""
+        labels = item.terms.labels
         classes = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
         shares = scores.tolist()
         present = sorted((c for c, share in enumerate(shares) if share > 0), key=lambda c: -shares[c])
