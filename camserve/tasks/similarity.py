@@ -17,7 +17,7 @@ method, faithfulness and the sanity check score the same scalar.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -178,6 +178,7 @@ class Embedding(Task):
         for item in explained:
             references = item.terms.data
             item.first, first = first, first + len(item.terms.labels)
+            item.cam = replace(item.cam, targets=Classes(range(item.first, first)))  # its columns among the batch's
             given = torch.tensor(references.vectors, dtype=torch.float32).view(-1, service.spec.embedding["size"])
             columns += [*references.units, *F.normalize(given, dim=-1).to(service.device)]
         answered = iter(_explain_against(service, self, explained, torch.stack(columns)) if explained else ())
