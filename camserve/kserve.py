@@ -102,7 +102,7 @@ class CamModel(Model):
         self.service = ExplanationService.from_archive(
             self.model_dir, self.manifest["model"]["serializedFile"], settings, self.device, model_name=self.name
         )
-        (warm_up,) = self.service.answer([Request.torchserve({"body": bytearray(_warm_up_image())})])
+        warm_up = self.service.warm_up(_warm_up_image())
         if warm_up.status != 200:
             raise RuntimeError(f"the warm-up explanation of {self.name} failed: {warm_up.body}")
         spec = self.service.spec

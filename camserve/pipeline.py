@@ -120,6 +120,15 @@ class ExplanationService:
                 results[index] = result
         return results
 
+    def warm_up(self, image: bytes) -> RowResult:
+        """One explanation of ``image``, as the runtime's first request would ask it (an embedding model's of the
+        image's similarity to itself): what a door answers before it says the model is ready."""
+        row = {"data": bytearray(image)}
+        if "reference" in self.task.options:
+            row["reference"] = bytearray(image)
+        (result,) = self.answer([row])
+        return result
+
     def prepare(self, given: Request | Mapping[str, object]) -> PreparedRequest:
         """Read, check the budget from the header, then decode one request; a :class:`ClientError` says why not."""
         request = (given if isinstance(given, Request) else Request.torchserve(given)).read()

@@ -1,6 +1,7 @@
 """Make the README's overlay pictures with the real service, on a model that really localises.
 
 python scripts/make_pictures.py            # writes docs/pictures/overlays.png (about a minute on two CPU cores)
+python scripts/make_pictures.py --zero-shot   # docs/pictures/zero_shot.png: a tiny CLIP, prompts and a reference
 
 It trains ShapesNet on the synthetic shapes task (camtools/synthetic.py: a coloured shape on grey clutter, the class
 is the colour), builds its archive with --model-file, starts torchserve, and asks for each overlay of a few held-out
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "pictures" / "overlays.png")
     parser.add_argument("--images", type=int, default=3, help="held-out images, one row each (default: 3)")
+    parser.add_argument("--zero-shot", action="store_true", help="the zero-shot picture instead (docs/zero-shot.md)")
     args = parser.parse_args(argv)
+    if args.zero_shot:
+        out = args.out if args.out.name != "overlays.png" else args.out.with_name("zero_shot.png")
+        return zero_shot_picture(out, args.images)
     samples = make_samples(args.images, seed=1234)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pictures-") as scratch:
@@ -68,6 +73,60 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(encode_image(np.vstack(padded), "png"))
     print(f"wrote {args.out}")
+    return 0
+
+
+def zero_shot_picture(out: Path, images: int) -> int:
+    """A tiny CLIP trained on the synthetic scenes (camtools.synthetic.trained_clip), served in process: each scene
+    explained for each colour's prompt, then built as an embedding model and explained for its similarity to a
+    one-object reference."""
+    import json
+
+    import torch
+
+    from camserve.cam import CamEngine
+    from camserve.pipeline import ExplanationService
+    from camtools.models import prepare_model
+    from camtools.synthetic import CLIP_PROMPTS, clip_scenes, make_scene, trained_clip
+
+    def served(prepared):
+        spec = prepared.spec
+        engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
+        return ExplanationService(engine, spec, torch.device("cpu"))
+
+    def big(image):
+        return cv2.resize(image, (SHOWN, SHOWN), interpolation=cv2.INTER_NEAREST)
+
+    with tempfile.TemporaryDirectory(prefix="pictures-") as scratch:
+        folder, accuracy = trained_clip(Path(scratch) / "clip")
+        print(f"tiny CLIP: {accuracy:.1%} of held-out scenes with every prompt right")
+        (Path(scratch) / "prompts.txt").write_text("\n".join(CLIP_PROMPTS) + "\n")
+        zero_shot = served(prepare_model(hf=folder, prompts=Path(scratch) / "prompts.txt"))
+        embedding = served(prepare_model(hf=folder, task="embedding"))
+        scenes = [s for s in clip_scenes(40, seed=21)[0] if len(s.boxes) == 2][:images]
+        rows = []
+        for n, scene in enumerate(scenes):
+            data = encode_image(big(scene.image), "png")
+            fields = {"data": bytearray(data), "format": b"png", "target": b"0,1,2"}
+            fields["prompts"] = bytearray(json.dumps(list(CLIP_PROMPTS)).encode())
+            (answer,) = zero_shot.answer([fields])
+            tiles, captions = [big(scene.image)], ["image"]
+            for explanation in answer.body["explanations"]:
+                tiles.append(decode_image(base64.b64decode(explanation["overlay"])))
+                captions.append(f"'{explanation['label']}' p={explanation['probability']:.2f}")
+            colour = sorted(scene.boxes)[n % 2]
+            reference = big(make_scene(np.random.default_rng(100 + n), (colour,)).image)
+            asked = {"data": bytearray(data), "reference": bytearray(encode_image(reference, "png")), "format": b"png"}
+            (similar,) = embedding.answer([asked])
+            (explanation,) = similar.body["explanations"]
+            tiles += [reference, decode_image(base64.b64decode(explanation["overlay"]))]
+            captions += ["reference", f"similarity {explanation['similarity']:.2f}"]
+            rows.append(render_contact_sheet(tiles, captions, height=SHOWN // 2 + 32))
+    width = max(row.shape[1] for row in rows)
+    padded = [np.pad(row, ((0, 8), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_image(np.vstack(padded), "png"))
+    print(f"wrote {out}")
     return 0
 
 
