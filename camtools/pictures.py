@@ -32,5 +32,7 @@ def describe(item: dict[str, object]) -> str:
         return f"score={item['score']:.3f}"
     if "share" in item:
         return f"share={item['share']:.1%}"
+    if "similarity" in item:
+        return f"similarity={item['similarity']:.3f}"
     text = f"p={item['probability']:.3f}"
     return text + (" positive" if item.get("positive") else "") if "positive" in item else text

@@ -5,6 +5,8 @@ python scripts/explain.py photos/ --arch convnext_tiny --weights finetuned.pt --
 python scripts/explain.py photos/ --model-file my_net.py --weights my_net.pt --layer features.3
 python scripts/explain.py street.jpg --arch fasterrcnn_resnet50_fpn_v2 --weights imagenet --explain 3
 python scripts/explain.py street.jpg --arch deeplabv3_resnet50 --weights imagenet
+python scripts/explain.py photos/ --hf clip-vit-base-patch32/ --prompts prompts.txt --target 0,1
+python scripts/explain.py query.jpg --hf clip-vit-base-patch32/ --task embedding --reference item.jpg
 
 The model flags are the build's (scripts/build_mar.py). For each image it prints the top-k predictions (a
 detector's detections, a segmenter's segments) and writes one overlay per target (per detection, per segment), a
@@ -54,6 +56,8 @@ def summary(body: dict) -> str:
         return ", ".join(found) or "no detection above the score threshold"
     if "segments" in body:
         return ", ".join(f"{s['label']} ({s['class']}) {describe(s)}" for s in body["segments"])
+    if "similarities" in body:
+        return ", ".join(f"{s['label']} {describe(s)}" for s in body["similarities"])
     return ", ".join(f"{p['label']} ({p['index']}) {describe(p)}" for p in body["predictions"])
 
 
@@ -76,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         "--sanity",
         action="store_true",
         help="check each map against the model randomised after the layer (docs/methods.md, Sanity)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        action="append",
+        metavar="IMG",
+        help="an embedding model's reference image, its similarity explained (repeat for more); a zero-shot "
+        "model's sentences are --prompts FILE",
     )
     parser.add_argument("--colormap", default="jet", help="an OpenCV colormap name (default: jet)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the overlay (default: 0.5)")
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {key: value for key, value in options.items() if value is not None}
     args.out.mkdir(parents=True, exist_ok=True)
     paths = image_paths(args.inputs)
+    references = [path.read_bytes() for path in args.reference or ()]
     failures: list[str] = []  # one line per file that could not be explained, printed after the progress bar
     for path in tqdm(paths, desc="explaining", unit="image", disable=len(paths) < 2):
         try:
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{path}: cannot be read: {error.strerror or error}")
             continue
         row = {"data": data, **{key: str(value).encode() for key, value in options.items()}}
+        if references:
+            row["reference"] = references
         (result,) = service.answer([row])
         if result.status != 200:  # the service speaks of a request's body; here the body is the file
             failures.append(f"{path}: {result.body['message'].replace('the body is not', 'the file is not')}")

@@ -470,3 +470,82 @@ def test_the_tiny_clip_is_a_real_clip_model():
 
     assert type(CLIPModel(tiny_clip_config())).__name__ == "CLIPModel"
     assert (ROOT / "camtools" / "synthetic.py").is_file()
+
+
+# --- Live: a zero-shot archive and an embedding archive beside a classifier, on one torchserve ---
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """scripts/build_mar.py builds a tiny CLIP (--hf, seeded random weights, its tokenizer) with default prompts, the
+    tiny embedder (--model-file --task embedding) and a classifier (tests/models/tiny_net.py); one torchserve serves
+    the three."""
+    from transformers import CLIPModel
+
+    from tests.test_integration import built_and_served
+
+    folder = tmp_path_factory.mktemp("live_zero_shot")
+    torch.manual_seed(3)
+    save_clip(CLIPModel(tiny_clip_config()), folder / "clip")
+    (folder / "tiny_embedder.py").write_text(EMBEDDER)
+    builds = [
+        ["--hf", str(folder / "clip"), "--prompts", str(prompts_file(folder)), "--model-name", "clip"],
+        ["--model-file", str(folder / "tiny_embedder.py"), "--weights", "random", "--task", "embedding",
+         "--input-size", str(SIZE), "--model-name", "embedder"],
+        ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random",
+         "--model-name", "classifier"],
+    ]  # fmt: skip
+    with built_and_served(builds, folder, "clip") as running:
+        yield running
+
+
+@pytest.mark.integration
+def test_torchserve_serves_a_zero_shot_and_an_embedding_archive_beside_a_classifier(live):
+    import requests
+
+    image = bytes(png(scene_images(1, seed=4)[0]))
+
+    def post(model: str, **fields):
+        files = {"data": ("scene.png", image)}
+        if "reference" in fields:
+            files["reference"] = ("reference.png", fields.pop("reference"))
+        url = f"{live.inference}/predictions/{model}"
+        return requests.post(url, files=files, data=fields, headers=live.headers(), timeout=120)
+
+    default = post("clip").json()
+    assert default["model"]["task"] == "zero-shot"
+    assert sorted(p["label"] for p in default["predictions"]) == sorted(PROMPTS)
+    asked = post("clip", prompts=json.dumps(["a blue shape", "a red shape"]), target="0,1").json()
+    assert [e["label"] for e in asked["explanations"]] == ["a blue shape", "a red shape"]
+    assert sum(p["probability"] for p in asked["predictions"]) == pytest.approx(1, abs=1e-5)
+    refused = post("clip", prompts="[]")
+    assert refused.status_code == 400 and "prompts must be a list of 1 to 64" in refused.json()["message"]
+    similar = post("embedder", reference=image, return_embedding="true").json()
+    assert similar["similarities"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)  # the image against itself
+    assert len(similar["embedding"]) == 16 and len(similar["explanations"]) == 1
+    missing = post("embedder")
+    assert missing.status_code == 400 and "give reference" in missing.json()["message"]
+    classifier = post("classifier", prompts='["a cat"]')
+    assert classifier.status_code == 400 and "fits only zero-shot models" in classifier.json()["message"]
+    assert post("classifier").status_code == 200
+
+
+def test_the_cli_explains_prompts_and_references(random_clip, tmp_path, capsys):
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("explain_cli", ROOT / "scripts" / "explain.py")
+    cli = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(cli)
+    clip_dir = random_clip.hf_config.parent
+    query, reference = tmp_path / "query.png", tmp_path / "reference.png"
+    query.write_bytes(bytes(png(scene_images(1, seed=5)[0])))
+    reference.write_bytes(bytes(png(scene_images(1, seed=6)[0])))
+    prompts = prompts_file(tmp_path)
+    assert cli.main([str(query), "--hf", str(clip_dir), "--prompts", str(prompts), "--target", "0,2",
+                     "--out", str(tmp_path / "zs")]) == 0  # fmt: skip
+    written = sorted(path.name for path in (tmp_path / "zs").iterdir())
+    assert written == ["query_0_a_red_shape.png", "query_2_a_blue_shape.png", "query_sheet.png"]
+    assert cli.main([str(query), "--hf", str(clip_dir), "--task", "embedding", "--reference", str(reference),
+                     "--out", str(tmp_path / "em")]) == 0  # fmt: skip
+    assert "reference 0 similarity=" in capsys.readouterr().out
+    assert (tmp_path / "em" / "query_0_reference_0.png").is_file()
