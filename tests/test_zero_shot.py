@@ -549,3 +549,42 @@ def test_the_cli_explains_prompts_and_references(random_clip, tmp_path, capsys):
                      "--out", str(tmp_path / "em")]) == 0  # fmt: skip
     assert "reference 0 similarity=" in capsys.readouterr().out
     assert (tmp_path / "em" / "query_0_reference_0.png").is_file()
+
+
+@pytest.mark.integration
+def test_the_page_sends_prompts_and_a_reference(live, tmp_path):
+    from camtools.local_server import free_port
+    from tests.test_integration import CHROMIUM, serving_page
+
+    if CHROMIUM is None:
+        pytest.skip("Chromium is missing: apt-get install chromium (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    scene = png(scene_images(1, seed=4)[0])
+    upload = [{"name": "scene.png", "mimeType": "image/png", "buffer": bytes(scene)}]
+    with serving_page(live.inference, free_port()) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.fill("#token", live.keys["inference"])
+            page.set_input_files("#image", files=upload)
+            for model, fill in (("clip", "#prompts"), ("embedder", "#reference")):
+                page.fill("#model", model)
+                if fill == "#prompts":
+                    page.fill("#prompts", "a blue shape\na red shape")
+                else:
+                    page.fill("#prompts", "")
+                    page.set_input_files("#reference", files=upload)
+                page.evaluate("document.body.dataset.state = ''")
+                page.click("button[type=submit]")
+                page.wait_for_selector("body[data-state=done], body[data-state=error]", timeout=90_000)
+                assert page.get_attribute("body", "data-state") == "done", page.inner_text("#status")
+                bars = page.locator("#bars .bar").all_inner_texts()
+                if model == "clip":  # the request's two prompts, not the archive's three
+                    assert len(bars) == 2 and {b.split(" (")[0] for b in bars} == {"a blue shape", "a red shape"}
+                else:
+                    assert len(bars) == 1 and bars[0].startswith("reference 0") and "1.000" in bars[0]
+                    assert "cosine similarity 1.000" in page.inner_text("#overlay-caption")
+        finally:
+            browser.close()
