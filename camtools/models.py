@@ -794,14 +794,16 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
             kwargs.setdefault("num_classes", len(default_labels or []) or 1000)
         elif weights == "random":
             task = task_named(source.task)
-            if not task.classifies and source.given_labels is None:  # the default weights' classes (COCO, VOC)
+            if task.kind in SIMILARITY_KINDS:  # no class list: the network's output is the embedding
+                pass
+            elif not task.classifies and source.given_labels is None:  # the default weights' classes (COCO, VOC)
                 default_labels = list(_default_weights(source.arch).meta["categories"])
                 kwargs["num_classes"] = len(default_labels)
             elif source.given_labels is not None or task.outputs(2) == 1:
                 kwargs["num_classes"] = task.outputs(len(source.given_labels or task.default_labels(2)))
         else:
             state_dict = _with_batch_norm_counters(source.arch, read_checkpoint(weights), kwargs)
-            if not task_named(source.task).classifies:
+            if task_named(source.task).kind in ("detection", "segmentation"):
                 kwargs = _dense_classes(source.arch, state_dict, kwargs)
             kwargs = _fit_torchvision(source.arch, state_dict, kwargs)
         stub = _spec_stub(source.arch, kwargs)

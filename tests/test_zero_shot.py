@@ -243,11 +243,13 @@ from torch import nn
 
 
 class TinyEmbedder(nn.Module):
-    """Two convolutions, global average pooling, a 16-number embedding."""
+    """Two strided convolutions (a 16x16 grid at 64 pixels), global average pooling, a 16-number embedding."""
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        )
         self.project = nn.Linear(16, 16)
 
     def forward(self, x):
@@ -588,3 +590,82 @@ def test_the_page_sends_prompts_and_a_reference(live, tmp_path):
                     assert "cosine similarity 1.000" in page.inner_text("#overlay-caption")
         finally:
             browser.close()
+
+
+# --- Every method, and KServe's door ---
+
+
+def test_every_method_answers_or_is_refused_with_its_reason_for_both_tasks(random_clip, embedder):
+    """A zero-shot and an embedding request for each of the 24 methods, faithfulness and sanity: a 200 with one
+    finite map per prompt or reference, or a 400 that says why the method does not apply; never a 5xx."""
+    from camserve.cam import METHODS
+
+    image = png(scene_images(1, seed=2)[0])
+    refused = {}
+    for prepared, extra in ((random_clip, {"target": b"0,2"}), (embedder, {"reference": [image, image]})):
+        service = service_for(prepared, threads=1)
+        for method in METHODS:
+            row = {"data": image, "method": bytearray(method.encode()), "faithfulness_steps": b"4", **extra}
+            if method in ("gradcam", "scorecam"):  # a perturbation method scores the same scalar as faithfulness
+                row |= {"faithfulness": b"true", "sanity": b"true" if method == "gradcam" else b"false"}
+            (answer,) = service.answer([row])
+            assert answer.status in (200, 400), (prepared.spec.task, method, answer.body)
+            if answer.status == 400:
+                refused[(prepared.spec.task, method)] = answer.body["message"]
+                reasons = ("does not apply", "contrasts", "at most 100 are run per request")  # SS-CAM: 2241 passes
+                assert any(reason in answer.body["message"] for reason in reasons), answer.body
+                continue
+            explanations = answer.body["explanations"]
+            assert len(explanations) == 2, (method, answer.body)
+            if "faithfulness" in row:
+                figures = explanations[0]["faithfulness"]
+                assert np.isfinite([figures["deletion"], figures["insertion"]]).all()
+                assert method != "gradcam" or explanations[0]["sanity"]["randomised"]
+    assert len(refused) < len(METHODS), refused  # most methods apply to both
+    print(f"refused: {refused}")
+
+
+def test_kserve_v1_and_v2_carry_prompts_and_references(random_clip, embedder, tmp_path):
+    import asyncio
+
+    from kserve import InferInput, InferRequest
+
+    from camserve.kserve import CamModel, unpacked_archive
+    from camtools.archive import build_archive
+
+    image = base64.b64encode(encode(scene_images(1, seed=3)[0], "PNG")).decode()
+    models = {}
+    for name, prepared in (("clip", random_clip), ("embedder", embedder)):
+        mar = build_archive(prepared, tmp_path / "store")
+        models[name] = CamModel(unpacked_archive(mar, tmp_path / name), torch.device("cpu"))
+        assert models[name].load()
+    v1 = {"instances": [{"data": image, "prompts": ["a blue shape", "a red shape"], "target": [1]}]}
+    (answer,) = asyncio.run(models["clip"].predict(v1))["predictions"]
+    assert [e["label"] for e in answer["explanations"]] == ["a red shape"]
+    v2 = InferRequest(
+        model_name="clip",
+        infer_inputs=[InferInput("image", [1], "BYTES", [image], parameters={"prompts": '["a green shape"]'})],
+    )
+    response = asyncio.run(models["clip"].predict(v2))
+    (text,) = response.outputs[0].data
+    assert [p["label"] for p in json.loads(text)["predictions"]] == ["a green shape"]
+    v1 = {"instances": [{"data": image, "reference": [image], "return_embedding": True}]}
+    (answer,) = asyncio.run(models["embedder"].predict(v1))["predictions"]
+    assert answer["similarities"][0]["similarity"] == pytest.approx(1.0, abs=1e-4) and len(answer["embedding"]) == 16
+
+
+def test_timm_and_hugging_face_vision_models_build_as_embedding_models(tmp_path):
+    from tests.helpers import save_hf_models
+
+    timm_model = prepare_model(arch="timm:resnet18", weights="random", task="embedding", progress=False)
+    assert timm_model.spec.embedding == {"encoder": "vector", "size": 512, "scores": "cosine"}
+    assert timm_model.spec.default_layer == "layer4" and timm_model.spec.arch_kwargs["num_classes"] == 0
+    vit_dir, _ = save_hf_models(tmp_path)
+    hf = prepare_model(hf=vit_dir, task="embedding")
+    assert hf.spec.output == "pooler_output" and hf.spec.embedding["size"] == 32
+    assert hf.spec.layers[hf.spec.default_layer] == "cls_tokens"
+    for prepared in (timm_model, hf):
+        side = prepared.spec.input_size
+        image = np.asarray(np.random.default_rng(2).integers(0, 256, (side, side, 3)), np.uint8)
+        (answer,) = service_for(prepared).answer([{"data": png(image), "reference": png(image[::-1])}])
+        assert answer.status == 200 and -1 <= answer.body["similarities"][0]["similarity"] <= 1, answer.body

@@ -136,8 +136,9 @@ class Task:
         if record.seeds is not None and not self.exclusive:
             raise ClientError(
                 "InvalidOption",
-                f"method {record.name} contrasts a class with its look-alike classes under a softmax, which a "
-                f"{self.name} model does not have: choose another method, such as {DEFAULT_METHOD}",
+                f"method {record.name} contrasts a class with its look-alike classes under a softmax, which "
+                f"{'an' if self.name[0] in 'aeiou' else 'a'} {self.name} model does not have: choose another method, "
+                f"such as {DEFAULT_METHOD}",
             )
 
     def forward_passes(self, engine: CamEngine, cam: CamRequest) -> int:
