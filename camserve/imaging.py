@@ -14,6 +14,7 @@ from pillow_heif import register_heif_opener
 
 from camserve import settings
 from camserve.errors import ClientError
+from camserve.medical import dicom_gray, is_dicom, open_dicom
 
 register_heif_opener()
 """HEIC and HEIF (an iPhone's default) through pillow-heif: the header is read on open, so the limits are checked
@@ -21,6 +22,7 @@ before any pixel is decoded, and the image decodes upright (its orientation appl
 
 __all__ = [
     "COLORMAPS",
+    "PRECISE_MODES",
     "OVERLAYS",
     "clip_map",
     "map_at",
@@ -28,6 +30,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "OpenedImage",
     "decode_image",
+    "grey_to_rgb",
     "draw_detection",
     "encode_binary_mask",
     "encode_class_mask",
@@ -57,7 +60,7 @@ OUTPUT_FORMATS: dict[str, tuple[str, list[int]]] = {
 }
 """Overlay encodings: the OpenCV extension and its quality settings."""
 
-ACCEPTED_INPUTS = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, GIF (first frame), TIFF (first page) or BMP"
+ACCEPTED_INPUTS = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, GIF (first frame), TIFF (first page), BMP or DICOM"
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,21 @@ class DecodeLimits:
 class OpenedImage:
     """An upload whose header has been read and checked against the limits; no pixel is decoded yet."""
 
-    image: Image.Image
+    image: Image.Image | None
+    """Pillow's image (None for a DICOM file)."""
     width: int
     """The upright width, after the EXIF orientation."""
     height: int
+    dicom: object | None = None
+    """A DICOM file's pydicom dataset, its pixels not decoded (:mod:`camserve.medical`)."""
+
+    @property
+    def precise(self) -> bool:
+        """Its values have more precision than 8 bits: a DICOM file, a 16-bit or float grayscale image."""
+        return self.dicom is not None or self.image.mode in PRECISE_MODES
+
+
+PRECISE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 _TRANSPOSED = (5, 6, 7, 8)
@@ -93,6 +107,10 @@ def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -
             f"the image is {len(data)} bytes; at most {limits.max_bytes} bytes are accepted",
             status=413,
         )
+    if is_dicom(data):
+        dataset, width, height = open_dicom(data)
+        _check_size(width, height, limits)
+        return OpenedImage(None, width, height, dataset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -104,13 +122,7 @@ def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -
                 "InvalidImage", f"the body is not a decodable image; accepted: {ACCEPTED_INPUTS}"
             ) from None
     width, height = image.size
-    if width * height > limits.max_pixels:
-        raise _too_many_pixels(f"the image declares {width}x{height} = {width * height} pixels", limits)
-    if min(width, height) < limits.min_side:
-        raise ClientError(
-            "ImageTooSmall",
-            f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels",
-        )
+    _check_size(width, height, limits)
     try:
         orientation = image.getexif().get(0x0112)
     except Exception:  # a corrupt EXIF block: the image is served as stored
@@ -118,6 +130,16 @@ def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -
     if orientation in _TRANSPOSED:
         width, height = height, width
     return OpenedImage(image, width, height)
+
+
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise _too_many_pixels(f"the image declares {width}x{height} = {width * height} pixels", limits)
+    if min(width, height) < limits.min_side:
+        raise ClientError(
+            "ImageTooSmall",
+            f"the image is {width}x{height}; each side must be at least {limits.min_side} pixels",
+        )
 
 
 JPEG_SCALES = (8, 4, 2)
@@ -131,7 +153,7 @@ def snap_to_decode_scale(opened: OpenedImage, output: tuple[int, int]) -> tuple[
     scales gives a size no larger than it and at least :data:`SNAP` of it, that size. A 12-megapixel photo
     (4032x3024) asked at 2048 pixels is then decoded at half scale (2016x1512) and rendered at that size with no
     resize, instead of decoded in full and resized: about a third of the time. Other formats keep ``output``."""
-    if opened.image.format != "JPEG":
+    if opened.image is None or opened.image.format != "JPEG":
         return output
     width, height = output
     for scale in JPEG_SCALES:
@@ -148,6 +170,8 @@ def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np
     size: less time and memory for large photos. Grayscale, palette, CMYK and 16-bit images are converted to RGB;
     transparency is composited over white; animations and multi-page files give their first frame.
     """
+    if opened.dicom is not None:  # its own VOI window (a request's is applied by camserve.pixels)
+        return grey_to_rgb(dicom_gray(opened.dicom))
     image = opened.image
     try:
         image.seek(0)
@@ -159,6 +183,12 @@ def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np
     except Exception:  # Pillow raises many types for corrupt data; each means the same to the client.
         raise ClientError("InvalidImage", "the image data is truncated or corrupt") from None
     return _to_rgb(image)
+
+
+def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """A [0, 1] float grayscale as an 8-bit RGB image (what an overlay is drawn on)."""
+    levels = np.round(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(levels[:, :, None], 3, axis=2))
 
 
 def _draft_request(size: tuple[int, int], wanted: tuple[int, int]) -> tuple[int, int]:

@@ -148,11 +148,17 @@ def load_model(
 def images_to_batch(
     images: Sequence[np.ndarray], spec: ModelSpec, device: torch.device | str = "cpu", channels_last: bool = False
 ) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB arrays of the model's input size to a normalised (N, 3, H, W) float batch on ``device``:
-    x = (pixel / 255 − mean) / std, with the spec's mean and std."""
-    batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1)
+    """(H, W, C) arrays of the model's input size to a normalised (N, C, H, W) float batch on ``device``: uint8
+    pixels (RGB) as x = (pixel / 255 − mean) / std, float32 ones in [0, 1] (a DICOM's window, a 16-bit grayscale,
+    a luminance) as x = (value − mean) / std, with the spec's per-channel mean and std."""
+    if all(image.dtype == np.uint8 for image in images):
+        batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    else:
+        floats = [image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image for image in images]
+        batch = torch.from_numpy(np.stack(floats).astype(np.float32, copy=False)).to(device).permute(0, 3, 1, 2)
+    channels = batch.shape[1]
+    mean = torch.tensor(spec.mean, device=batch.device, dtype=batch.dtype).view(1, channels, 1, 1)
+    std = torch.tensor(spec.std, device=batch.device, dtype=batch.dtype).view(1, channels, 1, 1)
     batch = batch.sub_(mean).div_(std)
     return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

@@ -62,6 +62,7 @@ class ExplanationService:
         spec = self.spec
         self.task = task_named(spec.task).serving(self.engine.model)
         self.engine.head = self.task.head or self.engine.head  # the task decides what an explanation differentiates
+        self.engine.input_channels = spec.channels
         self.model_info = ModelInfo(
             self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes, spec.task
         )
@@ -143,7 +144,8 @@ class ExplanationService:
         method_passes = task.forward_passes(self.engine, cam) + terms.passes
         checking = sanity_passes(self.engine, cam) if options.sanity else 0
         self.budget.check(explanations, output, options.method, method_passes, measuring, checking)
-        rgb, model_input = task.model_input(opened, output, self.spec.input_size)
+        spec = self.spec
+        rgb, model_input = task.model_input(opened, output, spec.input_size, spec.channels, options.window)
         display = resize_image(rgb, output)
         return PreparedRequest(options, cam, display, model_input, opened.width, opened.height, terms)
 

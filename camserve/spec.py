@@ -50,9 +50,9 @@ class ModelSpec:
     classes."""
     input_size: int
     """The side of the square image the network takes, in pixels."""
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    """Per-channel normalisation of the [0, 1] RGB input: (x − mean) / std."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    """Per-channel normalisation of the [0, 1] input: (x − mean) / std, one value per channel."""
     default_layer: str
     """The layer requests explain when they name none: a dotted path, as ``model.get_submodule`` takes it."""
     layers: Mapping[str, str]
@@ -75,6 +75,8 @@ class ModelSpec:
     hf_config: str | None = None
     """The folder inside the archive that holds a Hugging Face model's ``config.json`` (and a CLIP model's
     tokenizer)."""
+    channels: int = 3
+    """The channels the network takes: 3 (RGB) or 1 (grayscale: an RGB upload becomes its luminance)."""
     embedding: Mapping[str, object] | None = None
     """A zero-shot or embedding model's image embedding (``camserve.embeddings``): ``encoder`` (``hf``,
     ``open_clip`` or ``vector``), ``size`` (its length), ``scores`` (``logits``: a CLIP model's image–text logits;

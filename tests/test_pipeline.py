@@ -109,19 +109,19 @@ def test_an_engine_failure_in_one_row_fails_only_that_row():
 
 
 def test_an_unexpected_exception_while_preparing_or_rendering_fails_only_its_row(monkeypatch, service):
-    original_load, original_render = base.load_rgb, work.render_overlay
+    original_load, original_render = base.model_pixels, work.render_overlay
 
-    def load(opened, at_least=None):
+    def load(opened, *args):
         if opened.width == 33:
             raise MemoryError("injected")
-        return original_load(opened, at_least)
+        return original_load(opened, *args)
 
     def render(rgb, heat, alpha, *args):
         if alpha == 0.125:
             raise KeyError("injected")
         return original_render(rgb, heat, alpha, *args)
 
-    monkeypatch.setattr(base, "load_rgb", load)
+    monkeypatch.setattr(base, "model_pixels", load)
     monkeypatch.setattr(work, "render_overlay", render)
     rows = [
         {"data": bytearray(picture(width=33))},
@@ -212,7 +212,7 @@ def test_the_server_cap_applies_when_a_request_gives_no_max_side():
 
 def test_a_request_over_the_pixel_budget_is_refused_before_decoding_with_how_to_fit(monkeypatch):
     service = make_service(budget=WorkBudget(max_output_pixels=100_000))
-    monkeypatch.setattr(base, "load_rgb", lambda *a, **k: pytest.fail("decoded an over-budget request"))
+    monkeypatch.setattr(base, "model_pixels", lambda *a, **k: pytest.fail("decoded an over-budget request"))
     row = {"data": bytearray(picture(400, 300)), "target": b"0,1,2", "max_side": b"1000"}
     (result,) = service.answer([row])
     assert result.status == 400 and result.body["type"] == "OverBudget"

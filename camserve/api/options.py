@@ -15,6 +15,7 @@ from camserve.api.readers import (
     MAX_OPTION_TEXT,
     MAX_TARGETS,
     boolean,
+    center_width,
     choice,
     embeddings,
     integer,
@@ -272,6 +273,16 @@ OPTIONS: tuple[Option, ...] = (
         "Clip the map to these percentiles before normalising, e.g. `[62, 99.9]`; the heatmap is clipped too.",
         percentiles,
         shown_default="no clipping",
+    ),
+    Option(
+        "window",
+        tuple[float, float] | None,
+        None,
+        "two numbers, the center and the width (at least 1) of a DICOM VOI window, such as [40, 400]",
+        "A DICOM image's VOI window `[center, width]` in its modality units (CT: Hounsfield), instead of the file's "
+        "own ([docs/medical.md](docs/medical.md)).",
+        center_width,
+        shown_default="the file's own window",
     ),
     Option(
         "eigen_smooth",

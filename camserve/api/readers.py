@@ -18,6 +18,7 @@ __all__ = [
     "MAX_OPTION_TEXT",
     "MAX_TARGETS",
     "boolean",
+    "center_width",
     "choice",
     "embeddings",
     "integer",
@@ -116,6 +117,19 @@ def targets(value: object) -> tuple[int, ...] | None:
         return None
     indices = [_as_int(item) for item in items]
     return None if any(i is None or i < 0 for i in indices) else tuple(indices)
+
+
+def center_width(value: object) -> tuple[float, float] | None:
+    """A VOI window: two finite numbers, its center and its width (at least 1), as a JSON list or text ``40,400``."""
+    items = _json_list(value, "window")
+    if isinstance(items, str):
+        items = items.split(",")
+    if not isinstance(items, (list, tuple)) or len(items) != 2:
+        return None
+    center, width = (_as_float(item.strip() if isinstance(item, str) else item) for item in items)
+    if center is None or width is None or not math.isfinite(center) or not math.isfinite(width) or width < 1:
+        return None
+    return center, width
 
 
 def _json_list(value: object, what: str) -> object:

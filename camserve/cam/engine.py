@@ -94,6 +94,8 @@ class CamEngine:
         self.scorecam_channels = scorecam_channels
         self.scorecam_batch = scorecam_batch
         self.input_size = input_size
+        self.input_channels = 3
+        """The channels of the model's input (a grayscale model's 1): the service sets them from the spec."""
         self.head = head
         self._layers: dict[str, LayerInfo] | None = None
         self._default_layer = default_layer
@@ -105,7 +107,7 @@ class CamEngine:
         """The modules that run once per forward pass, with their layouts and grid shapes: probed once, with an
         image like ``images[0]`` when given, else an RGB ``input_size`` square."""
         if self._layers is None:
-            sample = None if images is None else torch.zeros_like(images[:1])
+            sample = self.sample() if images is None else torch.zeros_like(images[:1])
             self._layers = describe_layers(self.model, self.input_size, sample)
         return self._layers
 
@@ -121,6 +123,15 @@ class CamEngine:
         if info is None or info.layout is None:
             raise LayerNotFoundError(str(name), [layer for layer, item in self.layers().items() if item.layout])
         return info
+
+    def sample(self, count: int = 1, random: bool = False) -> Tensor:
+        """``count`` blank (or seeded random) inputs of the model's shape: ``input_channels`` × the square
+        ``input_size``, on the model's device; what the engine probes the network with."""
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        shape = (count, self.input_channels, self.input_size, self.input_size)
+        if random:
+            return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        return torch.zeros(shape, device=device)
 
     def forward_passes(self, request: CamRequest) -> int:
         """The forward passes one image's request costs (its method record's count)."""

@@ -177,8 +177,7 @@ class _Copy:
     """The randomised copy for one layer: its engine, and the modules before the layer that can replay."""
 
     def __init__(self, engine: CamEngine, layer: str, seed: int) -> None:
-        device = next(engine.model.parameters()).device
-        sample = torch.zeros(1, 3, engine.input_size, engine.input_size, device=device)
+        sample = engine.sample()
         self.split = split_at(engine.model, layer, sample)
         model = randomised_copy(engine.model, self.split.after, seed)
         self.replayed = (*self.split.before, layer)

@@ -15,7 +15,8 @@ from camserve.api import ExplainOptions, Prediction
 from camserve.batch import explain_with_engine
 from camserve.cam import DEFAULT_METHOD, CamEngine, CamRequest, Classes, Head, Method, Target, TopPredicted
 from camserve.errors import ClientError
-from camserve.imaging import OpenedImage, load_rgb, resize_for_model
+from camserve.imaging import OpenedImage
+from camserve.pixels import model_pixels
 from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms
 
 __all__ = ["Task"]
@@ -122,10 +123,17 @@ class Task:
             return Classes(options.target)
         return self.default_target(options.explain, options.threshold, classes)
 
-    def model_input(self, opened: OpenedImage, output: tuple[int, int], side: int) -> tuple[np.ndarray, np.ndarray]:
-        """The decoded image (at least the output's size) and the model's input: a ``side`` square."""
-        rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
-        return rgb, resize_for_model(rgb, side)
+    def model_input(
+        self,
+        opened: OpenedImage,
+        output: tuple[int, int],
+        side: int,
+        channels: int = 3,
+        window: tuple[float, float] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded image (at least the output's size) and the model's input: a ``side`` square of ``channels``
+        (:func:`camserve.imaging.model_pixels`; ``window``: a DICOM's VOI window)."""
+        return model_pixels(opened, output, side, channels, window)
 
     def default_method(self, layout: str) -> str:
         """The method of a request that names none, at a layer of this ``layout``."""

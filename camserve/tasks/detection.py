@@ -35,11 +35,13 @@ from camserve.imaging import (
     draw_detection,
     encode_binary_mask,
     fit_within,
+    grey_to_rgb,
     load_rgb,
     map_at,
     resize_image,
     to_base64,
 )
+from camserve.pixels import load_gray
 from camserve.tasks.base import Task
 from camserve.work import BatchBytes, PreparedRequest, ResponseSize, RowResult, ServiceView, contained, render
 
@@ -67,10 +69,15 @@ class Detection(Task):
             )
         return Classes(options.detection)
 
-    def model_input(self, opened: OpenedImage, output: tuple[int, int], side: int) -> tuple[np.ndarray, np.ndarray]:
+    def model_input(
+        self, opened: OpenedImage, output: tuple[int, int], side: int, channels: int = 3, window=None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The image at its own size, at most ``side`` on its longer side."""
         size = fit_within(opened.width, opened.height, side)
-        rgb = load_rgb(opened, at_least=(max(output[0], size[0]), max(output[1], size[1])))
+        if opened.precise or window is not None:  # a DICOM through its window, a 16-bit grayscale
+            rgb = grey_to_rgb(load_gray(opened, window))
+        else:
+            rgb = load_rgb(opened, at_least=(max(output[0], size[0]), max(output[1], size[1])))
         return rgb, resize_image(rgb, size)
 
     def default_method(self, layout: str) -> str:

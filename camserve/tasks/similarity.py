@@ -163,7 +163,7 @@ class Embedding(Task):
         except ClientError as error:
             raise ClientError(error.kind, f"reference {index}: {error.message}", error.status) from None
         side = service.spec.input_size
-        return self.model_input(opened, (side, side), side)[1]
+        return self.model_input(opened, (side, side), side, service.spec.channels)[1]
 
     def targets(self, options: ExplainOptions, classes: int) -> Target:
         """Every reference, in order (one placeholder for a request that asks only for its embedding)."""

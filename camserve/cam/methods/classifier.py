@@ -27,7 +27,7 @@ def classifier_after(engine: MethodEngine, layer: str) -> Tensor | str:
         return _FOUND[module]
     layout = engine.spatial_layer(layer).layout
     device = next(engine.model.parameters()).device
-    image = torch.randn(1, 3, engine.input_size, engine.input_size, generator=torch.Generator().manual_seed(0))
+    image = engine.sample(random=True)
     outputs: list[Tensor] = []
     inputs: list[tuple[nn.Linear, Tensor]] = []
 

@@ -1,0 +1,56 @@
+"""What the model takes of a decoded image: its input square, 8-bit RGB on the fast path, or float32 at full
+precision (a DICOM's VOI window, a 16-bit grayscale) and a grayscale model's one channel."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from PIL import ImageOps
+
+from camserve.errors import ClientError
+from camserve.imaging import PRECISE_MODES, OpenedImage, grey_to_rgb, load_rgb, resize_for_model, resize_image
+from camserve.medical import dicom_gray
+
+__all__ = ["load_gray", "model_pixels"]
+
+
+def load_gray(opened: OpenedImage, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode to a float32 (H, W) grayscale in [0, 1] at full precision: a DICOM file through its VOI window
+    (``window`` = (center, width) overrides the file's), a 16-bit or float grayscale image as its values, any other
+    image as its luminance (ITU-R BT.601, OpenCV's)."""
+    if opened.dicom is not None:
+        return dicom_gray(opened.dicom, window)
+    if window is not None:
+        raise ClientError("InvalidOption", "window applies to a DICOM image only; this image is not one: leave it out")
+    if opened.image.mode in PRECISE_MODES:
+        try:
+            opened.image.seek(0)
+            image = ImageOps.exif_transpose(opened.image)
+            values = np.asarray(image, dtype=np.float32)
+        except Exception:
+            raise ClientError("InvalidImage", "the image data is truncated or corrupt") from None
+        top = 65535.0 if image.mode != "F" or values.max() > 1.0 else 1.0
+        return np.clip(values / top, 0.0, 1.0)
+    return cv2.cvtColor(load_rgb(opened), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+
+
+def model_pixels(
+    opened: OpenedImage,
+    output: tuple[int, int],
+    side: int,
+    channels: int = 3,
+    window: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded image to draw on (RGB uint8, at least ``output`` = (width, height)) and the model's ``side``
+    square input with ``channels`` channels. An 8-bit image for an RGB model stays uint8 (the fast path); a DICOM or
+    16-bit grayscale image becomes float32 in [0, 1] at full precision, in every channel; an RGB image for a
+    grayscale model, its luminance."""
+    if not opened.precise and window is None:
+        rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
+        if channels == 3:
+            return rgb, resize_for_model(rgb, side)
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        return rgb, resize_image(grey, (side, side))[:, :, None]
+    grey = load_gray(opened, window)
+    model = resize_image(grey, (side, side))[:, :, None]
+    return grey_to_rgb(grey), (model if channels == 1 else np.repeat(model, channels, axis=2))
