@@ -102,6 +102,12 @@ def dicom_gray(dataset, window: tuple[float, float] | None = None) -> np.ndarray
         grey = window_linear(values, *window)
     elif "WindowCenter" in dataset and "WindowWidth" in dataset:
         center, width = (_first(dataset.WindowCenter), _first(dataset.WindowWidth))
+        if center is None or width is None or width < 1:
+            raise ClientError(
+                "InvalidImage",
+                "the DICOM file's WindowCenter and WindowWidth are not a window (two numbers, the width at least 1): "
+                "give the request's window, such as [40, 400]",
+            )
         grey = window_linear(values, center, width)
     elif "VOILUTSequence" in dataset:
         grey = _min_max(np.asarray(apply_voi_lut(values, dataset), dtype=np.float64))
@@ -112,12 +118,15 @@ def dicom_gray(dataset, window: tuple[float, float] | None = None) -> np.ndarray
     return np.ascontiguousarray(grey, dtype=np.float32)
 
 
-def _first(value) -> float:
-    """A window value, the first of a multi-valued one."""
+def _first(value) -> float | None:
+    """A window value, the first of a multi-valued one; None when it is no finite number."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
     try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if np.isfinite(number) else None
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:

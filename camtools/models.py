@@ -236,7 +236,7 @@ def _arch_kwargs(arch: str, input_size: int, pretrained: bool) -> dict[str, obje
     return kwargs
 
 
-def _seeded(build, seed: int, input_size: int) -> nn.Module:
+def _seeded(build, seed: int, input_size: int, channels: int = 3) -> nn.Module:
     """A model built under ``seed``, the same on every machine, and made well-conditioned so that its maps are
     numbers rather than rounding noise: weights initialised to zero (a ViT's head) are drawn from N(0, 0.02²), and
     batch-norm statistics are measured on two seeded batches of noise (fresh statistics of 0 and 1 let activations
@@ -259,7 +259,7 @@ def _seeded(build, seed: int, input_size: int) -> nn.Module:
             trunk, side = (model.backbone, min(input_size, 320)) if detector else (model, input_size)
             with torch.no_grad():
                 for _ in range(2):
-                    trunk(torch.randn(4, 3, side, side))
+                    trunk(torch.randn(4, channels, side, side))
             for norm, momentum in zip(norms, momenta, strict=True):
                 norm.momentum = momentum
     return model.eval()
@@ -439,6 +439,8 @@ class BuildRequest:
     or ``SiglipModel`` (zero-shot), or a vision model whose pooled output is an embedding."""
     prompts: str | Path | None = None
     """A zero-shot model's default prompts, one per line."""
+    channels: int = 3
+    """The network's input channels: 3 (RGB) or 1 (grayscale)."""
     template: str | None = None
     """A zero-shot model's prompt made of each label, ``{}`` for the label (default: CLIP's ``a photo of a {}.``)."""
 
@@ -463,6 +465,8 @@ class _Source:
     None for any other network."""
     context: int | None = None
     """An image–text model's tokens per prompt."""
+    channels: int = 3
+    """The network's input channels (``--channels``)."""
 
 
 def prepare_model(**flags) -> PreparedModel:
@@ -505,6 +509,7 @@ def prepare_model(**flags) -> PreparedModel:
         threshold=request.threshold,
         output=output_key,
         hf_config=HF_CONFIG_DIR if source.hf_dir else None,
+        channels=source.channels,
     )
     hf_config = source.hf_dir / "config.json" if source.hf_dir else None
     return PreparedModel(spec, model, model.state_dict(), source.model_path, hf_config)
@@ -601,6 +606,13 @@ def _resolve(request: BuildRequest) -> _Source:
         raise BuildError(f"--task must be one of {', '.join(TASKS)}, got {request.task!r}")
     if not 0 <= request.threshold <= 1:
         raise BuildError(f"--threshold must be a probability from 0 to 1, got {request.threshold}")
+    if request.channels not in (1, 3):
+        raise BuildError(f"--channels must be 1 (grayscale) or 3 (RGB), got {request.channels}")
+    if request.channels != 3 and not request.model_file:
+        raise BuildError(
+            "--channels 1 takes a --model-file network whose first layer reads one channel; torchvision's, timm's "
+            "and Hugging Face's image models read RGB: give those --channels 3 (a grayscale upload fills all three)"
+        )
     if request.hf:
         return _resolve_hf(request)
     if (arch or "").startswith(OPEN_CLIP_PREFIX):
@@ -648,16 +660,30 @@ def _resolve(request: BuildRequest) -> _Source:
                 f"--arch {arch} is not a torchvision {kind} model: {hint}the {len(kinds[kind])} are: {names}"
             )
     default_size, default_mean, default_std = _input_defaults(None if model_path else arch)
+    if request.channels == 1:  # ImageNet's grey: the mean of its channels' means and standard deviations
+        default_mean, default_std = GREY_MEAN, GREY_STD
     return _Source(
         arch=arch,
         model_path=model_path,
         model_class=model_class,
         input_size=request.input_size or default_size,
-        mean=tuple(request.mean or default_mean),
-        std=tuple(request.std or default_std),
+        mean=_per_channel("--mean", request.mean or default_mean, request.channels),
+        std=_per_channel("--std", request.std or default_std, request.channels),
         given_labels=read_labels(request.labels) if request.labels is not None else None,
         task=request.task or task or "multiclass",
+        channels=request.channels,
     )
+
+
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)
+"""A grayscale model's default normalisation (``--channels 1``)."""
+
+
+def _per_channel(flag: str, values, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) != channels:
+        raise BuildError(f"{flag} takes one value per input channel ({channels} with --channels {channels}): {values}")
+    return values
 
 
 def _resolve_open_clip(request: BuildRequest) -> _Source:
@@ -774,7 +800,7 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
     if source.model_class is not None:
         kwargs: dict[str, object] = {}
         if weights == "random":
-            model = _seeded(source.model_class, request.seed, source.input_size)
+            model = _seeded(source.model_class, request.seed, source.input_size, source.channels)
         else:
             model = source.model_class()
             try:
@@ -851,9 +877,10 @@ def _probe(model: nn.Module, source: _Source, output: str | None) -> tuple[dict[
     side = _probe_side(source)
     kind = task_named(source.task).kind
     try:
-        layers = describe_layers(model, side)
+        blank = torch.zeros(1, source.channels, side, side)
+        layers = describe_layers(model, side, blank)
         with torch.no_grad():
-            probe = model(torch.zeros(1, 3, side, side))
+            probe = model(blank)
     except Exception as error:
         raise BuildError(f"{source.arch} does not run on a {side}x{side} image: {error}") from None
     if kind == "detection":
@@ -938,8 +965,9 @@ def _validate(
         raise BuildError(f"layer {layer} {reason}; {LayerNotFoundError(layer, list(spatial))}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        mean, std = torch.tensor(source.mean).view(1, 3, 1, 1), torch.tensor(source.std).view(1, 3, 1, 1)
-        image = (torch.rand(1, 3, side, side) - mean) / std
+        channels = source.channels
+        mean, std = (torch.tensor(v).view(1, channels, 1, 1) for v in (source.mean, source.std))
+        image = (torch.rand(1, channels, side, side) - mean) / std
     if task.kind == "detection":  # one synthetic image through the whole path: detections, and one explained
         request = DetectionRequest(layer, task.default_method(spatial[layer]), score_threshold=0.0, explain=1)
         found = explain_detections(model, [image[0]], [request], spatial)
@@ -947,6 +975,7 @@ def _validate(
             raise BuildError(f"the explanation at layer {layer} is not finite")
         return layer, spatial
     engine = CamEngine(model, input_size=side, default_layer=layer, head=task.head)
+    engine.input_channels = source.channels
     target = Classes([0]) if task.kind == "segmentation" else task.default_target(None, 0.5, classes)
     output = engine(image, [CamRequest(target)])
     cam = output.maps[0]
@@ -1041,10 +1070,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--input-size", type=int, help="model input side in pixels (default: the arch's weights' crop, else 224)"
     )
     group.add_argument(
-        "--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="default: the arch's, else ImageNet's"
+        "--channels",
+        type=int,
+        default=3,
+        choices=(1, 3),
+        help="the network's input channels: 3 (RGB) or 1 (grayscale: a radiograph; an RGB upload becomes its "
+        "luminance) (default: 3)",
     )
     group.add_argument(
-        "--std", type=float, nargs=3, metavar=("R", "G", "B"), help="default: the arch's, else ImageNet's"
+        "--mean", type=float, nargs="+", metavar="M", help="one per channel (default: the arch's, else ImageNet's)"
+    )
+    group.add_argument(
+        "--std", type=float, nargs="+", metavar="S", help="one per channel (default: the arch's, else ImageNet's)"
     )
 
 
@@ -1071,6 +1108,7 @@ def model_for_cli(args: argparse.Namespace, model_name: str | None = None, versi
             hf=args.hf,
             prompts=args.prompts,
             template=args.template,
+            channels=args.channels,
         )
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
