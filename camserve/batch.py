@@ -14,9 +14,8 @@ from camserve.api import ExplainResponse
 from camserve.cam import normalize_map
 from camserve.cam.sanity import SanityFigure
 from camserve.faithfulness import Faithfulness, faithfulness
-from camserve.imaging import map_at
 from camserve.model import images_to_batch
-from camserve.work import BatchBytes, PreparedRequest, ResponseSize, RowResult, ServiceView, contained, render
+from camserve.work import BatchBytes, PreparedRequest, ResponseSize, RowResult, ServiceView, contained
 
 __all__ = ["explain_with_engine"]
 
@@ -113,7 +112,7 @@ def _respond(
             outline = None if section.outline is None else section.outline(target)
             figure = task.explained(score)
             own = target - item.first  # the request's own index of the explained column
-            explanation = render(item, own, item.terms.labels[own], figure, map_at(cam, shape), outline)
+            explanation = task.render_explanation(service, item, own, item.terms.labels[own], figure, cam, outline)
             if measured is not None:
                 explanation = replace(explanation, faithfulness=asdict(measured[index]))
             if checked is not None:
@@ -127,6 +126,6 @@ def _respond(
         item.display = None  # the image is rendered (or refused): release it before the batch is done
     response = ExplainResponse(
         service.model_info, item.width, item.height, predictions, explanations, segments=section.segments,
-        mask=section.mask, similarities=section.similarities, embedding=section.embedding,
+        mask=section.mask, similarities=section.similarities, embedding=section.embedding, depth=item.depth,
     )  # fmt: skip
     return RowResult(200, response.to_dict())

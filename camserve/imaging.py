@@ -70,6 +70,8 @@ class DecodeLimits:
     max_bytes: int = settings.MAX_IMAGE_BYTES
     max_pixels: int = settings.MAX_IMAGE_PIXELS
     min_side: int = settings.MIN_IMAGE_SIDE
+    max_voxels: int = settings.MAX_VOLUME_VOXELS
+    """A volume's declared voxels (a 3D model's NIfTI)."""
 
 
 @dataclass(frozen=True)

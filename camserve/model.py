@@ -152,14 +152,16 @@ def images_to_batch(
     pixels (RGB) as x = (pixel / 255 − mean) / std, float32 ones in [0, 1] (a DICOM's window, a 16-bit grayscale,
     a luminance) as x = (value − mean) / std, with the spec's per-channel mean and std."""
     if all(image.dtype == np.uint8 for image in images):
-        batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    else:
+        batch = torch.from_numpy(np.stack(images)).to(device).movedim(-1, 1).float().div_(255.0)
+    else:  # a volume's (D, H, W, C) too
         floats = [image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image for image in images]
-        batch = torch.from_numpy(np.stack(floats).astype(np.float32, copy=False)).to(device).permute(0, 3, 1, 2)
-    channels = batch.shape[1]
-    mean = torch.tensor(spec.mean, device=batch.device, dtype=batch.dtype).view(1, channels, 1, 1)
-    std = torch.tensor(spec.std, device=batch.device, dtype=batch.dtype).view(1, channels, 1, 1)
+        batch = torch.from_numpy(np.stack(floats).astype(np.float32, copy=False)).to(device).movedim(-1, 1)
+    shape = (1, batch.shape[1]) + (1,) * (batch.dim() - 2)
+    mean = torch.tensor(spec.mean, device=batch.device, dtype=batch.dtype).view(shape)
+    std = torch.tensor(spec.std, device=batch.device, dtype=batch.dtype).view(shape)
     batch = batch.sub_(mean).div_(std)
+    if batch.dim() != 4:
+        return batch.contiguous()
     return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

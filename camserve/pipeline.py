@@ -24,13 +24,12 @@ import torch
 from camserve import settings as serving
 from camserve.api import DEFAULT_TOPK, ModelInfo, Request, WorkBudget
 from camserve.cam import CamEngine, CamRequest, LayerNotFoundError, method_record
-from camserve.cam.sanity import Sanity, sanity_passes
+from camserve.cam.sanity import Sanity
 from camserve.errors import ClientError
-from camserve.faithfulness import forward_passes as faithfulness_passes
-from camserve.imaging import DecodeLimits, open_image, resize_image, snap_to_decode_scale
+from camserve.imaging import DecodeLimits
 from camserve.model import autocast_dtype, channels_last_from, load_model
 from camserve.spec import SPEC_FILE, ModelSpec
-from camserve.tasks import check_fit, task_named
+from camserve.tasks import check_fit, serving_task
 from camserve.work import PreparedRequest, RowResult, contained, internal_error
 
 logger = logging.getLogger(__name__)
@@ -60,9 +59,9 @@ class ExplanationService:
 
     def __post_init__(self) -> None:
         spec = self.spec
-        self.task = task_named(spec.task).serving(self.engine.model)
+        self.task = serving_task(spec, self.engine.model)
         self.engine.head = self.task.head or self.engine.head  # the task decides what an explanation differentiates
-        self.engine.input_channels = spec.channels
+        self.engine.input_channels, self.engine.input_spatial = spec.channels, spec.volume
         self.model_info = ModelInfo(
             self.model_name or spec.name, spec.version, spec.weights, spec.arch, spec.num_classes, spec.task
         )
@@ -137,17 +136,7 @@ class ExplanationService:
         terms = task.terms(options, self)
         targets = task.targets(options, len(terms.labels))
         cam = CamRequest(targets, options.layer, options.method, options.eigen_smooth, options.aug_smooth)
-        opened = open_image(request.image, self.limits)
-        output = snap_to_decode_scale(opened, self.budget.output_size(opened.width, opened.height, options.max_side))
-        explanations = targets.count  # at most: a multi-label model explains only its positive classes of these
-        measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
-        method_passes = task.forward_passes(self.engine, cam) + terms.passes
-        checking = sanity_passes(self.engine, cam) if options.sanity else 0
-        self.budget.check(explanations, output, options.method, method_passes, measuring, checking)
-        spec = self.spec
-        rgb, model_input = task.model_input(opened, output, spec.input_size, spec.channels, options.window)
-        display = resize_image(rgb, output)
-        return PreparedRequest(options, cam, display, model_input, opened.width, opened.height, terms)
+        return task.prepare_input(self, request.image, options, cam, terms)
 
     def _options(self, given):
         """A request's options with the model's defaults filled in, after checking that the task takes them and

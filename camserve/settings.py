@@ -33,6 +33,10 @@ MIN_IMAGE_SIDE = 16
 MAX_REQUEST_BYTES = 25 * MiB
 """TorchServe's max_request_size: a 20 MB photo as multipart, or base64 JSON of a 15 MB one."""
 
+MAX_VOLUME_VOXELS = 40_000_000
+"""A NIfTI volume's declared voxels (a 512x512x150 CT is 39 million), checked in its header before any voxel is
+read; a 3D archive's build may lower it (``--max-voxels``)."""
+
 # --- The work budget: what one request may ask of a worker ---
 DEFAULT_OUTPUT_SIDE = 2048
 """The overlays' longer side when a request gives no ``max_side``."""
@@ -40,6 +44,8 @@ MIN_OUTPUT_SIDE, MAX_OUTPUT_SIDE = 16, 16384
 """The ``max_side`` a request may give."""
 MAX_OUTPUT_PIXELS = 40_000_000
 """Output pixels × explanations, per request."""
+MAX_OUTPUT_VOXELS = 80_000_000
+"""A volume's voxels × explanations, per request: each explanation's map is upsampled to the volume's shape."""
 MAX_FORWARD_PASSES = 100
 """Forward passes per request, as the method records count them."""
 MAX_RESPONSE_BYTES = 100 * MiB

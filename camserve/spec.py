@@ -75,6 +75,10 @@ class ModelSpec:
     hf_config: str | None = None
     """The folder inside the archive that holds a Hugging Face model's ``config.json`` (and a CLIP model's
     tokenizer)."""
+    volume: tuple[int, int, int] | None = None
+    """A 3D network's input (D, H, W): a NIfTI volume's axes i, j, k resized to it; None for an image model."""
+    intensity: str = "minmax"
+    """How a volume's values become [0, 1] before ``mean``/``std``: ``minmax`` or ``window:LOW,HIGH``."""
     channels: int = 3
     """The channels the network takes: 3 (RGB) or 1 (grayscale: an RGB upload becomes its luminance)."""
     embedding: Mapping[str, object] | None = None
@@ -96,6 +100,8 @@ class ModelSpec:
         for key in ("labels", "mean", "std"):
             values[key] = tuple(values[key])
         values["layers"] = dict(values["layers"])
+        if values.get("volume") is not None:
+            values["volume"] = tuple(values["volume"])
         if values.get("embedding") is not None:
             values["embedding"] = dict(values["embedding"])
         return cls(**values)

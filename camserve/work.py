@@ -18,7 +18,7 @@ from camserve.api import ExplainOptions, Explanation, ModelInfo, Segment, WorkBu
 from camserve.cam import CamEngine, CamRequest
 from camserve.cam.sanity import Sanity
 from camserve.errors import ClientError
-from camserve.imaging import clip_map, encode_heatmap_png16, encode_image, render_overlay, to_base64
+from camserve.imaging import DecodeLimits, clip_map, encode_heatmap_png16, encode_image, render_overlay, to_base64
 from camserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,10 @@ class PreparedRequest:
     """The uploaded image's upright size."""
     height: int
     terms: Terms
+    depth: int | None = None
+    """A volume's third side (``width`` and ``height`` are its first two): its ``display`` is the scaled volume."""
+    affine: np.ndarray | None = None
+    """A volume's voxel-to-world affine."""
     first: int = 0
     """The model output's column of its index 0: an embedding request's references follow those of the requests
     before it in the batch (:mod:`camserve.tasks.embedding`)."""
@@ -115,6 +119,7 @@ class ServiceView(Protocol):
 
     engine: CamEngine
     spec: ModelSpec
+    limits: DecodeLimits
     device: torch.device
     budget: WorkBudget
     channels_last_from: int

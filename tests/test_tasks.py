@@ -425,7 +425,8 @@ def test_every_task_is_described_in_the_docs():
     readme = (ROOT / "README.md").read_text()
     for name in TASKS:
         assert f"`{name}`" in readme
-    assert list(TASKS) == ["multiclass", "multilabel", "binary", "regression", "segmentation", "detection"]
+    assert list(TASKS) == ["multiclass", "multilabel", "binary", "regression", "segmentation", "detection", "zero-shot",
+                          "embedding"]  # fmt: skip
 
 
 def test_timm_imagenet_weights_offline_fail_with_the_other_choices(tmp_path):

@@ -24,6 +24,8 @@ class WorkBudget:
     max_forward_passes: int = settings.MAX_FORWARD_PASSES
     """Forward passes per request, as the method records count them, plus faithfulness's and the sanity check's."""
     max_response_bytes: int = settings.MAX_RESPONSE_BYTES
+    max_output_voxels: int = settings.MAX_OUTPUT_VOXELS
+    """A volume's voxels × explanations, per request (each map is upsampled to the volume)."""
     """The largest response body: TorchServe's ``max_response_size`` in the shipped config.properties."""
 
     def output_size(self, width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -79,6 +81,16 @@ class WorkBudget:
             f"this request needs {total} forward passes ({'; '.join(parts)}); at most {self.max_forward_passes} are "
             f"run per request: choose {', '.join(ways)}"
         )
+
+    def check_voxels(self, explanations: int, voxels: int) -> None:
+        """Refuse a volume whose maps, at its own shape, would be over budget."""
+        if explanations * voxels > self.max_output_voxels:
+            fitting = self.max_output_voxels // voxels
+            raise ClientError(
+                "OverBudget",
+                f"this request asks for {explanations} explanation(s) of a {voxels}-voxel volume; at most "
+                f"{self.max_output_voxels} voxels of maps are made per request: ask for at most {max(fitting, 1)}",
+            )
 
     def check_response(self, size: int) -> None:
         if size > self.max_response_bytes:

@@ -108,6 +108,8 @@ class Explanation:
     """The explained segment's share of the pixels."""
     similarity: float | None = None
     """An embedding model's cosine similarity to the explained reference."""
+    peak: dict[str, list] | None = None
+    """A volume's map's highest voxel ``[i, j, k]`` and its world coordinates ``[x, y, z]`` in mm."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,13 @@ class ExplainResponse:
     """An embedding model's cosine similarity to each reference: ``{"index", "label", "similarity"}``."""
     embedding: list[float] | None = None
     """An embedding model's embedding of the image, when the request asks for it."""
+    depth: int | None = None
+    """A volume's third side: ``image`` is then its (width, height, depth) = its (i, j, k) voxels."""
 
     def to_dict(self) -> dict[str, object]:
         body: dict[str, object] = {"model": asdict(self.model), "image": {"width": self.width, "height": self.height}}
+        if self.depth is not None:
+            body["image"]["depth"] = self.depth
         if self.predictions is not None:
             body["predictions"] = [_without_none(p) for p in self.predictions]
         if self.detections is not None:

@@ -96,6 +96,8 @@ class CamEngine:
         self.input_size = input_size
         self.input_channels = 3
         """The channels of the model's input (a grayscale model's 1): the service sets them from the spec."""
+        self.input_spatial: tuple[int, ...] | None = None
+        """A 3D network's input (D, H, W); None: the ``input_size`` square. The service sets it from the spec."""
         self.head = head
         self._layers: dict[str, LayerInfo] | None = None
         self._default_layer = default_layer
@@ -126,9 +128,9 @@ class CamEngine:
 
     def sample(self, count: int = 1, random: bool = False) -> Tensor:
         """``count`` blank (or seeded random) inputs of the model's shape: ``input_channels`` × the square
-        ``input_size``, on the model's device; what the engine probes the network with."""
+        ``input_size`` (a 3D network's ``input_spatial``), on the model's device; what the engine probes it with."""
         device = next(iter(self.model.parameters()), torch.empty(0)).device
-        shape = (count, self.input_channels, self.input_size, self.input_size)
+        shape = (count, self.input_channels, *(self.input_spatial or (self.input_size, self.input_size)))
         if random:
             return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
         return torch.zeros(shape, device=device)

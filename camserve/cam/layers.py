@@ -16,6 +16,7 @@ from torch import Tensor, nn
 __all__ = [
     "LAYOUTS",
     "PYRAMID",
+    "VOLUME",
     "Layout",
     "LayerInfo",
     "LayerNotFoundError",
@@ -26,6 +27,7 @@ __all__ = [
     "find_layer",
     "forward_hooks",
     "to_grid",
+    "volume_map",
 ]
 
 
@@ -70,7 +72,8 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 PYRAMID = "fpn"
-LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens", "prefix_tokens:P", PYRAMID)
+VOLUME = "ncdhw"
+LAYOUTS = ("nchw", "nhwc", "cls_tokens", "tokens", "prefix_tokens:P", PYRAMID, VOLUME)
 """How a layer's output becomes the (N, K, h, w) grid that every method reads (the reshape-transform idea of
 pytorch-grad-cam, as a property of the layer):
 
@@ -81,6 +84,9 @@ pytorch-grad-cam, as a property of the layer):
 - ``tokens``: (N, h·w, K) tokens without a class token: the same reshape.
 - ``prefix_tokens:P``: (N, P + h·w, K) tokens after P prefix tokens (a class token and register tokens, as timm's
   ``num_prefix_tokens`` counts them): drop the first P, then the same reshape.
+- ``ncdhw``: a 3D network's map (N, K, d, h, w), as (N, K, d, h·w): its positions in order, which is all that
+  the gradient and activation families that share the pass read (a channel's mean, its sums, its principal
+  components); :func:`volume_map` gives a map its (d, h, w) back.
 - ``fpn``: a feature pyramid, a mapping of (N, K_l, h_l, w_l) levels (a detector's ``backbone``): each level's
   absolute value, bilinearly resized to the smallest level's grid, concatenated along the channels; this is
   pytorch-grad-cam's ``fasterrcnn_reshape_transform`` (its smallest level is ``pool``). It is not linear in the
@@ -99,7 +105,7 @@ class Layout(str):
     def __new__(cls, text: str) -> Layout:
         if isinstance(text, Layout):
             return text
-        if text not in LAYOUTS[:4] + (PYRAMID,) and _prefix_tokens(text) is None:
+        if text not in LAYOUTS[:4] + (PYRAMID, VOLUME) and _prefix_tokens(text) is None:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {text!r}")
         return super().__new__(cls, text)
 
@@ -107,6 +113,11 @@ class Layout(str):
     def pyramid(self) -> bool:
         """A feature pyramid: a mapping of levels, which only activation methods read."""
         return self == PYRAMID
+
+    @property
+    def volume(self) -> bool:
+        """A 3D network's map: only methods that read positions as a set explain it."""
+        return self == VOLUME
 
     @property
     def prefix(self) -> int | None:
@@ -125,9 +136,16 @@ def to_grid(tensor: Tensor | Mapping[str, Tensor], layout: str) -> Tensor:
         return torch.cat([F.interpolate(level.abs(), tuple(size), mode="bilinear") for level in levels], dim=1)
     if layout == "nhwc":
         return tensor.permute(0, 3, 1, 2)
+    if layout.volume:
+        return tensor.flatten(3)
     tokens = tensor[:, layout.prefix :]
     side = math.isqrt(tokens.shape[1])
     return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def volume_map(cam: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A map of a ``ncdhw`` layer, (…, d, h·w), as (…, d, h, w) given the layer's one-image output ``shape``."""
+    return cam.reshape(*cam.shape[:-2], *shape[-3:])
 
 
 def _prefix_tokens(layout: str) -> int | None:
@@ -153,6 +171,8 @@ def _layout_of(shape: tuple[int, ...]) -> str | None:
     (1, T, K) is a token map when T − P is a square of a side above 1 for the fewest leading tokens P (a class
     token, registers) up to :data:`MAX_PREFIX_TOKENS`.
     """
+    if len(shape) == 5:
+        return VOLUME if min(shape[2:]) > 1 else None
     if len(shape) == 4:
         _, a, b, c = shape
         if b == c > 1:

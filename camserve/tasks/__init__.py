@@ -18,6 +18,7 @@ from camserve.tasks.classification import CLASSIFIERS
 from camserve.tasks.detection import DETECTION
 from camserve.tasks.segmentation import SEGMENTATION, predicted_classes, segment_objective, segment_shares
 from camserve.tasks.similarity import EMBEDDING, ZERO_SHOT
+from camserve.tasks.volume import of_volumes
 
 __all__ = [
     "TASKS",
@@ -27,6 +28,7 @@ __all__ = [
     "predicted_classes",
     "segment_objective",
     "segment_shares",
+    "serving_task",
     "task_named",
 ]
 
@@ -35,6 +37,13 @@ TASKS: dict[str, Task] = {task.name: task for task in (*CLASSIFIERS, SEGMENTATIO
 
 TASK_OPTIONS = frozenset().union(*(task.options for task in TASKS.values()))
 """The options that some tasks take and others refuse; every other option fits every task."""
+
+
+def serving_task(spec, model) -> Task:
+    """The task that serves ``model`` as ``spec`` describes it: its own (:meth:`Task.serving`), reading volumes
+    for a 3D network (:mod:`camserve.tasks.volume`)."""
+    task = task_named(spec.task).serving(model, spec)
+    return of_volumes(task) if spec.volume is not None else task
 
 
 def task_named(name: str) -> Task:

@@ -11,13 +11,16 @@ from typing import ClassVar
 import numpy as np
 from torch import Tensor
 
-from camserve.api import ExplainOptions, Prediction
+from camserve.api import ExplainOptions, Explanation, Prediction
 from camserve.batch import explain_with_engine
 from camserve.cam import DEFAULT_METHOD, CamEngine, CamRequest, Classes, Head, Method, Target, TopPredicted
+from camserve.cam.layers import Layout
+from camserve.cam.sanity import sanity_passes
 from camserve.errors import ClientError
-from camserve.imaging import OpenedImage
+from camserve.faithfulness import forward_passes as faithfulness_passes
+from camserve.imaging import OpenedImage, map_at, open_image, resize_image, snap_to_decode_scale
 from camserve.pixels import model_pixels
-from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms
+from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms, render
 
 __all__ = ["Task"]
 
@@ -90,9 +93,9 @@ class Task:
         """The explained class's own figure in an explanation (its probability, a segment's share, ...)."""
         return {self.figure: round(score, 6)}
 
-    def serving(self, model) -> Task:
-        """The task as it serves this loaded ``model`` (a zero-shot model's scores read through a softmax or a
-        sigmoid, as the model was trained); itself for most."""
+    def serving(self, model, spec) -> Task:
+        """The task as it serves this loaded ``model`` of this ``spec`` (a zero-shot model's scores read through a
+        softmax or a sigmoid, as the model was trained); itself for most."""
         return self
 
     # --- A request ---
@@ -123,6 +126,25 @@ class Task:
             return Classes(options.target)
         return self.default_target(options.explain, options.threshold, classes)
 
+    def prepare_input(
+        self, service: ServiceView, data: bytes, options: ExplainOptions, cam: CamRequest, terms: Terms
+    ) -> PreparedRequest:
+        """A request's image: its header checked against the limits and the request's work against the budget,
+        then decoded at the output size and the model's."""
+        opened = open_image(data, service.limits)
+        budget = service.budget
+        output = snap_to_decode_scale(opened, budget.output_size(opened.width, opened.height, options.max_side))
+        explanations = cam.targets.count  # at most: a multi-label model explains only its positive classes of these
+        measuring = explanations * faithfulness_passes(options.faithfulness_steps) if options.faithfulness else 0
+        method_passes = self.forward_passes(service.engine, cam) + terms.passes
+        checking = sanity_passes(service.engine, cam) if options.sanity else 0
+        budget.check(explanations, output, options.method, method_passes, measuring, checking)
+        spec = service.spec
+        rgb, model_input = self.model_input(opened, output, spec.input_size, spec.channels, options.window)
+        return PreparedRequest(
+            options, cam, resize_image(rgb, output), model_input, opened.width, opened.height, terms
+        )  # fmt: skip
+
     def model_input(
         self,
         opened: OpenedImage,
@@ -141,6 +163,13 @@ class Task:
 
     def check_method(self, record: Method, layer: str, layout: str) -> None:
         """Refuse a method that cannot explain this task's outputs at this layer, saying why and what works."""
+        if Layout(layout).volume and not record.any_dimensions:
+            raise ClientError(
+                "InvalidOption",
+                f"method {record.name} resizes, flips or masks the input in 2D; a 3D network's layer is explained "
+                "by the gradient and activation families (gradcam, gradcam++, xgradcam, hirescam, layercam, "
+                "eigencam, ...): choose one of them",
+            )
         if record.seeds is not None and not self.exclusive:
             raise ClientError(
                 "InvalidOption",
@@ -171,6 +200,13 @@ class Task:
         """For faithfulness, a task whose score of an explained class is not its per-class score: (the measure of
         masked outputs, p(x)); None: its :meth:`scores`."""
         return None
+
+    def render_explanation(
+        self, service: ServiceView, item: PreparedRequest, index: int, label: str, figure, cam, decorate=None
+    ) -> Explanation:
+        """One explanation of the request's ``index`` (its own index; ``label`` its name), from its map at the
+        layer's grid: at the image's output size, drawn on it (``decorate``: a segment's outline)."""
+        return render(item, index, label, figure, map_at(cam, item.display.shape[:2]), decorate)
 
     def section(
         self, item: PreparedRequest, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int]

@@ -60,7 +60,7 @@ class ZeroShot(Task):
     what: ClassVar[str] = "prompts"
     one: ClassVar[str] = "a prompt"
 
-    def serving(self, model) -> Task:
+    def serving(self, model, spec) -> Task:
         """A model with a logit bias (SigLIP) was trained with a sigmoid per prompt: it is read as one."""
         return SIGMOID_ZERO_SHOT if model.sigmoid else self
 
@@ -94,7 +94,7 @@ class SigmoidZeroShot(ZeroShot):
 
     options: ClassVar[frozenset[str]] = ZeroShot.options | {"threshold"}
 
-    def serving(self, model) -> Task:
+    def serving(self, model, spec) -> Task:
         return self
 
     default_target = Multilabel.default_target

@@ -95,6 +95,13 @@ class Method:
         return self.family is Family.ACTIVATION
 
     @property
+    def any_dimensions(self) -> bool:
+        """It reads the layer's positions as a set (a channel's mean, its sums, its principal components), so it
+        explains a 3D network's map as well as a 2D one: the gradient and activation families, in the shared
+        pass. The others resize, flip or mask the input in 2D."""
+        return self.one_pass and self.family in (Family.GRADIENT, Family.ACTIVATION)
+
+    @property
     def any_scalar(self) -> bool:
         """It explains any differentiable scalar of the output (a detection's box score), with no class scores: an
         activation-only method, or a gradient method with neither its own scalar nor a second derivative."""
