@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import logging
 import tempfile
 import uuid
@@ -41,7 +40,6 @@ import torch
 from fastapi.exceptions import FastAPIDeprecationWarning
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.errors import InvalidInput
-from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from camserve import settings as serving
@@ -76,13 +74,6 @@ def unpacked_archive(path: str | Path, workdir: str | Path) -> Path:
     return target
 
 
-def _warm_up_image() -> bytes:
-    """A seeded noise photo, 160x120 PNG: the warm-up explanation before the model says it is ready."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 class CamModel(Model):
     """The archive's model behind KServe's protocols: the same :class:`ExplanationService` as the TorchServe
     handler, from the same spec, weights and ``handler:`` settings."""
@@ -102,7 +93,7 @@ class CamModel(Model):
         self.service = ExplanationService.from_archive(
             self.model_dir, self.manifest["model"]["serializedFile"], settings, self.device, model_name=self.name
         )
-        warm_up = self.service.warm_up(_warm_up_image())
+        warm_up = self.service.warm_up()
         if warm_up.status != 200:
             raise RuntimeError(f"the warm-up explanation of {self.name} failed: {warm_up.body}")
         spec = self.service.spec

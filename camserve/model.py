@@ -67,6 +67,10 @@ def build_network(spec: ModelSpec, model_dir: str | Path | None = None) -> nn.Mo
 
 
 def _build_source(spec: ModelSpec, model_dir: str | Path | None) -> nn.Module:
+    if spec.arch.startswith(MONAI_PREFIX):
+        import monai.networks.nets
+
+        return getattr(monai.networks.nets, spec.arch.removeprefix(MONAI_PREFIX))(**spec.arch_kwargs)
     if spec.arch.startswith(OPEN_CLIP_PREFIX):
         import open_clip
 
@@ -94,9 +98,10 @@ def _build_source(spec: ModelSpec, model_dir: str | Path | None) -> nn.Module:
     return select_output(model, spec.output)
 
 
-TIMM_PREFIX, HF_PREFIX, OPEN_CLIP_PREFIX = "timm:", "hf:", "open_clip:"
+TIMM_PREFIX, HF_PREFIX, OPEN_CLIP_PREFIX, MONAI_PREFIX = "timm:", "hf:", "open_clip:", "monai:"
 """How the spec's ``arch`` names a timm model (``timm:convnext_tiny``), a Hugging Face class
-(``hf:ViTForImageClassification``) and an open_clip model (``open_clip:ViT-B-32``)."""
+(``hf:ViTForImageClassification``), an open_clip model (``open_clip:ViT-B-32``) and one of MONAI's networks
+(``monai:DenseNet121``)."""
 
 
 def output_part(output: object, key: str) -> object:

@@ -120,9 +120,11 @@ class ExplanationService:
                 results[index] = result
         return results
 
-    def warm_up(self, image: bytes) -> RowResult:
-        """One explanation of ``image``, as the runtime's first request would ask it (an embedding model's of the
-        image's similarity to itself): what a door answers before it says the model is ready."""
+    def warm_up(self) -> RowResult:
+        """One explanation of the task's sample input (seeded noise: a photo, a volume), as the runtime's first
+        request would ask it (an embedding model's of the image's similarity to itself): what a door answers before
+        it says the model is ready."""
+        image = self.task.sample_input()
         row = {"data": bytearray(image)}
         if "reference" in self.task.options:
             row["reference"] = bytearray(image)

@@ -20,7 +20,7 @@ import yaml
 import camserve
 from camserve import settings
 from camserve.api import WorkBudget
-from camserve.model import HF_PREFIX, OPEN_CLIP_PREFIX, TIMM_PREFIX
+from camserve.model import HF_PREFIX, MONAI_PREFIX, OPEN_CLIP_PREFIX, TIMM_PREFIX
 from camserve.spec import SPEC_FILE
 from camtools.models import BuildError, PreparedModel
 
@@ -33,7 +33,7 @@ REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements.txt"
 SERVER_PROVIDED = {"torch", "torchvision", "torchserve", "torch-model-archiver", "pyyaml"}
 """What a TorchServe image already has: the archive's requirements leave these out, so that installing them never
 replaces the server's own torch."""
-MODEL_SOURCES = {"timm", "transformers", "safetensors", "open-clip-torch", "ftfy"}
+MODEL_SOURCES = {"timm", "transformers", "safetensors", "open-clip-torch", "ftfy", "monai", "nibabel"}
 """Requirements a worker installs only when its model needs them (see :func:`model_needs`)."""
 
 
@@ -64,6 +64,8 @@ def model_needs(prepared: PreparedModel) -> set[str]:
     needs = {"timm"} if spec.arch.startswith(TIMM_PREFIX) else set()
     needs |= {"transformers"} if spec.arch.startswith(HF_PREFIX) else set()
     needs |= {"open-clip-torch", "ftfy", "timm"} if spec.arch.startswith(OPEN_CLIP_PREFIX) else set()
+    needs |= {"monai"} if spec.arch.startswith(MONAI_PREFIX) else set()
+    needs |= {"nibabel"} if spec.volume is not None else set()
     if prepared.model_file is not None:
         available = set(sys.stdlib_module_names) | {"torch", "torchvision", "numpy", "cv2", "PIL", "camserve"}
         for name in _imports(prepared.model_file):
@@ -107,6 +109,7 @@ class ServingConfig:
     :func:`camserve.model.channels_last_from`."""
     max_image_bytes: int = settings.MAX_IMAGE_BYTES
     max_image_pixels: int = settings.MAX_IMAGE_PIXELS
+    max_volume_voxels: int = settings.MAX_VOLUME_VOXELS
     budget: WorkBudget = WorkBudget()
 
     def model_config(self) -> dict[str, object]:
@@ -120,30 +123,27 @@ class ServingConfig:
                 "scorecam_channels": self.scorecam_channels,
                 "precision": self.precision,
                 "channels_last": self.channels_last,
-                "limits": {"max_bytes": self.max_image_bytes, "max_pixels": self.max_image_pixels},
+                "limits": {
+                    "max_bytes": self.max_image_bytes,
+                    "max_pixels": self.max_image_pixels,
+                    "max_voxels": self.max_volume_voxels,
+                },
                 "budget": asdict(self.budget),
             },
         }
 
 
 def check_served(prepared: PreparedModel, config: ServingConfig = ServingConfig()) -> dict[str, object]:
-    """One synthetic photo (seeded noise, 160x120 PNG) through the whole served path, as the worker will run it:
-    the service with the archive's budget decodes it, explains it and renders the answer. Returns the answer, or
-    raises a :class:`~camtools.models.BuildError` with the service's own message."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
+    """The task's sample input (seeded noise: a 160x120 PNG photo, a NIfTI volume) through the whole served path,
+    as the worker will run it: the service with the archive's budget decodes it, explains it and renders the answer.
+    Returns the answer, or raises a :class:`~camtools.models.BuildError` with the service's own message."""
     from camserve.cam import CamEngine
     from camserve.pipeline import ExplanationService
 
     spec = prepared.spec
     engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
     service = ExplanationService(engine, spec, torch.device("cpu"), budget=config.budget, threads=1)
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "PNG")
-    result = service.warm_up(buffer.getvalue())
+    result = service.warm_up()
     if result.status != 200 or not isinstance(result.body.get("explanations"), list):
         raise BuildError(f"a synthetic image through the served path got {result.status}: {result.body}")
     return result.body

@@ -32,6 +32,7 @@ from camserve.cam.detection import DetectionRequest, explain_detections
 from camserve.cam.layers import backbone_stage
 from camserve.model import (
     HF_PREFIX,
+    MONAI_PREFIX,
     OPEN_CLIP_PREFIX,
     TIMM_PREFIX,
     build_network,
@@ -236,7 +237,7 @@ def _arch_kwargs(arch: str, input_size: int, pretrained: bool) -> dict[str, obje
     return kwargs
 
 
-def _seeded(build, seed: int, input_size: int, channels: int = 3) -> nn.Module:
+def _seeded(build, seed: int, input_size: int, channels: int = 3, volume: tuple[int, ...] | None = None) -> nn.Module:
     """A model built under ``seed``, the same on every machine, and made well-conditioned so that its maps are
     numbers rather than rounding noise: weights initialised to zero (a ViT's head) are drawn from N(0, 0.02²), and
     batch-norm statistics are measured on two seeded batches of noise (fresh statistics of 0 and 1 let activations
@@ -259,7 +260,7 @@ def _seeded(build, seed: int, input_size: int, channels: int = 3) -> nn.Module:
             trunk, side = (model.backbone, min(input_size, 320)) if detector else (model, input_size)
             with torch.no_grad():
                 for _ in range(2):
-                    trunk(torch.randn(4, channels, side, side))
+                    trunk(torch.randn(4, channels, *(volume or (side, side))))
             for norm, momentum in zip(norms, momenta, strict=True):
                 norm.momentum = momentum
     return model.eval()
@@ -422,7 +423,7 @@ class BuildRequest:
     weights: str = "imagenet"
     labels: str | Path | None = None
     layer: str | None = None
-    input_size: int | None = None
+    input_size: int | tuple[int, ...] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     model_name: str | None = None
@@ -441,6 +442,10 @@ class BuildRequest:
     """A zero-shot model's default prompts, one per line."""
     channels: int = 3
     """The network's input channels: 3 (RGB) or 1 (grayscale)."""
+    spatial_dims: int = 2
+    """2 for images, 3 for a network of volumes (then ``input_size`` is (D, H, W))."""
+    intensity: str = "minmax"
+    """A volume's values to [0, 1]: ``minmax`` or ``window:LOW,HIGH`` (clipped, then scaled)."""
     template: str | None = None
     """A zero-shot model's prompt made of each label, ``{}`` for the label (default: CLIP's ``a photo of a {}.``)."""
 
@@ -467,6 +472,10 @@ class _Source:
     """An image–text model's tokens per prompt."""
     channels: int = 3
     """The network's input channels (``--channels``)."""
+    volume: tuple[int, int, int] | None = None
+    """A 3D network's input (D, H, W) (``--spatial-dims 3 --input-size D H W``)."""
+    intensity: str = "minmax"
+    """How a volume's values become [0, 1] (``--intensity``)."""
 
 
 def prepare_model(**flags) -> PreparedModel:
@@ -510,6 +519,8 @@ def prepare_model(**flags) -> PreparedModel:
         output=output_key,
         hf_config=HF_CONFIG_DIR if source.hf_dir else None,
         channels=source.channels,
+        volume=source.volume,
+        intensity=source.intensity,
     )
     hf_config = source.hf_dir / "config.json" if source.hf_dir else None
     return PreparedModel(spec, model, model.state_dict(), source.model_path, hf_config)
@@ -606,6 +617,10 @@ def _resolve(request: BuildRequest) -> _Source:
         raise BuildError(f"--task must be one of {', '.join(TASKS)}, got {request.task!r}")
     if not 0 <= request.threshold <= 1:
         raise BuildError(f"--threshold must be a probability from 0 to 1, got {request.threshold}")
+    if request.spatial_dims == 3 or isinstance(request.input_size, (list, tuple)):
+        request = _sized(request)
+    if request.spatial_dims == 3:
+        return _resolve_volume(request)
     if request.channels not in (1, 3):
         raise BuildError(f"--channels must be 1 (grayscale) or 3 (RGB), got {request.channels}")
     if request.channels != 3 and not request.model_file:
@@ -684,6 +699,108 @@ def _per_channel(flag: str, values, channels: int) -> tuple[float, ...]:
     if len(values) != channels:
         raise BuildError(f"{flag} takes one value per input channel ({channels} with --channels {channels}): {values}")
     return values
+
+
+def _sized(request: BuildRequest) -> BuildRequest:
+    """``--input-size`` as the spatial dimensions want it: one side for an image model, D H W for a 3D one."""
+    from dataclasses import replace
+
+    size = request.input_size
+    sizes = list(size) if isinstance(size, (list, tuple)) else ([] if size is None else [size])
+    if request.spatial_dims not in (2, 3):
+        raise BuildError(f"--spatial-dims must be 2 (images) or 3 (volumes), got {request.spatial_dims}")
+    if request.spatial_dims == 3:
+        if len(sizes) != 3 or min(sizes) < 2:
+            raise BuildError(f"--spatial-dims 3 needs --input-size D H W, three sides of at least 2, got {sizes}")
+        return replace(request, input_size=tuple(int(v) for v in sizes))
+    if len(sizes) > 1:
+        raise BuildError(f"--input-size takes one side for an image model, got {sizes} (a 3D one: --spatial-dims 3)")
+    return replace(request, input_size=sizes[0] if sizes else None)
+
+
+def _resolve_volume(request: BuildRequest) -> _Source:
+    """A 3D network (``--spatial-dims 3``): MONAI's (``--arch monai:NAME``) or a model file; its input D H W, its
+    channels, its intensity scaling."""
+    arch, model_path, model_class = request.arch, None, None
+    intensity = request.intensity
+    if intensity != "minmax":
+        low, _, high = intensity.removeprefix("window:").partition(",")
+        try:
+            valid = intensity.startswith("window:") and float(low) < float(high)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise BuildError(f"--intensity must be minmax or window:LOW,HIGH with LOW < HIGH, got {intensity!r}")
+    if request.model_file:
+        model_path = Path(request.model_file)
+        try:
+            model_class = model_class_from_file(model_path)
+        except Exception as error:
+            raise BuildError(f"cannot use the model file {model_path}: {error}") from None
+        arch = model_class.__name__
+    elif not (arch or "").startswith(MONAI_PREFIX):
+        raise BuildError("--spatial-dims 3 takes --arch monai:NAME (e.g. monai:DenseNet121) or a 3D --model-file")
+    else:
+        import monai.networks.nets
+
+        if not callable(getattr(monai.networks.nets, arch.removeprefix(MONAI_PREFIX), None)):
+            raise BuildError(f"--arch {arch}: monai.networks.nets has no {arch.removeprefix(MONAI_PREFIX)}")
+    if request.weights == "imagenet":
+        raise BuildError("a 3D network takes --weights PATH (its state_dict) or random; there is no imagenet")
+    channels = request.channels
+    return _Source(
+        arch=arch, model_path=model_path, model_class=model_class, input_size=max(request.input_size),
+        mean=_per_channel("--mean", request.mean or (0.0,) * channels, channels),
+        std=_per_channel("--std", request.std or (1.0,) * channels, channels),
+        given_labels=read_labels(request.labels) if request.labels is not None else None,
+        task=request.task or "multiclass", channels=channels, volume=request.input_size, intensity=intensity,
+    )  # fmt: skip
+
+
+def _monai_kwargs(name: str, channels: int, classes: int) -> dict[str, object]:
+    """The keyword arguments of MONAI's network ``name`` for a 3D network of ``channels`` inputs and ``classes``
+    outputs: DenseNets and EfficientNets take ``in_channels``, ResNets ``n_input_channels``."""
+    import inspect
+
+    import monai.networks.nets
+
+    parameters = set(inspect.signature(getattr(monai.networks.nets, name)).parameters)
+    if "kwargs" in parameters:  # resnet18 and the like: ResNet's own arguments
+        parameters |= set(inspect.signature(monai.networks.nets.ResNet).parameters)
+    channel_key = "in_channels" if "in_channels" in parameters else "n_input_channels"
+    class_key = "out_channels" if "out_channels" in parameters else "num_classes"
+    return {"spatial_dims": 3, channel_key: channels, class_key: classes}
+
+
+def _load_monai(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, object]]:
+    """MONAI's network with ``--weights``: a state_dict (its number of classes read from it) or random (the labels'
+    number of classes)."""
+    name = source.arch.removeprefix(MONAI_PREFIX)
+    task = task_named(source.task)
+    stub = _spec_stub(source.arch, {})
+    if request.weights == "random":
+        kwargs = _monai_kwargs(name, source.channels, task.outputs(len(source.given_labels or task.default_labels(2))))
+        build = lambda: build_network(replace_kwargs(stub, kwargs))  # noqa: E731
+        return _seeded(build, request.seed, source.input_size, source.channels, source.volume), kwargs
+    state_dict = read_checkpoint(request.weights)
+    two, three = (_monai_kwargs(name, source.channels, n) for n in (2, 3))
+    with torch.device("meta"):
+        sizes = [build_network(replace_kwargs(stub, k)).state_dict() for k in (two, three)]
+    grown = [key for key, tensor in sizes[0].items() if sizes[1][key].numel() != tensor.numel()]
+    classes = next((state_dict[key].shape[0] for key in grown if key in state_dict), 2)
+    kwargs = _monai_kwargs(name, source.channels, int(classes))
+    model = build_network(replace_kwargs(stub, kwargs))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise BuildError(f"these weights do not fit {source.arch} with {source.channels} channel(s): {error}") from None
+    return model, kwargs
+
+
+def replace_kwargs(spec: ModelSpec, kwargs: dict[str, object]) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, arch_kwargs=kwargs)
 
 
 def _resolve_open_clip(request: BuildRequest) -> _Source:
@@ -797,10 +914,13 @@ def _load(source: _Source, request: BuildRequest) -> tuple[nn.Module, dict[str, 
         return model.eval().requires_grad_(False), {}, None
     if source.encoder == "open_clip":
         return _load_open_clip(source, request), {}, None
+    if source.arch.startswith(MONAI_PREFIX):
+        model, kwargs = _load_monai(source, request)
+        return model.eval().requires_grad_(False), kwargs, None
     if source.model_class is not None:
         kwargs: dict[str, object] = {}
         if weights == "random":
-            model = _seeded(source.model_class, request.seed, source.input_size, source.channels)
+            model = _seeded(source.model_class, request.seed, source.input_size, source.channels, source.volume)
         else:
             model = source.model_class()
             try:
@@ -877,7 +997,7 @@ def _probe(model: nn.Module, source: _Source, output: str | None) -> tuple[dict[
     side = _probe_side(source)
     kind = task_named(source.task).kind
     try:
-        blank = torch.zeros(1, source.channels, side, side)
+        blank = torch.zeros(1, source.channels, *(source.volume or (side, side)))
         layers = describe_layers(model, side, blank)
         with torch.no_grad():
             probe = model(blank)
@@ -966,8 +1086,9 @@ def _validate(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         channels = source.channels
-        mean, std = (torch.tensor(v).view(1, channels, 1, 1) for v in (source.mean, source.std))
-        image = (torch.rand(1, channels, side, side) - mean) / std
+        extent = source.volume or (side, side)
+        mean, std = (torch.tensor(v).view(1, channels, *(1 for _ in extent)) for v in (source.mean, source.std))
+        image = (torch.rand(1, channels, *extent) - mean) / std
     if task.kind == "detection":  # one synthetic image through the whole path: detections, and one explained
         request = DetectionRequest(layer, task.default_method(spatial[layer]), score_threshold=0.0, explain=1)
         found = explain_detections(model, [image[0]], [request], spatial)
@@ -975,7 +1096,7 @@ def _validate(
             raise BuildError(f"the explanation at layer {layer} is not finite")
         return layer, spatial
     engine = CamEngine(model, input_size=side, default_layer=layer, head=task.head)
-    engine.input_channels = source.channels
+    engine.input_channels, engine.input_spatial = source.channels, source.volume
     target = Classes([0]) if task.kind == "segmentation" else task.default_target(None, 0.5, classes)
     output = engine(image, [CamRequest(target)])
     cam = output.maps[0]
@@ -1067,7 +1188,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "a tuple index (default: found: a tuple's first item, or logits)",
     )
     group.add_argument(
-        "--input-size", type=int, help="model input side in pixels (default: the arch's weights' crop, else 224)"
+        "--input-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="model input side in pixels (default: the arch's weights' crop, else 224); a 3D network's D H W",
+    )
+    group.add_argument(
+        "--spatial-dims",
+        type=int,
+        default=2,
+        choices=(2, 3),
+        help="3: a network of volumes (NIfTI requests), --arch monai:NAME or a 3D --model-file (default: 2)",
+    )
+    group.add_argument(
+        "--intensity",
+        default="minmax",
+        help="a volume's values to [0, 1] before --mean/--std: minmax (its own range) or window:LOW,HIGH (clipped "
+        "then scaled; CT in Hounsfield units) (default: minmax)",
     )
     group.add_argument(
         "--channels",
@@ -1109,6 +1247,8 @@ def model_for_cli(args: argparse.Namespace, model_name: str | None = None, versi
             prompts=args.prompts,
             template=args.template,
             channels=args.channels,
+            spatial_dims=args.spatial_dims,
+            intensity=args.intensity,
         )
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -30,6 +30,7 @@ BUDGET_HELP = {
     "max_output_pixels": "output pixels x explanations per request",
     "max_forward_passes": "forward passes per request, ScoreCAM's included",
     "max_response_bytes": "largest response body; keep it at or under TorchServe's max_response_size",
+    "max_output_voxels": "a 3D model's volume voxels x explanations per request",
 }
 
 
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         help="largest width x height an image may declare, checked from its header before decoding "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-voxels",
+        type=int,
+        default=defaults.max_volume_voxels,
+        help="a 3D model's largest volume, in voxels, checked from its NIfTI header before reading (default: "
+        "%(default)s)",
+    )
     for item in fields(WorkBudget):  # --max-side, --max-output-pixels, --max-forward-passes, --max-response-bytes
         parser.add_argument(
             f"--{item.name.replace('_', '-')}",
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         scorecam_channels=args.scorecam_channels,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
+        max_volume_voxels=args.max_voxels,
         precision=args.precision,
         channels_last=args.channels_last,
         budget=WorkBudget(**{item.name: getattr(args, item.name) for item in fields(WorkBudget)}),

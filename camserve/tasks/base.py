@@ -18,7 +18,7 @@ from camserve.cam.layers import Layout
 from camserve.cam.sanity import sanity_passes
 from camserve.errors import ClientError
 from camserve.faithfulness import forward_passes as faithfulness_passes
-from camserve.imaging import OpenedImage, map_at, open_image, resize_image, snap_to_decode_scale
+from camserve.imaging import OpenedImage, encode_image, map_at, open_image, resize_image, snap_to_decode_scale
 from camserve.pixels import model_pixels
 from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms, render
 
@@ -144,6 +144,11 @@ class Task:
         return PreparedRequest(
             options, cam, resize_image(rgb, output), model_input, opened.width, opened.height, terms
         )  # fmt: skip
+
+    def sample_input(self) -> bytes:
+        """What a door explains before it says the model is ready: a seeded noise photo, 160x120 PNG."""
+        noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+        return encode_image(noise, "png")
 
     def model_input(
         self,
