@@ -15,6 +15,7 @@ from pillow_heif import register_heif_opener
 from camserve import settings
 from camserve.errors import ClientError
 from camserve.medical import dicom_gray, is_dicom, open_dicom
+from camserve.volumes import is_nifti
 
 register_heif_opener()
 """HEIC and HEIF (an iPhone's default) through pillow-heif: the header is read on open, so the limits are checked
@@ -108,6 +109,10 @@ def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -
             "ImageTooLarge",
             f"the image is {len(data)} bytes; at most {limits.max_bytes} bytes are accepted",
             status=413,
+        )
+    if is_nifti(data):
+        raise ClientError(
+            "InvalidImage", f"the body is a NIfTI volume; this model explains 2D images: send a {ACCEPTED_INPUTS} file"
         )
     if is_dicom(data):
         dataset, width, height = open_dicom(data)

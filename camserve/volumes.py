@@ -69,6 +69,11 @@ def open_nifti(data: bytes | bytearray, max_voxels: int, max_bytes: int) -> Open
     import nibabel
 
     raw = bytes(data)
+    if not is_nifti(raw):
+        raise ClientError(
+            "InvalidImage",
+            "this model explains 3D volumes: send a NIfTI file (.nii or .nii.gz), not a 2D image or another format",
+        )
     gzipped = raw[:2] == b"\x1f\x8b"
     head = _inflate(raw, NIFTI_HEADER) if gzipped else raw[:NIFTI_HEADER]
     try:
