@@ -14,7 +14,7 @@ from pillow_heif import register_heif_opener
 
 from camserve import settings
 from camserve.errors import ClientError
-from camserve.medical import dicom_gray, is_dicom, open_dicom
+from camserve.medical import dicom_gray, grey_to_rgb, is_dicom, open_dicom
 from camserve.volumes import is_nifti
 
 register_heif_opener()
@@ -31,7 +31,6 @@ __all__ = [
     "OUTPUT_FORMATS",
     "OpenedImage",
     "decode_image",
-    "grey_to_rgb",
     "draw_detection",
     "encode_binary_mask",
     "encode_class_mask",
@@ -79,8 +78,7 @@ class DecodeLimits:
 class OpenedImage:
     """An upload whose header has been read and checked against the limits; no pixel is decoded yet."""
 
-    image: Image.Image | None
-    """Pillow's image (None for a DICOM file)."""
+    image: Image.Image | None  # Pillow's (None for a DICOM file)
     width: int
     """The upright width, after the EXIF orientation."""
     height: int
@@ -112,7 +110,7 @@ def open_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -
         )
     if is_nifti(data):
         raise ClientError(
-            "InvalidImage", f"the body is a NIfTI volume; this model explains 2D images: send a {ACCEPTED_INPUTS} file"
+            "InvalidImage", f"the body is a NIfTI volume; this model explains 2D images: {ACCEPTED_INPUTS}"
         )
     if is_dicom(data):
         dataset, width, height = open_dicom(data)
@@ -192,12 +190,6 @@ def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np
     return _to_rgb(image)
 
 
-def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    """A [0, 1] float grayscale as an 8-bit RGB image (what an overlay is drawn on)."""
-    levels = np.round(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(np.repeat(levels[:, :, None], 3, axis=2))
-
-
 def _draft_request(size: tuple[int, int], wanted: tuple[int, int]) -> tuple[int, int]:
     """What to ask Pillow's ``draft`` for, so that it decodes at the smallest scale 1/s whose size (libjpeg's,
     rounded up) still covers ``wanted``: Pillow picks s from the floor of size / request, which would fall back to a
@@ -219,7 +211,7 @@ def _too_many_pixels(detail: str, limits: DecodeLimits | None = None) -> ClientE
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode in PRECISE_MODES:
         # 16-bit and float grayscale: scale to 8 bits rather than let convert() clip everything above 255.
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode != "F" or values.max() > 1.0 else 1.0

@@ -16,7 +16,7 @@ import numpy as np
 
 from camserve.errors import ClientError
 
-__all__ = ["DICOM_MAGIC", "dicom_gray", "is_dicom", "open_dicom", "window_linear"]
+__all__ = ["DICOM_MAGIC", "dicom_gray", "grey_to_rgb", "is_dicom", "open_dicom", "window_linear"]
 
 DICOM_MAGIC = b"DICM"
 """At byte 128 of a DICOM Part 10 file, after its preamble."""
@@ -132,3 +132,9 @@ def _first(value) -> float | None:
 def _min_max(values: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """A [0, 1] float grayscale as an 8-bit RGB image (what an overlay is drawn on)."""
+    levels = np.round(np.clip(grey, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(levels[:, :, None], 3, axis=2))

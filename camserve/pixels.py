@@ -8,8 +8,8 @@ import numpy as np
 from PIL import ImageOps
 
 from camserve.errors import ClientError
-from camserve.imaging import PRECISE_MODES, OpenedImage, grey_to_rgb, load_rgb, resize_for_model, resize_image
-from camserve.medical import dicom_gray
+from camserve.imaging import PRECISE_MODES, OpenedImage, load_rgb, resize_for_model, resize_image
+from camserve.medical import dicom_gray, grey_to_rgb
 
 __all__ = ["load_gray", "model_pixels"]
 

@@ -2,6 +2,7 @@
 
 python scripts/make_pictures.py            # writes docs/pictures/overlays.png (about a minute on two CPU cores)
 python scripts/make_pictures.py --zero-shot   # docs/pictures/zero_shot.png: a tiny CLIP, prompts and a reference
+python scripts/make_pictures.py --volume      # docs/pictures/volume.png: a trained 3D network's slice montage
 
 It trains ShapesNet on the synthetic shapes task (camtools/synthetic.py: a coloured shape on grey clutter, the class
 is the colour), builds its archive with --model-file, starts torchserve, and asks for each overlay of a few held-out
@@ -42,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "pictures" / "overlays.png")
     parser.add_argument("--images", type=int, default=3, help="held-out images, one row each (default: 3)")
     parser.add_argument("--zero-shot", action="store_true", help="the zero-shot picture instead (docs/zero-shot.md)")
+    parser.add_argument("--volume", action="store_true", help="the 3D montage instead (docs/medical.md)")
     args = parser.parse_args(argv)
     if args.zero_shot:
         out = args.out if args.out.name != "overlays.png" else args.out.with_name("zero_shot.png")
         return zero_shot_picture(out, args.images)
+    if args.volume:
+        return volume_picture(args.out if args.out.name != "overlays.png" else args.out.with_name("volume.png"))
     samples = make_samples(args.images, seed=1234)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pictures-") as scratch:
@@ -126,6 +130,44 @@ def zero_shot_picture(out: Path, images: int) -> int:
     padded = [np.pad(row, ((0, 8), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(encode_image(np.vstack(padded), "png"))
+    print(f"wrote {out}")
+    return 0
+
+
+def volume_picture(out: Path) -> int:
+    """The synthetic volumes' 3D network, trained (camtools.synthetic.trained_volume_model), served in process: a
+    volume with a ball, explained for its class "ball"; the montage as the service returned it, with the ball's true
+    box and the peak in the caption."""
+    import gzip
+
+    import nibabel
+    import torch
+
+    from camserve.cam import CamEngine
+    from camserve.pipeline import ExplanationService
+    from camtools.synthetic import make_volume, trained_volume_model
+
+    with tempfile.TemporaryDirectory(prefix="pictures-") as scratch:
+        prepared, accuracy = trained_volume_model(Path(scratch))
+        print(f"3D network: {accuracy:.1%} held-out accuracy")
+        spec = prepared.spec
+        engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
+        service = ExplanationService(engine, spec, torch.device("cpu"))
+        rng = np.random.default_rng(8)
+        ball = next(v for v in (make_volume(rng) for _ in range(20)) if v.label == 1)
+        data = gzip.compress(nibabel.Nifti1Image(ball.voxels, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes())
+        (answer,) = service.answer([{"data": bytearray(data), "target": b"1", "format": b"png"}])
+    explanation = answer.body["explanations"][0]
+    montage = decode_image(base64.b64decode(explanation["overlay"]))
+    box = ", ".join(f"{low}-{high - 1}" for low, high in ball.box)
+    peak = explanation["peak"]
+    caption = (
+        f"'ball' p={explanation['probability']:.2f}: slices k, j, i through the peak voxel {peak['voxel']} (world "
+        f"{peak['world']} mm); the ball: i, j, k in {box}"
+    )
+    sheet = render_contact_sheet([montage], [caption], height=montage.shape[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(encode_image(sheet, "png"))
     print(f"wrote {out}")
     return 0
 

@@ -51,12 +51,17 @@ def test_the_archive_model_config_and_the_limits_default_to_the_settings():
     handler = config["handler"]
     assert handler["scorecam_channels"] == settings.SCORECAM_CHANNELS
     assert handler["channels_last"] == settings.CHANNELS_LAST_FROM
-    assert handler["limits"] == {"max_bytes": settings.MAX_IMAGE_BYTES, "max_pixels": settings.MAX_IMAGE_PIXELS}
+    assert handler["limits"] == {
+        "max_bytes": settings.MAX_IMAGE_BYTES,
+        "max_pixels": settings.MAX_IMAGE_PIXELS,
+        "max_voxels": settings.MAX_VOLUME_VOXELS,
+    }
     assert handler["budget"] == {
         "max_side": settings.DEFAULT_OUTPUT_SIDE,
         "max_output_pixels": settings.MAX_OUTPUT_PIXELS,
         "max_forward_passes": settings.MAX_FORWARD_PASSES,
         "max_response_bytes": settings.MAX_RESPONSE_BYTES,
+        "max_output_voxels": settings.MAX_OUTPUT_VOXELS,
     }
     assert DecodeLimits().max_bytes == settings.MAX_IMAGE_BYTES
     assert WorkBudget().max_side == settings.DEFAULT_OUTPUT_SIDE

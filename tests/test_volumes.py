@@ -338,3 +338,69 @@ def test_the_montage_reads_well(net3d, tmp_path):
     for tile in range(3):  # jet's hottest is red: each tile has some
         part = picture[:, tile * third : (tile + 1) * third].astype(int)
         assert ((part[..., 0] > 150) & (part[..., 2] < 100)).any(), tile
+
+
+# --- Live: a 3D archive and a grayscale archive beside a classifier, on one torchserve; the 3D one on KServe ---
+
+
+@pytest.fixture(scope="module")
+def medical_server(tmp_path_factory):
+    """scripts/build_mar.py builds the 3D network (seeded random weights, --spatial-dims 3), a grayscale network
+    (tests/models/grey_net.py, --channels 1) and a classifier (tests/models/tiny_net.py); one torchserve serves
+    the three."""
+    from tests.conftest import ROOT
+    from tests.test_integration import built_and_served
+
+    folder = tmp_path_factory.mktemp("medical")
+    (folder / "net3d.py").write_text(NET3D)
+    builds = [
+        ["--model-file", str(folder / "net3d.py"), "--weights", "random", "--spatial-dims", "3", "--input-size", "24",
+         "20", "16", "--channels", "1", "--intensity", "window:-1,2", "--model-name", "volumes"],
+        ["--model-file", str(ROOT / "tests" / "models" / "grey_net.py"), "--weights", "random", "--channels", "1",
+         "--input-size", "64", "--model-name", "radiographs"],
+        ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random",
+         "--model-name", "classifier"],
+    ]  # fmt: skip
+    with built_and_served(builds, folder, "volumes") as running:
+        yield running, folder
+
+
+@pytest.mark.integration
+def test_torchserve_serves_a_3d_and_a_grayscale_archive_beside_a_classifier(medical_server):
+    import requests
+
+    from tests.test_medical import dicom_bytes, radiograph
+
+    server, _ = medical_server
+
+    def post(model: str, data: bytes, **fields):
+        url = f"{server.inference}/predictions/{model}"
+        return requests.post(url, files={"data": ("upload", data)}, data=fields, headers=server.headers(), timeout=120)
+
+    volume = np.random.default_rng(3).normal(size=(30, 26, 20)).astype(np.float32)
+    answer = post("volumes", nifti(volume), target="0,1").json()
+    assert answer["image"] == {"width": 30, "height": 26, "depth": 20} and len(answer["explanations"]) == 2
+    assert answer["explanations"][0]["peak"]["voxel"] and answer["explanations"][0]["heatmap"]
+    assert post("volumes", _png()).status_code == 400
+    dicom = dicom_bytes(radiograph(), window=(2000, 3000), photometric="MONOCHROME1")
+    radiographs = post("radiographs", dicom, window="[1500, 2500]").json()
+    assert radiographs["image"] == {"width": 80, "height": 96} and radiographs["model"]["classes"] == 2
+    assert post("radiographs", _png()).status_code == 200  # an RGB upload: its luminance
+    assert post("classifier", dicom).status_code == 200  # a DICOM to an RGB model: its grey in all three channels
+    refused = post("classifier", nifti(volume))
+    assert refused.status_code == 400 and "this model explains 2D images" in refused.json()["message"]
+
+
+@pytest.mark.integration
+def test_the_same_3d_archive_answers_through_kserves_server(medical_server, tmp_path):
+    import asyncio
+
+    from camserve.kserve import CamModel, unpacked_archive
+
+    _, folder = medical_server
+    model = CamModel(unpacked_archive(folder / "store" / "volumes.mar", tmp_path), torch.device("cpu"))
+    assert model.load()  # its warm-up explains a sample volume
+    volume = np.random.default_rng(4).normal(size=(16, 16, 16)).astype(np.float32)
+    instance = {"data": base64.b64encode(nifti(volume)).decode(), "target": [1]}
+    (answer,) = asyncio.run(model.predict({"instances": [instance]}))["predictions"]
+    assert answer["image"]["depth"] == 16 and answer["explanations"][0]["index"] == 1

@@ -35,12 +35,12 @@ from camserve.imaging import (
     draw_detection,
     encode_binary_mask,
     fit_within,
-    grey_to_rgb,
     load_rgb,
     map_at,
     resize_image,
     to_base64,
 )
+from camserve.medical import grey_to_rgb
 from camserve.pixels import load_gray
 from camserve.tasks.base import Task
 from camserve.work import BatchBytes, PreparedRequest, ResponseSize, RowResult, ServiceView, contained, render
