@@ -279,3 +279,47 @@ def test_fuzzed_dicom_headers_get_an_answer_or_a_4xx(grey_model, tags):
     answers = service_for(grey_model).answer([{"data": bytearray(data)}, {"data": bytearray(good)}])
     assert answers[0].status == 200 or 400 <= answers[0].status < 500, answers[0].body
     assert answers[1].status == 200
+
+
+def test_a_jpeg_compressed_dicom_decodes_through_a_pinned_decoder():
+    from PIL import Image
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    grey = (radiograph(bits=8) & 0xFF).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "JPEG", quality=95)
+    ds = dcmread(io.BytesIO(dicom_bytes(grey.astype(np.uint16), bits=8)))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    out = io.BytesIO()
+    ds.save_as(out)
+    decoded = load_gray(open_image(out.getvalue()))
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64)
+    np.testing.assert_allclose(decoded, (expected - expected.min()) / (expected.max() - expected.min()), atol=2 / 255)
+
+
+def test_a_16_bit_png_keeps_its_16_bits():
+    levels = np.arange(0, 65536, 17, dtype=np.uint16)[: 64 * 60].reshape(64, 60)
+    grey = load_gray(open_image(encode_png16(levels)))
+    np.testing.assert_array_equal(grey, levels.astype(np.float32) / 65535)
+    assert len(np.unique(grey)) == levels.size  # 3840 distinct values: more than 8 bits could hold
+
+
+def test_the_budget_counts_a_volumes_voxels(tmp_path):
+    from camserve.api import WorkBudget
+    from tests.test_volumes import NET3D, nifti
+
+    (tmp_path / "net3d.py").write_text(NET3D)
+    prepared = prepare_model(model_file=tmp_path / "net3d.py", weights="random", channels=1, spatial_dims=3,
+                             input_size=(16, 16, 16))  # fmt: skip
+    service = service_for(prepared)
+    service.budget = WorkBudget(max_output_voxels=20_000)
+    volume = np.zeros((30, 30, 20), np.float32)
+    body = refusal(service, nifti(volume), target=b"0,1")
+    assert body["type"] == "OverBudget" and "2 explanation(s) of a 18000-voxel volume" in body["message"]
+    assert "ask for at most 1" in body["message"]
+    (fits,) = service.answer([{"data": bytearray(nifti(volume)), "target": bytearray(b"0")}])
+    assert fits.status == 200
