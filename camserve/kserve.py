@@ -15,9 +15,12 @@ and model file) and takes the archive's name. KServe's Python SDK (``kserve.Mode
   after its warm-up explanation;
 - Prometheus ``/metrics``: KServe's request histograms and the service's stage timings (``camserve_stage_seconds``).
 
-Every instance of one request is one forward pass (the same explanation service as the TorchServe handler); requests
-run one at a time. Concurrent single-image requests are merged into one by KServe's batcher, in the cluster
-(the InferenceService's ``batcher``). It binds 127.0.0.1 unless told ``--host``: on KServe, authentication is the
+Concurrent requests share one forward pass: an in-process micro-batcher gathers them as TorchServe's frontend does,
+with the archive's ``batchSize`` and ``maxBatchDelay`` (:mod:`camserve.batching`); every instance of one request
+joins the same batch, and one batch runs at a time (the same explanation service as the TorchServe handler). In a
+cluster, the InferenceService's ``batcher`` sidecar may gather requests too; it is optional.
+
+It binds 127.0.0.1 unless told ``--host``: on KServe, authentication is the
 platform's (the ingress or the service mesh), and a pod binds all its interfaces.
 """
 
@@ -45,10 +48,11 @@ from prometheus_client import Counter, Histogram
 from camserve import settings as serving
 from camserve.api import Request
 from camserve.api.readers import load_json
+from camserve.batching import MicroBatcher
 from camserve.errors import ClientError
 from camserve.model import select_device
 from camserve.pipeline import ExplanationService
-from camserve.spec import archive_manifest, handler_settings
+from camserve.spec import archive_manifest, handler_settings, model_config
 from camserve.work import RowResult, internal_error
 
 logger = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ class CamModel(Model):
         self.model_dir, self.manifest = model_dir, manifest
         self.device = device or select_device(0)
         self.service: ExplanationService | None = None
-        self._lock = asyncio.Lock()
+        self.batcher: MicroBatcher | None = None
 
     def load(self) -> bool:
         """Build the service, then explain one synthetic photo: ready only when that answers 200."""
@@ -93,6 +97,10 @@ class CamModel(Model):
         self.service = ExplanationService.from_archive(
             self.model_dir, self.manifest["model"]["serializedFile"], settings, self.device, model_name=self.name
         )
+        config = model_config(self.model_dir, self.manifest)  # TorchServe's batching, from the same archive
+        batch_size = int(config.get("batchSize", serving.BATCH_SIZE))
+        delay = int(config.get("maxBatchDelay", serving.MAX_BATCH_DELAY_MS)) / 1000
+        self.batcher = MicroBatcher(self.service.answer, max_batch=batch_size, max_delay=delay)
         warm_up = self.service.warm_up()
         if warm_up.status != 200:
             raise RuntimeError(f"the warm-up explanation of {self.name} failed: {warm_up.body}")
@@ -110,14 +118,15 @@ class CamModel(Model):
         return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
 
     async def _answer(self, requests: Sequence[Request]) -> list[dict]:
-        """Each request's body: the service's answer, with the request id on an error, off the event loop (health
-        checks stay answered) and one batch at a time."""
-        async with self._lock:
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(None, self.service.answer, list(requests))
-            except Exception:  # the service contains each request's failures; this is the last line of defence
-                logger.exception("answering %d instances failed", len(requests))
-                results = [internal_error("the batch")] * len(requests)
+        """Each request's body: the service's answer, with the request id on an error. Concurrent requests are
+        gathered into one batch, as TorchServe's frontend gathers them (the archive's ``batchSize`` and
+        ``maxBatchDelay``; :class:`~camserve.batching.MicroBatcher`), and answered off the event loop (health checks
+        stay answered), one batch at a time."""
+        try:
+            results = await self.batcher.submit(list(requests))
+        except Exception:  # the service contains each request's failures; this is the last line of defence
+            logger.exception("answering %d instances failed", len(requests))
+            results = [internal_error("the batch")] * len(requests)
         self._report(results)
         return [result.with_id(request.id) for result, request in zip(results, requests, strict=True)]
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["MANIFEST_FILE", "SPEC_FILE", "ModelSpec", "archive_manifest", "handler_settings"]
+__all__ = ["MANIFEST_FILE", "SPEC_FILE", "ModelSpec", "archive_manifest", "handler_settings", "model_config"]
 
 SPEC_FILE = "model_spec.json"
 """The spec's name inside the archive."""
@@ -24,15 +24,21 @@ def archive_manifest(model_dir: str | Path) -> dict[str, object]:
     return json.loads((Path(model_dir) / MANIFEST_FILE).read_text())
 
 
-def handler_settings(model_dir: str | Path, manifest: Mapping[str, object]) -> dict[str, object]:
-    """The ``handler:`` section of the archive's model-config.yaml (empty without one), as TorchServe gives it to
-    the handler."""
+def model_config(model_dir: str | Path, manifest: Mapping[str, object]) -> dict[str, object]:
+    """The archive's model-config.yaml (empty without one): TorchServe's batching and workers, and the handler's
+    settings under ``handler:``."""
     import yaml
 
     config = manifest["model"].get("configFile")
     if not config or not (Path(model_dir) / config).is_file():
         return {}
-    return (yaml.safe_load((Path(model_dir) / config).read_text()) or {}).get("handler", {}) or {}
+    return yaml.safe_load((Path(model_dir) / config).read_text()) or {}
+
+
+def handler_settings(model_dir: str | Path, manifest: Mapping[str, object]) -> dict[str, object]:
+    """The ``handler:`` section of the archive's model-config.yaml (empty without one), as TorchServe gives it to
+    the handler."""
+    return model_config(model_dir, manifest).get("handler", {}) or {}
 
 
 @dataclass(frozen=True)

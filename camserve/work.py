@@ -97,7 +97,7 @@ class PreparedRequest:
     """A volume's voxel-to-world affine."""
     first: int = 0
     """The model output's column of its index 0: an embedding request's references follow those of the requests
-    before it in the batch (:mod:`camserve.tasks.embedding`)."""
+    before it in the batch (:mod:`camserve.tasks.similarity`)."""
 
 
 @dataclass(frozen=True)
