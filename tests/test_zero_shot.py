@@ -669,3 +669,31 @@ def test_timm_and_hugging_face_vision_models_build_as_embedding_models(tmp_path)
         image = np.asarray(np.random.default_rng(2).integers(0, 256, (side, side, 3)), np.uint8)
         (answer,) = service_for(prepared).answer([{"data": png(image), "reference": png(image[::-1])}])
         assert answer.status == 200 and -1 <= answer.body["similarities"][0]["similarity"] <= 1, answer.body
+
+
+def test_the_similarity_target_by_hand():
+    """A1 = x, A2 = 10 − x (a 1x1 convolution with a bias), e = the mean of A over the 2x2 positions = (2.5, 7.5),
+    against the column c = (1, 0): cos = e·c/|e| = 2.5/√62.5 = 0.31623, and ∂cos/∂e = (c − cos·ê)/|e| =
+    (0.9, −0.3)/7.9057. Each position's gradient is a quarter of it: α = (0.0284605, −0.0094868). The map is
+    ReLU(α1·x + α2·(10 − x)) = ReLU(0.0379473·x − 0.094868): 0, 0, 0.018974, 0.056921."""
+    from camserve.embeddings import ColumnScores
+
+    class Embedder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Conv2d(1, 2, 1)
+            with torch.no_grad():
+                self.features.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+                self.features.bias.copy_(torch.tensor([0.0, 10.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.features(x).mean(dim=(2, 3))
+
+    model = ColumnScores(Embedder().eval(), "vector", scaled=False)
+    model.columns.vectors = torch.tensor([[1.0, 0.0]])
+    engine = CamEngine(model, input_size=2, default_layer="features")
+    engine.input_channels = 1
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    out = engine(x, [CamRequest(Classes([0]))])
+    assert float(out.logits[0, 0]) == pytest.approx(2.5 / 62.5**0.5, abs=1e-6)
+    torch.testing.assert_close(out.maps[0][0], torch.tensor([[0.0, 0.0], [0.018974, 0.056921]]), atol=1e-5, rtol=0)
