@@ -120,3 +120,20 @@ def save_hf_models(folder: Path) -> tuple[Path, Path]:
     resnet = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=4)
     ResNetForImageClassification(resnet).save_pretrained(folder / "resnet")
     return folder / "vit", folder / "resnet"
+
+
+def service_for(prepared, threads: int = 2):
+    """The explanation service of a prepared model (``camtools.models.prepare_model``), on the CPU, in process."""
+    from camserve.cam import CamEngine
+    from camserve.pipeline import ExplanationService
+
+    spec = prepared.spec
+    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
+    return ExplanationService(engine=engine, spec=spec, device=torch.device("cpu"), threads=threads)
+
+
+def refusal(service, data: bytes, **fields) -> dict:
+    """The body of the 4xx that ``service`` answers to ``data`` with these multipart ``fields``."""
+    (answer,) = service.answer([{"data": bytearray(data), **{k: bytearray(v) for k, v in fields.items()}}])
+    assert 400 <= answer.status < 500, answer.body
+    return answer.body

@@ -16,11 +16,10 @@ from hypothesis import strategies as st
 from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
 from camserve.imaging import open_image
 from camserve.medical import window_linear
-from camserve.pipeline import ExplanationService
 from camserve.pixels import load_gray
 from camtools.models import BuildError, prepare_model
 from tests.conftest import ROOT, encode
-from tests.helpers import assert_matches_reference
+from tests.helpers import assert_matches_reference, refusal, service_for
 
 GREY_NET = ROOT / "tests" / "models" / "grey_net.py"
 TINY_NET = ROOT / "tests" / "models" / "tiny_net.py"
@@ -87,12 +86,6 @@ def encode_png16(levels: np.ndarray) -> bytes:
     ok, data = cv2.imencode(".png", levels)
     assert ok
     return data.tobytes()
-
-
-def service_for(prepared) -> ExplanationService:
-    spec = prepared.spec
-    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
-    return ExplanationService(engine=engine, spec=spec, device=torch.device("cpu"), threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -218,12 +211,6 @@ def test_a_grayscale_network_matches_pytorch_grad_cam(grey_model):
 
 
 # --- Refusals ---
-
-
-def refusal(service, data: bytes, **fields) -> dict:
-    (answer,) = service.answer([{"data": bytearray(data), **{k: bytearray(v) for k, v in fields.items()}}])
-    assert 400 <= answer.status < 500, answer.body
-    return answer.body
 
 
 def test_bad_dicoms_are_refused_naming_what_is_wrong(grey_model):

@@ -16,7 +16,7 @@ from camserve.pipeline import ExplanationService
 from camserve.tasks import TASKS, task_named
 from camtools.models import BuildError, prepare_model, read_checkpoint
 from tests.conftest import encode
-from tests.helpers import assert_matches_reference, save_hf_models
+from tests.helpers import assert_matches_reference, save_hf_models, service_for
 
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
 
@@ -278,12 +278,6 @@ def test_trained_task_models_really_localise(trained):
 
 
 # --- The service, per task ---
-
-
-def service_for(prepared) -> ExplanationService:
-    spec = prepared.spec
-    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
-    return ExplanationService(engine=engine, spec=spec, device=torch.device("cpu"), threads=2)
 
 
 @pytest.mark.slow

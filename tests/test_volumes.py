@@ -19,10 +19,9 @@ from torch import nn
 
 from camserve.cam import CamEngine, CamRequest, Classes
 from camserve.cam.layers import volume_map
-from camserve.pipeline import ExplanationService
 from camserve.volumes import open_nifti, resize_volume, scale_intensity
 from camtools.models import BuildError, prepare_model
-from tests.helpers import assert_matches_reference
+from tests.helpers import assert_matches_reference, refusal, service_for
 
 NET3D = '''
 import torch
@@ -51,12 +50,6 @@ def nifti(volume: np.ndarray, affine: np.ndarray = AFFINE, compressed: bool = Tr
 
     data = nibabel.Nifti1Image(np.asarray(volume), affine).to_bytes()
     return gzip.compress(data) if compressed else data
-
-
-def service_for(prepared) -> ExplanationService:
-    spec = prepared.spec
-    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
-    return ExplanationService(engine=engine, spec=spec, device=torch.device("cpu"), threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -242,40 +235,34 @@ def test_a_trained_3d_network_peaks_in_the_ball(tmp_path):
 # --- Refusals ---
 
 
-def refused(service, data: bytes, **fields) -> dict:
-    (answer,) = service.answer([{"data": bytearray(data), **{k: bytearray(v) for k, v in fields.items()}}])
-    assert 400 <= answer.status < 500, answer.body
-    return answer.body
-
-
 def test_what_a_3d_model_refuses_and_why(net3d):
     service = service_for(net3d)
     volume = np.zeros((10, 10, 10), np.float32)
-    assert "dimensions [10, 10, 10, 3]" in refused(service, nifti(np.zeros((10, 10, 10, 3), np.float32)))["message"]
-    assert "send a NIfTI file" in refused(service, _png())["message"]
+    assert "dimensions [10, 10, 10, 3]" in refusal(service, nifti(np.zeros((10, 10, 10, 3), np.float32)))["message"]
+    assert "send a NIfTI file" in refusal(service, _png())["message"]
     huge = nifti(np.zeros((2, 2, 2), np.float32))
     import nibabel
 
     header = nibabel.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)).header
     header.set_data_shape((3000, 3000, 3000))
     bomb = gzip.compress(header.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
-    body = refused(service, bomb)
+    body = refusal(service, bomb)
     assert body["code"] == 413 and "3000x3000x3000" in body["message"], body
     assert huge  # a small one is answered (below)
     for option, value in (("aug_smooth", b"true"), ("faithfulness", b"true"), ("sanity", b"true")):
-        assert "work on 2D images" in refused(service, nifti(volume + 1), **{option: value})["message"]
+        assert "work on 2D images" in refusal(service, nifti(volume + 1), **{option: value})["message"]
     assert (
         "a 3D network's layer is explained by the gradient and activation"
-        in refused(service, nifti(volume + 1), method=b"scorecam")["message"]
+        in refusal(service, nifti(volume + 1), method=b"scorecam")["message"]
     )
-    assert "truncated" in refused(service, nifti(volume + 1, compressed=False)[:-200])["message"]
+    assert "truncated" in refusal(service, nifti(volume + 1, compressed=False)[:-200])["message"]
 
 
 def test_a_2d_model_refuses_a_volume(tmp_path):
     from tests.conftest import ROOT
 
     prepared = prepare_model(model_file=ROOT / "tests" / "models" / "tiny_net.py", weights="random", input_size=64)
-    body = refused(service_for(prepared), nifti(np.zeros((10, 10, 10), np.float32)))
+    body = refusal(service_for(prepared), nifti(np.zeros((10, 10, 10), np.float32)))
     assert "the body is a NIfTI volume; this model explains 2D images" in body["message"]
 
 

@@ -20,20 +20,13 @@ from torch import nn
 from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
 from camserve.embeddings import PromptEmbeddings
 from camserve.model import images_to_batch
-from camserve.pipeline import ExplanationService
 from camtools.models import BuildError, prepare_model
 from camtools.synthetic import CLASSES, SIZE, clip_scenes, make_scene, save_clip, tiny_clip_config, to_batch
 from tests.conftest import ROOT, encode
-from tests.helpers import assert_matches_reference
+from tests.helpers import assert_matches_reference, service_for
 from tests.test_pipeline import option_names, values
 
 PROMPTS = ["a red shape", "a green shape", "a blue shape"]
-
-
-def service_for(prepared, threads: int = 2) -> ExplanationService:
-    spec = prepared.spec
-    engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
-    return ExplanationService(engine=engine, spec=spec, device=torch.device("cpu"), threads=threads)
 
 
 def png(image: np.ndarray) -> bytearray:
@@ -405,7 +398,7 @@ def test_bad_prompts_are_refused_naming_what_is_accepted(random_clip, fields, fr
     assert answer.status == 400 and fragment in answer.body["message"], answer.body
 
 
-def test_prompts_to_a_classifier_are_refused():
+def test_prompts_to_a_classifier_are_refusal():
     from camtools.synthetic import SHAPES_NET
 
     prepared = prepare_model(model_file=SHAPES_NET, weights="random", input_size=SIZE)
@@ -431,7 +424,7 @@ def test_bad_references_are_refused_naming_what_is_accepted(embedder, fields, fr
     assert answer.status == 400 and fragment in answer.body["message"], answer.body
 
 
-def test_a_json_nan_in_a_reference_embedding_is_refused(embedder):
+def test_a_json_nan_in_a_reference_embedding_is_refusal(embedder):
     body = b'{"image": "%s", "reference_embedding": [' % base64.b64encode(encode(scene_images(1, 0)[0])) + (
         b"0.5, " * 15 + b"NaN]}"
     )
