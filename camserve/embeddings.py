@@ -53,7 +53,7 @@ class Columns:
 
 @dataclass(frozen=True)
 class Encoder:
-    """How a source's model gives an image's embedding, a text's embedding, and its logit scale and bias."""
+    """How a source's model gives an image's embedding and, with a text tower, a text's embedding."""
 
     image: Callable[[nn.Module, Tensor], Tensor]
     text: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
