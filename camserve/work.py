@@ -18,7 +18,8 @@ from camserve.api import ExplainOptions, Explanation, ModelInfo, Segment, WorkBu
 from camserve.cam import CamEngine, CamRequest
 from camserve.cam.sanity import Sanity
 from camserve.errors import ClientError
-from camserve.imaging import DecodeLimits, clip_map, encode_heatmap_png16, encode_image, render_overlay, to_base64
+from camserve.imaging import DecodeLimits, encode_heatmap_png16, encode_image, to_base64
+from camserve.overlays import clip_map, render_overlay
 from camserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)

@@ -471,7 +471,7 @@ def test_fuzzed_options_on_a_detector_and_a_segmenter_are_answered_or_refused_ne
 
 
 def test_the_detector_overlay_draws_the_explained_box():
-    from camserve.imaging import draw_detection
+    from camserve.overlays import draw_detection
 
     image = np.full((100, 120, 3), 90, np.uint8)
     drawn = draw_detection(image.copy(), (20, 30, 80, 90), "red 0.99")

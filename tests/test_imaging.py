@@ -11,19 +11,16 @@ from PIL import Image
 
 from camserve.errors import ClientError
 from camserve.imaging import (
-    COLORMAPS,
     DecodeLimits,
-    clip_map,
     decode_image,
     encode_heatmap_png16,
     encode_image,
     load_rgb,
-    map_at,
     open_image,
-    render_overlay,
     resize_for_model,
     snap_to_decode_scale,
 )
+from camserve.overlays import COLORMAPS, clip_map, map_at, render_overlay
 from tests.conftest import encode
 from tests.corpus import BAD_BODIES, IMAGE_KINDS, exif_rotated_jpeg, gradient_image, phone_heic, png_declaring
 
@@ -275,3 +272,91 @@ def test_map_at_is_normalize_map_on_the_host(grid, size):
 def test_map_at_keeps_a_constant_map_all_zero(value):
     assert (map_at(np.full((1, 1), value, np.float32), (20, 30)) == 0).all()
     assert (map_at(np.full((7, 7), value, np.float32), (300, 451)) == 0).all()
+
+
+def _photo(width: int = 257, height: int = 171) -> np.ndarray:
+    """A photo with sensor-like noise: the JPEG codec's hard case."""
+    import skimage.data
+
+    base = cv2.resize(skimage.data.chelsea(), (width, height), interpolation=cv2.INTER_AREA).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0.0, 8.0, base.shape).astype(np.float32)
+    return np.clip(base + noise, 0, 255).round().astype(np.uint8)
+
+
+def _by_pillow(opened):
+    """The same upload decoded by Pillow's decoder alone (the path taken before simplejpeg, and its fallback)."""
+    from dataclasses import replace
+
+    return load_rgb(replace(opened, data=None))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpeg_decodes_upright_as_pillow_does_for_every_exif_orientation(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = encode(Image.fromarray(_photo()), "JPEG", quality=90, exif=exif.tobytes())
+    opened = open_image(body)
+    assert opened.orientation == orientation and opened.data is body
+    fast = load_rgb(opened)
+    assert fast.shape == ((257, 171) if orientation >= 5 else (171, 257)) + (3,)
+    np.testing.assert_array_equal(fast, _by_pillow(open_image(body)))  # bit for bit, EXIF turn included
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_a_jpeg_decodes_bit_for_bit_as_pillow_at_every_reduced_scale(mode, progressive, scale):
+    body = encode(Image.fromarray(_photo(1001, 777)).convert(mode), "JPEG", quality=90, progressive=progressive)
+    asked = (-(-1001 // scale), -(-777 // scale))
+    fast = load_rgb(open_image(body), at_least=asked)
+    assert fast.shape == (asked[1], asked[0], 3)  # the reduced scale that covers the size asked, not more
+    np.testing.assert_array_equal(fast, _by_pillow(open_image(body)) if scale == 1 else _pillow_draft(body, scale))
+
+
+def _pillow_draft(body: bytes, scale: int) -> np.ndarray:
+    image = Image.open(io.BytesIO(body))
+    image.draft("RGB", (image.size[0] // scale, image.size[1] // scale))
+    return np.asarray(image.convert("RGB"))
+
+
+def test_a_jpeg_that_simplejpeg_refuses_is_decided_by_pillow(monkeypatch):
+    import camserve.imaging as imaging
+
+    body = encode(Image.fromarray(_photo()), "JPEG", quality=90)
+    calls = []
+
+    def refusing(*args, **kwargs):
+        calls.append(args)
+        raise ValueError("Unsupported JPEG process: SOF type 0xc9")  # arithmetic coding, which it does not decode
+
+    monkeypatch.setattr(imaging.simplejpeg, "decode_jpeg", refusing)
+    np.testing.assert_array_equal(load_rgb(open_image(body)), np.asarray(Image.open(io.BytesIO(body)).convert("RGB")))
+    assert len(calls) == 1
+    with pytest.raises(ClientError, match="truncated or corrupt"):
+        load_rgb(open_image(body[: len(body) // 2]))
+
+
+def test_the_jpeg_overlay_keeps_opencvs_quality_and_size():
+    photo = _photo(640, 480)
+
+    def psnr(encoded: bytes) -> float:
+        error = decode_image(encoded).astype(float) - photo
+        return 10 * np.log10(255**2 / np.mean(error**2))
+
+    ours = encode_image(photo, "jpeg")
+    ok, opencv = cv2.imencode(".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert abs(psnr(ours) - psnr(opencv.tobytes())) < 0.1 and psnr(ours) > 30
+    assert abs(len(ours) - len(opencv)) / len(opencv) < 0.05
+    assert Image.open(io.BytesIO(ours)).info.get("progressive") is None  # baseline, as OpenCV's
+
+
+@pytest.mark.parametrize("colormap", ["jet", "turbo", "viridis", "inferno"])
+def test_the_colour_lookup_equals_opencvs_colormap_on_rounded_levels(colormap):
+    image = _photo(96, 64)
+    heat = np.random.default_rng(3).random((64, 96)).astype(np.float32)
+    heat[0, :4] = (0.0, 1.0, 0.5 / 255, 1.5 / 255)  # the ends and two ties, which round to even
+    levels = np.round(heat * 255).astype(np.uint8)
+    coloured = cv2.cvtColor(cv2.applyColorMap(levels, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(render_overlay(image, heat, alpha=1.0, colormap=colormap), coloured)
+    expected = cv2.addWeighted(image, 0.6, coloured, 0.4, 0.0)
+    np.testing.assert_array_equal(render_overlay(image, heat, alpha=0.4, colormap=colormap), expected)

@@ -30,7 +30,8 @@ from camserve.api.readers import (
 )
 from camserve.cam import DEFAULT_METHOD, DETECTION_METHOD, METHODS, PYRAMID_METHOD
 from camserve.errors import ClientError
-from camserve.imaging import COLORMAPS, OUTPUT_FORMATS, OVERLAYS
+from camserve.imaging import OUTPUT_FORMATS
+from camserve.overlays import COLORMAPS, OVERLAYS
 from camserve.settings import (
     DEFAULT_MAX_DETECTIONS,
     DEFAULT_SCORE_THRESHOLD,

@@ -18,7 +18,8 @@ from camserve.cam.layers import Layout
 from camserve.cam.sanity import sanity_passes
 from camserve.errors import ClientError
 from camserve.faithfulness import forward_passes as faithfulness_passes
-from camserve.imaging import OpenedImage, encode_image, map_at, open_image, resize_image, snap_to_decode_scale
+from camserve.imaging import OpenedImage, encode_image, open_image, resize_image, snap_to_decode_scale
+from camserve.overlays import map_at
 from camserve.pixels import model_pixels
 from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms, render
 

@@ -30,17 +30,9 @@ from camserve.cam.detection import DetectionOutput, DetectionRequest, explain_de
 from camserve.cam.layers import Layout
 from camserve.errors import ClientError
 from camserve.faithfulness import Faithfulness, faithfulness
-from camserve.imaging import (
-    OpenedImage,
-    draw_detection,
-    encode_binary_mask,
-    fit_within,
-    load_rgb,
-    map_at,
-    resize_image,
-    to_base64,
-)
+from camserve.imaging import OpenedImage, encode_binary_mask, fit_within, load_rgb, resize_image, to_base64
 from camserve.medical import grey_to_rgb
+from camserve.overlays import draw_detection, map_at
 from camserve.pixels import load_gray
 from camserve.tasks.base import Task
 from camserve.work import BatchBytes, PreparedRequest, ResponseSize, RowResult, ServiceView, contained, render

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from camserve.api import Segment
 from camserve.cam import Head, Target, TopPredicted
-from camserve.imaging import encode_class_mask, outline_segment, to_base64
+from camserve.imaging import encode_class_mask, to_base64
+from camserve.overlays import outline_segment
 from camserve.tasks.base import Task
 from camserve.work import Section
 

@@ -21,7 +21,8 @@ from camserve.api import ExplainOptions, Explanation
 from camserve.cam import CamRequest
 from camserve.cam.layers import volume_map
 from camserve.errors import ClientError
-from camserve.imaging import encode_image, render_overlay, to_base64
+from camserve.imaging import encode_image, to_base64
+from camserve.overlays import render_overlay
 from camserve.tasks.base import Task
 from camserve.volumes import heatmap_nifti, montage, open_nifti, peak_of, resize_volume, scale_intensity
 from camserve.work import PreparedRequest, ServiceView, Terms

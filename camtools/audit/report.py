@@ -11,7 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from camserve.imaging import decode_image, render_overlay, resize_image
+from camserve.imaging import decode_image, resize_image
+from camserve.overlays import render_overlay
 from camtools.audit.analysis import ClassFindings
 from camtools.audit.worker import read_file
 
