@@ -175,7 +175,7 @@ def test_the_cpu_targets_prefer_the_forward_pass_timed_right_before_the_level():
 
 def test_the_photo_targets_are_the_excess_over_the_forward_pass():
     """Arithmetic on a made-up report: each photo's time in the worker over the plain forward pass at batch 1,
-    against 40 ms for 1080p and 100 ms for 12 MP."""
+    against 40 ms for 1080p and 60 ms for 12 MP."""
     import torch
 
     from camtools.bench import machine_info
@@ -196,7 +196,7 @@ def test_the_photo_targets_are_the_excess_over_the_forward_pass():
     hd = targets["1080p JPEG in the worker (no HTTP) - plain forward at batch 1, ms"]
     twelve = targets["12 MP JPEG in the worker (no HTTP) - plain forward at batch 1, ms"]
     assert (hd["value"], hd["target"], hd["met"]) == (35.0, "<= 40", True)
-    assert (twelve["value"], twelve["target"], twelve["met"]) == (135.0, "<= 100", False)
+    assert (twelve["value"], twelve["target"], twelve["met"]) == (135.0, "<= 60", False)
     assert "| 12 MP (4032x3024) | 1 | 90.0 | 60.0 | 2.0 | 40.0 | 195.0 | 60.0 | 135.0 |" in photo_lines(report.photos)
 
 
@@ -237,3 +237,34 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
     assert (loaded["value"], loaded["target"], loaded["met"]) == (0.8, ">= 0.8", True)
     lines = "\n".join(service_photo_lines(report.service_photos))
     assert "1080p photos at concurrency 8: 16.0 images/s" in lines and "20.0 images/s (ratio 0.80)" in lines
+
+
+def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypatch):
+    """The image-work section on a small camera-like photo: every step's contenders timed, the service's own first;
+    its totals; and the overlay it ships within JPEG's own noise of the one served before."""
+    import torch
+
+    from camtools.bench import imagework
+    from camtools.bench.context import BenchConfig, BenchContext, _timer
+
+    monkeypatch.setattr(imagework, "PHOTOS", {"1080p": (480, 270)})
+    monkeypatch.setattr(imagework, "MAX_SIDES", (2048, 240))
+    config = BenchConfig(repeats=1, warmup=0)
+    ctx = BenchContext(config, torch.device("cpu"), _timer(torch.device("cpu")), None, None, [])
+    rows = imagework.image_work(ctx)
+    timed = [row for row in rows if row["step"] != "fidelity"]
+    assert {row["step"] for row in timed} == {
+        "decode", "resize to the model's 224", "map at the overlay's size", "colours and blend", "encode", "base64"
+    }  # fmt: skip
+    decoders = [row["contender"] for row in timed if row["step"] == "decode" and row["max_side"] == 2048]
+    assert decoders == ["simplejpeg", "Pillow", "OpenCV", "torchvision (full size)"]
+    assert all(row["ships"] == (row["contender"] in {"simplejpeg", "OpenCV area", "uint8 lookup", "pybase64",
+               "OpenCV bilinear, min-max in place"}) for row in timed)  # fmt: skip
+    fidelity = {row["max_side"]: row for row in rows if row["step"] == "fidelity"}
+    assert fidelity[2048]["output"] == "480x270" and fidelity[240]["output"] == "240x135"  # 1/2 scale, no resize
+    for row in fidelity.values():
+        assert row["psnr_against_before_db"] > row["jpeg_noise_psnr_db"] - 3.0 > 30
+    totals = imagework.image_work_totals(rows)
+    ships = sum(row["ms"] for row in timed if row["ships"] and row["max_side"] == 240)
+    assert totals[("1080p", 240)]["ships"] == pytest.approx(ships)
+    assert "| 1080p | 240 | decode | simplejpeg * |" in "\n".join(imagework.image_work_lines(rows))

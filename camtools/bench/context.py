@@ -126,6 +126,8 @@ class BenchReport:
     """The sanity check's cost: explanations with and without it, each against the plain forward pass."""
     fast_paths: list[dict[str, object]] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
+    image_work: list[dict[str, object]] = field(default_factory=list)
+    """Each step of a camera-like photo's image work, per codec (:mod:`camtools.bench.imagework`)."""
     photos: list[dict[str, object]] = field(default_factory=list)
     service_photos: list[dict[str, object]] = field(default_factory=list)
     """Phone photos through TorchServe end to end: a lone request's profile per size, 1080p at concurrency 8."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from camtools.bench.context import BenchReport
+from camtools.bench.imagework import IMAGE_WORK_TARGET_MS, MAX_SIDES, image_work_lines, image_work_totals
 from camtools.bench.inprocess import channels_last_threshold
 
 
@@ -33,6 +34,10 @@ def _targets(report: BenchReport) -> list[dict[str, object]]:
         targets.append(
             _target(f"(3)/(2) peer vs Grad-CAM alone, batch {batch}", peer["seconds"] / cam["seconds"], ">=", 2.5)
         )
+    for (photo, max_side), total in image_work_totals(report.image_work).items():
+        if photo in IMAGE_WORK_TARGET_MS and max_side == MAX_SIDES[0]:
+            name = f"{photo} camera photo: image work per image in process (max_side {max_side}), ms"
+            targets.append(_target(name, total["ships"], "<=", IMAGE_WORK_TARGET_MS[photo]))
     for photo in report.photos:  # the worker's own share of a phone photo: decode, resize, explain, render
         targets.append(
             _target(
@@ -302,6 +307,8 @@ def markdown(report: BenchReport) -> str:
             for stage in ("decode", "cam", "encode")
         )
         lines += ["", f"Stage shares for JPEG requests: {shares}."]
+    if report.image_work:
+        lines += image_work_lines(report.image_work)
     if report.photos:
         lines += photo_lines(report.photos)
     if report.service_photos:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from camtools.bench.audit import audit_section
 from camtools.bench.context import BenchConfig, BenchContext, BenchReport, _timer, machine_info, sample_images
+from camtools.bench.imagework import image_work
 from camtools.bench.inprocess import (
     _channels_last_by_batch,
     _dense_tasks,
@@ -47,6 +48,7 @@ def run_benchmark(config: BenchConfig, workdir: Path | None = None) -> BenchRepo
         ("fast paths", "fast_paths", _fast_paths),
         ("channels_last by batch", "channels_last", _channels_last_by_batch),
         ("decode/encode share", "stages", _stage_shares),
+        ("image work", "image_work", image_work),
         ("phone photos", "photos", _photos),
         ("detector and segmenter", "dense", _dense_tasks),
         ("response bytes", "response_bytes", _response_bytes),

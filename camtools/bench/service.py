@@ -77,15 +77,16 @@ PHOTO_THROUGHPUT_TARGET = 0.8
 
 
 def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | None) -> list[dict[str, object]]:
-    """Phone photos through TorchServe end to end (the shipped max_side 2048): for each size, a lone request's
-    profile (the client's p50, the frontend's queue and backend times, the worker protocol, the handler's stages)
-    against the plain forward pass at batch 1 timed right before; then 1080p photos at concurrency 8 against the
-    forward pass at batch 8."""
-    from camtools.bench.inprocess import PHOTO_TARGETS_MS, PHOTOS, photo_jpeg
+    """Camera-like phone photos (:func:`camera_photo`) through TorchServe end to end (the shipped max_side
+    2048): for each size, a lone request's profile (the client's p50, the frontend's queue and backend times, the
+    worker protocol, the handler's stages) against the plain forward pass at batch 1 timed right before; then 1080p
+    photos at concurrency 8 against the forward pass at batch 8."""
+    from camtools.bench.imagework import PHOTOS, camera_photo
+    from camtools.bench.inprocess import PHOTO_TARGETS_MS
 
     rows = []
     for name, size in PHOTOS.items():
-        body = photo_jpeg(size)
+        body = camera_photo(size)
         floor_ms = floor(1) if floor else None
         marks = _log_marks(server)
         level = _load(server, [body], 1, max(4, config.requests_per_level // 6))
