@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda text: tuple(text.split(",")),
         default=(),
         help="only these in-process sections, by report field: in_process, methods, sanity, vit, fast_paths, "
-        "channels_last, stages, photos, dense, response_bytes, audit (default: all)",
+        "channels_last, stages, image_work, photos, dense, response_bytes, audit (default: all)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results", help="where the reports go")
     parser.add_argument("--stem", default="bench", help="report file names: STEM.json, STEM.md, STEM.png")
