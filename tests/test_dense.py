@@ -131,13 +131,30 @@ def reference_detection(model, method, layer: str, image, detections, reshape_tr
     return np.stack(maps)
 
 
+@pytest.fixture
+def replays(monkeypatch) -> list[bool]:
+    """Each call of a two-stage detector's replayed box head: True where it found every explained detection's
+    proposal (the short way back), False where the full path ran."""
+    import camserve.cam.detection as detection
+
+    calls, original = [], detection._roi_scores
+
+    def counted(*args, **kwargs):
+        scores = original(*args, **kwargs)
+        calls.append(scores is not None)
+        return scores
+
+    monkeypatch.setattr(detection, "_roi_scores", counted)
+    return calls
+
+
 def ours_detection(model, method: str, layer: str, layout: str, image, explain: int = 2):
     request = DetectionRequest(layer, method, score_threshold=0.0, explain=explain)
     out = explain_detections(model, [image], [request], {layer: layout})
     return normalize_map(out.maps[0], tuple(image.shape[-2:])).numpy(), out.detections[0][:explain]
 
 
-def test_faster_rcnn_matches_the_box_score_target(detection_image, monkeypatch):
+def test_faster_rcnn_matches_the_box_score_target(detection_image, monkeypatch, replays):
     from pytorch_grad_cam import EigenCAM, GradCAM
     from pytorch_grad_cam.utils.reshape_transforms import fasterrcnn_reshape_transform
 
@@ -146,6 +163,7 @@ def test_faster_rcnn_matches_the_box_score_target(detection_image, monkeypatch):
     assert len(detections) == 2
     expected = reference_detection(model, GradCAM, "backbone.body.layer4", detection_image, detections)
     assert_matches_reference(ours, expected, "Faster R-CNN Grad-CAM, FasterRCNNBoxScoreTarget")
+    assert replays == [True]  # through the box head replayed on the two detections' proposals
     # The pyramid, as pytorch-grad-cam's fasterrcnn_reshape_transform brings it to one grid; EigenCAM with our sign.
     oriented_eigencam(monkeypatch)
     ours, detections = ours_detection(model, "eigencam", "backbone", "fpn", detection_image, explain=1)
@@ -314,7 +332,7 @@ def oriented_eigencam(monkeypatch) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("detector", sorted(TRAINED_DETECTORS))
 def test_trained_detectors_match_pytorch_grad_cam_and_point_at_least_as_often(
-    detector, faster_rcnn, dense_models, monkeypatch
+    detector, faster_rcnn, dense_models, monkeypatch, replays
 ):
     """On a trained detector, at its default layer and a pyramid level: Grad-CAM and HiResCAM with
     ``FasterRCNNBoxScoreTarget`` of the detection's own output box equal pytorch-grad-cam's to 1e-3, EigenCAM
@@ -351,6 +369,37 @@ def test_trained_detectors_match_pytorch_grad_cam_and_point_at_least_as_often(
             )
             assert worst < 1e-3, (detector, method, layer, worst)
             assert ours_hits >= reference_hits, (ours_hits, reference_hits, count)
+    assert all(replays) and len(replays) == (48 if detector == "faster_rcnn" else 0)  # 2 layers, 2 methods, 12
+
+
+def test_a_two_stage_detector_replays_its_box_head_on_the_explained_proposals_alone(monkeypatch, replays):
+    """The short way back (one box head of T rows) gives the full path's maps, on a padded batch of two images with
+    three and two detections; it pools only the explained proposals; a layer inside the box head takes the full
+    path."""
+    import camserve.cam.detection as detection
+
+    model = seeded("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=5, box_score_thresh=0.0)
+    torch.manual_seed(2)
+    images = [torch.rand(3, 180, 240), torch.rand(3, 150, 150)]
+    pooled = []
+    pool = model.roi_heads.box_roi_pool
+    monkeypatch.setattr(pool, "forward", lambda f, boxes, shapes, _o=pool.forward: pooled.append(
+        [len(b) for b in boxes]) or _o(f, boxes, shapes))  # fmt: skip
+    layer = "backbone.body.16"
+    for method in ("hirescam", "gradcam"):
+        requests = [DetectionRequest(layer, method, score_threshold=0.0, explain=count) for count in (3, 2)]
+        short = explain_detections(model, images, requests, {layer: "nchw"})
+        assert pooled[-1] == [3, 2] and pooled[-2][0] > 50  # the replay: the explained proposals alone
+        with monkeypatch.context() as full_path:
+            full_path.setattr(detection, "_roi_heads", lambda *args: None)
+            full = explain_detections(model, images, requests, {layer: "nchw"})
+        assert short.explained == full.explained == [[0, 1, 2], [0, 1]]
+        for ours, expected in zip(short.maps, full.maps, strict=True):
+            assert float(expected.amax()) > 0
+            torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert replays == [True, True]
+    assert detection._roi_heads(model, [model.roi_heads.box_head.fc6]) is None
+    assert detection._roi_heads(model, [model.backbone.body]) is model.roi_heads
 
 
 def test_a_padded_batch_maps_each_image_from_its_own_share_of_the_grid_in_one_resize():
