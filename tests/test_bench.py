@@ -268,3 +268,22 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
     ships = sum(row["ms"] for row in timed if row["ships"] and row["max_side"] == 240)
     assert totals[("1080p", 240)]["ships"] == pytest.approx(ships)
     assert "| 1080p | 240 | decode | simplejpeg * |" in "\n".join(imagework.image_work_lines(rows))
+
+
+def test_the_detector_target_is_three_hirescam_detections_over_its_forward_pass():
+    from camtools.bench.report import _targets
+
+    report = _report("cpu", floor_ms={1: 60.0, 8: 50.0}, cam_ms={1: 61.0, 8: 50.5}, service=[])
+    row = {"task": "detection", "arch": "frcnn", "explanations": 3, "input": "451x300", "ms": 190.0, "floor_ms": 100.0}
+    report.dense = [
+        row | {"method": "hirescam", "ratio_to_floor": 1.9},
+        row | {"method": "eigencam", "ratio_to_floor": 3.0},
+        row | {"task": "segmentation", "method": "hirescam", "ratio_to_floor": 3.8},
+    ]
+    (target,) = [t for t in _targets(report) if t["measure"].startswith("detector")]
+    assert (target["measure"], target["value"], target["target"], target["met"]) == (
+        "detector: 3 HiResCAM detections / its plain forward pass",
+        1.9,
+        "<= 2.5",
+        True,
+    )
