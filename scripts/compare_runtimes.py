@@ -3,7 +3,10 @@ own model server (python -m camserve.kserve). For each: p50 of one request at a 
 each sending one image per request; for KServe also one request carrying 8 instances (what KServe's batcher makes
 of 8 concurrent requests in a cluster).
 
-  python scripts/compare_runtimes.py --weights random --requests 48 --out docs/bench/runtimes.md
+Both servers run at once and are loaded in turn, round-robin for ``--rounds`` rounds, so that the drift of a shared
+machine hits both alike; each row is the median of its rounds.
+
+  python scripts/compare_runtimes.py --weights random --requests 48 --rounds 3 --out docs/bench/runtimes.md
 """
 
 from __future__ import annotations
@@ -60,46 +63,62 @@ def kserve_server(archive: Path, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError("the KServe model server did not become ready: " + log.read_text()[-2000:])
 
 
+TORCHSERVE, KSERVE = "TorchServe 0.12.0", "KServe 0.21.0 (camserve.kserve)"
+
+
+def _loads(server, model: str, port: int, photos: list[str]):
+    """(row, send(i), clients, images per request) of each measurement, TorchServe's and KServe's in turn."""
+    torchserve_url = f"{server.inference}/predictions/{model}"
+    kserve_url = f"http://127.0.0.1:{port}/v1/models/{model}:predict"
+
+    def torchserve_send(i: int) -> requests.Response:
+        return requests.post(torchserve_url, json={"image": photos[i % 8]}, headers=server.headers(), timeout=300)
+
+    def kserve_send(i: int, count: int = 1) -> requests.Response:
+        instances = [{"data": photos[(i + k) % 8]} for k in range(count)]
+        return requests.post(kserve_url, json={"instances": instances}, timeout=300)
+
+    for clients in (1, 8):
+        load = f"{clients} client(s), 1 image per request"
+        yield (TORCHSERVE, load), torchserve_send, clients, 1
+        yield (KSERVE, load), kserve_send, clients, 1
+    yield (KSERVE, "1 client, 8 instances per request"), lambda i: kserve_send(i, 8), 1, 8
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds; each row is their median")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     photos = [base64.b64encode(encode_image(image, "jpeg")).decode() for image in sample_images(8)]
-    rows = []
+    measured: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="runtimes-") as folder:
         folder = Path(folder)
         archive = build_archive(prepare_model(arch=args.arch, weights=args.weights), folder / "store")
-        with run_torchserve(archive, folder / "torchserve") as server:
-            url = f"{server.inference}/predictions/{archive.stem}"
-
-            def torchserve_send(i: int) -> requests.Response:
-                return requests.post(url, json={"image": photos[i % 8]}, headers=server.headers(), timeout=300)
-
-            for clients in (1, 8):
-                p50, rate = timed(torchserve_send, args.requests, clients)
-                rows.append(("TorchServe 0.12.0", f"{clients} client(s), 1 image per request", p50, rate))
         port = free_port()
         process = kserve_server(archive, port, folder / "kserve.log")
         try:
-            url = f"http://127.0.0.1:{port}/v1/models/{archive.stem}:predict"
-
-            def kserve_send(i: int, count: int = 1) -> requests.Response:
-                instances = [{"data": photos[(i + k) % 8]} for k in range(count)]
-                return requests.post(url, json={"instances": instances}, timeout=300)
-
-            for clients in (1, 8):
-                p50, rate = timed(kserve_send, args.requests, clients)
-                rows.append(("KServe 0.21.0 (camserve.kserve)", f"{clients} client(s), 1 image per request", p50, rate))
-            p50, rate = timed(lambda i: kserve_send(i, 8), max(2, args.requests // 8), 1)
-            rows.append(("KServe 0.21.0 (camserve.kserve)", "1 client, 8 instances per request", p50, 8 * rate))
+            with run_torchserve(archive, folder / "torchserve") as server:
+                for _, send, clients, _ in _loads(server, archive.stem, port, photos):  # warm-up, not counted
+                    timed(send, 2 * clients, clients)
+                for _ in range(args.rounds):
+                    for row, send, clients, images in _loads(server, archive.stem, port, photos):
+                        count = args.requests if images == 1 else max(2, args.requests // images)
+                        p50, rate = timed(send, count, clients)
+                        measured.setdefault(row, []).append((p50, images * rate))
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
+    rows = [
+        (*row, statistics.median(p for p, _ in values), statistics.median(r for _, r in values))
+        for row, values in measured.items()
+    ]
     lines = [
-        f"{args.arch}, {args.weights} weights, {args.requests} requests per row, {os.cpu_count()} CPU cores:",
+        f"{args.arch}, {args.weights} weights, {args.requests} requests per row, {os.cpu_count()} CPU cores; both "
+        f"servers up, loaded in turn for {args.rounds} rounds, each row the median of its rounds:",
         "",
         "| runtime | load | p50 ms per request | images / s |",
         "|---|---|---:|---:|",
