@@ -114,3 +114,19 @@ def faster_rcnn(tmp_path_factory) -> tuple[object, float]:
 
     folder = tmp_path_factory.mktemp("faster_rcnn")
     return trained_dense_model("detection", folder, epochs=2, model_file=FASTER_RCNN)
+
+
+@pytest.fixture(scope="session")
+def new_kinds_server(tmp_path_factory):
+    """One torchserve serving the newer kinds of archive beside a classifier (tests/models/tiny_net.py): a zero-shot
+    CLIP and an embedder (tests/test_zero_shot.py), a 3D network and a grayscale one (tests/test_volumes.py), built
+    by scripts/build_mar.py. One server for both modules: each start builds and loads a classifier too."""
+    from tests.test_integration import built_and_served
+    from tests.test_volumes import medical_builds
+    from tests.test_zero_shot import zero_shot_builds
+
+    folder = tmp_path_factory.mktemp("new_kinds")
+    classifier = ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random"]
+    builds = zero_shot_builds(folder) + medical_builds(folder) + [[*classifier, "--model-name", "classifier"]]
+    with built_and_served(builds, folder, "clip") as running:
+        yield running, folder

@@ -330,26 +330,25 @@ def test_the_montage_reads_well(net3d, tmp_path):
 # --- Live: a 3D archive and a grayscale archive beside a classifier, on one torchserve; the 3D one on KServe ---
 
 
-@pytest.fixture(scope="module")
-def medical_server(tmp_path_factory):
-    """scripts/build_mar.py builds the 3D network (seeded random weights, --spatial-dims 3), a grayscale network
-    (tests/models/grey_net.py, --channels 1) and a classifier (tests/models/tiny_net.py); one torchserve serves
-    the three."""
+def medical_builds(folder) -> list[list[str]]:
+    """scripts/build_mar.py's arguments for the 3D network (seeded random weights, --spatial-dims 3) and a grayscale
+    network (tests/models/grey_net.py, --channels 1), their files written into ``folder``."""
     from tests.conftest import ROOT
-    from tests.test_integration import built_and_served
 
-    folder = tmp_path_factory.mktemp("medical")
     (folder / "net3d.py").write_text(NET3D)
-    builds = [
+    return [
         ["--model-file", str(folder / "net3d.py"), "--weights", "random", "--spatial-dims", "3", "--input-size", "24",
          "20", "16", "--channels", "1", "--intensity", "window:-1,2", "--model-name", "volumes"],
         ["--model-file", str(ROOT / "tests" / "models" / "grey_net.py"), "--weights", "random", "--channels", "1",
          "--input-size", "64", "--model-name", "radiographs"],
-        ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random",
-         "--model-name", "classifier"],
     ]  # fmt: skip
-    with built_and_served(builds, folder, "volumes") as running:
-        yield running, folder
+
+
+@pytest.fixture(scope="module")
+def medical_server(new_kinds_server):
+    """The 3D archive and the grayscale archive, served beside a classifier (tests/conftest.py), and the folder
+    whose ``store`` holds their archives."""
+    return new_kinds_server
 
 
 @pytest.mark.integration

@@ -467,31 +467,28 @@ def test_the_tiny_clip_is_a_real_clip_model():
     assert (ROOT / "camtools" / "synthetic.py").is_file()
 
 
-# --- Live: a zero-shot archive and an embedding archive beside a classifier, on one torchserve ---
+# --- Live: a zero-shot archive and an embedding archive beside a classifier and the 3D ones, on one torchserve ---
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """scripts/build_mar.py builds a tiny CLIP (--hf, seeded random weights, its tokenizer) with default prompts, the
-    tiny embedder (--model-file --task embedding) and a classifier (tests/models/tiny_net.py); one torchserve serves
-    the three."""
+def zero_shot_builds(folder) -> list[list[str]]:
+    """scripts/build_mar.py's arguments for a tiny CLIP (--hf, seeded random weights, its tokenizer) with default
+    prompts and the tiny embedder (--model-file --task embedding), their files written into ``folder``."""
     from transformers import CLIPModel
 
-    from tests.test_integration import built_and_served
-
-    folder = tmp_path_factory.mktemp("live_zero_shot")
     torch.manual_seed(3)
     save_clip(CLIPModel(tiny_clip_config()), folder / "clip")
     (folder / "tiny_embedder.py").write_text(EMBEDDER)
-    builds = [
+    return [
         ["--hf", str(folder / "clip"), "--prompts", str(prompts_file(folder)), "--model-name", "clip"],
         ["--model-file", str(folder / "tiny_embedder.py"), "--weights", "random", "--task", "embedding",
          "--input-size", str(SIZE), "--model-name", "embedder"],
-        ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", "random",
-         "--model-name", "classifier"],
     ]  # fmt: skip
-    with built_and_served(builds, folder, "clip") as running:
-        yield running
+
+
+@pytest.fixture(scope="module")
+def live(new_kinds_server):
+    """The zero-shot archive and the embedding archive, served beside a classifier (tests/conftest.py)."""
+    return new_kinds_server[0]
 
 
 @pytest.mark.integration
