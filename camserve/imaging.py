@@ -215,11 +215,12 @@ def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np
 
 def _turbo_decode(opened: OpenedImage, stored: tuple[int, int], scale: int) -> np.ndarray | None:
     """A JPEG's upright RGB pixels at 1/``scale`` from simplejpeg, or None where it refuses the file."""
+    size = (-(-stored[0] // scale), -(-stored[1] // scale))
     try:
-        rgb = simplejpeg.decode_jpeg(
-            opened.data, colorspace="RGB", min_width=-(-stored[0] // scale), min_height=-(-stored[1] // scale)
-        )
+        rgb = simplejpeg.decode_jpeg(opened.data, colorspace="RGB", min_width=size[0], min_height=size[1])
     except ValueError:  # corrupt, truncated, or a kind it does not decode (arithmetic coding, 12 bits)
+        return None
+    if (rgb.shape[1], rgb.shape[0]) != size:  # another frame than the one whose header was checked: Pillow decides
         return None
     return np.ascontiguousarray(_UPRIGHT[opened.orientation](rgb))
 
