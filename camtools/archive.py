@@ -48,9 +48,9 @@ def _pins(requirements: Path = REQUIREMENTS) -> dict[str, str]:
 
 
 def worker_requirements(needs: set[str] = frozenset(), requirements: Path = REQUIREMENTS) -> str:
-    """The pinned requirements a worker needs beyond TorchServe's own (OpenCV, Pillow, NumPy, orjson, pybase64),
-    plus the model sources in ``needs`` (timm, transformers), from the project's requirements.txt: TorchServe
-    installs them when ``install_py_dep_per_model=true`` (KServe's image)."""
+    """The pinned requirements a worker needs beyond TorchServe's own (OpenCV, Pillow, NumPy, orjson, pybase64,
+    simplejpeg), plus the model sources in ``needs`` (timm, transformers), from the project's requirements.txt:
+    TorchServe installs them when ``install_py_dep_per_model=true`` (KServe's image)."""
     pins = _pins(requirements)
     wanted = [pin for name, pin in pins.items() if name not in SERVER_PROVIDED | MODEL_SOURCES or name in needs]
     return "\n".join(wanted) + "\n"
