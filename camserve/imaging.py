@@ -51,7 +51,8 @@ OUTPUT_FORMATS: dict[str, tuple[str, list[int]]] = {
     "png": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 3]),
     "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 90]),
 }
-"""Overlay encodings: the OpenCV extension and its quality settings."""
+"""Overlay encodings: the OpenCV extension and its quality settings. JPEG is encoded by simplejpeg at the same
+settings (:func:`encode_image`); its OpenCV entry is the benchmark's comparison."""
 
 ACCEPTED_INPUTS = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, GIF (first frame), TIFF (first page), BMP or DICOM"
 
@@ -171,7 +172,7 @@ def snap_to_decode_scale(opened: OpenedImage, output: tuple[int, int]) -> tuple[
         return output
     width, height = output
     for scale in JPEG_SCALES:
-        scaled = (-(-opened.width // scale), -(-opened.height // scale))  # libjpeg rounds up
+        scaled = _scaled((opened.width, opened.height), scale)
         if SNAP * width <= scaled[0] <= width and SNAP * height <= scaled[1] <= height:
             return scaled
     return output
@@ -215,7 +216,7 @@ def load_rgb(opened: OpenedImage, at_least: tuple[int, int] | None = None) -> np
 
 def _turbo_decode(opened: OpenedImage, stored: tuple[int, int], scale: int) -> np.ndarray | None:
     """A JPEG's upright RGB pixels at 1/``scale`` from simplejpeg, or None where it refuses the file."""
-    size = (-(-stored[0] // scale), -(-stored[1] // scale))
+    size = _scaled(stored, scale)
     try:
         rgb = simplejpeg.decode_jpeg(opened.data, colorspace="RGB", min_width=size[0], min_height=size[1])
     except ValueError:  # corrupt, truncated, or a kind it does not decode (arithmetic coding, 12 bits)
@@ -229,9 +230,14 @@ def _decode_scale(size: tuple[int, int], wanted: tuple[int, int]) -> int:
     """The largest of libjpeg's reduced scales 1/s whose size (rounded up, as libjpeg does) still covers
     ``wanted``; 1 when none does."""
     for scale in JPEG_SCALES:
-        if all(-(-side // scale) >= want for side, want in zip(size, wanted, strict=True)):
+        if all(side >= want for side, want in zip(_scaled(size, scale), wanted, strict=True)):
             return scale
     return 1
+
+
+def _scaled(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """(width, height) at libjpeg's reduced scale 1/``scale``: each side rounded up, as libjpeg rounds it."""
+    return -(-size[0] // scale), -(-size[1] // scale)
 
 
 def decode_image(data: bytes | bytearray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:

@@ -242,6 +242,8 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
 def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypatch):
     """The image-work section on a small camera-like photo: every step's contenders timed, the service's own first;
     its totals; and the overlay it ships within JPEG's own noise of the one served before."""
+    from types import SimpleNamespace
+
     import torch
 
     from camtools.bench import imagework
@@ -250,7 +252,8 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
     monkeypatch.setattr(imagework, "PHOTOS", {"1080p": (480, 270)})
     monkeypatch.setattr(imagework, "MAX_SIDES", (2048, 240))
     config = BenchConfig(repeats=1, warmup=0)
-    ctx = BenchContext(config, torch.device("cpu"), _timer(torch.device("cpu")), None, None, [])
+    spec = SimpleNamespace(input_size=224)  # all the section reads of the model's spec
+    ctx = BenchContext(config, torch.device("cpu"), _timer(torch.device("cpu")), None, spec, [])
     rows = imagework.image_work(ctx)
     timed = [row for row in rows if row["step"] != "fidelity"]
     assert {row["step"] for row in timed} == {

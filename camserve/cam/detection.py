@@ -18,7 +18,7 @@ of every image is differentiated together, one ``torch.autograd.grad`` call per 
 so each image's gradient is its own detection's).
 
 A two-stage detector (torchvision's R-CNNs: a ``roi_heads`` with its box pooling, head and predictor) takes a
-shorter way back (:func:`_roi_gradients`). Its proposals are detached, so a detection's score reaches the layer only
+shorter way back (:func:`_roi_scores`). Its proposals are detached, so a detection's score reaches the layer only
 through the box head's view of its own proposal; yet a backward pass from the full output pools, and scatters back,
 every proposal (torchvision's ``roi_align`` backward, which was half of the time). Each explained detection's
 proposal is found again among the head's (the row whose class box and score are the detection's, exactly), and the

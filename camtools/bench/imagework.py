@@ -18,7 +18,9 @@ import simplejpeg
 import torch
 import torchvision.io
 
+from camserve import settings
 from camserve.imaging import (
+    OUTPUT_FORMATS,
     encode_image,
     fit_within,
     load_rgb,
@@ -46,7 +48,7 @@ SENSOR_NOISE = 8.0
 """The camera-like photo's noise, σ in grey levels, as a phone's sensor leaves in an evenly lit scene."""
 IMAGE_WORK_TARGET_MS = {"1080p": 14.0}
 """The most the service's own image work may cost per 1080p photo, in process (the serving-speed issue)."""
-MAX_SIDES = (2048, 1024)
+MAX_SIDES = (settings.DEFAULT_OUTPUT_SIDE, settings.DEFAULT_OUTPUT_SIDE // 2)
 """The overlay's longest side: the shipped ``max_side``, then half of it (``--max-side 1024`` at build time, or a
 request's ``max_side``), at which a 1080p photo decodes at 1/2 scale from its DCT coefficients."""
 
@@ -77,8 +79,9 @@ def _float_colours(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.
 
 
 def _opencv_jpeg(rgb: np.ndarray) -> bytes:
-    """The overlay's JPEG as served before: OpenCV's encoder after its channel swap."""
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    """The overlay's JPEG as served before: OpenCV's encoder after its channel swap, at the same settings."""
+    extension, params = OUTPUT_FORMATS["jpeg"]
+    ok, encoded = cv2.imencode(extension, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     assert ok
     return encoded.tobytes()
 
@@ -93,7 +96,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
 
 
-def _steps(body, output, scale, cam, rgb, heat, overlay, encoded) -> dict[str, dict[str, object]]:
+def _steps(body, output, scale, side, cam, rgb, heat, overlay, encoded) -> dict[str, dict[str, object]]:
     """Each step's contenders, the service's own first."""
     planar = torch.from_numpy(overlay).permute(2, 0, 1).contiguous()
     data = torch.frombuffer(bytearray(body), dtype=torch.uint8)
@@ -104,7 +107,7 @@ def _steps(body, output, scale, cam, rgb, heat, overlay, encoded) -> dict[str, d
             "OpenCV": lambda: _opencv_decode(body, scale),
             "torchvision (full size)": lambda: torchvision.io.decode_jpeg(data),
         },
-        "resize to the model's 224": {"OpenCV area": lambda: resize_for_model(rgb, 224)},
+        f"resize to the model's {side}": {"OpenCV area": lambda: resize_for_model(rgb, side)},
         "map at the overlay's size": {"OpenCV bilinear, min-max in place": lambda: map_at(cam, rgb.shape[:2])},
         "colours and blend": {
             "uint8 lookup": lambda: render_overlay(rgb, heat, 0.5, "jet"),
@@ -137,7 +140,7 @@ def image_work(ctx: BenchContext) -> list[dict[str, object]]:
         heat = map_at(cam, rgb.shape[:2])
         overlay = render_overlay(rgb, heat, 0.5, "jet")
         encoded = encode_image(overlay, "jpeg")
-        steps = _steps(body, output, scale, cam, rgb, heat, overlay, encoded)
+        steps = _steps(body, output, scale, ctx.spec.input_size, cam, rgb, heat, overlay, encoded)
         for step, contenders in steps.items():
             medians = timed(contenders, repeats, 1)
             for index, (contender, seconds) in enumerate(medians.items()):

@@ -356,9 +356,9 @@ PHOTO_TARGETS_MS = {"1080p": 40.0, "12 MP": 60.0}
 
 def _photos(ctx: BenchContext) -> list[dict[str, object]]:
     """Where one camera-like phone photo's time goes inside the worker (:func:`camera_photo`), with the shipped
-    defaults (max_side 2048): decode and
-    resize (``prepare``), the forward pass, Grad-CAM, and the overlay's rendering and encoding, each a median over
-    the run's repeats, against the plain forward pass at batch 1 timed round-robin with them."""
+    defaults (max_side 2048): decode and resize (``prepare``), the forward pass, Grad-CAM, and the overlay's
+    rendering and encoding, each a median over the run's repeats, against the plain forward pass at batch 1 timed
+    round-robin with them."""
     model, spec, config, device, timed = ctx.model, ctx.spec, ctx.config, ctx.device, ctx.timed
     service = _service_for(model, spec, device)
     floor_batch = images_to_batch([resize_for_model(ctx.images[0], spec.input_size)], spec, device)
