@@ -62,6 +62,9 @@ __all__ = ["CamModel", "main", "unpacked_archive"]
 STAGE_SECONDS = Histogram("camserve_stage_seconds", "Each stage of an answered request batch", ["model_name", "stage"])
 EXPLANATIONS = Counter("camserve_explanations_served", "Explanations answered", ["model_name"])
 REFUSED = Counter("camserve_requests_refused", "Instances answered with an error", ["model_name"])
+BATCH_IMAGES = Histogram(
+    "camserve_batch_images", "Images in each batch the micro-batcher ran", ["model_name"], buckets=(1, 2, 4, 8, 16, 32)
+)
 
 
 def unpacked_archive(path: str | Path, workdir: str | Path) -> Path:
@@ -100,7 +103,7 @@ class CamModel(Model):
         config = model_config(self.model_dir, self.manifest)  # TorchServe's batching, from the same archive
         batch_size = int(config.get("batchSize", serving.BATCH_SIZE))
         delay = int(config.get("maxBatchDelay", serving.MAX_BATCH_DELAY_MS)) / 1000
-        self.batcher = MicroBatcher(self.service.answer, max_batch=batch_size, max_delay=delay)
+        self.batcher = MicroBatcher(self._answer_batch, max_batch=batch_size, max_delay=delay)
         warm_up = self.service.warm_up()
         if warm_up.status != 200:
             raise RuntimeError(f"the warm-up explanation of {self.name} failed: {warm_up.body}")
@@ -129,6 +132,10 @@ class CamModel(Model):
             results = [internal_error("the batch")] * len(requests)
         self._report(results)
         return [result.with_id(request.id) for result, request in zip(results, requests, strict=True)]
+
+    def _answer_batch(self, requests: list[Request]) -> list[RowResult]:
+        BATCH_IMAGES.labels(self.name).observe(len(requests))
+        return self.service.answer(requests)
 
     def _report(self, results: list[RowResult]) -> None:
         for stage, seconds in self.service.stage_seconds.items():

@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 @pytest.mark.timing
 def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--batch-sizes", "1,2", "--repeats", "1"]
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--arch", "resnet18", "--batch-sizes", "1,2"]
+    command += ["--repeats", "1"]
     command += ["--warmup", "0", "--agreement-images", "2", "--audit-images", "8,16", "--out", str(tmp_path)]
     if shutil.which("java"):
         command += ["--concurrency", "1,2", "--requests", "2", "--soak", "2", "--batch-delays", "1,5"]

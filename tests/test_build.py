@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -147,8 +148,9 @@ def test_bad_builds_name_the_problem_and_the_fix(tmp_path, two_class_checkpoint)
         (["--model-file", str(TINY_NET), "--weights", "imagenet"], ["--weights imagenet needs --arch"]),
         (["--arch", "resnet50", "--model-file", str(TINY_NET)], ["not both"]),
     ]  # fmt: skip
-    for arguments, phrases in cases:
-        completed = run_build(*arguments, "--export-path", str(tmp_path / "store"))
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each build is its own process: they overlap their imports
+        builds = list(pool.map(lambda case: run_build(*case[0], "--export-path", str(tmp_path / "store")), cases))
+    for (arguments, phrases), completed in zip(cases, builds, strict=True):
         assert completed.returncode == 2, (arguments, completed.stderr[-1500:])
         for phrase in phrases:
             assert phrase in completed.stderr, (arguments, phrase, completed.stderr[-1500:])

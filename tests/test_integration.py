@@ -829,10 +829,14 @@ def built_and_served(builds: list[list[str]], folder: Path, model: str):
     import subprocess
 
     store = folder / "store"
-    for arguments in builds:
+
+    def build(arguments: list[str]) -> subprocess.CompletedProcess:
         command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, "--export-path", str(store)]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert completed.returncode == 0, completed.stderr[-2000:]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each build is its own process: they overlap their imports
+        for completed in pool.map(build, builds):
+            assert completed.returncode == 0, completed.stderr[-2000:]
     with run_torchserve(store / f"{model}.mar", folder / "server", timeout_s=300) as running:
         yield running
 
@@ -980,13 +984,9 @@ def task_models(tmp_path_factory):
     """Five archives built with scripts/build_mar.py and served by one torchserve: a multi-label, a binary and a
     regression network of one's own (tests/models/tiny_net.py with its head resized), a timm ConvNeXt and a Hugging
     Face ViT directory (all seeded random weights: the checks are of shapes, labels and ranges, not of meaning)."""
-    import subprocess
-    import sys
-
     from tests.helpers import save_hf_models
 
     folder = tmp_path_factory.mktemp("task_models")
-    store = folder / "store"
     tiny = (ROOT / "tests" / "models" / "tiny_net.py").read_text()
     for name, outputs in (("tiny_binary", 1), ("tiny_regression", 2)):
         (folder / f"{name}.py").write_text(tiny.replace("nn.Linear(32, 3)", f"nn.Linear(32, {outputs})"))
@@ -1003,12 +1003,8 @@ def task_models(tmp_path_factory):
         ["--arch", "timm:convnext_atto"],
         ["--hf", str(vit_dir), "--model-name", "hfvit"],
     ]  # fmt: skip
-    for arguments in builds:
-        weights = [] if "--hf" in arguments else ["--weights", "random"]
-        command = [sys.executable, str(ROOT / "scripts" / "build_mar.py"), *arguments, *weights]
-        completed = subprocess.run([*command, "--export-path", str(store)], capture_output=True, text=True, timeout=600)
-        assert completed.returncode == 0, completed.stderr[-2000:]
-    with run_torchserve(store / "findings.mar", folder / "server", timeout_s=300) as running:
+    builds = [arguments + ([] if "--hf" in arguments else ["--weights", "random"]) for arguments in builds]
+    with built_and_served(builds, folder, "findings") as running:
         yield running
 
 
@@ -1461,9 +1457,22 @@ def test_the_kserve_runtime_answers_what_torchserve_answers(kserve_runtime, serv
     assert ours == theirs  # the same archive, options and image: the same JSON, byte for byte once parsed
 
 
+def _batch_images(base: str) -> tuple[float, float]:
+    """(count, sum) of the micro-batcher's ``camserve_batch_images`` histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "camserve_batch_images"]
+    values = {sample.name: sample.value for sample in family.samples if sample.labels.get("model_name") == "resnet50"}
+    return values.get("camserve_batch_images_count", 0.0), values.get("camserve_batch_images_sum", 0.0)
+
+
 def test_the_kserve_runtime_exports_the_cam_stage_metrics(kserve_runtime, chelsea):
     image = base64.b64encode(encode(chelsea, "JPEG")).decode()
-    requests.post(f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": [{"data": image}]}, timeout=120)
+    count, images = _batch_images(kserve_runtime)
+    instances = [{"data": image}] * 3  # one request of three instances: one batch of three images
+    requests.post(f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": instances}, timeout=120)
+    assert _batch_images(kserve_runtime) == (count + 1, images + 3)
     metrics = requests.get(f"{kserve_runtime}/metrics", timeout=10).text
     for stage in ("decode", "forward", "cam", "encode"):
         assert f'camserve_stage_seconds_count{{model_name="resnet50",stage="{stage}"}}' in metrics
