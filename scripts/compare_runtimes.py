@@ -6,7 +6,7 @@ of 8 concurrent requests in a cluster).
 Both servers run at once and are loaded in turn, round-robin for ``--rounds`` rounds, so that the drift of a shared
 machine hits both alike; each row is the median of its rounds.
 
-  python scripts/compare_runtimes.py --weights random --requests 48 --rounds 3 --out docs/bench/runtimes.md
+  python scripts/compare_runtimes.py --weights random --requests 48 --rounds 5 --out docs/bench/runtimes.md
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -28,6 +29,7 @@ import requests
 from camserve.imaging import encode_image
 from camtools.archive import build_archive
 from camtools.bench.context import sample_images
+from camtools.bench.service import batch_lines, log_marks
 from camtools.local_server import free_port, run_torchserve
 from camtools.models import prepare_model
 
@@ -66,6 +68,36 @@ def kserve_server(archive: Path, port: int, log: Path) -> subprocess.Popen:
 TORCHSERVE, KSERVE = "TorchServe 0.12.0", "KServe 0.21.0 (camserve.kserve)"
 
 
+def kserve_batches(port: int, model: str) -> tuple[float, float]:
+    """(batches, images) the KServe server's micro-batcher has run so far (its ``camserve_batch_images``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "camserve_batch_images"
+        for sample in family.samples
+        if sample.labels.get("model_name") == model
+    }
+    return values.get("camserve_batch_images_count", 0.0), values.get("camserve_batch_images_sum", 0.0)
+
+
+def mean_batch(runtime: str, server, port: int, model: str, measure):
+    """``measure()``'s result and the mean images per batch the runtime ran meanwhile: TorchServe's from its
+    worker's batch log lines, KServe's from its micro-batcher's histogram."""
+    if runtime == TORCHSERVE:
+        marks = log_marks(server)
+        result = measure()
+        time.sleep(0.5)  # the worker's log reaches its file a moment after the last answer
+        sizes = [requests_count for requests_count, _, _ in batch_lines(server, marks)]
+        return result, sum(sizes) / max(1, len(sizes))
+    before = kserve_batches(port, model)
+    result = measure()
+    batches, images = (after - earlier for after, earlier in zip(kserve_batches(port, model), before, strict=True))
+    return result, images / max(1.0, batches)
+
+
 def _loads(server, model: str, port: int, photos: list[str]):
     """(row, send(i), clients, images per request) of each measurement, TorchServe's and KServe's in turn."""
     torchserve_url = f"{server.inference}/predictions/{model}"
@@ -90,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--requests", type=int, default=48, help="requests per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds; each row is their median")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds; each row is their median")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     photos = [base64.b64encode(encode_image(image, "jpeg")).decode() for image in sample_images(8)]
@@ -107,23 +139,25 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.rounds):
                     for row, send, clients, images in _loads(server, archive.stem, port, photos):
                         count = args.requests if images == 1 else max(2, args.requests // images)
-                        p50, rate = timed(send, count, clients)
-                        measured.setdefault(row, []).append((p50, images * rate))
+                        measure = partial(timed, send, count, clients)
+                        (p50, rate), batch = mean_batch(row[0], server, port, archive.stem, measure)
+                        measured.setdefault(row, []).append((p50, images * rate, batch))
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
-    rows = [
-        (*row, statistics.median(p for p, _ in values), statistics.median(r for _, r in values))
-        for row, values in measured.items()
-    ]
+    rows = [(*row, *map(statistics.median, zip(*values, strict=True))) for row, values in measured.items()]
     lines = [
         f"{args.arch}, {args.weights} weights, {args.requests} requests per row, {os.cpu_count()} CPU cores; both "
         f"servers up, loaded in turn for {args.rounds} rounds, each row the median of its rounds:",
         "",
-        "| runtime | load | p50 ms per request | images / s |",
-        "|---|---|---:|---:|",
-        *(f"| {runtime} | {load} | {p50:.0f} | {rate:.1f} |" for runtime, load, p50, rate in rows),
+        "| runtime | load | p50 ms per request | images / s | images per batch |",
+        "|---|---|---:|---:|---:|",
+        *(f"| {runtime} | {load} | {p50:.0f} | {rate:.1f} | {batch:.1f} |" for runtime, load, p50, rate, batch in rows),
     ]
+    loaded = "8 client(s), 1 image per request"
+    kserve, torchserve = ([rate for _, rate, _ in measured[(runtime, loaded)]] for runtime in (KSERVE, TORCHSERVE))
+    ratios = ", ".join(f"{k / t:.2f}" for k, t in zip(kserve, torchserve, strict=True))
+    lines += ["", f"KServe's images/s over TorchServe's with 8 clients, round by round: {ratios}."]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -50,7 +50,7 @@ def _service(
                     for concurrency in config.concurrency:
                         floor_batch = {1: 1, max(config.concurrency): max(config.batch_sizes)}.get(concurrency)
                         floor_ms = floor(floor_batch) if floor and floor_batch else None
-                        marks = _log_marks(server)
+                        marks = log_marks(server)
                         levels.append(_load(server, bodies, concurrency, config.requests_per_level))
                         if floor_ms is not None:
                             levels[-1] |= {"floor_batch": floor_batch, "floor_ms_per_image": floor_ms}
@@ -88,7 +88,7 @@ def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | 
     for name, size in PHOTOS.items():
         body = camera_photo(size)
         floor_ms = floor(1) if floor else None
-        marks = _log_marks(server)
+        marks = log_marks(server)
         level = _load(server, [body], 1, max(4, config.requests_per_level // 6))
         row = {"photo": name, "width": size[0], "height": size[1], "jpeg_bytes": len(body), **level}
         row |= _profile(server, marks, level)
@@ -108,7 +108,7 @@ def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | 
     return rows
 
 
-def _log_marks(server) -> dict[str, int]:
+def log_marks(server) -> dict[str, int]:
     """How far the worker's and the frontend's logs go now: a profile reads only what comes after."""
     return {name: _read_log(server, name).count("\n") for name in ("model_log", "ts_log")}
 
@@ -118,7 +118,7 @@ def _read_log(server, name: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def _batch_lines(server, marks: dict[str, int]) -> list[tuple[int, float, dict[str, float]]]:
+def batch_lines(server, marks: dict[str, int]) -> list[tuple[int, float, dict[str, float]]]:
     """The worker's batch log lines since ``marks``: (requests, handler ms, {stage: ms}) for each."""
     import re
 
@@ -137,7 +137,7 @@ def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[st
     import re
 
     stages: dict[str, list[float]] = {}
-    for requests, handler_ms, stage_ms in _batch_lines(server, marks):
+    for requests, handler_ms, stage_ms in batch_lines(server, marks):
         # Lone requests that were explained (a refused one logs no forward pass): every stage's median is then over
         # the same batches, so the forward pass's median stays below the handler's.
         if requests == 1 and "forward" in stage_ms:
@@ -161,7 +161,7 @@ def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> 
     """Where an image's time goes at the highest concurrency (ms per image, summed over the level's batches): the
     handler's stages, and the rest of the service's time per image (TorchServe, and the client's own share of the
     CPU when it runs on the same machine)."""
-    batches = _batch_lines(server, marks)
+    batches = batch_lines(server, marks)
     images = sum(requests for requests, _, _ in batches)
     if not images:
         return {}
