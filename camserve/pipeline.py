@@ -24,6 +24,7 @@ import torch
 from camserve import settings as serving
 from camserve.api import DEFAULT_TOPK, ModelInfo, Request, WorkBudget
 from camserve.cam import CamEngine, CamRequest, LayerNotFoundError, method_record
+from camserve.cam.compiled import split_at
 from camserve.cam.sanity import Sanity
 from camserve.errors import ClientError
 from camserve.imaging import DecodeLimits
@@ -86,7 +87,12 @@ class ExplanationService:
         model-config.yaml (``precision``, ``channels_last``, ``scorecam_channels``, ``limits``, ``budget``)."""
         model_dir = Path(model_dir)
         spec = ModelSpec.load(model_dir / SPEC_FILE)
-        channels_last = channels_last_from(settings.get("channels_last", False))
+        compiling = bool(settings.get("compile", serving.COMPILE))
+        if compiling and device.type != "cpu":  # no run has exercised a compiled prefix on a GPU
+            logger.warning("compile is for CPU workers; %s runs the eager model", device)
+            compiling = False
+        # A compiled prefix picks its own layouts, and a new input stride would compile it again.
+        channels_last = 0 if compiling else channels_last_from(settings.get("channels_last", False))
         model = load_model(spec, model_dir / serialized_file, model_dir, device, channels_last=channels_last == 1)
         engine = CamEngine(
             model,
@@ -95,7 +101,7 @@ class ExplanationService:
             input_size=spec.input_size,
             default_layer=spec.default_layer,
         )
-        return cls(
+        service = cls(
             engine=engine,
             spec=spec,
             model_name=model_name,
@@ -105,6 +111,22 @@ class ExplanationService:
             channels_last_from=channels_last,
             **({"threads": threads} if threads else {}),
         )
+        if compiling:
+            service.compile_default_layer()
+        return service
+
+    def compile_default_layer(self) -> None:
+        """Compile the network before the default layer (:func:`camserve.cam.compiled.split_at`; its
+        :class:`CompileRefused` says why not), then explain the sample input alone and in a pair: batches of one
+        are compiled apart, and the pair compiles every larger batch (a dynamic batch dimension)."""
+        layer = self.spec.default_layer
+        started = time.perf_counter()
+        self.engine.compiled[layer] = split_at(self.engine.model, layer)
+        for count in (1, 2):
+            results = self.answer([self._sample_row() for _ in range(count)])
+            if any(result.status != 200 for result in results):
+                raise RuntimeError(f"the compiled model's warm-up failed: {results[0].body}")
+        logger.info("the network before %s compiled in %.1f s", layer, time.perf_counter() - started)
 
     def answer(self, requests: Sequence[Request | Mapping[str, object]]) -> list[RowResult]:
         """One result per request, in order. Each is a :class:`~camserve.api.Request` that a door made of its
@@ -124,12 +146,15 @@ class ExplanationService:
         """One explanation of the task's sample input (seeded noise: a photo, a volume), as the runtime's first
         request would ask it (an embedding model's of the image's similarity to itself): what a door answers before
         it says the model is ready."""
+        (result,) = self.answer([self._sample_row()])
+        return result
+
+    def _sample_row(self) -> dict[str, bytearray]:
         image = self.task.sample_input()
         row = {"data": bytearray(image)}
         if "reference" in self.task.options:
             row["reference"] = bytearray(image)
-        (result,) = self.answer([row])
-        return result
+        return row
 
     def prepare(self, given: Request | Mapping[str, object]) -> PreparedRequest:
         """Read, check the budget from the header, then decode one request; a :class:`ClientError` says why not."""

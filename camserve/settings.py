@@ -25,6 +25,13 @@ SCORECAM_CHANNELS = 64
 PRECISION = "fp32"
 CHANNELS_LAST_FROM = 4
 """The smallest batch that runs in the channels_last memory format (1: every batch, 0: none)."""
+COMPILE = False
+"""Whether the network before the default layer runs compiled (``torch.compile``, CPU only;
+:mod:`camserve.cam.compiled`): faster batches, after a compile of about a minute and a half when the worker starts."""
+STARTUP_TIMEOUT_S = 120
+"""TorchServe's startupTimeout: the worker's load, its own default."""
+COMPILE_STARTUP_TIMEOUT_S = 600
+"""TorchServe's startupTimeout for an archive that compiles when its worker starts."""
 
 # --- What an upload may be, checked before any pixel is decoded ---
 MAX_IMAGE_BYTES = 20 * MiB

@@ -107,6 +107,8 @@ class ServingConfig:
     channels_last: int = settings.CHANNELS_LAST_FROM
     """The smallest batch that runs channels_last (1: every batch, 0: none); see
     :func:`camserve.model.channels_last_from`."""
+    compile: bool = settings.COMPILE
+    """The network before the default layer compiled when the worker starts (CPU; :mod:`camserve.cam.compiled`)."""
     max_image_bytes: int = settings.MAX_IMAGE_BYTES
     max_image_pixels: int = settings.MAX_IMAGE_PIXELS
     max_volume_voxels: int = settings.MAX_VOLUME_VOXELS
@@ -119,10 +121,12 @@ class ServingConfig:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
+            "startupTimeout": settings.COMPILE_STARTUP_TIMEOUT_S if self.compile else settings.STARTUP_TIMEOUT_S,
             "handler": {
                 "scorecam_channels": self.scorecam_channels,
                 "precision": self.precision,
                 "channels_last": self.channels_last,
+                "compile": self.compile,
                 "limits": {
                     "max_bytes": self.max_image_bytes,
                     "max_pixels": self.max_image_pixels,
@@ -141,6 +145,13 @@ def check_served(prepared: PreparedModel, config: ServingConfig = ServingConfig(
     from camserve.pipeline import ExplanationService
 
     spec = prepared.spec
+    if config.compile:  # the split only: the compile itself runs when the worker starts
+        from camserve.cam.compiled import CompileRefused, split_at
+
+        try:
+            split_at(prepared.model, spec.default_layer)
+        except CompileRefused as error:
+            raise BuildError(f"--compile cannot compile the network before {spec.default_layer}: {error}") from None
     engine = CamEngine(prepared.model, input_size=spec.input_size, default_layer=spec.default_layer)
     service = ExplanationService(engine, spec, torch.device("cpu"), budget=config.budget, threads=1)
     result = service.warm_up()

@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         help="batches of N images or more run in the channels_last memory format; 1: every batch, 0: none "
         "(default: %(default)s, measured on CPU: slower for one image, faster from four)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the network before the default layer (torch.compile, CPU workers): faster batches, after a "
+        "compile of about a minute and a half when the worker starts; off by default",
+    )
     args = parser.parse_args(argv)
 
     prepared = model_for_cli(args, model_name=args.model_name, version=args.version)
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         max_volume_voxels=args.max_voxels,
         precision=args.precision,
         channels_last=args.channels_last,
+        compile=args.compile,
         budget=WorkBudget(**{item.name: getattr(args, item.name) for item in fields(WorkBudget)}),
     )
     try:  # one synthetic photo through the served path: decode, explain, render

@@ -147,6 +147,8 @@ def test_bad_builds_name_the_problem_and_the_fix(tmp_path, two_class_checkpoint)
          ["exactly one nn.Module subclass", "Backbone, Classifier"]),
         (["--model-file", str(TINY_NET), "--weights", "imagenet"], ["--weights imagenet needs --arch"]),
         (["--arch", "resnet50", "--model-file", str(TINY_NET)], ["not both"]),
+        (["--arch", "resnet18", "--weights", "random", "--layer", "layer4.1.conv2", "--compile"],
+         ["--compile cannot compile the network before layer4.1.conv2", "2 values cross"]),
     ]  # fmt: skip
     with ThreadPoolExecutor(max_workers=3) as pool:  # each build is its own process: they overlap their imports
         builds = list(pool.map(lambda case: run_build(*case[0], "--export-path", str(tmp_path / "store")), cases))

@@ -102,6 +102,9 @@ class CamEngine:
         self._layers: dict[str, LayerInfo] | None = None
         self._default_layer = default_layer
         self._unexpandable: set[frozenset[str]] = set()
+        self.compiled: dict[str, nn.Module] = {}
+        """Layer: the model with the part before it compiled, for passes that hook that layer alone
+        (:func:`camserve.cam.compiled.split_at`)."""
 
     # --- What the engine knows of the model ---
 
@@ -309,8 +312,10 @@ class CamEngine:
         layers = frozenset(modules)
         wanted = bool(gradient_layers) and len(pairs.image) > len(pairs.counts)
         expand = pairs.image if wanted and layers not in self._unexpandable else None
+        (layer, *others) = modules
+        model = self.compiled.get(layer, self.model) if not others and not keep else self.model
         try:
-            captured = captured_pass(self.model, images, modules, gradient_layers, expand, keep)
+            captured = captured_pass(model, images, modules, gradient_layers, expand, keep)
             if expand is not None and len(captured.outputs) != len(pairs.image):
                 raise RuntimeError(f"{len(captured.outputs)} rows of logits for {len(pairs.image)} pairs")
         except RuntimeError:
@@ -320,7 +325,7 @@ class CamEngine:
             # per target slot instead, and remember not to try again for these layers.
             self._unexpandable.add(layers)
             expand = None
-            captured = captured_pass(self.model, images, modules, gradient_layers, None, keep)
+            captured = captured_pass(model, images, modules, gradient_layers, None, keep)
         return captured, expand is not None
 
     def _pair_classes(self, logits: Tensor, requests: Sequence[CamRequest], pairs: Pairs) -> Tensor:
