@@ -112,7 +112,12 @@ class ExplanationService:
             **({"threads": threads} if threads else {}),
         )
         if compiling:
-            service.compile_default_layer()
+            try:
+                service.compile_default_layer()
+            except Exception:  # Inductor builds its kernels with the worker's C++ compiler, which may be missing
+                logger.exception("compiling the network before %s failed; the eager model serves", spec.default_layer)
+                engine.compiled.clear()
+                service.channels_last_from = channels_last_from(settings.get("channels_last", False))
         return service
 
     def compile_default_layer(self) -> None:

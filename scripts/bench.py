@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.server_channels_last,
         help="the service runs batches of N images or more channels_last (1: all, 0: none; default: %(default)s)",
     )
+    parser.add_argument(
+        "--server-compile",
+        action="store_true",
+        help="the service with the network before its default layer compiled (the archive's --compile)",
+    )
     parser.add_argument("--server-batch-size", type=int, default=defaults.server_batch_size)
     parser.add_argument(
         "--batch-delays",
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         soak_requests=args.soak,
         server_precision=args.server_precision,
         server_channels_last=args.server_channels_last,
+        server_compile=args.server_compile,
         server_batch_size=args.server_batch_size,
         batch_delays_ms=args.batch_delays,
         weights=args.weights,

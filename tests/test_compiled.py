@@ -101,3 +101,22 @@ def test_a_layer_inside_the_compiled_part_and_the_sanity_check_run_the_eager_mod
             assert x["layer"] == y["layer"]
             np.testing.assert_allclose(heatmap_of(x), heatmap_of(y), atol=1e-6)
             assert x.get("sanity") == y.get("sanity")
+
+
+def test_a_compile_that_fails_at_load_leaves_the_eager_model_serving(unpacked_mar, monkeypatch, caplog):
+    import camserve.pipeline
+    from camserve.pipeline import ExplanationService
+    from camserve.spec import archive_manifest, handler_settings
+
+    def no_compiler(model, layer):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(camserve.pipeline, "split_at", no_compiler)
+    manifest = archive_manifest(unpacked_mar)
+    settings = {**handler_settings(unpacked_mar, manifest), "compile": True, "channels_last": 4}
+    service = ExplanationService.from_archive(
+        unpacked_mar, manifest["model"]["serializedFile"], settings, torch.device("cpu"), threads=1
+    )
+    assert not service.engine.compiled and service.channels_last_from == 4
+    assert "compiling the network before layer4 failed; the eager model serves" in caplog.text
+    assert service.warm_up().status == 200

@@ -34,6 +34,8 @@ class BenchConfig:
     server_precision: str = "fp32"
     server_channels_last: int = ServingConfig.channels_last
     """The smallest batch that runs channels_last in the service (1: every batch, 0: none)."""
+    server_compile: bool = ServingConfig.compile
+    """The service with the network before its default layer compiled (:mod:`camserve.cam.compiled`)."""
     batch_delays_ms: tuple[int, ...] = (ServingConfig.max_batch_delay_ms, 5)
     """TorchServe's maxBatchDelay for the service: the first gets every concurrency level and the memory soak, the
     others concurrency 1 and the highest level, to choose the default from."""

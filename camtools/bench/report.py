@@ -334,6 +334,8 @@ def markdown(report: BenchReport) -> str:
             ],
         )
     if report.service:
+        if report.config.get("server_compile"):
+            lines += ["", "The service's archive compiles the network before its default layer (`--compile`)."]
         lines += _table(
             ["concurrency", "requests", "errors", "images / s", "p50 ms", "p95 ms", "p99 ms", "plain forward before"],
             "rrrrrrrr",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from camserve.imaging import encode_image
+from camserve.settings import COMPILE_STARTUP_TIMEOUT_S
 from camtools.archive import ServingConfig
 from camtools.bench.context import BenchConfig
 from camtools.models import PreparedModel
@@ -43,9 +44,11 @@ def _service(
                 max_batch_delay_ms=delay,
                 precision=config.server_precision,
                 channels_last=config.server_channels_last,
+                compile=config.server_compile,
             )
             mar = build_archive(prepared, Path(scratch) / "store", config=serving)
-            with run_torchserve(mar, Path(scratch) / "server") as server:
+            start_s = COMPILE_STARTUP_TIMEOUT_S if config.server_compile else 180  # the worker compiles as it loads
+            with run_torchserve(mar, Path(scratch) / "server", timeout_s=start_s) as server:
                 if index == 0:
                     for concurrency in config.concurrency:
                         floor_batch = {1: 1, max(config.concurrency): max(config.batch_sizes)}.get(concurrency)
