@@ -796,9 +796,10 @@ def test_the_worst_allowed_batch_is_answered_within_the_timeout_without_a_restar
 
 @pytest.fixture(scope="module")
 def own_models(tmp_path_factory):
-    """Three archives in one model store, built as a user would with scripts/build_mar.py, served by one torchserve
+    """Four archives in one model store, built as a user would with scripts/build_mar.py, served by one torchserve
     (``load_models=all``): ``pets`` (a fine-tuned-style 2-class ResNet-50 checkpoint with a labels file),
-    ``tinynet`` (tests/models/tiny_net.py, 3 classes) and ``vit_b_16`` (seeded random weights)."""
+    ``tinynet`` (tests/models/tiny_net.py, 3 classes, built with ``--compile``), ``tinynet_eager`` (the same
+    network and weights, not compiled) and ``vit_b_16`` (seeded random weights)."""
 
     import torch
     import torchvision
@@ -815,7 +816,9 @@ def own_models(tmp_path_factory):
     builds = [
         ["--weights", str(folder / "pets.pt"), "--labels", str(folder / "pets.txt"), "--model-name", "pets"],
         ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", str(folder / "tiny.pt"),
-         "--labels", str(folder / "tiny.json"), "--input-size", "96"],
+         "--labels", str(folder / "tiny.json"), "--input-size", "96", "--compile"],
+        ["--model-file", str(ROOT / "tests" / "models" / "tiny_net.py"), "--weights", str(folder / "tiny.pt"),
+         "--labels", str(folder / "tiny.json"), "--input-size", "96", "--model-name", "tinynet_eager"],
         ["--arch", "vit_b_16", "--weights", "random"],
     ]  # fmt: skip
     with built_and_served(builds, folder, "pets") as running:
@@ -874,6 +877,19 @@ def test_a_model_file_network_answers_with_its_labels_layers_and_range(own_model
     refused = ask(own_models, "tinynet", chelsea, layer="head")
     assert refused.status_code == 400 and "features.4" in refused.json()["message"]
     assert ask(own_models, "tinynet", chelsea, target="3").status_code == 400
+
+
+def test_a_compiled_archive_compiles_as_its_worker_loads_and_answers_as_the_eager_one(own_models, chelsea):
+    assert re.search(r"the network before features.4 compiled in [\d.]+ s", own_models.model_log())
+    for fields in ({}, {"method": "hirescam", "topk": "3"}, {"layer": "features.2"}):
+        compiled, eager = (ask(own_models, name, chelsea, heatmap="true", **fields).json() for name in TINYNETS)
+        assert [p["index"] for p in compiled["predictions"]] == [p["index"] for p in eager["predictions"]]
+        for a, b in zip(compiled["explanations"], eager["explanations"], strict=True):
+            assert a["layer"] == b["layer"] and a["index"] == b["index"]
+            np.testing.assert_allclose(heatmap_of(a), heatmap_of(b), atol=1e-3)
+
+
+TINYNETS = ("tinynet", "tinynet_eager")
 
 
 def test_a_vit_explains_through_its_token_grid(own_models, chelsea):
