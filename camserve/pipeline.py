@@ -83,8 +83,8 @@ class ExplanationService:
         threads: int | None = None,
     ) -> ExplanationService:
         """The service for an unpacked archive's model, as both runtimes serve it: its spec (``model_spec.json``),
-        the weights ``serialized_file`` loaded onto ``device``, and the ``handler:`` settings of its
-        model-config.yaml (``precision``, ``channels_last``, ``scorecam_channels``, ``limits``, ``budget``)."""
+        the weights ``serialized_file`` loaded onto ``device``, and the ``handler:`` settings of its model-config.yaml
+        (``precision``, ``channels_last``, ``compile``, ``scorecam_channels``, ``limits``, ``budget``)."""
         model_dir = Path(model_dir)
         spec = ModelSpec.load(model_dir / SPEC_FILE)
         compiling = bool(settings.get("compile", serving.COMPILE))
