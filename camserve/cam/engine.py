@@ -312,8 +312,7 @@ class CamEngine:
         layers = frozenset(modules)
         wanted = bool(gradient_layers) and len(pairs.image) > len(pairs.counts)
         expand = pairs.image if wanted and layers not in self._unexpandable else None
-        (layer, *others) = modules
-        model = self.compiled.get(layer, self.model) if not others and not keep else self.model
+        model = self.compiled.get(next(iter(modules)), self.model) if len(modules) == 1 and not keep else self.model
         try:
             captured = captured_pass(model, images, modules, gradient_layers, expand, keep)
             if expand is not None and len(captured.outputs) != len(pairs.image):
