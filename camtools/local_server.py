@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-__all__ = ["LocalTorchServe", "free_port", "run_torchserve"]
+__all__ = ["LocalTorchServe", "batch_images", "free_port", "run_torchserve"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHSERVE = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
@@ -159,3 +159,19 @@ def _wait_until_ready(
                 pass
         time.sleep(0.5)
     raise RuntimeError(f"{server.model} was not ready in {timeout_s} s:\n{output.read_text()[-4000:]}")
+
+
+def batch_images(base_url: str, model: str) -> tuple[float, float]:
+    """(batches, images) that a ``python -m camserve.kserve`` server at ``base_url`` has run for ``model`` so far:
+    its micro-batcher's ``camserve_batch_images`` histogram, read from ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{base_url}/metrics", timeout=10).text
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "camserve_batch_images"
+        for sample in family.samples
+        if sample.labels.get("model_name") == model
+    }
+    return values.get("camserve_batch_images_count", 0.0), values.get("camserve_batch_images_sum", 0.0)

@@ -30,7 +30,7 @@ from camserve.imaging import encode_image
 from camtools.archive import build_archive
 from camtools.bench.context import sample_images
 from camtools.bench.service import batch_lines, log_marks
-from camtools.local_server import free_port, run_torchserve
+from camtools.local_server import batch_images, free_port, run_torchserve
 from camtools.models import prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,21 +68,6 @@ def kserve_server(archive: Path, port: int, log: Path) -> subprocess.Popen:
 TORCHSERVE, KSERVE = "TorchServe 0.12.0", "KServe 0.21.0 (camserve.kserve)"
 
 
-def kserve_batches(port: int, model: str) -> tuple[float, float]:
-    """(batches, images) the KServe server's micro-batcher has run so far (its ``camserve_batch_images``)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "camserve_batch_images"
-        for sample in family.samples
-        if sample.labels.get("model_name") == model
-    }
-    return values.get("camserve_batch_images_count", 0.0), values.get("camserve_batch_images_sum", 0.0)
-
-
 def mean_batch(runtime: str, server, port: int, model: str, measure):
     """``measure()``'s result and the mean images per batch the runtime ran meanwhile: TorchServe's from its
     worker's batch log lines, KServe's from its micro-batcher's histogram."""
@@ -92,9 +77,10 @@ def mean_batch(runtime: str, server, port: int, model: str, measure):
         time.sleep(0.5)  # the worker's log reaches its file a moment after the last answer
         sizes = [requests_count for requests_count, _, _ in batch_lines(server, marks)]
         return result, sum(sizes) / max(1, len(sizes))
-    before = kserve_batches(port, model)
+    url = f"http://127.0.0.1:{port}"
+    before = batch_images(url, model)
     result = measure()
-    batches, images = (after - earlier for after, earlier in zip(kserve_batches(port, model), before, strict=True))
+    batches, images = (after - earlier for after, earlier in zip(batch_images(url, model), before, strict=True))
     return result, images / max(1.0, batches)
 
 

@@ -26,7 +26,7 @@ import pytest
 import requests
 from PIL import Image
 
-from camtools.local_server import free_port, run_torchserve
+from camtools.local_server import batch_images, free_port, run_torchserve
 from camtools.models import prepare_model
 from tests.conftest import ROOT, encode, sample_photos
 from tests.corpus import BAD_BODIES, IMAGE_KINDS
@@ -879,6 +879,9 @@ def test_a_model_file_network_answers_with_its_labels_layers_and_range(own_model
     assert ask(own_models, "tinynet", chelsea, target="3").status_code == 400
 
 
+TINYNETS = ("tinynet", "tinynet_eager")
+
+
 def test_a_compiled_archive_compiles_as_its_worker_loads_and_answers_as_the_eager_one(own_models, chelsea):
     assert re.search(r"the network before features.4 compiled in [\d.]+ s", own_models.model_log())
     for fields in ({}, {"method": "hirescam", "topk": "3"}, {"layer": "features.2"}):
@@ -887,9 +890,6 @@ def test_a_compiled_archive_compiles_as_its_worker_loads_and_answers_as_the_eage
         for a, b in zip(compiled["explanations"], eager["explanations"], strict=True):
             assert a["layer"] == b["layer"] and a["index"] == b["index"]
             np.testing.assert_allclose(heatmap_of(a), heatmap_of(b), atol=1e-3)
-
-
-TINYNETS = ("tinynet", "tinynet_eager")
 
 
 def test_a_vit_explains_through_its_token_grid(own_models, chelsea):
@@ -1473,22 +1473,12 @@ def test_the_kserve_runtime_answers_what_torchserve_answers(kserve_runtime, serv
     assert ours == theirs  # the same archive, options and image: the same JSON, byte for byte once parsed
 
 
-def _batch_images(base: str) -> tuple[float, float]:
-    """(count, sum) of the micro-batcher's ``camserve_batch_images`` histogram."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "camserve_batch_images"]
-    values = {sample.name: sample.value for sample in family.samples if sample.labels.get("model_name") == "resnet50"}
-    return values.get("camserve_batch_images_count", 0.0), values.get("camserve_batch_images_sum", 0.0)
-
-
 def test_the_kserve_runtime_exports_the_cam_stage_metrics(kserve_runtime, chelsea):
     image = base64.b64encode(encode(chelsea, "JPEG")).decode()
-    count, images = _batch_images(kserve_runtime)
+    count, images = batch_images(kserve_runtime, "resnet50")
     instances = [{"data": image}] * 3  # one request of three instances: one batch of three images
     requests.post(f"{kserve_runtime}/v1/models/resnet50:predict", json={"instances": instances}, timeout=120)
-    assert _batch_images(kserve_runtime) == (count + 1, images + 3)
+    assert batch_images(kserve_runtime, "resnet50") == (count + 1, images + 3)
     metrics = requests.get(f"{kserve_runtime}/metrics", timeout=10).text
     for stage in ("decode", "forward", "cam", "encode"):
         assert f'camserve_stage_seconds_count{{model_name="resnet50",stage="{stage}"}}' in metrics

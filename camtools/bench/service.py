@@ -47,8 +47,8 @@ def _service(
                 compile=config.server_compile,
             )
             mar = build_archive(prepared, Path(scratch) / "store", config=serving)
-            start_s = COMPILE_STARTUP_TIMEOUT_S if config.server_compile else 180  # the worker compiles as it loads
-            with run_torchserve(mar, Path(scratch) / "server", timeout_s=start_s) as server:
+            starting = {"timeout_s": COMPILE_STARTUP_TIMEOUT_S} if config.server_compile else {}  # it compiles
+            with run_torchserve(mar, Path(scratch) / "server", **starting) as server:
                 if index == 0:
                     for concurrency in config.concurrency:
                         floor_batch = {1: 1, max(config.concurrency): max(config.batch_sizes)}.get(concurrency)
