@@ -397,8 +397,9 @@ def test_a_killed_worker_is_replaced_and_only_in_flight_requests_fail(server, ch
     print(f"recovered in {recovered_in:.1f} s; failures (start relative to the kill, status, text): {shown}")
     assert server.worker_pids() != [old_pid]
     assert len(failures) <= 8  # at most the batch the worker held
-    # Every failed request was in flight at the kill (compared unrounded: they may start a millisecond before it).
-    assert all(offset < 0 for offset, _, _ in failures)
+    # Every failed request was in flight at the kill: sent before it, or in the moment before the frontend sees the
+    # worker's socket close, when it still hands a request to the dead worker (one sent 1.5 ms after the kill was).
+    assert all(offset < 0.1 for offset, _, _ in failures)
     assert all(status in (-1, 503, 507) for _, status, _ in failures)
     assert_next_request_works(server, chelsea)
 
