@@ -97,21 +97,54 @@ def _local_path(path: str, source: Path) -> Path:
     return ROOT / path
 
 
+PORT_TAKEN = "Address already in use"
+"""What TorchServe prints when a port that :func:`free_port` found free was taken before it bound it."""
+
+
 @contextmanager
 def run_torchserve(
     mar: Path, workdir: Path, extra_config: str = "", timeout_s: float = 180, config_source: Path | None = None
 ) -> Iterator[LocalTorchServe]:
     """Start torchserve serving every archive in ``mar``'s folder (``load_models=all``) and wait until each has a
-    READY worker; always stop it on exit. The server's ``model`` is ``mar``'s."""
+    READY worker; always stop it on exit. The server's ``model`` is ``mar``'s.
+
+    A port is free when picked and bound only later, by TorchServe: when another process takes one in between, the
+    server exits saying so, and starts again on fresh ports (three tries)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = {key: free_port() for key in ADDRESS_KEYS}
-    config = workdir / "config.properties"
-    config.write_text(config_for(mar.parent, ports, extra_config, config_source or ROOT / "config.properties"))
-    auth = "disable_token_authorization=true" not in config.read_text()
     tmp = workdir / "tmp"  # TorchServe's pid file and worker sockets: private to this server
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for attempt in range(3):
+        process, server, auth = _start(mar, workdir, extra_config, config_source or ROOT / "config.properties", env)
+        try:
+            try:
+                for archive in sorted(mar.parent.glob("*.mar")):
+                    _wait_until_ready(replace(server, model=archive.stem), process, timeout_s, auth)
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+                (workdir / "torchserve.out").rename(workdir / f"torchserve.{attempt}.out")  # kept, to see why
+                continue
+            yield server
+            return
+        finally:
+            _stop(process, workdir, env)
+
+
+class _PortTaken(RuntimeError):
+    """TorchServe exited because one of its ports was taken."""
+
+
+def _start(
+    mar: Path, workdir: Path, extra_config: str, source: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, LocalTorchServe, bool]:
+    """A TorchServe process on fresh free ports, with the config it was given written in ``workdir``; its server;
+    whether it asks for tokens."""
+    ports = {key: free_port() for key in ADDRESS_KEYS}
+    config = workdir / "config.properties"
+    config.write_text(config_for(mar.parent, ports, extra_config, source))
+    (workdir / "key_file.json").unlink(missing_ok=True)  # a failed try's tokens are not this server's
     command = [TORCHSERVE, "--start", "--foreground", "--ncs", "--model-store", str(mar.parent)]
     with open(workdir / "torchserve.out", "w") as log:
         process = subprocess.Popen(
@@ -122,31 +155,31 @@ def run_torchserve(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        urls = (f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS)
-        server = LocalTorchServe(*urls, workdir=workdir, model=mar.stem)
-        try:
-            for archive in sorted(mar.parent.glob("*.mar")):
-                _wait_until_ready(replace(server, model=archive.stem), process, timeout_s, auth, server.keys)
-            yield server
-        finally:
-            subprocess.run([TORCHSERVE, "--stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+    urls = (f"http://127.0.0.1:{ports[key]}" for key in ADDRESS_KEYS)
+    auth = "disable_token_authorization=true" not in config.read_text()
+    return process, LocalTorchServe(*urls, workdir=workdir, model=mar.stem), auth
 
 
-def _wait_until_ready(
-    server: LocalTorchServe, process: subprocess.Popen, timeout_s: float, auth: bool, keys: dict[str, str]
-) -> None:
-    """Wait for a READY worker of ``server.model``; the tokens go into ``keys``, shared with the caller's server."""
-    server.keys = keys
+def _stop(process: subprocess.Popen, workdir: Path, env: dict[str, str]) -> None:
+    """Stop this server by its own pid file (``torchserve --stop`` in its workdir), then its process group."""
+    subprocess.run([TORCHSERVE, "--stop"], cwd=workdir, env=env, capture_output=True, timeout=60)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _wait_until_ready(server: LocalTorchServe, process: subprocess.Popen, timeout_s: float, auth: bool) -> None:
+    """Wait for a READY worker of ``server.model``; with token ``auth``, the tokens go into ``server.keys`` (the
+    dict it shares with the caller's server). :class:`_PortTaken` when TorchServe exited for a taken port."""
     deadline = time.monotonic() + timeout_s
     output = server.workdir / "torchserve.out"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"torchserve exited with {process.returncode}:\n{output.read_text()[-4000:]}")
+            text = output.read_text()
+            failure = _PortTaken if PORT_TAKEN in text else RuntimeError
+            raise failure(f"torchserve exited with {process.returncode}:\n{text[-4000:]}")
         key_file = server.workdir / "key_file.json"
         if key_file.exists() or not auth:
             try:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -743,15 +744,30 @@ def test_a_generated_batch_of_adversarial_requests_beside_good_ones(server, chel
 
 @pytest.fixture(scope="module")
 def faulty_server(tmp_path_factory):
-    """A server whose engine fails any batch holding an all-white image (tests/faulty_handler.py)."""
+    """A server whose engine fails any batch holding an all-white image (tests/faulty_handler.py).
+
+    Its first inference port is taken by another socket before TorchServe binds it, as a port that
+    :func:`free_port` found free may be: the server starts again on fresh ports."""
+    from camtools import local_server
     from camtools.archive import ServingConfig, build_archive
 
     store = tmp_path_factory.mktemp("faulty_store")
     config = ServingConfig(batch_size=8, max_batch_delay_ms=200)
     prepared = prepare_model(arch="resnet50", weights="random", seed=0)
     mar = build_archive(prepared, store, config=config, handler_file=ROOT / "tests" / "faulty_handler.py")
-    with run_torchserve(mar, tmp_path_factory.mktemp("faulty")) as running:
-        yield running
+    ports = [free_port()]
+    with socket.create_server(("127.0.0.1", ports[0])), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local_server, "free_port", lambda: ports.pop() if ports else free_port())
+        with run_torchserve(mar, tmp_path_factory.mktemp("faulty")) as running:
+            yield running
+
+
+def test_a_port_taken_before_torchserve_binds_it_is_replaced_by_a_fresh_one(faulty_server, chelsea):
+    first_try = (faulty_server.workdir / "torchserve.0.out").read_text()
+    assert "Address already in use" in first_try
+    taken = re.search(r"Inference address: http://127.0.0.1:(\d+)", first_try).group(1)
+    assert not faulty_server.inference.endswith(f":{taken}")
+    assert faulty_server.predict(data=encode(chelsea, "PNG")).status_code == 200
 
 
 def test_an_engine_failure_in_one_row_fails_only_that_row(faulty_server):
