@@ -37,7 +37,6 @@ __all__ = [
     "encode_heatmap_png16",
     "encode_image",
     "snap_to_decode_scale",
-    "resize_for_model",
     "resize_image",
     "to_base64",
 ]
@@ -262,11 +261,6 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
-def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
-    """The whole image squashed to ``size`` x ``size``, area-averaged when shrinking, bilinear when growing."""
-    return resize_image(rgb, (size, size))
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

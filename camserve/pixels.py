@@ -8,7 +8,7 @@ import numpy as np
 from PIL import ImageOps
 
 from camserve.errors import ClientError
-from camserve.imaging import PRECISE_MODES, OpenedImage, load_rgb, resize_for_model, resize_image
+from camserve.imaging import PRECISE_MODES, OpenedImage, load_rgb
 from camserve.medical import dicom_gray, grey_to_rgb
 
 __all__ = ["load_gray", "model_pixels"]
@@ -41,16 +41,14 @@ def model_pixels(
     channels: int = 3,
     window: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded image to draw on (RGB uint8, at least ``output`` = (width, height)) and the model's ``side``
-    square input with ``channels`` channels. An 8-bit image for an RGB model stays uint8 (the fast path); a DICOM or
-    16-bit grayscale image becomes float32 in [0, 1] at full precision, in every channel; an RGB image for a
-    grayscale model, its luminance."""
+    """The decoded image to draw on (RGB uint8, at least ``output`` = (width, height)) and the pixels the model
+    reads, which the batch squashes to its ``side`` square (:func:`camserve.model.images_to_batch`). An 8-bit image
+    for an RGB model stays uint8, decoded once for both (the fast path); a DICOM or 16-bit grayscale image becomes
+    one float32 channel in [0, 1] at full precision; an RGB image for a one-channel model, its luminance."""
     if not opened.precise and window is None:
         rgb = load_rgb(opened, at_least=(max(output[0], side), max(output[1], side)))
         if channels == 3:
-            return rgb, resize_for_model(rgb, side)
-        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-        return rgb, resize_image(grey, (side, side))[:, :, None]
+            return rgb, rgb
+        return rgb, (cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0)[:, :, None]
     grey = load_gray(opened, window)
-    model = resize_image(grey, (side, side))[:, :, None]
-    return grey_to_rgb(grey), (model if channels == 1 else np.repeat(model, channels, axis=2))
+    return grey_to_rgb(grey), grey[:, :, None]

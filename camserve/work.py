@@ -82,7 +82,7 @@ class Terms:
 @dataclass
 class PreparedRequest:
     """A decoded request: its options, what the engine explains, the image at output size (released once rendered)
-    and the model-sized copy."""
+    and the pixels the model reads, which the batch squashes to its input (often the same array)."""
 
     options: ExplainOptions
     cam: CamRequest

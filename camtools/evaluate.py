@@ -16,7 +16,7 @@ import torch
 from camserve.cam import METHODS, CamEngine, CamRequest, Classes, normalize_map
 from camserve.cam.sanity import SANITY_SEED, at_input, randomised_copy, rank_correlation
 from camserve.faithfulness import faithfulness
-from camserve.imaging import decode_image, resize_for_model
+from camserve.imaging import decode_image
 from camserve.model import images_to_batch
 from camserve.spec import ModelSpec
 from camserve.tasks import task_named
@@ -133,7 +133,7 @@ def evaluate(
     }
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        batch = images_to_batch([resize_for_model(item.image, side) for item in chunk], spec)
+        batch = images_to_batch([item.image for item in chunk], spec)
         classes = torch.tensor([item.label for item in chunk])
         for (layer, method), score in scores.items():
             output = engine(
@@ -259,7 +259,7 @@ def cascade(
     layer = layer or spec.default_layer
     side = spec.input_size
     batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
-    inputs = [images_to_batch([resize_for_model(item.image, side) for item in chunk], spec) for chunk in batches]
+    inputs = [images_to_batch([item.image for item in chunk], spec) for chunk in batches]
 
     def maps_of(network: torch.nn.Module, method: str) -> list[torch.Tensor]:
         engine = CamEngine(network, input_size=side, default_layer=spec.default_layer, head=task.head)

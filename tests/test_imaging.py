@@ -7,6 +7,7 @@ import io
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from camserve.errors import ClientError
@@ -17,7 +18,6 @@ from camserve.imaging import (
     encode_image,
     load_rgb,
     open_image,
-    resize_for_model,
     snap_to_decode_scale,
 )
 from camserve.overlays import COLORMAPS, clip_map, map_at, render_overlay
@@ -162,9 +162,41 @@ def test_dimension_bombs_are_refused_from_the_header(side):
     assert error.value.kind == "ImageTooLarge" and error.value.status == 413
 
 
-def test_resize_for_model_squashes_the_whole_image():
-    resized = resize_for_model(gradient_image(640, 100), 224)
-    assert resized.shape == (224, 224, 3)
+def test_the_model_reads_the_whole_image_squashed_by_pils_antialiased_bilinear_filter():
+    import skimage.data
+
+    from camserve.model import model_square
+
+    photo = skimage.data.chelsea()  # 451x300: squashed, a different scale on each axis
+    square = model_square(photo, 224)
+    assert square.shape == (3, 224, 224) and square.dtype == torch.uint8
+    pil = np.asarray(Image.fromarray(photo).resize((224, 224), Image.BILINEAR)).astype(int)
+    assert np.abs(square.permute(1, 2, 0).numpy().astype(int) - pil).max() <= 1  # PIL's filter, to its rounding
+    grey = photo[:, :, 1].astype(np.float32) / 255.0
+    pil_float = np.asarray(Image.fromarray(grey, mode="F").resize((224, 224), Image.BILINEAR))
+    np.testing.assert_allclose(model_square(grey[:, :, None], 224)[0].numpy(), pil_float, atol=1e-5)
+    grown = model_square(photo[:100, :100], 224)  # growing: plain bilinear, as PIL's
+    pil_grown = np.asarray(Image.fromarray(photo[:100, :100]).resize((224, 224), Image.BILINEAR)).astype(int)
+    assert np.abs(grown.permute(1, 2, 0).numpy().astype(int) - pil_grown).max() <= 1
+    same = gradient_image(224, 224)
+    assert np.shares_memory(model_square(same, 224).numpy(), same)  # the model's size already: as is
+
+
+def test_a_batch_normalises_each_image_by_its_kind_and_fills_the_models_channels():
+    from camserve.model import images_to_batch
+    from camserve.spec import ModelSpec
+
+    spec = ModelSpec(
+        name="m", arch="resnet18", labels=("a", "b"), input_size=32, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0),
+        default_layer="layer4", layers={"layer4": "nchw"}, weights="random",
+    )  # fmt: skip
+    rgb = np.full((64, 48, 3), (255, 0, 51), np.uint8)
+    grey = np.full((20, 30, 1), 0.75, np.float32)  # a DICOM's window or a 16-bit grey: one float channel in [0, 1]
+    batch = images_to_batch([rgb, grey], spec, channels_last=True)
+    assert batch.shape == (2, 3, 32, 32) and batch.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.tensor([[1.0, -1.0, 0.2], [0.5, 2.0, 0.75]])  # (value - mean) / std, per channel
+    torch.testing.assert_close(batch.mean(dim=(2, 3)), expected)
+    torch.testing.assert_close(batch.amax(dim=(2, 3)), batch.amin(dim=(2, 3)))  # flat images stay flat
 
 
 def test_overlay_is_the_alpha_blend_of_the_colormap():

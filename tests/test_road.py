@@ -85,7 +85,6 @@ def test_the_reports_road_is_pytorch_grad_cams_on_a_model_with_more_classes_than
     from skimage.data import chelsea
 
     from camserve.cam import CamEngine, CamRequest, Classes, normalize_map
-    from camserve.imaging import resize_for_model
     from camserve.model import images_to_batch
     from camtools.models import prepare_model
 
@@ -94,7 +93,7 @@ def test_the_reports_road_is_pytorch_grad_cams_on_a_model_with_more_classes_than
     side, target = spec.input_size, 281
     image = LabelledImage("chelsea", chelsea(), target)
     (score,) = evaluate(model, spec, [image], ["gradcam"], steps=4, road=True)
-    batch = images_to_batch([resize_for_model(image.image, side)], spec)
+    batch = images_to_batch([image.image], spec)
     engine = CamEngine(model, input_size=side, default_layer=spec.default_layer)
     cam = normalize_map(engine(batch, [CamRequest(Classes([target]))]).maps[0], (side, side)).numpy()
     torch.manual_seed(0)  # the report's seed

@@ -159,8 +159,8 @@ class Task:
         channels: int = 3,
         window: tuple[float, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The decoded image (at least the output's size) and the model's input: a ``side`` square of ``channels``
-        (:func:`camserve.imaging.model_pixels`; ``window``: a DICOM's VOI window)."""
+        """The decoded image (at least the output's size) and the pixels the model reads, which its batch squashes to
+        the ``side`` square of ``channels`` (:func:`camserve.pixels.model_pixels`; ``window``: a DICOM's VOI window)."""
         return model_pixels(opened, output, side, channels, window)
 
     def default_method(self, layout: str) -> str:

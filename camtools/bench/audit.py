@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from camserve.imaging import encode_image, resize_for_model
+from camserve.imaging import encode_image
 from camserve.model import images_to_batch
 from camtools.bench.context import BenchContext, plain_forward, sample_images
 
@@ -50,7 +50,7 @@ def audit_section(ctx: BenchContext) -> dict[str, object]:
             summary = audit(str(folder / "all.csv"), archive, folder / f"out{count}", options, progress=lambda _: None)
             seconds[count] = time.perf_counter() - started
             assert summary["errors"] == 0, summary
-    batch = images_to_batch([resize_for_model(photo, spec.input_size) for photo in photos[:8]], spec, ctx.device)
+    batch = images_to_batch(photos[:8], spec, ctx.device)
     forward = ctx.timed({"forward": partial(plain_forward, ctx.model, batch)}, config.repeats, config.warmup)
     forward_per_s = 8 / forward["forward"]
     marginal = (large - small) / (seconds[large] - seconds[small])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 
 import cv2
@@ -25,10 +26,10 @@ from camserve.imaging import (
     fit_within,
     load_rgb,
     open_image,
-    resize_for_model,
     snap_to_decode_scale,
     to_base64,
 )
+from camserve.model import model_square
 from camserve.overlays import COLORMAPS, map_at, render_overlay
 from camtools.bench.context import BenchContext
 
@@ -91,6 +92,20 @@ def _opencv_decode(body: bytes, scale: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(np.frombuffer(body, np.uint8), flags), cv2.COLOR_BGR2RGB)
 
 
+def _one_torch_thread(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` on one torch thread, as every other step here runs (the service runs it on the forward pass's)."""
+
+    def timed() -> object:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return step()
+        finally:
+            torch.set_num_threads(threads)
+
+    return timed
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     error = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
@@ -107,7 +122,10 @@ def _steps(body, output, scale, side, cam, rgb, heat, overlay, encoded) -> dict[
             "OpenCV": lambda: _opencv_decode(body, scale),
             "torchvision (full size)": lambda: torchvision.io.decode_jpeg(data),
         },
-        f"resize to the model's {side}": {"OpenCV area": lambda: resize_for_model(rgb, side)},
+        f"resize to the model's {side}": {
+            "torch antialiased bilinear": _one_torch_thread(lambda: model_square(rgb, side)),
+            "OpenCV area": lambda: cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA),
+        },
         "map at the overlay's size": {"OpenCV bilinear, min-max in place": lambda: map_at(cam, rgb.shape[:2])},
         "colours and blend": {
             "uint8 lookup": lambda: render_overlay(rgb, heat, 0.5, "jet"),
@@ -164,6 +182,7 @@ def image_work_totals(rows: list[dict[str, object]]) -> dict[tuple[str, int], di
     """Per photo and max_side: the service's image work per image (its shipped contender of every step) and the
     same steps as served before (Pillow's decode, float colours, OpenCV's encode), in ms."""
     before = {"decode": "Pillow", "colours and blend": "float arrays", "encode": "OpenCV"}
+    before |= {step: "OpenCV area" for step in {row["step"] for row in rows} if step.startswith("resize")}
     totals: dict[tuple[str, int], dict[str, float]] = {}
     for row in rows:
         if row["step"] == "fidelity":

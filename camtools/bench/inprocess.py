@@ -14,7 +14,7 @@ import torch
 
 from camserve.api import WorkBudget
 from camserve.cam import METHODS, CamEngine, CamRequest, Family, normalize_map
-from camserve.imaging import encode_image, resize_for_model
+from camserve.imaging import encode_image
 from camserve.model import PRECISIONS, images_to_batch
 from camserve.pipeline import ExplanationService
 from camtools.bench.context import BenchConfig, BenchContext, _timer, plain_forward
@@ -35,7 +35,7 @@ def _in_process(ctx: BenchContext) -> list[dict[str, object]]:
     rows = []
     for batch_size in config.batch_sizes:
         chosen = images[:batch_size]
-        batch = images_to_batch([resize_for_model(image, side) for image in chosen], spec, device)
+        batch = images_to_batch(chosen, spec, device)
         prepared = [service.prepare({"body": encode_image(image, "png")}) for image in chosen]
         with torch.inference_mode():
             top1 = model(batch).argmax(dim=1).tolist()
@@ -85,9 +85,7 @@ def _method_costs(ctx: BenchContext) -> list[dict[str, object]]:
         perturbation = METHODS[method].family is Family.PERTURBATION
         batch_size = 1 if perturbation else max(config.batch_sizes)
         repeats = min(config.repeats, 2) if perturbation else config.repeats
-        batch = images_to_batch(
-            [resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device
-        )
+        batch = images_to_batch(images[:batch_size], spec, device)
         requests = [CamRequest(layer=config.layer, method=method)] * batch_size
 
         medians = timed(
@@ -121,9 +119,7 @@ def _sanity_costs(ctx: BenchContext) -> list[dict[str, object]]:
     engine = CamEngine(model, input_size=spec.input_size)
     sanity = Sanity(engine)
     batch_size = max(config.batch_sizes)
-    batch = images_to_batch(
-        [resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, ctx.device
-    )
+    batch = images_to_batch(images[:batch_size], spec, ctx.device)
 
     def checked(requests: list[CamRequest]) -> object:
         output = engine(batch, requests, keep=sanity.keep(requests))
@@ -176,7 +172,7 @@ def _vit_methods(ctx: BenchContext) -> list[dict[str, object]]:
     spec = prepared.spec
     engine = CamEngine(model, input_size=spec.input_size, default_layer=spec.default_layer)
     batch_size = max(config.batch_sizes)
-    inputs = [resize_for_model(image, spec.input_size) for image in ctx.images[:batch_size]]
+    inputs = ctx.images[:batch_size]
     batch = images_to_batch(inputs, spec, device)
     rows = []
     for method, layer in VIT_CASES:
@@ -219,7 +215,7 @@ def _fast_paths(ctx: BenchContext) -> list[dict[str, object]]:
     base_model, spec, images, config, device, timed = ctx.model, ctx.spec, ctx.images, ctx.config, ctx.device, ctx.timed
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     side = spec.input_size
-    inputs = [resize_for_model(image, side) for image in images[: config.agreement_images]]
+    inputs = images[: config.agreement_images]
     batch_size = max(config.batch_sizes)
     reference_top1, reference_maps = None, None
     rows, runs = [], {}
@@ -268,7 +264,7 @@ def _channels_last_by_batch(ctx: BenchContext) -> list[dict[str, object]]:
     engine = GradCAM(model, config.layer, input_size=spec.input_size)
     rows = []
     for batch_size in config.channels_last_batches:
-        inputs = [resize_for_model(image, spec.input_size) for image in images[:batch_size]]
+        inputs = images[:batch_size]
         runs = {
             layout: partial(engine, images_to_batch(inputs, spec, device, channels_last=layout == "channels_last"))
             for layout in ("contiguous", "channels_last")
@@ -361,7 +357,7 @@ def _photos(ctx: BenchContext) -> list[dict[str, object]]:
     round-robin with them."""
     model, spec, config, device, timed = ctx.model, ctx.spec, ctx.config, ctx.device, ctx.timed
     service = _service_for(model, spec, device)
-    floor_batch = images_to_batch([resize_for_model(ctx.images[0], spec.input_size)], spec, device)
+    floor_batch = images_to_batch(ctx.images[:1], spec, device)
     rows = []
     for name, size in PHOTOS.items():
         row = {"body": camera_photo(size)}
@@ -397,7 +393,7 @@ def _photos(ctx: BenchContext) -> list[dict[str, object]]:
 
 def _floor_ms_per_image(model, spec, images, device, timed, config: BenchConfig, batch_size: int) -> float:
     """The plain forward pass at ``batch_size``, ms per image, timed now."""
-    batch = images_to_batch([resize_for_model(image, spec.input_size) for image in images[:batch_size]], spec, device)
+    batch = images_to_batch(images[:batch_size], spec, device)
     floor = partial(plain_forward, model, batch)
     return 1000 * timed({"floor": floor}, config.repeats, config.warmup)["floor"] / batch_size
 
