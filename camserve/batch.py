@@ -26,13 +26,15 @@ def explain_with_engine(service: ServiceView, task, prepared: list[PreparedReque
     started = time.perf_counter()
     channels_last = 0 < service.channels_last_from <= len(prepared)
     batch = images_to_batch([item.model_input for item in prepared], service.spec, service.device, channels_last)
+    squashed = time.perf_counter()  # the model's resize, part of the decode stage (metrics.yaml's DecodeTime)
+    service.stage_seconds["decode"] = service.stage_seconds.get("decode", 0.0) + squashed - started
     checked = [item.cam if item.options.sanity else None for item in prepared]
     keep = service.sanity.keep([cam for cam in checked if cam is not None])
     output = service.engine(batch, [item.cam for item in prepared], keep=keep)
     checks = service.sanity.figures(batch, checked, output) if any(c is not None for c in checked) else {}
     scores = task.scores(output.logits).cpu()  # one copy off the device for the whole batch
     service.stage_seconds["forward"] = output.seconds["forward"]
-    service.stage_seconds["cam"] = time.perf_counter() - started - output.seconds["forward"]
+    service.stage_seconds["cam"] = time.perf_counter() - squashed - output.seconds["forward"]
     started = time.perf_counter()
     predictions = [
         task.image_predictions(row, item.options, item.terms.labels) for item, row in zip(prepared, scores, strict=True)

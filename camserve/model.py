@@ -161,7 +161,10 @@ def model_square(image: np.ndarray, side: int) -> torch.Tensor:
     forward pass: a torch operator in a request thread would start a second OpenMP team
     (:func:`camserve.overlays.map_at`).
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).movedim(-1, 0)  # (C, H, W), channels last in memory
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # Pillow's arrays: torch warns on a read-only array, though it only reads this one
+        image = image.copy()
+    tensor = torch.from_numpy(image).movedim(-1, 0)  # (C, H, W), channels last in memory
     if tuple(tensor.shape[1:]) == (side, side):
         return tensor
     return torch.nn.functional.interpolate(tensor[None], size=(side, side), mode="bilinear", antialias=True)[0]

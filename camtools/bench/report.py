@@ -164,7 +164,13 @@ def service_photo_lines(photos: list[dict[str, object]]) -> list[str]:
             "",
             f"{p['photo']} photos at concurrency {p['concurrency']}: {p['images_per_s']:.1f} images/s, p50 "
             f"{p['p50_ms']:.0f} ms; the plain forward pass at batch {p['concurrency']}: "
-            f"{1000 / p['floor_ms']:.1f} images/s (ratio {p.get('ratio_to_floor', float('nan')):.2f}).",
+            f"{1000 / p['floor_ms']:.1f} images/s (ratio {p.get('ratio_to_floor', float('nan')):.2f})"
+            + (
+                f", the median of {len(p['round_ratios'])} rounds, each against the forward pass timed right before it "
+                f"(ratios {', '.join(f'{r:.2f}' for r in p['round_ratios'])})."
+                if "round_ratios" in p
+                else "."
+            ),
         ]
     return lines
 

@@ -77,13 +77,16 @@ PHOTO_CONCURRENCY = 8
 """The concurrency at which the service's photo throughput is measured, against the forward pass at batch 8."""
 PHOTO_THROUGHPUT_TARGET = 0.8
 """1080p photos at concurrency 8: at least this share of the plain forward pass's images/s at batch 8."""
+PHOTO_ROUNDS = 3
+"""1080p at concurrency 8 is measured in this many rounds, each against the forward pass timed right before it: this
+shared host drifts by a third within minutes, and the median of the rounds' ratios is quoted."""
 
 
 def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | None) -> list[dict[str, object]]:
     """Camera-like phone photos (:func:`camera_photo`) through TorchServe end to end (the shipped max_side
     2048): for each size, a lone request's profile (the client's p50, the frontend's queue and backend times, the
     worker protocol, the handler's stages) against the plain forward pass at batch 1 timed right before; then 1080p
-    photos at concurrency 8 against the forward pass at batch 8."""
+    photos at concurrency 8 against the forward pass at batch 8, in rounds (:func:`_loaded_rounds`)."""
     from camtools.bench.imagework import PHOTOS, camera_photo
     from camtools.bench.inprocess import PHOTO_TARGETS_MS
 
@@ -100,15 +103,27 @@ def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | 
             row["target_over_floor_ms"] = PHOTO_TARGETS_MS[name]
         rows.append(row)
         if name == "1080p":
-            floor8_ms = floor(PHOTO_CONCURRENCY) if floor else None
-            loaded = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level)
-            loaded_row = {"photo": name, "width": size[0], "height": size[1], "jpeg_bytes": len(body), **loaded}
-            if floor8_ms is not None:
-                forward_images_per_s = 1000 / floor8_ms
-                loaded_row |= {"floor_ms": floor8_ms, "ratio_to_floor": loaded["images_per_s"] / forward_images_per_s}
-                loaded_row["target_ratio"] = PHOTO_THROUGHPUT_TARGET
-            rows.append(loaded_row)
+            photo = {"photo": name, "width": size[0], "height": size[1], "jpeg_bytes": len(body)}
+            rows.append(photo | _loaded_rounds(server, body, config, floor))
     return rows
+
+
+def _loaded_rounds(server, body: bytes, config: BenchConfig, floor: Callable[[int], float] | None) -> dict:
+    """``body`` at :data:`PHOTO_CONCURRENCY` against the forward pass at that batch timed right before, in
+    :data:`PHOTO_ROUNDS` rounds: the median round, with every round's ratio (one round, unrated, without ``floor``)."""
+    rounds = []
+    for _ in range(PHOTO_ROUNDS if floor else 1):
+        floor_ms = floor(PHOTO_CONCURRENCY) if floor else None
+        level = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level)
+        if floor_ms is not None:
+            level |= {"floor_ms": floor_ms, "ratio_to_floor": level["images_per_s"] * floor_ms / 1000}
+            level["target_ratio"] = PHOTO_THROUGHPUT_TARGET
+        rounds.append(level)
+    rounds.sort(key=lambda level: level.get("ratio_to_floor", level["images_per_s"]))
+    median = rounds[len(rounds) // 2]
+    if floor:
+        median["round_ratios"] = [level["ratio_to_floor"] for level in rounds]
+    return median
 
 
 def log_marks(server) -> dict[str, int]:
