@@ -112,9 +112,9 @@ def _loaded_rounds(server, body: bytes, config: BenchConfig, floor: Callable[[in
     """``body`` at :data:`PHOTO_CONCURRENCY` against the forward pass at that batch timed right before, in
     :data:`PHOTO_ROUNDS` rounds: the median round, with every round's ratio (one round, unrated, without ``floor``)."""
     rounds = []
-    for _ in range(PHOTO_ROUNDS if floor else 1):
+    for index in range(PHOTO_ROUNDS if floor else 1):
         floor_ms = floor(PHOTO_CONCURRENCY) if floor else None
-        level = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level)
+        level = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level, warm=index > 0)
         if floor_ms is not None:
             level |= {"floor_ms": floor_ms, "ratio_to_floor": level["images_per_s"] * floor_ms / 1000}
             level["target_ratio"] = PHOTO_THROUGHPUT_TARGET
@@ -197,7 +197,9 @@ def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> 
     return loaded
 
 
-def _load(server, bodies: Sequence[bytes], concurrency: int, count: int) -> dict[str, object]:
+def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: bool = False) -> dict[str, object]:
+    """``count`` requests from ``concurrency`` clients, after a warm-up of two each (one each, which opens its
+    connection, when the server is ``warm`` already)."""
     import requests
 
     sessions = [requests.Session() for _ in range(concurrency)]
@@ -208,7 +210,7 @@ def _load(server, bodies: Sequence[bytes], concurrency: int, count: int) -> dict
         return time.perf_counter() - started, response.status_code
 
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(concurrency * 2)))  # warm-up
+        list(pool.map(one, range(concurrency * (1 if warm else 2))))  # warm-up
         started = time.perf_counter()
         results = list(pool.map(one, range(count)))
         wall = time.perf_counter() - started
