@@ -19,7 +19,7 @@ from camserve.cam import CamEngine, CamRequest
 from camserve.cam.sanity import Sanity
 from camserve.errors import ClientError
 from camserve.imaging import DecodeLimits, encode_heatmap_png16, encode_image, to_base64
-from camserve.overlays import clip_map, render_overlay
+from camserve.overlays import LEVEL_OVERLAYS, clip_map, levels_at, map_at, render_overlay
 from camserve.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -168,12 +168,21 @@ def render(
     target: int,
     label: str,
     figure: dict[str, float],
-    heatmap: np.ndarray,
+    cam: np.ndarray,
     decorate: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Explanation:
     """One explanation: its overlay (drawn on by ``decorate``: a segment's outline, a detection's box), heatmap and
-    the explained class's own ``figure``."""
+    the explained class's own ``figure``, from its map ``cam`` on the layer's grid.
+
+    The map is brought to the image's output size as uint8 levels when the overlay is all that is drawn from it
+    (:func:`camserve.overlays.levels_at`), else as the float map that a clip, a heatmap PNG, a mask or an outline
+    needs (:func:`camserve.overlays.map_at`)."""
     options = item.options
+    size = item.display.shape[:2]
+    if options.clip is None and not options.heatmap and options.overlay in LEVEL_OVERLAYS:
+        heatmap = levels_at(cam, size)
+    else:
+        heatmap = map_at(cam, size)
     if options.clip is not None:
         heatmap = clip_map(heatmap, *options.clip)
     overlay = render_overlay(item.display, heatmap, options.alpha, options.colormap, options.overlay, options.region)

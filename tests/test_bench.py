@@ -266,7 +266,7 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
     decoders = [row["contender"] for row in timed if row["step"] == "decode" and row["max_side"] == 2048]
     assert decoders == ["simplejpeg", "Pillow", "OpenCV", "torchvision (full size)"]
     assert all(row["ships"] == (row["contender"] in {"simplejpeg", "torch antialiased bilinear", "uint8 lookup",
-               "pybase64", "OpenCV bilinear, min-max in place"}) for row in timed)  # fmt: skip
+               "pybase64", "uint8 levels, 16-bit fixed point"}) for row in timed)  # fmt: skip
     fidelity = {row["max_side"]: row for row in rows if row["step"] == "fidelity"}
     assert fidelity[2048]["output"] == "480x270" and fidelity[240]["output"] == "240x135"  # 1/2 scale, no resize
     for row in fidelity.values():
@@ -275,7 +275,7 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
     ships = sum(row["ms"] for row in timed if row["ships"] and row["max_side"] == 240)
     assert totals[("1080p", 240)]["ships"] == pytest.approx(ships)
     served_before = {"decode": "Pillow", "resize to the model's 224": "OpenCV area", "encode": "OpenCV",
-                     "map at the overlay's size": "OpenCV bilinear, min-max in place",
+                     "map at the overlay's size": "float map, min-max in place",
                      "colours and blend": "float arrays", "base64": "pybase64"}  # fmt: skip
     small = [row for row in timed if row["max_side"] == 240]
     before = sum(row["ms"] for row in small if served_before[row["step"]] == row["contender"])

@@ -20,7 +20,7 @@ from camserve.imaging import (
     open_image,
     snap_to_decode_scale,
 )
-from camserve.overlays import COLORMAPS, clip_map, map_at, render_overlay
+from camserve.overlays import COLORMAPS, clip_map, levels_at, map_at, render_overlay
 from tests.conftest import encode
 from tests.corpus import BAD_BODIES, IMAGE_KINDS, exif_rotated_jpeg, gradient_image, phone_heic, png_declaring
 
@@ -304,6 +304,62 @@ def test_map_at_is_normalize_map_on_the_host(grid, size):
 def test_map_at_keeps_a_constant_map_all_zero(value):
     assert (map_at(np.full((1, 1), value, np.float32), (20, 30)) == 0).all()
     assert (map_at(np.full((7, 7), value, np.float32), (300, 451)) == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("grid", "size"),
+    [((7, 7), (1080, 1920)), ((14, 14), (512, 512)), ((56, 56), (64, 80)), ((56, 56), (32, 40)), ((7, 9), (17, 1000))],
+)
+def test_levels_at_are_the_float_maps_levels_within_one(grid, size):
+    """The overlay's uint8 levels, resized in fixed point: within one level of the float map's, growing or shrinking."""
+    cam = np.random.default_rng(sum(grid)).random(grid).astype(np.float32) * 7.0 - 2.0
+    levels = levels_at(cam, size)
+    assert levels.shape == size and levels.dtype == np.uint8
+    exact = np.round(map_at(cam, size) * 255.0)
+    assert np.abs(levels - exact).max() <= 1
+    assert levels.min() == 0 and levels.max() == 255
+    assert (levels_at(np.full(grid, 3.5, np.float32), size) == 0).all()  # constant: all zero, as map_at
+
+
+def test_an_overlay_drawn_from_levels_is_the_float_maps_within_jpeg_noise():
+    """The default overlay (no clip, no heatmap PNG) is drawn from uint8 levels: the same picture as from the float
+    map, off by a level or two at a few pixels. A mask reads them as level / 255 (the service draws it, and an
+    outline, from the float map)."""
+    image = _photo(640, 360)
+    cam = np.random.default_rng(3).random((7, 7)).astype(np.float32)
+    size = image.shape[:2]
+    for style in ("heatmap", "grayscale", "mask"):
+        from_levels = render_overlay(image, levels_at(cam, size), 0.5, "jet", style).astype(int)
+        from_float = render_overlay(image, map_at(cam, size), 0.5, "jet", style).astype(int)
+        error = np.mean((from_levels - from_float) ** 2)
+        assert error == 0 or 10 * np.log10(255**2 / error) > 45, style  # JPEG at quality 90 is ~40 dB
+        assert np.abs(from_levels - from_float).max() <= 3, style
+
+
+@pytest.mark.parametrize(
+    ("changes", "drawn_from"), [({}, "levels"), ({"heatmap": True}, "float"), ({"clip": (5.0, 95.0)}, "float")]
+)
+def test_an_explanation_draws_from_levels_unless_an_option_needs_the_float_map(changes, drawn_from):
+    """What each option does to the rendered explanation: the heatmap PNG keeps 16-bit levels, a clip clips."""
+    from types import SimpleNamespace
+
+    from camserve.api import ExplainOptions
+    from camserve.imaging import to_base64
+    from camserve.work import render
+
+    image = _photo(320, 180)
+    cam = np.random.default_rng(4).random((7, 7)).astype(np.float32)
+    options = ExplainOptions(format="png", **changes)
+    explained = render(SimpleNamespace(options=options, display=image), 1, "b", {}, cam)
+    heat = map_at(cam, image.shape[:2])
+    if options.clip is not None:
+        heat = clip_map(heat, *options.clip)
+    drawn = heat if drawn_from == "float" else levels_at(cam, image.shape[:2])
+    assert explained.overlay == to_base64(encode_image(render_overlay(image, drawn, 0.5, "jet"), "png"))
+    if options.heatmap:
+        assert explained.heatmap == to_base64(encode_heatmap_png16(heat))  # 16 bits, not the overlay's 8
+    else:
+        assert explained.heatmap is None
 
 
 def _photo(width: int = 257, height: int = 171) -> np.ndarray:

@@ -19,7 +19,6 @@ from camserve.cam.sanity import sanity_passes
 from camserve.errors import ClientError
 from camserve.faithfulness import forward_passes as faithfulness_passes
 from camserve.imaging import OpenedImage, encode_image, open_image, resize_image, snap_to_decode_scale
-from camserve.overlays import map_at
 from camserve.pixels import model_pixels
 from camserve.work import PreparedRequest, RowResult, Section, ServiceView, Terms, render
 
@@ -212,7 +211,7 @@ class Task:
     ) -> Explanation:
         """One explanation of the request's ``index`` (its own index; ``label`` its name), from its map at the
         layer's grid: at the image's output size, drawn on it (``decorate``: a segment's outline)."""
-        return render(item, index, label, figure, map_at(cam, item.display.shape[:2]), decorate)
+        return render(item, index, label, figure, cam, decorate)
 
     def section(
         self, item: PreparedRequest, pixels: np.ndarray | None, scores: Tensor, size: tuple[int, int]

@@ -32,7 +32,7 @@ from camserve.errors import ClientError
 from camserve.faithfulness import Faithfulness, faithfulness
 from camserve.imaging import OpenedImage, encode_binary_mask, fit_within, load_rgb, resize_image, to_base64
 from camserve.medical import grey_to_rgb
-from camserve.overlays import draw_detection, map_at
+from camserve.overlays import draw_detection
 from camserve.pixels import load_gray
 from camserve.tasks.base import Task
 from camserve.work import BatchBytes, PreparedRequest, ResponseSize, RowResult, ServiceView, contained, render
@@ -226,8 +226,7 @@ def _respond(
             text = f"{labels[detection.label]} {detection.score:.2f}"
             decorate = partial(draw_detection, box=_scaled(detection.box, to_display), text=text)
             explanation = render(
-                item, detection.label, labels[detection.label], task.explained(detection.score),
-                map_at(cam, shape), decorate,
+                item, detection.label, labels[detection.label], task.explained(detection.score), cam, decorate,
             )  # fmt: skip
             explanation = replace(
                 explanation,

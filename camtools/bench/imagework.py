@@ -30,7 +30,7 @@ from camserve.imaging import (
     to_base64,
 )
 from camserve.model import model_square
-from camserve.overlays import COLORMAPS, map_at, render_overlay
+from camserve.overlays import COLORMAPS, levels_at, map_at, render_overlay
 from camtools.bench.context import BenchContext
 
 __all__ = [
@@ -111,7 +111,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
 
 
-def _steps(body, output, scale, side, cam, rgb, heat, overlay, encoded) -> dict[str, dict[str, object]]:
+def _steps(body, output, scale, side, cam, rgb, heat, levels, overlay, encoded) -> dict[str, dict[str, object]]:
     """Each step's contenders, the service's own first."""
     planar = torch.from_numpy(overlay).permute(2, 0, 1).contiguous()
     data = torch.frombuffer(bytearray(body), dtype=torch.uint8)
@@ -126,9 +126,12 @@ def _steps(body, output, scale, side, cam, rgb, heat, overlay, encoded) -> dict[
             "torch antialiased bilinear": _one_torch_thread(lambda: model_square(rgb, side)),
             "OpenCV area": lambda: cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA),
         },
-        "map at the overlay's size": {"OpenCV bilinear, min-max in place": lambda: map_at(cam, rgb.shape[:2])},
+        "map at the overlay's size": {
+            "uint8 levels, 16-bit fixed point": lambda: levels_at(cam, rgb.shape[:2]),
+            "float map, min-max in place": lambda: map_at(cam, rgb.shape[:2]),
+        },
         "colours and blend": {
-            "uint8 lookup": lambda: render_overlay(rgb, heat, 0.5, "jet"),
+            "uint8 lookup": lambda: render_overlay(rgb, levels, 0.5, "jet"),
             "float arrays": lambda: _float_colours(rgb, heat),
         },
         "encode": {
@@ -155,10 +158,10 @@ def image_work(ctx: BenchContext) -> list[dict[str, object]]:
         output = snap_to_decode_scale(opened, fit_within(opened.width, opened.height, max_side))
         scale = opened.width // output[0]
         rgb = load_rgb(opened, at_least=output)
-        heat = map_at(cam, rgb.shape[:2])
-        overlay = render_overlay(rgb, heat, 0.5, "jet")
+        heat, levels = map_at(cam, rgb.shape[:2]), levels_at(cam, rgb.shape[:2])
+        overlay = render_overlay(rgb, levels, 0.5, "jet")
         encoded = encode_image(overlay, "jpeg")
-        steps = _steps(body, output, scale, ctx.spec.input_size, cam, rgb, heat, overlay, encoded)
+        steps = _steps(body, output, scale, ctx.spec.input_size, cam, rgb, heat, levels, overlay, encoded)
         for step, contenders in steps.items():
             medians = timed(contenders, repeats, 1)
             for index, (contender, seconds) in enumerate(medians.items()):
@@ -180,8 +183,13 @@ def image_work(ctx: BenchContext) -> list[dict[str, object]]:
 
 def image_work_totals(rows: list[dict[str, object]]) -> dict[tuple[str, int], dict[str, float]]:
     """Per photo and max_side: the service's image work per image (its shipped contender of every step) and the
-    same steps as served before (Pillow's decode, float colours, OpenCV's encode), in ms."""
-    before = {"decode": "Pillow", "colours and blend": "float arrays", "encode": "OpenCV"}
+    same steps as served before (Pillow's decode, the float map and its colours, OpenCV's encode), in ms."""
+    before = {
+        "decode": "Pillow",
+        "map at the overlay's size": "float map, min-max in place",
+        "colours and blend": "float arrays",
+        "encode": "OpenCV",
+    }
     before |= {step: "OpenCV area" for step in {row["step"] for row in rows} if step.startswith("resize")}
     totals: dict[tuple[str, int], dict[str, float]] = {}
     for row in rows:
