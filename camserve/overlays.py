@@ -65,6 +65,8 @@ def levels_at(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     (``scripts/bench.py``, "Image work"). What the heatmap and grayscale overlays draw when nothing needs the
     float map (no clip, no heatmap PNG)."""
     cam = np.asarray(cam, dtype=np.float32)
+    if not np.isfinite(cam).all():  # a model's NaN or inf: the float map's levels, as served before
+        return cv2.convertScaleAbs(map_at(cam, size), alpha=255.0)
     low, high = float(cam.min()), float(cam.max())
     if high <= low:  # constant: all zero, as map_at makes it
         return np.zeros(size, np.uint8)

@@ -319,6 +319,9 @@ def test_levels_at_are_the_float_maps_levels_within_one(grid, size):
     assert np.abs(levels - exact).max() <= 1
     assert levels.min() == 0 and levels.max() == 255
     assert (levels_at(np.full(grid, 3.5, np.float32), size) == 0).all()  # constant: all zero, as map_at
+    cam[0, 0], cam[-1, -1] = np.nan, np.inf  # a model's NaN or inf: the float map's levels, as served before
+    with np.errstate(invalid="ignore"):  # the float map's own NaN arithmetic
+        np.testing.assert_array_equal(levels_at(cam, size), cv2.convertScaleAbs(map_at(cam, size), alpha=255.0))
 
 
 def test_an_overlay_drawn_from_levels_is_the_float_maps_within_jpeg_noise():
