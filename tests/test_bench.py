@@ -83,6 +83,10 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         assert photos == [("1080p", 1), ("1080p", 8), ("12 MP", 1)]
         assert all(p["errors"] == 0 for p in report["service_photos"])
         assert all(p["handler_ms"] > 0 and "over_floor_ms" in p for p in report["service_photos"][::2])
+        loaded = report["service_photos"][1]  # where the median round's images went, from the worker's own log
+        assert 0 < loaded["loaded_forward_ms_per_image"] < loaded["loaded_handler_ms_per_image"]
+        assert loaded["loaded_decode_ms_per_image"] > 0 and loaded["loaded_client_cpu_ms_per_image"] > 0
+        assert loaded["loaded_service_ms_per_image"] == pytest.approx(1000 / loaded["images_per_s"])
 
 
 def _report(device: str, floor_ms: dict[int, float], cam_ms: dict[int, float], service: list[dict]):
@@ -228,7 +232,10 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
         {"photo": "1080p", **lone},
         {"photo": "1080p", "concurrency": 8, "width": 1920, "height": 1080, "jpeg_bytes": 1, "images_per_s": 16.0,
          "p50_ms": 480.0, "floor_ms": 50.0, "ratio_to_floor": 0.8, "target_ratio": 0.8,
-         "round_ratios": [0.7, 0.8, 0.95]},
+         "round_ratios": [0.7, 0.8, 0.95], "loaded_service_ms_per_image": 62.5, "loaded_handler_ms_per_image": 50.0,
+         "loaded_decode_ms_per_image": 6.0, "loaded_forward_ms_per_image": 30.0, "loaded_cam_ms_per_image": 1.0,
+         "loaded_encode_ms_per_image": 13.0, "loaded_outside_handler_ms_per_image": 12.5,
+         "loaded_client_cpu_ms_per_image": 4.0, "loaded_concurrency": 8, "loaded_mean_batch": 7.5},
         {"photo": "12 MP", **lone, "width": 4032, "height": 3024, "over_floor_ms": 90.0, "target_over_floor_ms": 100.0},
     ]  # fmt: skip
     targets = {t["measure"]: t for t in _targets(report)}
@@ -241,6 +248,11 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
     assert "1080p photos at concurrency 8: 16.0 images/s" in lines and "20.0 images/s (ratio 0.80)" in lines
     assert "the median of 3 rounds, each against the forward pass timed right before it " in lines
     assert "(ratios 0.70, 0.80, 0.95)" in lines
+    assert (
+        "Per image in that round: 62.5 ms of service time = handler 50.0 ms (decode 6.0, forward 30.0, cam 1.0, encode "
+        "13.0) + 12.5 ms outside it (TorchServe, and the load generator on the same cores: 4.0 ms of CPU); concurrency"
+        " 8, batches of 7.5." in lines
+    )
 
 
 def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypatch):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from camserve.cam import METHODS
-from camtools.bench.report import _table
+from camtools.bench.report import _table, loaded_stages
 
 FIGURES_START = "<!-- figures:start"
 
@@ -80,14 +80,7 @@ def readme_figures(root: Path) -> str:
         prof = runs[path].get("profile") or {}
         if "loaded_handler_ms_per_image" not in prof:
             return "not measured (an older run)"
-        stages = ", ".join(
-            f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
-        )
-        return (
-            f"{prof['loaded_service_ms_per_image']:.1f} = handler {prof['loaded_handler_ms_per_image']:.1f} ({stages})"
-            f" + outside it {prof['loaded_outside_handler_ms_per_image']:.1f}; concurrency "
-            f"{prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f}"
-        )
+        return loaded_stages(prof)
 
     def response_bytes(path: str) -> str:
         rows = {r["step"].split(": ")[1]: r["us_per_response"] for r in runs[path].get("response_bytes") or []}

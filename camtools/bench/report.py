@@ -170,9 +170,25 @@ def service_photo_lines(photos: list[dict[str, object]]) -> list[str]:
                 f"(ratios {', '.join(f'{r:.2f}' for r in p['round_ratios'])})."
                 if "round_ratios" in p
                 else "."
-            ),
+            )
+            + (f" Per image in that round: {loaded_stages(p)}." if "loaded_handler_ms_per_image" in p else ""),
         ]
     return lines
+
+
+def loaded_stages(prof: dict) -> str:
+    """Where an image's service time went under load (``_loaded_profile``'s figures), as one sentence's clause."""
+    inside = ", ".join(
+        f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
+    )
+    text = (
+        f"{prof['loaded_service_ms_per_image']:.1f} ms of service time = handler "
+        f"{prof['loaded_handler_ms_per_image']:.1f} ms ({inside}) + {prof['loaded_outside_handler_ms_per_image']:.1f} "
+        f"ms outside it (TorchServe, and the load generator on the same cores"
+    )
+    if "loaded_client_cpu_ms_per_image" in prof:
+        text += f": {prof['loaded_client_cpu_ms_per_image']:.1f} ms of CPU"
+    return text + f"); concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f}"
 
 
 DETECTOR_TARGET = 2.5
@@ -377,18 +393,7 @@ def markdown(report: BenchReport) -> str:
             f"{prof['http_and_frontend_ms']:.1f} ms.",
         ]
     if "loaded_handler_ms_per_image" in report.profile:
-        prof = report.profile
-        inside = ", ".join(
-            f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
-        )
-        lines += [
-            "",
-            f"Under load (concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f} on "
-            f"average), per image: {prof['loaded_service_ms_per_image']:.1f} ms of service time = handler "
-            f"{prof['loaded_handler_ms_per_image']:.1f} ms ({inside}) + "
-            f"{prof['loaded_outside_handler_ms_per_image']:.1f} ms outside the handler (TorchServe, and the load "
-            "generator's share of the CPU when it runs on the same machine).",
-        ]
+        lines += ["", f"Under load, per image: {loaded_stages(report.profile)}."]
     if report.memory:
         mem = report.memory
         lines += [

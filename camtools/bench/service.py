@@ -110,11 +110,14 @@ def _photos_served(server, config: BenchConfig, floor: Callable[[int], float] | 
 
 def _loaded_rounds(server, body: bytes, config: BenchConfig, floor: Callable[[int], float] | None) -> dict:
     """``body`` at :data:`PHOTO_CONCURRENCY` against the forward pass at that batch timed right before, in
-    :data:`PHOTO_ROUNDS` rounds: the median round, with every round's ratio (one round, unrated, without ``floor``)."""
+    :data:`PHOTO_ROUNDS` rounds: the median round, with every round's ratio (one round, unrated, without ``floor``)
+    and where its images' time went (:func:`_loaded_profile`)."""
     rounds = []
     for index in range(PHOTO_ROUNDS if floor else 1):
         floor_ms = floor(PHOTO_CONCURRENCY) if floor else None
+        marks = log_marks(server)
         level = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level, warm=index > 0)
+        level |= _loaded_profile(server, marks, level)
         if floor_ms is not None:
             level |= {"floor_ms": floor_ms, "ratio_to_floor": level["images_per_s"] * floor_ms / 1000}
             level["target_ratio"] = PHOTO_THROUGHPUT_TARGET
@@ -194,12 +197,14 @@ def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> 
     loaded["loaded_outside_handler_ms_per_image"] = (
         loaded["loaded_service_ms_per_image"] - loaded["loaded_handler_ms_per_image"]
     )
+    loaded["loaded_client_cpu_ms_per_image"] = level["client_cpu_ms_per_image"]
     return loaded
 
 
 def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: bool = False) -> dict[str, object]:
     """``count`` requests from ``concurrency`` clients, after a warm-up of two each (one each, which opens its
-    connection, when the server is ``warm`` already)."""
+    connection, when the server is ``warm`` already); with the CPU time the clients took (this process's), which on
+    one machine is not the service's."""
     import requests
 
     sessions = [requests.Session() for _ in range(concurrency)]
@@ -211,9 +216,9 @@ def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: b
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * (1 if warm else 2))))  # warm-up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         results = list(pool.map(one, range(count)))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     latencies = np.array([seconds for seconds, _ in results]) * 1000
     return {
         "concurrency": concurrency,
@@ -223,6 +228,7 @@ def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: b
         "p50_ms": float(np.percentile(latencies, 50)),
         "p95_ms": float(np.percentile(latencies, 95)),
         "p99_ms": float(np.percentile(latencies, 99)),
+        "client_cpu_ms_per_image": 1000 * cpu / count,
     }
 
 
