@@ -42,6 +42,7 @@ from camserve.model import (
 )
 from camserve.spec import ModelSpec
 from camserve.tasks import TASKS, task_named
+from camtools.errors import BuildError, WeightsUnavailableError
 
 __all__ = [
     "BuildError",
@@ -64,14 +65,6 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_CONFIG_DIR = "hf"
 """The archive folder that holds a Hugging Face model's config.json."""
 _MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-
-
-class BuildError(ValueError):
-    """A model that cannot be served as asked; the message says what is wrong and how to fix it."""
-
-
-class WeightsUnavailableError(BuildError):
-    """The requested weights could not be obtained."""
 
 
 @dataclass

@@ -2,7 +2,7 @@
 model or the embedding network wrapped as the engine explains it (:class:`camserve.embeddings.ColumnScores`), its
 default prompts, its embedding's size, and one explanation validated.
 
-Build-time only, as :mod:`camtools.models` is; every failure is a :class:`~camtools.models.BuildError`.
+Build-time only, as :mod:`camtools.models` is; every failure is a :class:`~camtools.errors.BuildError`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from camserve import settings
 from camserve.cam import CamEngine, CamRequest, Classes
 from camserve.embeddings import ColumnScores, with_prompts
+from camtools.errors import BuildError
 
 __all__ = ["IMAGE_TEXT_TYPES", "TEMPLATE", "default_prompts", "hf_files", "validate", "wrap"]
 
@@ -38,8 +39,6 @@ def hf_files(directory: Path) -> tuple[Path, ...]:
 
 def default_prompts(prompts: Path | None, labels: Sequence[str] | None, template: str | None) -> list[str]:
     """The archive's prompts: ``--prompts FILE`` (one per line), else each label in ``template``."""
-    from camtools.models import BuildError
-
     if prompts is not None:
         try:
             lines = [line.strip() for line in Path(prompts).read_text(encoding="utf-8").splitlines()]
@@ -67,8 +66,6 @@ def wrap(model: nn.Module, encoder: str, scored: bool) -> ColumnScores:
 
 def embedding_size(model: ColumnScores, side: int) -> int:
     """The length of the model's image embedding, from one blank image."""
-    from camtools.models import BuildError
-
     with torch.no_grad():
         embedded = model.embed(torch.zeros(1, 3, side, side))
     if not isinstance(embedded, torch.Tensor) or embedded.ndim != 2:
@@ -84,8 +81,6 @@ def validate(
 ):
     """One explanation of a synthetic image at ``layer``: against the default prompts (through the model's own
     tokenizer), or its similarity to itself; it must be a finite map. Returns the model, with its prompts."""
-    from camtools.models import BuildError
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         image = torch.rand(1, 3, side, side)

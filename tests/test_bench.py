@@ -111,7 +111,7 @@ def _report(device: str, floor_ms: dict[int, float], cam_ms: dict[int, float], s
 def test_the_gpu_targets_are_the_issues_ratios():
     """Arithmetic on a made-up GPU report: service ÷ in-process Grad-CAM at the server's batch size, the Grad-CAM
     ratio at batch 32, and the lone request's excess over in-process Grad-CAM with overlays at batch 1."""
-    from camtools.bench.report import _targets
+    from camtools.bench.report import target_rows
 
     report = _report(
         "cuda:0",
@@ -122,7 +122,7 @@ def test_the_gpu_targets_are_the_issues_ratios():
             {"concurrency": 32, "images_per_s": 1500.0},
         ],
     )
-    targets = {t["measure"]: t for t in _targets(report)}
+    targets = {t["measure"]: t for t in target_rows(report)}
     service = targets["GPU: service images/s / in-process Grad-CAM images/s, batch 32"]
     assert service["value"] == pytest.approx(1500 / (1000 / 0.21)) and service["met"]
     assert targets["GPU: (forward + Grad-CAM) / forward, batch 32"]["value"] == pytest.approx(1.05)
@@ -132,7 +132,7 @@ def test_the_gpu_targets_are_the_issues_ratios():
 
 
 def test_the_cpu_targets_compare_the_service_with_the_plain_forward_pass():
-    from camtools.bench.report import _targets
+    from camtools.bench.report import target_rows
 
     report = _report(
         "cpu",
@@ -140,7 +140,7 @@ def test_the_cpu_targets_compare_the_service_with_the_plain_forward_pass():
         cam_ms={1: 56.0, 8: 52.0},
         service=[{"concurrency": 1, "images_per_s": 12.0, "p50_ms": 80.0}, {"concurrency": 8, "images_per_s": 18.0}],
     )
-    targets = {t["measure"]: t for t in _targets(report)}
+    targets = {t["measure"]: t for t in target_rows(report)}
     excess = targets["CPU: p50 at concurrency 1 - plain fp32 forward at batch 1, ms"]
     assert excess["value"] == pytest.approx(26.0) and not excess["met"]
     ratio = targets["CPU: service images/s / plain fp32 forward images/s at batch 8"]
@@ -161,7 +161,7 @@ def test_channels_last_threshold_is_where_it_keeps_paying(speedups, threshold):
 
 def test_the_cpu_targets_prefer_the_forward_pass_timed_right_before_the_level():
     """A shared machine drifts over a run: the floor timed in the same minute as the level is the one compared."""
-    from camtools.bench.report import _targets
+    from camtools.bench.report import target_rows
 
     report = _report(
         "cpu",
@@ -172,7 +172,7 @@ def test_the_cpu_targets_prefer_the_forward_pass_timed_right_before_the_level():
             {"concurrency": 8, "images_per_s": 18.0, "floor_batch": 8, "floor_ms_per_image": 50.0},
         ],
     )
-    targets = {t["measure"]: t for t in _targets(report)}
+    targets = {t["measure"]: t for t in target_rows(report)}
     assert targets["CPU: p50 at concurrency 1 - plain fp32 forward at batch 1, ms"]["value"] == pytest.approx(20.0)
     ratio = targets["CPU: service images/s / plain fp32 forward images/s at batch 8"]["value"]
     assert ratio == pytest.approx(18.0 / 20.0)
@@ -185,7 +185,7 @@ def test_the_photo_targets_are_the_excess_over_the_forward_pass():
 
     from camtools.bench import machine_info
     from camtools.bench.inprocess import PHOTO_TARGETS_MS
-    from camtools.bench.report import _targets, photo_lines
+    from camtools.bench.report import photo_lines, target_rows
 
     report = _report("cpu", floor_ms={1: 60.0, 8: 50.0}, cam_ms={1: 61.0, 8: 50.5}, service=[])
     report.machine = machine_info(torch.device("cpu")) | {"weights": "random"}
@@ -197,7 +197,7 @@ def test_the_photo_targets_are_the_excess_over_the_forward_pass():
          "cam_ms": 2.0, "encode_ms": 40.0, "total_ms": 195.0, "floor_ms": 60.0, "over_floor_ms": 135.0,
          "target_over_floor_ms": PHOTO_TARGETS_MS["12 MP"]},
     ]  # fmt: skip
-    targets = {t["measure"]: t for t in _targets(report)}
+    targets = {t["measure"]: t for t in target_rows(report)}
     hd = targets["1080p JPEG in the worker (no HTTP) - plain forward at batch 1, ms"]
     twelve = targets["12 MP JPEG in the worker (no HTTP) - plain forward at batch 1, ms"]
     assert (hd["value"], hd["target"], hd["met"]) == (35.0, "<= 40", True)
@@ -212,7 +212,7 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
     import torch
 
     from camtools.bench import machine_info
-    from camtools.bench.report import _targets, service_photo_lines
+    from camtools.bench.report import service_photo_lines, target_rows
 
     report = _report("cpu", floor_ms={1: 60.0, 8: 50.0}, cam_ms={1: 61.0, 8: 50.5}, service=[])
     report.machine = machine_info(torch.device("cpu")) | {"weights": "random"}
@@ -238,7 +238,7 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
          "loaded_client_cpu_ms_per_image": 4.0, "loaded_concurrency": 8, "loaded_mean_batch": 7.5},
         {"photo": "12 MP", **lone, "width": 4032, "height": 3024, "over_floor_ms": 90.0, "target_over_floor_ms": 100.0},
     ]  # fmt: skip
-    targets = {t["measure"]: t for t in _targets(report)}
+    targets = {t["measure"]: t for t in target_rows(report)}
     hd = targets["1080p JPEG through TorchServe, p50 at concurrency 1 - plain forward at batch 1, ms"]
     twelve = targets["12 MP JPEG through TorchServe, p50 at concurrency 1 - plain forward at batch 1, ms"]
     loaded = targets["1080p JPEGs at concurrency 8: images/s / plain forward at batch 8"]
@@ -263,13 +263,13 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
     import torch
 
     from camtools.bench import imagework
-    from camtools.bench.context import BenchConfig, BenchContext, _timer
+    from camtools.bench.context import BenchConfig, BenchContext, make_timer
 
     monkeypatch.setattr(imagework, "PHOTOS", {"1080p": (480, 270)})
     monkeypatch.setattr(imagework, "MAX_SIDES", (2048, 240))
     config = BenchConfig(repeats=1, warmup=0)
     spec = SimpleNamespace(input_size=224)  # all the section reads of the model's spec
-    ctx = BenchContext(config, torch.device("cpu"), _timer(torch.device("cpu")), None, spec, [])
+    ctx = BenchContext(config, torch.device("cpu"), make_timer(torch.device("cpu")), None, spec, [])
     rows = imagework.image_work(ctx)
     timed = [row for row in rows if row["step"] != "fidelity"]
     assert {row["step"] for row in timed} == {
@@ -296,7 +296,7 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
 
 
 def test_the_detector_target_is_three_hirescam_detections_over_its_forward_pass():
-    from camtools.bench.report import _targets
+    from camtools.bench.report import target_rows
 
     report = _report("cpu", floor_ms={1: 60.0, 8: 50.0}, cam_ms={1: 61.0, 8: 50.5}, service=[])
     row = {"task": "detection", "arch": "frcnn", "explanations": 3, "input": "451x300", "ms": 190.0, "floor_ms": 100.0}
@@ -305,7 +305,7 @@ def test_the_detector_target_is_three_hirescam_detections_over_its_forward_pass(
         row | {"method": "eigencam", "ratio_to_floor": 3.0},
         row | {"task": "segmentation", "method": "hirescam", "ratio_to_floor": 3.8},
     ]
-    (target,) = [t for t in _targets(report) if t["measure"].startswith("detector")]
+    (target,) = [t for t in target_rows(report) if t["measure"].startswith("detector")]
     assert (target["measure"], target["value"], target["target"], target["met"]) == (
         "detector: 3 HiResCAM detections / its plain forward pass",
         1.9,

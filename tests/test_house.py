@@ -1,6 +1,6 @@
 """The shape of the served package, measured over `camserve/` with `ast`, so that the house stays as
-docs/development.md describes it: no import cycles, no private imports, no branch on a task's kind or a method's
-family outside the module that owns it, and modules and functions small enough to read.
+docs/development.md describes it: no import cycles, no private imports (in `camtools/` too), no branch on a
+task's kind or a method's family outside the module that owns it, and modules and functions small enough to read.
 
 `python tests/test_house.py` prints the figures."""
 
@@ -11,8 +11,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "camserve"
+TOOLS = ROOT / "camtools"
+"""The build and dev tools: no cycles and no private imports there either."""
 TASK_MODULES = ("camserve.tasks",)  # the one place that may know which task is which
 METHOD_MODULES = ("camserve.cam.methods",)  # the one place that may know a method's family
 TASK_NAMES = {"multiclass", "multilabel", "binary", "regression", "detection", "segmentation"}
@@ -21,9 +25,9 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 
-def modules() -> dict[str, Path]:
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         found[name] = path
@@ -52,8 +56,8 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> Iterator[tuple[s
                 yield (whole, "") if whole in known else (source, alias.name)
 
 
-def import_graph() -> dict[str, set[str]]:
-    known = modules()
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    known = modules(package)
     graph: dict[str, set[str]] = {name: set() for name in known}
     for name, path in known.items():
         for target, _ in imports(name, path, known):
@@ -62,9 +66,9 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def cycles() -> list[list[str]]:
+def cycles(package: Path = PACKAGE) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan)."""
-    graph = import_graph()
+    graph = import_graph(package)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -95,8 +99,8 @@ def cycles() -> list[list[str]]:
     return found
 
 
-def private_imports() -> list[str]:
-    known = modules()
+def private_imports(package: Path = PACKAGE) -> list[str]:
+    known = modules(package)
     found = []
     for name, path in known.items():
         for source, imported in imports(name, path, known):
@@ -179,12 +183,14 @@ def figures() -> dict[str, object]:
     }
 
 
-def test_no_import_cycle_between_served_modules():
-    assert cycles() == []
+@pytest.mark.parametrize("package", [PACKAGE, TOOLS], ids=lambda package: package.name)
+def test_no_import_cycle_between_modules(package):
+    assert cycles(package) == []
 
 
-def test_no_module_imports_another_modules_private_names():
-    assert private_imports() == []
+@pytest.mark.parametrize("package", [PACKAGE, TOOLS], ids=lambda package: package.name)
+def test_no_module_imports_another_modules_private_names(package):
+    assert private_imports(package) == []
 
 
 def test_only_the_task_module_asks_which_task_it_is():

@@ -68,7 +68,7 @@ def sample_images(count: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(image) for image in variants[:count]]
 
 
-def _timer(device: torch.device) -> Callable[[dict[str, Callable[[], object]], int, int], dict[str, float]]:
+def make_timer(device: torch.device) -> Callable[[dict[str, Callable[[], object]], int, int], dict[str, float]]:
     """Median seconds of each contender, timed round-robin so that drift in the machine's speed hits all alike."""
 
     def run(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:

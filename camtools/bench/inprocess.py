@@ -17,12 +17,12 @@ from camserve.cam import METHODS, CamEngine, CamRequest, Family, normalize_map
 from camserve.imaging import encode_image
 from camserve.model import PRECISIONS, images_to_batch
 from camserve.pipeline import ExplanationService
-from camtools.bench.context import BenchConfig, BenchContext, _timer, plain_forward
+from camtools.bench.context import BenchConfig, BenchContext, make_timer, plain_forward
 from camtools.bench.imagework import PHOTOS, camera_photo
 from camtools.gradcam import GradCAM
 
 
-def _in_process(ctx: BenchContext) -> list[dict[str, object]]:
+def in_process_costs(ctx: BenchContext) -> list[dict[str, object]]:
     model, spec, images, config, device, timed = ctx.model, ctx.spec, ctx.images, ctx.config, ctx.device, ctx.timed
     from pytorch_grad_cam import GradCAM as PeerGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -72,7 +72,7 @@ def _in_process(ctx: BenchContext) -> list[dict[str, object]]:
     return rows
 
 
-def _method_costs(ctx: BenchContext) -> list[dict[str, object]]:
+def method_costs(ctx: BenchContext) -> list[dict[str, object]]:
     """Each method's cost per image at ``config.layer`` relative to the plain forward pass, timed round-robin.
 
     ScoreCAM and Ablation-CAM run one forward pass per scored channel, so they are timed on one image with at most
@@ -110,7 +110,7 @@ SANITY_CASES = (("gradcam", "layer4"), ("gradcam", "layer3"), ("hirescam", "laye
 earlier (the tail is a whole stage), and an activation-only method (no pass)."""
 
 
-def _sanity_costs(ctx: BenchContext) -> list[dict[str, object]]:
+def sanity_costs(ctx: BenchContext) -> list[dict[str, object]]:
     """Each case's explanation with and without ``sanity``, each timed round-robin against the plain forward pass
     at the largest batch: the sanity check's cost is the difference."""
     from camserve.cam.sanity import Sanity
@@ -159,7 +159,7 @@ VIT_CASES = (
 block and over the last four."""
 
 
-def _vit_methods(ctx: BenchContext) -> list[dict[str, object]]:
+def vit_methods(ctx: BenchContext) -> list[dict[str, object]]:
     """The methods that need a vision transformer (LeGrad), timed round-robin against ViT-B/16's plain forward pass
     (seeded random weights, its head drawn from N(0, 0.01²) so that no class score is flat) at the largest batch."""
     from camtools.models import prepare_model
@@ -211,7 +211,7 @@ def _service_for(model, spec, device) -> ExplanationService:
     return ExplanationService(engine=engine, spec=spec, device=device)
 
 
-def _fast_paths(ctx: BenchContext) -> list[dict[str, object]]:
+def fast_path_costs(ctx: BenchContext) -> list[dict[str, object]]:
     base_model, spec, images, config, device, timed = ctx.model, ctx.spec, ctx.images, ctx.config, ctx.device, ctx.timed
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     side = spec.input_size
@@ -257,7 +257,7 @@ def _fast_paths(ctx: BenchContext) -> list[dict[str, object]]:
     return rows
 
 
-def _channels_last_by_batch(ctx: BenchContext) -> list[dict[str, object]]:
+def channels_last_by_batch(ctx: BenchContext) -> list[dict[str, object]]:
     """Grad-CAM on inputs in the channels_last memory format against the default one, at each batch size, with the
     model's weights as they are (the service converts only the inputs of batches from its threshold on)."""
     model, spec, images, config, device, timed = ctx.model, ctx.spec, ctx.images, ctx.config, ctx.device, ctx.timed
@@ -291,7 +291,7 @@ def channels_last_threshold(rows: Sequence[dict[str, object]]) -> int:
     return threshold
 
 
-def _response_bytes(ctx: BenchContext, repeats: int = 50) -> list[dict[str, object]]:
+def response_byte_costs(ctx: BenchContext, repeats: int = 50) -> list[dict[str, object]]:
     """What a response's bytes cost on the worker's CPU, per response: TorchServe's own ``json.dumps(indent=2)``
     (what it runs on a dict) against orjson, and the standard library's base64 against pybase64 on the overlay."""
     model, spec, images, device = ctx.model, ctx.spec, ctx.images, ctx.device
@@ -310,7 +310,7 @@ def _response_bytes(ctx: BenchContext, repeats: int = 50) -> list[dict[str, obje
         "base64: base64.b64encode": lambda: [base64.b64encode(o) for o in overlays],
         "base64: pybase64.b64encode": lambda: [pybase64.b64encode(o) for o in overlays],
     }
-    medians = _timer(torch.device("cpu"))(contenders, repeats, 3)
+    medians = make_timer(torch.device("cpu"))(contenders, repeats, 3)
     return [
         {
             "step": name,
@@ -329,7 +329,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _stage_shares(ctx: BenchContext) -> dict[str, float]:
+def stage_shares(ctx: BenchContext) -> dict[str, float]:
     """Where a batch's time goes when it arrives as JPEG files: decode, CAM (forward + gradient), encode."""
     model, spec, images, config, device = ctx.model, ctx.spec, ctx.images, ctx.config, ctx.device
     service = _service_for(model, spec, device)
@@ -350,7 +350,7 @@ PHOTO_TARGETS_MS = {"1080p": 40.0, "12 MP": 60.0}
 """The most a photo may cost over the plain forward pass at batch 1 (the serving-speed issue's CPU targets)."""
 
 
-def _photos(ctx: BenchContext) -> list[dict[str, object]]:
+def photo_profiles(ctx: BenchContext) -> list[dict[str, object]]:
     """Where one camera-like phone photo's time goes inside the worker (:func:`camera_photo`), with the shipped
     defaults (max_side 2048): decode and resize (``prepare``), the forward pass, Grad-CAM, and the overlay's
     rendering and encoding, each a median over the run's repeats, against the plain forward pass at batch 1 timed
@@ -393,7 +393,7 @@ def _photos(ctx: BenchContext) -> list[dict[str, object]]:
     return rows
 
 
-def _floor_ms_per_image(model, spec, images, device, timed, config: BenchConfig, batch_size: int) -> float:
+def floor_ms_per_image(model, spec, images, device, timed, config: BenchConfig, batch_size: int) -> float:
     """The plain forward pass at ``batch_size``, ms per image, timed now."""
     batch = images_to_batch(images[:batch_size], spec, device)
     floor = partial(plain_forward, model, batch)
@@ -404,7 +404,7 @@ DENSE_EXPLAINED = 3
 """Explanations per image in the detector's and segmenter's rows."""
 
 
-def _dense_tasks(ctx: BenchContext) -> list[dict[str, object]]:
+def dense_tasks(ctx: BenchContext) -> list[dict[str, object]]:
     """A detector and a segmenter (``config.detector``, ``config.segmenter``, seeded random weights) on one photo
     (chelsea, 451x300) through the service, each against its own plain forward pass of the same input, timed
     round-robin. With random weights no box reaches a score of 0.5: the detector's requests ask for score_threshold

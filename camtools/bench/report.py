@@ -14,7 +14,7 @@ from camtools.bench.imagework import IMAGE_WORK_TARGET_MS, MAX_SIDES, image_work
 from camtools.bench.inprocess import channels_last_threshold
 
 
-def _targets(report: BenchReport) -> list[dict[str, object]]:
+def target_rows(report: BenchReport) -> list[dict[str, object]]:
     """The engine's targets at every batch measured, then the service's: on a GPU against in-process Grad-CAM at the
     server's batch size (same precision), on a CPU against the plain fp32 forward pass."""
 
@@ -124,7 +124,7 @@ def photo_lines(photos: list[dict[str, object]]) -> list[str]:
     return [
         "",
         "Phone photos, one request at a time in the worker (medians, ms; max_side 2048):",
-        *_table(
+        *markdown_table(
             ["photo", "JPEG bytes", "prepare", "forward", "cam", "encode", "total", "plain forward", "over it"],
             "lrrrrrrrr",
             [
@@ -146,7 +146,7 @@ def service_photo_lines(photos: list[dict[str, object]]) -> list[str]:
         "",
         "Phone photos through TorchServe, one request at a time (medians, ms; max_side 2048): the client's p50 is "
         "HTTP and the frontend, the queue, the worker protocol and the handler (decode, forward, cam, encode):",
-        *_table(
+        *markdown_table(
             ["photo", "JPEG bytes", *(stage.replace("_", " ") for stage in stages), "encode", "plain forward"]
             + ["over it"],
             "lr" + "r" * (len(stages) + 3),
@@ -213,7 +213,7 @@ def write_reports(report: BenchReport, out_dir: Path, stem: str = "bench") -> di
     return paths
 
 
-def _table(header: Sequence[str], alignments: str, rows: Sequence[Sequence[object]]) -> list[str]:
+def markdown_table(header: Sequence[str], alignments: str, rows: Sequence[Sequence[object]]) -> list[str]:
     """A markdown table; ``alignments`` has one letter per column, l or r."""
     rule = "|" + "|".join("---:" if a == "r" else "---" for a in alignments) + "|"
     return ["", "| " + " | ".join(header) + " |", rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
@@ -229,7 +229,7 @@ def markdown(report: BenchReport) -> str:
     lines += (
         []
         if not report.in_process
-        else _table(
+        else markdown_table(
             ["contender", "batch", "ms / image", "images / s", "× floor"],
             "lrrrr",
             [
@@ -254,7 +254,7 @@ def markdown(report: BenchReport) -> str:
             f"ray.init alone {a['ray_init_s']:.1f} s."
         )
     if report.methods:
-        lines += _table(
+        lines += markdown_table(
             [f"method (at {report.methods[0]['layer']})", "batch", "ms / image", "× floor"],
             "lrrr",
             [
@@ -263,7 +263,7 @@ def markdown(report: BenchReport) -> str:
             ],
         )
     if report.sanity:
-        lines += _table(
+        lines += markdown_table(
             ["sanity check of", "layer", "batch", "× floor", "with sanity, × floor"],
             "llrrr",
             [
@@ -278,13 +278,13 @@ def markdown(report: BenchReport) -> str:
             ],
         )
     if report.vit:
-        lines += _table(
+        lines += markdown_table(
             ["method (on ViT-B/16)", "layer", "batch", "× floor"],
             "llrr",
             [[r["method"], r["layer"], r["batch"], f"{r['ratio_to_floor']:.2f}"] for r in report.vit],
         )
     if report.fast_paths:
-        lines += _table(
+        lines += markdown_table(
             ["precision", "channels_last", "speed-up", "top-1 agreement", "heatmap correlation", "ships"],
             "llrrrl",
             [
@@ -301,7 +301,7 @@ def markdown(report: BenchReport) -> str:
         )
     if report.channels_last:
         threshold = channels_last_threshold(report.channels_last)
-        lines += _table(
+        lines += markdown_table(
             ["batch", "contiguous ms / image", "channels_last ms / image", "channels_last speed-up"],
             "rrrr",
             [
@@ -322,7 +322,7 @@ def markdown(report: BenchReport) -> str:
             else "channels_last does not pay here: `--channels-last 0`.",
         ]
     if report.response_bytes:
-        lines += _table(
+        lines += markdown_table(
             ["response bytes", "µs / response", "bytes"],
             "lrr",
             [
@@ -346,7 +346,7 @@ def markdown(report: BenchReport) -> str:
     if report.dense:
         lines += ["", "Detection and segmentation: one photo (451x300) through the service, 3 explanations, against "
                   "the model's own plain forward pass of the same input (medians):"]  # fmt: skip
-        lines += _table(
+        lines += markdown_table(
             ["task", "model", "input", "method", "ms", "plain forward ms", "× forward"],
             "lllrrrr",
             [
@@ -358,7 +358,7 @@ def markdown(report: BenchReport) -> str:
     if report.service:
         if report.config.get("server_compile"):
             lines += ["", "The service's archive compiles the network before its default layer (`--compile`)."]
-        lines += _table(
+        lines += markdown_table(
             ["concurrency", "requests", "errors", "images / s", "p50 ms", "p95 ms", "p99 ms", "plain forward before"],
             "rrrrrrrr",
             [
@@ -373,7 +373,7 @@ def markdown(report: BenchReport) -> str:
             ],
         )
     if report.batch_delays:
-        lines += _table(
+        lines += markdown_table(
             ["maxBatchDelay ms", "concurrency", "images / s", "p50 ms", "p95 ms"],
             "rrrrr",
             [
@@ -402,7 +402,7 @@ def markdown(report: BenchReport) -> str:
             f"{mem['requests']} more requests ({mem['rss_growth_mb']:+.1f} MB, {mem['errors']} errors); "
             f"peak {mem['peak_rss_mb']:.0f} MB.",
         ]
-    lines += _table(
+    lines += markdown_table(
         ["target", "measured", "wanted", "met"],
         "lrll",
         [[t["measure"], f"{t['value']:.3f}", t["target"], "yes" if t["met"] else "NO"] for t in report.targets],

@@ -19,7 +19,7 @@ from camtools.bench.context import BenchConfig
 from camtools.models import PreparedModel
 
 
-def _service(
+def measure_service(
     prepared: PreparedModel,
     images,
     config: BenchConfig,
