@@ -54,13 +54,14 @@ def measure_service(
                         floor_batch = {1: 1, max(config.concurrency): max(config.batch_sizes)}.get(concurrency)
                         floor_ms = floor(floor_batch) if floor and floor_batch else None
                         marks = log_marks(server)
-                        levels.append(_load(server, bodies, concurrency, config.requests_per_level))
+                        profiled = concurrency == max(config.concurrency)
+                        levels.append(_load(server, bodies, concurrency, config.requests_per_level, profiled=profiled))
                         if floor_ms is not None:
                             levels[-1] |= {"floor_batch": floor_batch, "floor_ms_per_image": floor_ms}
                         if concurrency == 1:
                             profile |= _profile(server, marks, levels[-1])
-                        if concurrency == max(config.concurrency):
-                            profile |= _loaded_profile(server, marks, levels[-1])
+                        if profiled:
+                            profile |= {k: v for k, v in levels[-1].items() if k.startswith("loaded_")}
                     memory = _memory(server, bodies, config.soak_requests)
                     photos = _photos_served(server, config, floor)
                     measured = [level for level in levels if level["concurrency"] in (1, max(config.concurrency))]
@@ -115,9 +116,7 @@ def _loaded_rounds(server, body: bytes, config: BenchConfig, floor: Callable[[in
     rounds = []
     for index in range(PHOTO_ROUNDS if floor else 1):
         floor_ms = floor(PHOTO_CONCURRENCY) if floor else None
-        marks = log_marks(server)
-        level = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level, warm=index > 0)
-        level |= _loaded_profile(server, marks, level)
+        level = _load(server, [body], PHOTO_CONCURRENCY, config.requests_per_level, warm=index > 0, profiled=True)
         if floor_ms is not None:
             level |= {"floor_ms": floor_ms, "ratio_to_floor": level["images_per_s"] * floor_ms / 1000}
             level["target_ratio"] = PHOTO_THROUGHPUT_TARGET
@@ -179,7 +178,7 @@ def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[st
 
 
 def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[str, float]:
-    """Where an image's time goes at the highest concurrency (ms per image, summed over the level's batches): the
+    """Where an image's time goes under load (ms per image, summed over the level's batches since ``marks``): the
     handler's stages, and the rest of the service's time per image (TorchServe, and the client's own share of the
     CPU when it runs on the same machine)."""
     batches = batch_lines(server, marks)
@@ -201,10 +200,13 @@ def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> 
     return loaded
 
 
-def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: bool = False) -> dict[str, object]:
+def _load(
+    server, bodies: Sequence[bytes], concurrency: int, count: int, warm: bool = False, profiled: bool = False
+) -> dict[str, object]:
     """``count`` requests from ``concurrency`` clients, after a warm-up of two each (one each, which opens its
     connection, when the server is ``warm`` already); with the CPU time the clients took (this process's), which on
-    one machine is not the service's."""
+    one machine is not the service's. ``profiled``: with where the timed requests' time went in the worker
+    (:func:`_loaded_profile`, from the log lines written after the warm-up)."""
     import requests
 
     sessions = [requests.Session() for _ in range(concurrency)]
@@ -216,11 +218,12 @@ def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: b
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * (1 if warm else 2))))  # warm-up
+        marks = log_marks(server) if profiled else {}
         started, cpu = time.perf_counter(), time.process_time()
         results = list(pool.map(one, range(count)))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     latencies = np.array([seconds for seconds, _ in results]) * 1000
-    return {
+    level = {
         "concurrency": concurrency,
         "requests": count,
         "errors": sum(status != 200 for _, status in results),
@@ -230,6 +233,7 @@ def _load(server, bodies: Sequence[bytes], concurrency: int, count: int, warm: b
         "p99_ms": float(np.percentile(latencies, 99)),
         "client_cpu_ms_per_image": 1000 * cpu / count,
     }
+    return level | _loaded_profile(server, marks, level) if profiled else level
 
 
 def _rss_mb(pid: int) -> dict[str, float]:
