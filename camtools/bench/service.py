@@ -78,6 +78,8 @@ PHOTO_CONCURRENCY = 8
 """The concurrency at which the service's photo throughput is measured, against the forward pass at batch 8."""
 PHOTO_THROUGHPUT_TARGET = 0.8
 """1080p photos at concurrency 8: at least this share of the plain forward pass's images/s at batch 8."""
+LOG_WAIT_S = 10.0
+"""How long a loaded profile waits for the worker's log lines of the requests it timed."""
 PHOTO_ROUNDS = 3
 """1080p at concurrency 8 is measured in this many rounds, each against the forward pass timed right before it: this
 shared host drifts by a third within minutes, and the median of the rounds' ratios is quoted."""
@@ -180,8 +182,13 @@ def _profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[st
 def _loaded_profile(server, marks: dict[str, int], level: dict[str, object]) -> dict[str, float]:
     """Where an image's time goes under load (ms per image, summed over the level's batches since ``marks``): the
     handler's stages, and the rest of the service's time per image (TorchServe, and the client's own share of the
-    CPU when it runs on the same machine)."""
+    CPU when it runs on the same machine). TorchServe writes the worker's log lines after the answers: this waits
+    for the level's requests to appear there, up to :data:`LOG_WAIT_S`."""
+    deadline = time.monotonic() + LOG_WAIT_S
     batches = batch_lines(server, marks)
+    while sum(requests for requests, _, _ in batches) < level["requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        batches = batch_lines(server, marks)
     images = sum(requests for requests, _, _ in batches)
     if not images:
         return {}
