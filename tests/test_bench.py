@@ -87,6 +87,16 @@ def test_bench_cli_runs_on_a_tiny_configuration(tmp_path):
         assert 0 < loaded["loaded_forward_ms_per_image"] < loaded["loaded_handler_ms_per_image"]
         assert loaded["loaded_decode_ms_per_image"] > 0 and loaded["loaded_client_cpu_ms_per_image"] > 0
         assert loaded["loaded_service_ms_per_image"] == pytest.approx(1000 / loaded["images_per_s"])
+        # The machine's CPU, from the worker's, the Java frontend's and the load generator's own counters: all three
+        # use some, they add up, the cores cannot be busier than they are (a tick's rounding aside), and the rate
+        # that CPU allows is at least the rate measured.
+        cpu = {name: loaded[f"loaded_cpu_{name}_ms_per_image"] for name in ("worker", "frontend")}
+        assert min(cpu.values()) > 0
+        total = sum(cpu.values()) + loaded["loaded_client_cpu_ms_per_image"]
+        assert loaded["loaded_cpu_ms_per_image"] == pytest.approx(total)
+        assert 0 < loaded["loaded_cores_busy"] <= 1.1
+        assert loaded["loaded_cpu_bound_images_per_s"] >= loaded["images_per_s"] / 1.1
+        assert "cores" in (tmp_path / "bench.md").read_text().split("photos at concurrency 8")[1]
 
 
 def _report(device: str, floor_ms: dict[int, float], cam_ms: dict[int, float], service: list[dict]):
@@ -235,7 +245,10 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
          "round_ratios": [0.7, 0.8, 0.95], "loaded_service_ms_per_image": 62.5, "loaded_handler_ms_per_image": 50.0,
          "loaded_decode_ms_per_image": 6.0, "loaded_forward_ms_per_image": 30.0, "loaded_cam_ms_per_image": 1.0,
          "loaded_encode_ms_per_image": 13.0, "loaded_outside_handler_ms_per_image": 12.5,
-         "loaded_client_cpu_ms_per_image": 4.0, "loaded_concurrency": 8, "loaded_mean_batch": 7.5},
+         "loaded_client_cpu_ms_per_image": 4.0, "loaded_concurrency": 8, "loaded_mean_batch": 7.5,
+         "loaded_cpu_worker_ms_per_image": 100.0, "loaded_cpu_frontend_ms_per_image": 21.0,
+         "loaded_cpu_ms_per_image": 125.0, "loaded_cores": 2, "loaded_cores_busy": 0.995,
+         "loaded_cpu_bound_images_per_s": 16.0, "cpu_bound_ratio_to_floor": 0.8},
         {"photo": "12 MP", **lone, "width": 4032, "height": 3024, "over_floor_ms": 90.0, "target_over_floor_ms": 100.0},
     ]  # fmt: skip
     targets = {t["measure"]: t for t in target_rows(report)}
@@ -251,7 +264,9 @@ def test_the_served_photo_targets_are_end_to_end_excess_and_throughput():
     assert (
         "Per image in that round: 62.5 ms of service time = handler 50.0 ms (decode 6.0, forward 30.0, cam 1.0, encode "
         "13.0) + 12.5 ms outside it (TorchServe, and the load generator on the same cores: 4.0 ms of CPU); concurrency"
-        " 8, batches of 7.5." in lines
+        " 8, batches of 7.5; CPU per image 125.0 ms (worker 100.0, TorchServe's frontend 21.0, load generator 4.0), the"
+        " 2 cores 100% busy: with every core busy, at most 16.0 images/s. That CPU per image allows at most 0.80× the "
+        "forward pass here." in lines
     )
 
 

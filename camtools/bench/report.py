@@ -171,7 +171,12 @@ def service_photo_lines(photos: list[dict[str, object]]) -> list[str]:
                 if "round_ratios" in p
                 else "."
             )
-            + (f" Per image in that round: {loaded_stages(p)}." if "loaded_handler_ms_per_image" in p else ""),
+            + (f" Per image in that round: {loaded_stages(p)}." if "loaded_handler_ms_per_image" in p else "")
+            + (
+                f" That CPU per image allows at most {p['cpu_bound_ratio_to_floor']:.2f}× the forward pass here."
+                if "cpu_bound_ratio_to_floor" in p
+                else ""
+            ),
         ]
     return lines
 
@@ -188,7 +193,19 @@ def loaded_stages(prof: dict) -> str:
     )
     if "loaded_client_cpu_ms_per_image" in prof:
         text += f": {prof['loaded_client_cpu_ms_per_image']:.1f} ms of CPU"
-    return text + f"); concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f}"
+    text += f"); concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f}"
+    return text + (f"; {cpu_clause(prof)}" if "loaded_cpu_ms_per_image" in prof else "")
+
+
+def cpu_clause(prof: dict) -> str:
+    """Where the machine's CPU went under load (``cpu_use``'s figures), and the rate it allows, as a clause."""
+    return (
+        f"CPU per image {prof['loaded_cpu_ms_per_image']:.1f} ms (worker {prof['loaded_cpu_worker_ms_per_image']:.1f}, "
+        f"TorchServe's frontend {prof['loaded_cpu_frontend_ms_per_image']:.1f}, load generator "
+        f"{prof['loaded_client_cpu_ms_per_image']:.1f}), the {prof['loaded_cores']:.0f} cores "
+        f"{100 * prof['loaded_cores_busy']:.0f}% busy: with every core busy, at most "
+        f"{prof['loaded_cpu_bound_images_per_s']:.1f} images/s"
+    )
 
 
 DETECTOR_TARGET = 2.5

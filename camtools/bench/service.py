@@ -3,6 +3,7 @@ and the worker's memory."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -122,6 +123,7 @@ def _loaded_rounds(server, body: bytes, config: BenchConfig, floor: Callable[[in
         if floor_ms is not None:
             level |= {"floor_ms": floor_ms, "ratio_to_floor": level["images_per_s"] * floor_ms / 1000}
             level["target_ratio"] = PHOTO_THROUGHPUT_TARGET
+            level["cpu_bound_ratio_to_floor"] = level["loaded_cpu_bound_images_per_s"] * floor_ms / 1000
         rounds.append(level)
     rounds.sort(key=lambda level: level.get("ratio_to_floor", level["images_per_s"]))
     median = rounds[len(rounds) // 2]
@@ -226,9 +228,12 @@ def _load(
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * (1 if warm else 2))))  # warm-up
         marks = log_marks(server) if profiled else {}
+        serving = serving_pids(server) if profiled else {}
+        before = {name: process_cpu_s(pid) for name, pid in serving.items()}
         started, cpu = time.perf_counter(), time.process_time()
         results = list(pool.map(one, range(count)))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        used = {name: process_cpu_s(pid) - before[name] for name, pid in serving.items()}
     latencies = np.array([seconds for seconds, _ in results]) * 1000
     level = {
         "concurrency": concurrency,
@@ -240,7 +245,42 @@ def _load(
         "p99_ms": float(np.percentile(latencies, 99)),
         "client_cpu_ms_per_image": 1000 * cpu / count,
     }
-    return level | _loaded_profile(server, marks, level) if profiled else level
+    if not profiled:
+        return level
+    return level | _loaded_profile(server, marks, level) | cpu_use(used, cpu, wall, count)
+
+
+def serving_pids(server) -> dict[str, int]:
+    """The processes that serve: TorchServe's worker, and its parent, the Java frontend that started it."""
+    (worker,) = server.worker_pids()
+    return {"worker": worker, "frontend": int(_stat(worker)[1])}
+
+
+def process_cpu_s(pid: int) -> float:
+    """The CPU seconds a process has used so far, all its threads, user and system."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/PID/stat``'s fields after the command's name: state, ppid, ..., utime (index 11), stime (12)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def cpu_use(serving: dict[str, float], client: float, wall: float, count: int) -> dict[str, float]:
+    """Where the machine's CPU went while ``count`` images were served in ``wall`` seconds: each ``serving``
+    process's CPU seconds and the load generator's (``client``), as ms per image; the share of the cores that was
+    busy; and the images/s that the same CPU per image allows with every core busy, the most this machine can serve
+    whatever the scheduling."""
+    cores = len(os.sched_getaffinity(0))
+    total = sum(serving.values()) + client
+    use = {f"loaded_cpu_{name}_ms_per_image": 1000 * value / count for name, value in serving.items()}
+    return use | {
+        "loaded_cpu_ms_per_image": 1000 * total / count,
+        "loaded_cores": cores,
+        "loaded_cores_busy": total / (cores * wall),
+        "loaded_cpu_bound_images_per_s": cores * count / total,
+    }
 
 
 def _rss_mb(pid: int) -> dict[str, float]:
