@@ -329,7 +329,10 @@ def test_64_distinct_images_sent_concurrently_each_get_their_own_answer(server):
 
 
 @pytest.mark.timing
-def test_soak_2000_requests_no_errors_no_growth(server):
+def test_soak_1000_requests_no_errors_no_growth(server):
+    """1000 requests from 8 clients after a warm-up: none fails, and the worker's memory does not grow (keeping each
+    request's model input, 224×224×3 floats, would add 600 MB). Halved from 2000 to keep CI within its time; the
+    benchmark's soak is 1000 requests too."""
     from camtools.bench import sample_images
 
     bodies = [encode(image[::4, ::4], "JPEG") for image in sample_images(16)]
@@ -341,11 +344,11 @@ def test_soak_2000_requests_no_errors_no_growth(server):
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert set(pool.map(one, range(200))) == {200}  # warm-up: allocator pools and caches fill
         rss_after_warmup = worker_rss_mb(server)
-        statuses = list(pool.map(one, range(2000)))
+        statuses = list(pool.map(one, range(1000)))
     growth = worker_rss_mb(server) - rss_after_warmup
     errors = sum(status != 200 for status in statuses)
-    print(f"soak: 2000 requests, {errors} errors, RSS {rss_after_warmup:.0f} MB after warm-up, {growth:+.1f} MB")
-    assert statuses.count(200) == 2000
+    print(f"soak: 1000 requests, {errors} errors, RSS {rss_after_warmup:.0f} MB after warm-up, {growth:+.1f} MB")
+    assert statuses.count(200) == 1000
     assert growth < 50
 
 
