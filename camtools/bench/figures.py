@@ -80,7 +80,8 @@ def readme_figures(root: Path) -> str:
         prof = runs[path].get("profile") or {}
         if "loaded_handler_ms_per_image" not in prof:
             return "not measured (an older run)"
-        return loaded_stages(prof)
+        levels = runs[path].get("service") or [{}]
+        return loaded_stages(prof, levels[-1].get("floor_ms_per_image"))
 
     def response_bytes(path: str) -> str:
         rows = {r["step"].split(": ")[1]: r["us_per_response"] for r in runs[path].get("response_bytes") or []}

@@ -171,18 +171,18 @@ def service_photo_lines(photos: list[dict[str, object]]) -> list[str]:
                 if "round_ratios" in p
                 else "."
             )
-            + (f" Per image in that round: {loaded_stages(p)}." if "loaded_handler_ms_per_image" in p else "")
             + (
-                f" That CPU per image allows at most {p['cpu_bound_ratio_to_floor']:.2f}× the forward pass here."
-                if "cpu_bound_ratio_to_floor" in p
+                f" Per image in that round: {loaded_stages(p, p.get('floor_ms'))}."
+                if "loaded_handler_ms_per_image" in p
                 else ""
             ),
         ]
     return lines
 
 
-def loaded_stages(prof: dict) -> str:
-    """Where an image's service time went under load (``_loaded_profile``'s figures), as one sentence's clause."""
+def loaded_stages(prof: dict, floor_ms: float | None = None) -> str:
+    """Where an image's service time went under load (``_loaded_profile``'s figures), as one sentence's clause; with
+    the machine's CPU (:func:`cpu_clause`) where it was measured."""
     inside = ", ".join(
         f"{stage} {prof[f'loaded_{stage}_ms_per_image']:.1f}" for stage in ("decode", "forward", "cam", "encode")
     )
@@ -194,17 +194,20 @@ def loaded_stages(prof: dict) -> str:
     if "loaded_client_cpu_ms_per_image" in prof:
         text += f": {prof['loaded_client_cpu_ms_per_image']:.1f} ms of CPU"
     text += f"); concurrency {prof['loaded_concurrency']:.0f}, batches of {prof['loaded_mean_batch']:.1f}"
-    return text + (f"; {cpu_clause(prof)}" if "loaded_cpu_ms_per_image" in prof else "")
+    return text + (f"; {cpu_clause(prof, floor_ms)}" if "loaded_cpu_ms_per_image" in prof else "")
 
 
-def cpu_clause(prof: dict) -> str:
-    """Where the machine's CPU went under load (``cpu_use``'s figures), and the rate it allows, as a clause."""
+def cpu_clause(prof: dict, floor_ms: float | None = None) -> str:
+    """Where the machine's CPU went under load (``cpu_use``'s figures), and the rate it allows: with the plain
+    forward pass's ``floor_ms`` per image, as its share, the most the service could reach on this machine."""
+    bound = prof["loaded_cpu_bound_images_per_s"]
+    share = f", {bound * floor_ms / 1000:.2f}× the plain forward pass timed before it" if floor_ms else ""
     return (
         f"CPU per image {prof['loaded_cpu_ms_per_image']:.1f} ms (worker {prof['loaded_cpu_worker_ms_per_image']:.1f}, "
         f"TorchServe's frontend {prof['loaded_cpu_frontend_ms_per_image']:.1f}, load generator "
         f"{prof['loaded_client_cpu_ms_per_image']:.1f}), the {prof['loaded_cores']:.0f} cores "
         f"{100 * prof['loaded_cores_busy']:.0f}% busy: with every core busy, at most "
-        f"{prof['loaded_cpu_bound_images_per_s']:.1f} images/s"
+        f"{bound:.1f} images/s{share}"
     )
 
 
@@ -410,7 +413,8 @@ def markdown(report: BenchReport) -> str:
             f"{prof['http_and_frontend_ms']:.1f} ms.",
         ]
     if "loaded_handler_ms_per_image" in report.profile:
-        lines += ["", f"Under load, per image: {loaded_stages(report.profile)}."]
+        floor_ms = report.service[-1].get("floor_ms_per_image") if report.service else None
+        lines += ["", f"Under load, per image: {loaded_stages(report.profile, floor_ms)}."]
     if report.memory:
         mem = report.memory
         lines += [

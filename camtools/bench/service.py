@@ -123,7 +123,6 @@ def _loaded_rounds(server, body: bytes, config: BenchConfig, floor: Callable[[in
         if floor_ms is not None:
             level |= {"floor_ms": floor_ms, "ratio_to_floor": level["images_per_s"] * floor_ms / 1000}
             level["target_ratio"] = PHOTO_THROUGHPUT_TARGET
-            level["cpu_bound_ratio_to_floor"] = level["loaded_cpu_bound_images_per_s"] * floor_ms / 1000
         rounds.append(level)
     rounds.sort(key=lambda level: level.get("ratio_to_floor", level["images_per_s"]))
     median = rounds[len(rounds) // 2]
