@@ -327,3 +327,38 @@ def test_the_detector_target_is_three_hirescam_detections_over_its_forward_pass(
         "<= 2.5",
         True,
     )
+
+
+def test_the_serving_cpu_is_read_from_each_process_and_summed_over_workers():
+    """``serving_pids`` finds the frontend as the workers' parent; ``process_cpu_s`` counts a process's own CPU, all
+    its threads, and sums over several workers; ``cpu_use`` turns seconds into ms per image and the ceiling."""
+    import os
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from camtools.bench.service import cpu_use, process_cpu_s, serving_pids
+
+    me = os.getpid()
+    found = serving_pids(SimpleNamespace(worker_pids=lambda: [me, me]))
+    assert found == {"worker": [me, me], "frontend": [os.getppid()]}
+
+    def spin(seconds: float) -> None:
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    before, clock = process_cpu_s([me]), time.process_time()
+    spinner = threading.Thread(target=spin, args=(0.3,))
+    spinner.start()
+    spinner.join()
+    used, measured = process_cpu_s([me]) - before, time.process_time() - clock
+    assert used == pytest.approx(measured, abs=0.03) and used >= 0.25  # another thread's CPU counts, in 10 ms ticks
+    assert process_cpu_s([me, me]) == pytest.approx(2 * process_cpu_s([me]), abs=0.03)
+
+    use = cpu_use({"worker": 1.5, "frontend": 0.25}, client=0.25, wall=1.25, count=20)
+    cores = len(os.sched_getaffinity(0))
+    assert use["loaded_cpu_worker_ms_per_image"] == 75.0 and use["loaded_cpu_frontend_ms_per_image"] == 12.5
+    assert use["loaded_cpu_ms_per_image"] == 100.0
+    assert use["loaded_cores_busy"] == pytest.approx(2.0 / (cores * 1.25))
+    assert use["loaded_cpu_bound_images_per_s"] == pytest.approx(cores * 10.0)

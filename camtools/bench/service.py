@@ -228,11 +228,11 @@ def _load(
         list(pool.map(one, range(concurrency * (1 if warm else 2))))  # warm-up
         marks = log_marks(server) if profiled else {}
         serving = serving_pids(server) if profiled else {}
-        before = {name: process_cpu_s(pid) for name, pid in serving.items()}
+        before = {name: process_cpu_s(pids) for name, pids in serving.items()}
         started, cpu = time.perf_counter(), time.process_time()
         results = list(pool.map(one, range(count)))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-        used = {name: process_cpu_s(pid) - before[name] for name, pid in serving.items()}
+        used = {name: process_cpu_s(pids) - before[name] for name, pids in serving.items()}
     latencies = np.array([seconds for seconds, _ in results]) * 1000
     level = {
         "concurrency": concurrency,
@@ -249,16 +249,15 @@ def _load(
     return level | _loaded_profile(server, marks, level) | cpu_use(used, cpu, wall, count)
 
 
-def serving_pids(server) -> dict[str, int]:
-    """The processes that serve: TorchServe's worker, and its parent, the Java frontend that started it."""
-    (worker,) = server.worker_pids()
-    return {"worker": worker, "frontend": int(_stat(worker)[1])}
+def serving_pids(server) -> dict[str, list[int]]:
+    """The processes that serve: TorchServe's workers, and their parent, the Java frontend that started them."""
+    workers = server.worker_pids()
+    return {"worker": workers, "frontend": sorted({int(_stat(pid)[1]) for pid in workers})}
 
 
-def process_cpu_s(pid: int) -> float:
-    """The CPU seconds a process has used so far, all its threads, user and system."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_cpu_s(pids: Sequence[int]) -> float:
+    """The CPU seconds that processes have used so far, all their threads, user and system."""
+    return sum(int(fields[11]) + int(fields[12]) for fields in map(_stat, pids)) / os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid: int) -> list[str]:
