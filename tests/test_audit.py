@@ -207,7 +207,7 @@ def test_bad_files_become_error_rows_and_the_job_goes_on(shortcut, tmp_path):
     assert len(rows) == 94 and summary["images"] == 94 and summary["errors"] == 4
     from camserve.pipeline import ExplanationService  # the messages are the service's own
 
-    service = measure_service(archive, tmp_path)
+    service = _service(archive, tmp_path)
     for name in ("truncated.png", "text.png", "empty.jpg", "huge.png"):
         row = rows[f"red/{name}"]
         expected = service.answer([{"data": bytearray((folder / "red" / name).read_bytes()), "heatmap": "true"}])[0]
@@ -225,7 +225,7 @@ def test_the_requests_options_reach_every_row_as_the_service_answers_them(shortc
                            sanity=True)  # fmt: skip
     summary = audit(str(boxes), archive, tmp_path / "out", options)
     assert summary["method"] == "hirescam" and summary["layer"] == "features.4" and summary["errors"] == 0
-    service = measure_service(archive, tmp_path)
+    service = _service(archive, tmp_path)
     for row in read_rows(tmp_path / "out"):
         data = (Path(boxes).parent / row["file"]).read_bytes()
         fields = {"method": "hirescam", "layer": "features.4", "faithfulness": "true", "sanity": "true",
@@ -247,7 +247,7 @@ def test_the_requests_options_reach_every_row_as_the_service_answers_them(shortc
     assert all(plain[r["file"]] != r["heatmap"] for r in read_rows(tmp_path / "out"))
 
 
-def measure_service(archive: Path, tmp_path: Path):
+def _service(archive: Path, tmp_path: Path):
     import zipfile
 
     import torch

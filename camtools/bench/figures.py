@@ -193,13 +193,13 @@ def methods_table(root: Path) -> str:
         "pass at the same batch (8; the perturbation methods one image, 64 channels). Not timed: the methods over "
         "the default budget of 100 passes per image (their passes at 224 pixels and 64 channels are given), and "
         "`faithfulness`, 2S + 1 extra passes per explanation (33 at S = 16); all are counted in the work budget.",
-        *sanity_costs(run),
+        *_sanity_costs(run),
         COSTS_END,
     ]
     return "\n".join(lines)
 
 
-def sanity_costs(run: dict) -> list[str]:
+def _sanity_costs(run: dict) -> list[str]:
     """The cost note's line on the ``sanity`` option, from the run's sanity rows (none in older runs)."""
     rows = run.get("sanity") or []
     if not rows:
