@@ -26,6 +26,7 @@ before any pixel is decoded, and the image decodes upright (its orientation appl
 __all__ = [
     "PRECISE_MODES",
     "DecodeLimits",
+    "JPEG_QUALITY",
     "OUTPUT_FORMATS",
     "OpenedImage",
     "decode_image",

@@ -291,10 +291,13 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
         "decode", "resize to the model's 224", "map at the overlay's size", "colours and blend", "encode", "base64"
     }  # fmt: skip
     decoders = [row["contender"] for row in timed if row["step"] == "decode" and row["max_side"] == 2048]
-    assert decoders == ["simplejpeg", "Pillow", "OpenCV", "torchvision (full size)"]
+    assert decoders == ["simplejpeg", "Pillow", "OpenCV", "torchvision (full size)"] * 2  # camera-like, then smooth
+    assert {(row["photo"], row["max_side"]) for row in rows} == {("1080p", 2048), ("1080p", 240), (imagework.SMOOTH,
+                                                                 2048)}  # fmt: skip
+    assert not any(row.get("device") for row in rows)  # a CPU run times the host's steps alone
     assert all(row["ships"] == (row["contender"] in {"simplejpeg", "torch antialiased bilinear", "uint8 lookup",
                "pybase64", "uint8 levels, 16-bit fixed point"}) for row in timed)  # fmt: skip
-    fidelity = {row["max_side"]: row for row in rows if row["step"] == "fidelity"}
+    fidelity = {row["max_side"]: row for row in rows if row["step"] == "fidelity" and row["photo"] == "1080p"}
     assert fidelity[2048]["output"] == "480x270" and fidelity[240]["output"] == "240x135"  # 1/2 scale, no resize
     for row in fidelity.values():
         assert row["psnr_against_before_db"] > row["jpeg_noise_psnr_db"] - 3.0 > 30
@@ -307,7 +310,65 @@ def test_the_image_work_section_times_every_codec_and_keeps_the_overlay(monkeypa
     small = [row for row in timed if row["max_side"] == 240]
     before = sum(row["ms"] for row in small if served_before[row["step"]] == row["contender"])
     assert totals[("1080p", 240)]["before"] == pytest.approx(before)
-    assert "| 1080p | 240 | decode | simplejpeg * |" in "\n".join(imagework.image_work_lines(rows))
+    lines = "\n".join(imagework.image_work_lines(rows))
+    assert "| 1080p | 240 | decode | simplejpeg * |" in lines
+    smooth = next(row for row in rows if row["photo"] == imagework.SMOOTH)["jpeg_bytes"]
+    camera = next(row for row in rows if row["photo"] == "1080p")["jpeg_bytes"]
+    assert smooth < camera / 1.2  # the noise is what the camera-like photo's codecs pay for
+    assert f"- {imagework.SMOOTH} at max_side 2048 ({smooth} bytes, overlay 480x270): " in lines
+
+
+def test_the_device_steps_draw_the_shipped_overlay_in_torch():
+    """The image work in torch that a CUDA run times on the device (torchvision's nvJPEG codecs there), run here
+    on the CPU: its decode, levels and blend against the service's own, its JPEGs within JPEG's own noise of the
+    shipped overlay, and its rows in the section's totals and report."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import simplejpeg
+    import torch
+
+    from camserve.imaging import encode_image, load_rgb, open_image, snap_to_decode_scale
+    from camserve.overlays import levels_at, render_overlay
+    from camtools.bench import imagework
+    from camtools.bench.context import BenchConfig, BenchContext, make_timer
+
+    cam = np.random.default_rng(1).random((7, 7)).astype(np.float32)
+    body = imagework.camera_photo((480, 270))
+    opened = open_image(body)
+    rgb = load_rgb(opened, at_least=(480, 270))
+    steps = imagework.device_steps(body, (480, 270), 224, cam, torch.device("cpu"), 3)
+    decoded = steps["decode"]()
+    assert decoded.shape == (3, 3, 270, 480) and torch.equal(decoded[2].permute(1, 2, 0), torch.from_numpy(rgb))
+    assert steps["resize to the model's 224"]().shape == (3, 3, 224, 224)
+    levels = steps["map at the overlay's size"]()
+    assert np.abs(levels[0].numpy().astype(int) - levels_at(cam, (270, 480))).max() <= 1
+    shipped = render_overlay(rgb, levels_at(cam, (270, 480)), 0.5, "jet")
+    drawn = steps["colours and blend"]()[1].permute(1, 2, 0).numpy()
+    assert np.abs(drawn.astype(int) - shipped).max() <= 3 and np.abs(drawn.astype(int) - rgb).max() > 50
+    jpegs = steps["encode"]()
+    assert len(jpegs) == 3 and simplejpeg.decode_jpeg(jpegs[0].numpy().tobytes()).shape == (270, 480, 3)
+
+    half = imagework.device_steps(body, snap_to_decode_scale(opened, (240, 135)), 224, cam, torch.device("cpu"), 1)
+    reduced = half["decode"]()[0].permute(1, 2, 0).numpy().astype(int)  # decoded in full, resized on the device
+    assert reduced.shape == (135, 240, 3) and np.abs(reduced - load_rgb(opened, at_least=(240, 135))).mean() < 6
+
+    ctx = BenchContext(BenchConfig(repeats=1, warmup=0), torch.device("cpu"), make_timer(torch.device("cpu")), None,
+                       SimpleNamespace(input_size=224), [])  # fmt: skip
+    rows = imagework._device_rows(ctx, "1080p", 2048, body, (480, 270), cam, encode_image(shipped, "jpeg"))
+    timed = [row for row in rows if row.get("device")]
+    assert [row["step"] for row in timed] == list(steps) and all(row["ms"] > 0 for row in timed)
+    assert {row["contender"] for row in rows} == {f"torch on cpu, batch {imagework.DEVICE_BATCH}"}
+    (fidelity,) = [row for row in rows if row["step"] == "device fidelity"]
+    assert fidelity["psnr_against_shipped_db"] > 35
+    host = [{"photo": "1080p", "max_side": 2048, "step": "decode", "contender": "simplejpeg", "ms": 2.0,
+             "ships": True},
+            {"photo": "1080p", "max_side": 2048, "jpeg_bytes": len(body), "step": "fidelity", "output": "480x270",
+             "psnr_against_before_db": 45.0, "jpeg_noise_psnr_db": 40.0}]  # fmt: skip
+    totals = imagework.image_work_totals(host + rows)[("1080p", 2048)]
+    assert totals["ships"] == 2.0 and totals["device"] == pytest.approx(sum(row["ms"] for row in timed))
+    line = next(line for line in imagework.image_work_lines(host + rows) if "the same steps torch on cpu" in line)
+    assert f"{totals['device']:.1f} ms per image" in line and "PSNR against the shipped one" in line
 
 
 def test_the_detector_target_is_three_hirescam_detections_over_its_forward_pass():
