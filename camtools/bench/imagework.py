@@ -228,10 +228,10 @@ def image_work(ctx: BenchContext) -> list[dict[str, object]]:
     timed, repeats = ctx.timed, ctx.config.repeats
     rows: list[dict[str, object]] = []
     cam = np.random.default_rng(1).random((7, 7)).astype(np.float32)  # a layer4 map of ResNet-50
-    photos = [(name, size, max_side, camera_photo(size)) for (name, size), max_side in itertools.product(
+    photos = [(name, max_side, camera_photo(size)) for (name, size), max_side in itertools.product(
         PHOTOS.items(), MAX_SIDES)]  # fmt: skip
-    photos.append((SMOOTH, PHOTOS["1080p"], MAX_SIDES[0], camera_photo(PHOTOS["1080p"], smooth=True)))
-    for name, _, max_side, body in photos:
+    photos.append((SMOOTH, MAX_SIDES[0], camera_photo(PHOTOS["1080p"], smooth=True)))
+    for name, max_side, body in photos:
         opened = open_image(body)
         output = snap_to_decode_scale(opened, fit_within(opened.width, opened.height, max_side))
         scale = opened.width // output[0]
