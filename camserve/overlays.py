@@ -14,6 +14,7 @@ __all__ = [
     "LEVEL_OVERLAYS",
     "OVERLAYS",
     "clip_map",
+    "colour_table",
     "draw_detection",
     "levels_at",
     "map_at",
@@ -90,7 +91,7 @@ def clip_map(heat: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 @functools.cache
-def _rgb_lut(colormap: str) -> np.ndarray:
+def colour_table(colormap: str) -> np.ndarray:
     """The colormap's 256 colours in RGB order, (256, 1, 3) uint8: OpenCV's, whose own are BGR."""
     levels = np.arange(256, dtype=np.uint8)[:, None]
     return np.ascontiguousarray(cv2.applyColorMap(levels, COLORMAPS[colormap])[:, :, ::-1])
@@ -100,7 +101,7 @@ def _colour_map(heat: np.ndarray, colormap: str) -> np.ndarray:
     """The map's colours, RGB uint8: its levels (uint8 ``heat`` as it is; a [0, 1] float map's round(255 · heat),
     one pass, saturating) looked up in the colormap's table (one pass), with no float image and no channel swap."""
     levels = heat if heat.dtype == np.uint8 else cv2.convertScaleAbs(np.asarray(heat, dtype=np.float32), alpha=255.0)
-    return cv2.applyColorMap(levels, _rgb_lut(colormap))
+    return cv2.applyColorMap(levels, colour_table(colormap))
 
 
 def render_overlay(

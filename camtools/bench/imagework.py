@@ -37,7 +37,7 @@ from camserve.imaging import (
     to_base64,
 )
 from camserve.model import model_square
-from camserve.overlays import COLORMAPS, levels_at, map_at, render_overlay
+from camserve.overlays import COLORMAPS, colour_table, levels_at, map_at, render_overlay
 from camtools.bench.context import BenchContext
 
 __all__ = [
@@ -167,8 +167,7 @@ def device_steps(
     host. The later steps read the earlier ones' results, made once here."""
     width, height = output
     data = [torch.frombuffer(bytearray(body), dtype=torch.uint8)] * batch
-    table = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], COLORMAPS["jet"])[:, 0, ::-1]
-    colours = torch.from_numpy(np.ascontiguousarray(table)).to(device)  # (256, 3), RGB
+    colours = torch.from_numpy(colour_table("jet")[:, 0]).to(device)  # (256, 3), RGB
     grids = torch.from_numpy(np.asarray(cam, np.float32)).to(device).expand(batch, 1, *cam.shape)
 
     def decode() -> torch.Tensor:
